@@ -1,0 +1,236 @@
+//! Tokenise → batch by length → run the ONNX session → pool → normalise.
+
+use std::path::Path;
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::model_dir::ModelFiles;
+use crate::pooling::{l2_normalize, mean_pool};
+use crate::runtime::init_runtime;
+use crate::EmbedError;
+
+/// Bytes of input kept per token of the window before tokenising. The tokenizer would otherwise
+/// build (and then throw away) tokens for all of a 50 MB text; 64 bytes per token is far more
+/// than any real text needs to fill the window, so results are unchanged for normal input.
+const BYTES_PER_TOKEN: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// ONNX Runtime intra-op threads for this session.
+    pub intra_threads: usize,
+    /// Most texts in one inference call.
+    pub max_batch: usize,
+    /// Most tokens (rows × padded length) in one inference call: bounds activation memory.
+    pub max_batch_tokens: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { intra_threads: 1, max_batch: 32, max_batch_tokens: 8192 }
+    }
+}
+
+/// How the model's output becomes one vector per text.
+#[derive(Debug, Clone)]
+enum Output {
+    /// `[batch, seq, dims]` token states: mean-pool over the attention mask.
+    TokenStates(String),
+    /// `[batch, dims]`: already pooled by the graph.
+    Pooled(String),
+}
+
+pub struct Embedder {
+    files: ModelFiles,
+    tokenizer: Tokenizer,
+    session: Session,
+    has_token_type_ids: bool,
+    output: Output,
+    dims: usize,
+    opts: LoadOptions,
+}
+
+impl Embedder {
+    /// Load ONNX Runtime from `library` (once per process) and the model in `model_dir`.
+    pub fn load(library: &Path, model_dir: &Path, opts: LoadOptions) -> Result<Self, EmbedError> {
+        let files = ModelFiles::resolve(model_dir)?;
+        let env = init_runtime(library)?;
+
+        let tok_err = |reason: String| EmbedError::Tokenizer { path: files.tokenizer.clone(), reason };
+        let mut tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| tok_err(e.to_string()))?;
+        // Exports often pad every text to a fixed length; we pad per batch ourselves instead.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: files.max_length, ..Default::default() }))
+            .map_err(|e| tok_err(e.to_string()))?;
+
+        let model_err = |e: ort::Error| EmbedError::Model { path: files.onnx.clone(), reason: e.to_string() };
+        let session = Session::builder(&env)
+            .map_err(model_err)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| model_err(e.into()))?
+            .with_intra_threads(opts.intra_threads.max(1))
+            .map_err(|e| model_err(e.into()))?
+            .with_inter_threads(1)
+            .map_err(|e| model_err(e.into()))?
+            .commit_from_file(&files.onnx)
+            .map_err(model_err)?;
+
+        let unsupported = |reason: String| EmbedError::UnsupportedModel { path: files.onnx.clone(), reason };
+        let mut has_token_type_ids = false;
+        for input in session.inputs() {
+            match input.name() {
+                "input_ids" | "attention_mask" => {}
+                "token_type_ids" => has_token_type_ids = true,
+                other => return Err(unsupported(format!("unexpected input \"{other}\""))),
+            }
+        }
+        let rank_and_dims = |o: &ort::value::Outlet| {
+            o.dtype().tensor_shape().map(|s| (s.len(), s.last().copied().unwrap_or(-1))).unwrap_or((0, -1))
+        };
+        let outputs = session.outputs();
+        let chosen = outputs
+            .iter()
+            .find(|o| o.name() == "last_hidden_state")
+            .or_else(|| outputs.iter().find(|o| rank_and_dims(o).0 == 3))
+            .or_else(|| outputs.iter().find(|o| rank_and_dims(o).0 == 2))
+            .ok_or_else(|| unsupported("no output of shape [batch, seq, dims] or [batch, dims]".into()))?;
+        let (rank, declared_dims) = rank_and_dims(chosen);
+        let output = if rank == 3 {
+            Output::TokenStates(chosen.name().to_string())
+        } else {
+            Output::Pooled(chosen.name().to_string())
+        };
+
+        let mut embedder = Self { files, tokenizer, session, has_token_type_ids, output, dims: 0, opts };
+        // A dynamic last dimension is learnt from one probe run; the run also warms the session.
+        let probe = embedder.embed(&["dimension probe"])?;
+        embedder.dims = probe[0].len();
+        if declared_dims > 0 && declared_dims as usize != embedder.dims {
+            return Err(EmbedError::UnsupportedModel {
+                path: embedder.files.onnx.clone(),
+                reason: format!("declared {declared_dims} dimensions but produced {}", embedder.dims),
+            });
+        }
+        Ok(embedder)
+    }
+
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+    pub fn model_id(&self) -> &str {
+        &self.files.model_id
+    }
+
+    /// Token ids of one text, truncated to the model's window.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
+        let enc = self
+            .tokenizer
+            .encode_fast(cut_at_char_boundary(text, self.files.max_length * BYTES_PER_TOKEN), true)
+            .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// One unit-length vector per text, in input order. Texts are sorted by token count and cut
+    /// into batches (at most `max_batch` texts and `max_batch_tokens` padded tokens) so that
+    /// padding, and so wasted compute, stays small.
+    pub fn embed<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenize(t.as_ref())).collect::<Result<_, _>>()?;
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
+        let mut start = 0;
+        while start < order.len() {
+            let mut end = start + 1;
+            // sorted ascending, so the last row added sets the padded length
+            while end < order.len()
+                && end - start < self.opts.max_batch
+                && (end - start + 1) * ids[order[end]].len() <= self.opts.max_batch_tokens
+            {
+                end += 1;
+            }
+            let batch: Vec<&[u32]> = order[start..end].iter().map(|&i| ids[i].as_slice()).collect();
+            for (&i, v) in order[start..end].iter().zip(self.infer(&batch)?) {
+                out[i] = v;
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// One session run over token sequences, padded to the longest.
+    fn infer(&mut self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let rows = batch.len();
+        let seq = batch.iter().map(|b| b.len()).max().unwrap_or(0).max(1);
+        let mut input_ids = vec![0i64; rows * seq];
+        let mut mask = vec![0i64; rows * seq];
+        for (r, tokens) in batch.iter().enumerate() {
+            for (c, &t) in tokens.iter().enumerate() {
+                input_ids[r * seq + c] = i64::from(t);
+                mask[r * seq + c] = 1;
+            }
+        }
+        let err = |e: ort::Error| EmbedError::Inference(e.to_string());
+        let shape = [rows, seq];
+        let mut inputs = vec![
+            ("input_ids", Tensor::from_array((shape, input_ids)).map_err(err)?.into_dyn()),
+            ("attention_mask", Tensor::from_array((shape, mask.clone())).map_err(err)?.into_dyn()),
+        ];
+        if self.has_token_type_ids {
+            inputs.push(("token_type_ids", Tensor::from_array((shape, vec![0i64; rows * seq])).map_err(err)?.into_dyn()));
+        }
+        let output = self.output.clone();
+        let outputs = self.session.run(inputs).map_err(err)?;
+        let (name, pooled) = match &output {
+            Output::TokenStates(n) => (n, false),
+            Output::Pooled(n) => (n, true),
+        };
+        let (out_shape, data) = outputs[name.as_str()].try_extract_tensor::<f32>().map_err(err)?;
+        let dims = *out_shape.last().unwrap_or(&0) as usize;
+        if dims == 0 || data.len() != rows * dims * if pooled { 1 } else { seq } {
+            return Err(EmbedError::Inference(format!("unexpected output shape {out_shape}")));
+        }
+        let vectors = (0..rows)
+            .map(|r| {
+                let mut v = if pooled {
+                    data[r * dims..(r + 1) * dims].to_vec()
+                } else {
+                    mean_pool(&data[r * seq * dims..(r + 1) * seq * dims], &mask[r * seq..(r + 1) * seq], dims)
+                };
+                l2_normalize(&mut v);
+                v
+            })
+            .collect();
+        Ok(vectors)
+    }
+}
+
+/// The longest prefix of `text` of at most `max_bytes` bytes that ends on a char boundary.
+fn cut_at_char_boundary(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_at_char_boundary;
+
+    #[test]
+    fn cut_never_splits_a_character() {
+        assert_eq!(cut_at_char_boundary("abc", 10), "abc");
+        assert_eq!(cut_at_char_boundary("aé", 2), "a"); // é is two bytes
+        assert_eq!(cut_at_char_boundary("日本", 4), "日");
+    }
+}

@@ -1,0 +1,18 @@
+//! The inference core of pg_embed_sidecar, kept free of pgrx so it can be unit-tested with plain
+//! `cargo test` and reused by the benchmark's "ceiling" binary (raw ONNX Runtime, no Postgres).
+//!
+//! One text travels: `model_dir` finds the files → `runtime` loads ONNX Runtime once per process →
+//! `embedder` tokenises, batches by length, runs the session → `pooling` turns token states into
+//! one unit-length vector.
+
+mod embedder;
+mod error;
+mod model_dir;
+mod pooling;
+mod runtime;
+
+pub use embedder::{Embedder, LoadOptions};
+pub use error::EmbedError;
+pub use model_dir::ModelFiles;
+pub use pooling::{cosine, l2_normalize, mean_pool};
+pub use runtime::init_runtime;

@@ -1,0 +1,171 @@
+//! The model directory contract. A directory holds an ONNX file and a `tokenizer.json`; an
+//! optional `embed_model.json` manifest names them and sets the token window. Without a manifest
+//! the layout of Hugging Face exports (e.g. `Supabase/gte-small`: `onnx/model.onnx` +
+//! `tokenizer.json`) is recognised as it is, so such a directory drops in unchanged.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::EmbedError;
+
+pub const MANIFEST: &str = "embed_model.json";
+const ONNX_CANDIDATES: [&str; 3] = ["model.onnx", "onnx/model.onnx", "onnx/model_quantized.onnx"];
+/// BERT's position table; the window when nothing in the directory says otherwise.
+const DEFAULT_MAX_LENGTH: usize = 512;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    name: Option<String>,
+    onnx: Option<String>,
+    tokenizer: Option<String>,
+    max_length: Option<usize>,
+    #[serde(default)]
+    #[allow(dead_code)] // documentation fields the installer writes
+    source: Option<serde_json::Value>,
+}
+
+/// The resolved files of one model and the identity vectors made with it carry.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub name: String,
+    pub onnx: PathBuf,
+    pub tokenizer: PathBuf,
+    pub max_length: usize,
+    /// `name@` + the first 12 hex digits of the ONNX file's sha256: a replaced file is a new model.
+    pub model_id: String,
+}
+
+impl ModelFiles {
+    pub fn resolve(dir: &Path) -> Result<Self, EmbedError> {
+        if !dir.is_dir() {
+            return Err(EmbedError::ModelDirMissing(dir.to_path_buf()));
+        }
+        let manifest_path = dir.join(MANIFEST);
+        let manifest: Manifest = match fs::read_to_string(&manifest_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| EmbedError::Manifest {
+                path: manifest_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(_) => Manifest::default(),
+        };
+
+        let onnx = match &manifest.onnx {
+            Some(rel) => Some(dir.join(rel)).filter(|p| p.is_file()),
+            None => ONNX_CANDIDATES.iter().map(|c| dir.join(c)).find(|p| p.is_file()),
+        }
+        .ok_or_else(|| EmbedError::ModelFileMissing(dir.to_path_buf()))?;
+
+        let tokenizer = dir.join(manifest.tokenizer.as_deref().unwrap_or("tokenizer.json"));
+        if !tokenizer.is_file() {
+            return Err(EmbedError::TokenizerMissing(dir.to_path_buf()));
+        }
+
+        let max_length = match manifest.max_length {
+            Some(0) => {
+                return Err(EmbedError::Manifest {
+                    path: manifest_path,
+                    reason: "max_length must be positive".into(),
+                })
+            }
+            Some(n) => n,
+            None => max_length_from_configs(dir),
+        };
+
+        let name = manifest.name.clone().unwrap_or_else(|| {
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        });
+        let digest = sha256_file(&onnx)?;
+        let model_id = format!("{name}@{}", &digest[..12]);
+        Ok(Self { dir: dir.to_path_buf(), name, onnx, tokenizer, max_length, model_id })
+    }
+}
+
+/// The window a sentence-transformers export was trained with, in the order of precedence its
+/// own tooling uses: `sentence_bert_config.json`, then `tokenizer_config.json`, then the
+/// position table in `config.json`.
+fn max_length_from_configs(dir: &Path) -> usize {
+    let read = |file: &str, key: &str| -> Option<usize> {
+        let text = fs::read_to_string(dir.join(file)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        // tokenizer_config.json uses a huge sentinel for "no limit"
+        v.get(key)?.as_u64().filter(|n| *n > 0 && *n <= 100_000).map(|n| n as usize)
+    };
+    read("sentence_bert_config.json", "max_seq_length")
+        .or_else(|| read("tokenizer_config.json", "model_max_length"))
+        .or_else(|| read("config.json", "max_position_embeddings"))
+        .unwrap_or(DEFAULT_MAX_LENGTH)
+}
+
+fn sha256_file(path: &Path) -> Result<String, EmbedError> {
+    let io_err = |e: std::io::Error| EmbedError::Io { path: path.to_path_buf(), reason: e.to_string() };
+    let mut file = fs::File::open(path).map_err(io_err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("embed_core_test_{name}_{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn hugging_face_layout_is_recognised_without_manifest() {
+        let dir = scratch("hf");
+        fs::create_dir_all(dir.join("onnx")).unwrap();
+        fs::write(dir.join("onnx/model_quantized.onnx"), b"not really onnx").unwrap();
+        fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+        fs::write(dir.join("tokenizer_config.json"), br#"{"model_max_length": 512}"#).unwrap();
+        let files = ModelFiles::resolve(&dir).unwrap();
+        assert!(files.onnx.ends_with("onnx/model_quantized.onnx"));
+        assert_eq!(files.max_length, 512);
+        assert!(files.model_id.starts_with(&format!("{}@", files.name)));
+        assert_eq!(files.model_id.len(), files.name.len() + 13);
+    }
+
+    #[test]
+    fn manifest_overrides_and_sentence_bert_config_wins_over_position_table() {
+        let dir = scratch("manifest");
+        fs::write(dir.join("weights.onnx"), b"x").unwrap();
+        fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+        fs::write(dir.join("config.json"), br#"{"max_position_embeddings": 512}"#).unwrap();
+        fs::write(dir.join("sentence_bert_config.json"), br#"{"max_seq_length": 256}"#).unwrap();
+        fs::write(dir.join(MANIFEST), br#"{"name": "mini", "onnx": "weights.onnx"}"#).unwrap();
+        let files = ModelFiles::resolve(&dir).unwrap();
+        assert_eq!(files.name, "mini");
+        assert_eq!(files.max_length, 256);
+        fs::write(dir.join(MANIFEST), br#"{"onnx": "weights.onnx", "max_length": 64}"#).unwrap();
+        assert_eq!(ModelFiles::resolve(&dir).unwrap().max_length, 64);
+    }
+
+    #[test]
+    fn missing_pieces_are_named() {
+        let dir = scratch("missing");
+        assert!(matches!(ModelFiles::resolve(&dir.join("nope")), Err(EmbedError::ModelDirMissing(_))));
+        assert!(matches!(ModelFiles::resolve(&dir), Err(EmbedError::ModelFileMissing(_))));
+        fs::write(dir.join("model.onnx"), b"x").unwrap();
+        assert!(matches!(ModelFiles::resolve(&dir), Err(EmbedError::TokenizerMissing(_))));
+        fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+        fs::write(dir.join(MANIFEST), b"{not json").unwrap();
+        assert!(matches!(ModelFiles::resolve(&dir), Err(EmbedError::Manifest { .. })));
+    }
+}

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Installs everything pg_embed_sidecar needs on a fresh Debian 12 machine, as root, from package
+# registries only. Idempotent: every step checks for its result first and says what it does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+skip() { printf '    %s (already there)\n' "$*"; }
+[ "$(id -u)" = 0 ] || { echo "setup.sh must run as root" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+
+# --- Debian packages ---------------------------------------------------------------------------
+APT_PKGS=(postgresql-15 postgresql-server-dev-15 sudo libclang-dev clang pkg-config build-essential
+          dpkg-dev python3-venv ca-certificates curl unzip pgbench)
+missing=()
+for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+# pgbench ships inside postgresql-client on Debian; drop it from the list if the binary exists
+if [ -x /usr/lib/postgresql/15/bin/pgbench ]; then missing=("${missing[@]/pgbench}"); fi
+missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
+if [ ${#missing[@]} -gt 0 ]; then
+  step "apt-get install ${missing[*]}"
+  apt-get update -q
+  apt-get install -y -q "${missing[@]}"
+else
+  skip "Debian packages"
+fi
+# Debian starts a 'main' cluster on 5432; we run our own cluster and need none of it.
+if pg_lsclusters -h 2>/dev/null | grep -q '^15 \+main .* online'; then pg_ctlcluster 15 main stop || true; fi
+
+# --- cargo-pgrx --------------------------------------------------------------------------------
+if cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+  skip "cargo-pgrx $PGRX_VERSION"
+else
+  step "cargo install cargo-pgrx $PGRX_VERSION (a few minutes)"
+  cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked
+fi
+if grep -qs "pg15 *= *\"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+  skip "cargo pgrx init"
+else
+  step "cargo pgrx init --pg15 $PG_CONFIG"
+  cargo pgrx init --pg15 "$PG_CONFIG"
+fi
+
+# --- pgvector from Debian's source package -----------------------------------------------------
+if [ -f "$PG_SHAREDIR/extension/vector.control" ]; then
+  skip "pgvector $(sed -n "s/default_version = '\(.*\)'/\1/p" "$PG_SHAREDIR/extension/vector.control")"
+else
+  step "pgvector: apt-get source from trixie, build against PG15"
+  cat > /etc/apt/sources.list.d/pg_embed_sidecar-trixie-src.sources <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  apt-get update -q
+  build=$(mktemp -d)
+  (cd "$build" && apt-get source -q --download-only pgvector && dpkg-source -x --skip-patches pgvector_*.dsc src >/dev/null)
+  make -C "$build/src" PG_CONFIG="$PG_CONFIG" -j"$(nproc)" >/dev/null
+  make -C "$build/src" PG_CONFIG="$PG_CONFIG" install >/dev/null
+  rm -rf "$build"
+fi
+
+# --- pgmq (pure SQL) from the crates.io crate --------------------------------------------------
+if [ -f "$PG_SHAREDIR/extension/pgmq--$PGMQ_VERSION.sql" ]; then
+  skip "pgmq $PGMQ_VERSION"
+else
+  step "pgmq $PGMQ_VERSION: SQL files of crate pgmq $PGMQ_CRATE_VERSION"
+  tmp=$(mktemp -d)
+  curl -fsSL -o "$tmp/pgmq.crate" "https://static.crates.io/crates/pgmq/pgmq-$PGMQ_CRATE_VERSION.crate"
+  echo "$PGMQ_CRATE_SHA256  $tmp/pgmq.crate" | sha256sum -c --quiet
+  tar xzf "$tmp/pgmq.crate" -C "$tmp"
+  emb="$tmp/pgmq-$PGMQ_CRATE_VERSION/src/install/embedded"
+  grep -q "default_version = '$PGMQ_VERSION'" "$emb/pgmq.control"
+  # pure SQL: no shared library, so the control file must not name one
+  grep -v '^module_pathname' "$emb/pgmq.control" > "$PG_SHAREDIR/extension/pgmq.control"
+  cp "$emb/sql/pgmq.sql" "$PG_SHAREDIR/extension/pgmq--$PGMQ_VERSION.sql"
+  rm -rf "$tmp"
+fi
+
+# --- Python venv: ONNX Runtime wheel (its shared library) and the reference implementation -----
+if "$VENV/bin/python" -c "import onnxruntime, tokenizers, numpy, psycopg; assert onnxruntime.__version__ == '$ORT_VERSION'" 2>/dev/null; then
+  skip "venv $VENV"
+else
+  step "python venv $VENV (onnxruntime==$ORT_VERSION, tokenizers, numpy, psycopg)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q "onnxruntime==$ORT_VERSION" "tokenizers==0.22.*" "numpy<3" "psycopg[binary]==3.*"
+fi
+ort_src=$("$VENV/bin/python" -c "import onnxruntime,os; print(os.path.join(os.path.dirname(onnxruntime.__file__),'capi','libonnxruntime.so.$ORT_VERSION'))")
+if cmp -s "$ort_src" "$ORT_LIB"; then
+  skip "ONNX Runtime library $ORT_LIB"
+else
+  step "ONNX Runtime library -> $ORT_LIB"
+  install -D -m 0755 "$ort_src" "$ORT_LIB"
+fi
+
+# --- default model -----------------------------------------------------------------------------
+bash models/install.sh
+
+# --- the extension itself ----------------------------------------------------------------------
+if [ "${SKIP_EXTENSION_INSTALL:-0}" = 1 ]; then
+  skip "extension build (SKIP_EXTENSION_INSTALL=1)"
+else
+  step "cargo pgrx install --release (builds only what changed)"
+  cargo pgrx install --release --pg-config "$PG_CONFIG" 2>&1 | grep -v '^\s*$' | tail -n 3
+fi
+step "setup complete"

@@ -1,0 +1,241 @@
+//! Every `pg_embed_sidecar.*` setting, in one place: private statics, public getters, one `init()`.
+
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+
+use embed_core::LoadOptions;
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// Model directory name under `model_path`.
+static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"all-MiniLM-L6-v2"));
+/// Directory that holds one sub-directory per model. `$sharedir` expands to the server's share dir.
+static MODEL_PATH: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"$sharedir/extension/pg_embed_sidecar/models"));
+/// The ONNX Runtime shared library. `$libdir` expands to the server's package library dir.
+static ORT_LIBRARY: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"$libdir/pg_embed_sidecar/libonnxruntime.so"));
+/// ONNX Runtime threads per backend for one inference call.
+static INTRA_THREADS: GucSetting<i32> = GucSetting::<i32>::new(1);
+/// Most texts in one inference call.
+static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(32);
+/// Most padded tokens in one inference call; bounds activation memory.
+static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
+
+/// Databases served by the background worker (comma-separated), fixed at server start.
+static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Role the worker connects as; empty means the bootstrap superuser.
+static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Queue messages read per drain pass.
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
+/// Worker nap when queues are empty, in milliseconds.
+static IDLE_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
+/// Attempts before a message moves to the dead-letter table.
+static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
+/// Seconds a read message stays invisible to other readers (crash recovery: it reappears after).
+static VISIBILITY_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// Test hook: texts containing this marker fail inference in the drain. Superuser only.
+static FAIL_MARKER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+pub fn init() {
+    // Paths decide which files the server process opens and which library it dlopens: superuser only.
+    GucRegistry::define_string_guc(
+        c"pg_embed_sidecar.model",
+        c"Name of the embedding model (a directory under pg_embed_sidecar.model_path).",
+        c"",
+        &MODEL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_embed_sidecar.model_path",
+        c"Directory holding one sub-directory per model; $sharedir expands to the server's share directory.",
+        c"",
+        &MODEL_PATH,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_embed_sidecar.onnxruntime_library",
+        c"Path of libonnxruntime.so (1.32 or newer); $libdir expands to the server's library directory.",
+        c"Loaded once per process: a change takes effect in new sessions.",
+        &ORT_LIBRARY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.intra_threads",
+        c"ONNX Runtime threads one backend uses for an inference call.",
+        c"",
+        &INTRA_THREADS,
+        1,
+        64,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.max_batch",
+        c"Most texts in one inference call.",
+        c"",
+        &MAX_BATCH,
+        1,
+        4096,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.max_batch_tokens",
+        c"Most padded tokens in one inference call; bounds the memory of one call.",
+        c"",
+        &MAX_BATCH_TOKENS,
+        64,
+        1 << 20,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_embed_sidecar.databases",
+        c"Comma-separated databases the background worker serves (one worker each).",
+        c"Needs shared_preload_libraries = 'pg_embed_sidecar'; empty disables the worker.",
+        &WORKER_DATABASES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_embed_sidecar.worker_role",
+        c"Role the background worker connects as (default: the bootstrap superuser).",
+        c"",
+        &WORKER_ROLE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.batch_size",
+        c"Queue messages read per drain pass.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.idle_naptime",
+        c"How long the worker sleeps when every queue is empty.",
+        c"",
+        &IDLE_NAPTIME_MS,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.max_attempts",
+        c"Failed attempts after which a row moves to embed_sidecar.failures.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.visibility_timeout",
+        c"Seconds a message being processed stays invisible; after a crash it reappears then.",
+        c"",
+        &VISIBILITY_TIMEOUT_S,
+        1,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_embed_sidecar.test_fail_marker",
+        c"Testing only: texts containing this string fail inference in the drain.",
+        c"",
+        &FAIL_MARKER,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Expand a leading `$libdir` / `$sharedir` like the server does for `dynamic_library_path`.
+fn expand(path: &str) -> PathBuf {
+    let dir = |which: &str| -> String {
+        let mut buf = [0 as std::ffi::c_char; pg_sys::MAXPGPATH as usize];
+        // SAFETY: both functions write a NUL-terminated path of at most MAXPGPATH bytes into buf.
+        unsafe {
+            if which == "lib" {
+                pg_sys::get_pkglib_path(pg_sys::my_exec_path.as_ptr(), buf.as_mut_ptr());
+            } else {
+                pg_sys::get_share_path(pg_sys::my_exec_path.as_ptr(), buf.as_mut_ptr());
+            }
+            CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
+        }
+    };
+    if let Some(rest) = path.strip_prefix("$libdir") {
+        PathBuf::from(dir("lib") + rest)
+    } else if let Some(rest) = path.strip_prefix("$sharedir") {
+        PathBuf::from(dir("share") + rest)
+    } else {
+        PathBuf::from(path)
+    }
+}
+
+/// Everything that decides which embedder a backend holds; a change means a reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedSettings {
+    pub library: PathBuf,
+    pub model: String,
+    pub model_dir: PathBuf,
+    pub intra_threads: usize,
+    pub max_batch: usize,
+    pub max_batch_tokens: usize,
+}
+
+impl EmbedSettings {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            intra_threads: self.intra_threads,
+            max_batch: self.max_batch,
+            max_batch_tokens: self.max_batch_tokens,
+        }
+    }
+}
+
+pub fn embed_settings() -> EmbedSettings {
+    let model = string(&MODEL);
+    EmbedSettings {
+        library: expand(&string(&ORT_LIBRARY)),
+        model_dir: expand(&string(&MODEL_PATH)).join(&model),
+        model,
+        intra_threads: INTRA_THREADS.get() as usize,
+        max_batch: MAX_BATCH.get() as usize,
+        max_batch_tokens: MAX_BATCH_TOKENS.get() as usize,
+    }
+}
+
+pub fn worker_databases() -> Vec<String> {
+    string(&WORKER_DATABASES).split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+pub fn worker_role() -> Option<String> {
+    Some(string(&WORKER_ROLE)).filter(|s| !s.is_empty())
+}
+pub fn batch_size() -> i32 {
+    BATCH_SIZE.get()
+}
+pub fn idle_naptime_ms() -> u64 {
+    IDLE_NAPTIME_MS.get() as u64
+}
+pub fn max_attempts() -> i32 {
+    MAX_ATTEMPTS.get()
+}
+pub fn visibility_timeout_s() -> i32 {
+    VISIBILITY_TIMEOUT_S.get()
+}
+pub fn fail_marker() -> Option<String> {
+    Some(string(&FAIL_MARKER)).filter(|s| !s.is_empty())
+}
