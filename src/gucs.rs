@@ -169,9 +169,9 @@ fn expand(path: &str) -> PathBuf {
         // SAFETY: both functions write a NUL-terminated path of at most MAXPGPATH bytes into buf.
         unsafe {
             if which == "lib" {
-                pg_sys::get_pkglib_path(pg_sys::my_exec_path.as_ptr(), buf.as_mut_ptr());
+                pg_sys::get_pkglib_path(std::ptr::addr_of!(pg_sys::my_exec_path).cast(), buf.as_mut_ptr());
             } else {
-                pg_sys::get_share_path(pg_sys::my_exec_path.as_ptr(), buf.as_mut_ptr());
+                pg_sys::get_share_path(std::ptr::addr_of!(pg_sys::my_exec_path).cast(), buf.as_mut_ptr());
             }
             CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
         }
@@ -206,8 +206,9 @@ impl EmbedSettings {
     }
 }
 
-pub fn embed_settings() -> EmbedSettings {
-    let model = string(&MODEL);
+/// Current settings, for `model` if given, else for `pg_embed_sidecar.model`.
+pub fn embed_settings(model: Option<&str>) -> EmbedSettings {
+    let model = model.map(str::to_string).unwrap_or_else(|| string(&MODEL));
     EmbedSettings {
         library: expand(&string(&ORT_LIBRARY)),
         model_dir: expand(&string(&MODEL_PATH)).join(&model),

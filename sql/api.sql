@@ -1,0 +1,21 @@
+-- Public SQL API. Created in the extension's schema (public by default) so that `embed_text`
+-- works unqualified; everything else lives in schema embed_sidecar.
+-- SQL-standard bodies (RETURN / BEGIN ATOMIC) are parsed now, while CREATE EXTENSION's
+-- search_path holds pgvector's schema, so `vector` stays bound whatever the caller's search_path.
+
+CREATE FUNCTION embed_text(content text) RETURNS vector
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    RETURN embed_sidecar._embed(content)::vector;
+COMMENT ON FUNCTION embed_text(text) IS
+    'Embedding of one text with the session''s model (pg_embed_sidecar.model); NULL in, NULL out';
+
+CREATE FUNCTION embed_texts(contents text[]) RETURNS vector[]
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+BEGIN ATOMIC
+    SELECT coalesce(array_agg(e.embedding::vector ORDER BY e.ord), '{}')
+      FROM embed_sidecar._embed_many(contents) AS e;
+END;
+COMMENT ON FUNCTION embed_texts(text[]) IS
+    'Embeddings of many texts in one batched inference, in input order; NULL elements give NULL';
+
+GRANT USAGE ON SCHEMA embed_sidecar TO PUBLIC;

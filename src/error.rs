@@ -1,0 +1,85 @@
+//! Errors of the extension, turned into a Postgres `ERROR` (with SQLSTATE and hint) only at the
+//! SQL boundary, so the drain can also log them or store them in the dead-letter table.
+
+use embed_core::EmbedError;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
+    #[error("invalid model name \"{0}\"")]
+    BadModelName(String),
+    #[error("{0}")]
+    Spi(String),
+    #[error("injected failure: text contains pg_embed_sidecar.test_fail_marker")]
+    Injected,
+}
+
+impl From<pgrx::spi::Error> for SidecarError {
+    fn from(e: pgrx::spi::Error) -> Self {
+        SidecarError::Spi(e.to_string())
+    }
+}
+
+impl SidecarError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use EmbedError::*;
+        match self {
+            SidecarError::Embed(ModelDirMissing(_) | ModelFileMissing(_) | TokenizerMissing(_)) => {
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
+            }
+            SidecarError::Embed(Runtime { .. } | Io { .. } | Manifest { .. } | Tokenizer { .. } | Model { .. }) => {
+                PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR
+            }
+            SidecarError::Embed(UnsupportedModel { .. }) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            SidecarError::BadModelName(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    pub fn hint(&self) -> Option<&'static str> {
+        use EmbedError::*;
+        Some(match self {
+            SidecarError::Embed(Runtime { .. }) => {
+                "Set pg_embed_sidecar.onnxruntime_library to a libonnxruntime.so of version 1.32 or newer \
+                 (scripts/setup.sh installs one); the library is loaded once per session."
+            }
+            SidecarError::Embed(ModelDirMissing(_) | ModelFileMissing(_) | TokenizerMissing(_)) => {
+                "Install the model files with models/install.sh, or point pg_embed_sidecar.model and \
+                 pg_embed_sidecar.model_path at a directory holding model.onnx (or onnx/model.onnx) and tokenizer.json."
+            }
+            SidecarError::Embed(Io { .. } | Manifest { .. } | Tokenizer { .. } | Model { .. }) => {
+                "The model files are unreadable or corrupt: reinstall them with models/install.sh."
+            }
+            SidecarError::Embed(UnsupportedModel { .. }) => {
+                "Use a BERT-style encoder exported to ONNX with inputs input_ids, attention_mask \
+                 (token_type_ids optional) and a last_hidden_state or pooled output."
+            }
+            SidecarError::BadModelName(_) => "A model name is a directory name under pg_embed_sidecar.model_path.",
+            _ => return None,
+        })
+    }
+
+    /// Raise as a Postgres ERROR. Never returns.
+    pub fn report(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), format!("pg_embed_sidecar: {self}"), "pg_embed_sidecar");
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+/// Unwrap a result at the SQL boundary, raising the error as a Postgres ERROR.
+pub trait OrReport<T> {
+    fn or_report(self) -> T;
+}
+
+impl<T> OrReport<T> for Result<T, SidecarError> {
+    fn or_report(self) -> T {
+        self.unwrap_or_else(|e| e.report())
+    }
+}

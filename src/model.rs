@@ -1,0 +1,106 @@
+//! The embedder one backend (or the worker) holds: loaded lazily on first use, reused for every
+//! call, reloaded when a setting that shapes it changes. Only this thread touches it.
+
+use std::cell::{Cell, RefCell};
+
+use embed_core::Embedder;
+
+use crate::error::SidecarError;
+use crate::gucs::{embed_settings, EmbedSettings};
+
+struct Loaded {
+    settings: EmbedSettings,
+    embedder: Embedder,
+}
+
+thread_local! {
+    static LOADED: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+    /// Texts run through the model by this process: lets tests prove a query is embedded once.
+    static TEXTS_EMBEDDED: Cell<i64> = const { Cell::new(0) };
+    /// The last single text embedded and its vector. `embed_text` is STABLE (it depends on
+    /// settings), so a plan that evaluates `embed_text('query')` per row hits this memo instead
+    /// of the model.
+    static LAST: RefCell<Option<(String, String, Vec<f32>)>> = const { RefCell::new(None) };
+}
+
+fn validate_model_name(name: &str) -> Result<(), SidecarError> {
+    let ok = !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0');
+    if ok {
+        Ok(())
+    } else {
+        Err(SidecarError::BadModelName(name.to_string()))
+    }
+}
+
+/// Run `f` with this process's embedder for the session's model, loading it first if needed.
+pub fn with_embedder<R>(f: impl FnOnce(&mut Embedder) -> Result<R, SidecarError>) -> Result<R, SidecarError> {
+    with_model(None, f)
+}
+
+/// Run `f` with the embedder of `model` (default: `pg_embed_sidecar.model`). One model is
+/// resident per process; asking for another replaces it.
+fn with_model<R>(model: Option<&str>, f: impl FnOnce(&mut Embedder) -> Result<R, SidecarError>) -> Result<R, SidecarError> {
+    let settings = embed_settings(model);
+    validate_model_name(&settings.model)?;
+    LOADED.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|l| l.settings != settings).unwrap_or(true) {
+            // drop the old session first so two models are never resident at once
+            *slot = None;
+            let embedder = Embedder::load(&settings.library, &settings.model_dir, settings.load_options())?;
+            *slot = Some(Loaded { settings, embedder });
+        }
+        match slot.as_mut() {
+            Some(loaded) => f(&mut loaded.embedder),
+            None => unreachable!("embedder was just loaded"),
+        }
+    })
+}
+
+/// Embed many texts in input order with the session's model, counting them.
+pub fn embed_many(texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
+    embed_many_inner(None, texts)
+}
+
+/// Embed many texts with a named model (the drain: each source has its own).
+pub fn embed_many_with(model: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
+    embed_many_inner(Some(model), texts)
+}
+
+fn embed_many_inner(model: Option<&str>, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
+    let vectors = with_model(model, |e| Ok(e.embed(texts)?))?;
+    TEXTS_EMBEDDED.with(|c| c.set(c.get() + texts.len() as i64));
+    Ok(vectors)
+}
+
+/// Embed one text, answering a repeat of the previous text from the memo.
+pub fn embed_one(text: &str) -> Result<Vec<f32>, SidecarError> {
+    let model = model_id()?;
+    let hit = LAST.with(|m| match &*m.borrow() {
+        Some((id, t, v)) if *id == model && t == text => Some(v.clone()),
+        _ => None,
+    });
+    if let Some(v) = hit {
+        return Ok(v);
+    }
+    let v = embed_many(&[text])?.pop().unwrap_or_default();
+    LAST.with(|m| *m.borrow_mut() = Some((model, text.to_string(), v.clone())));
+    Ok(v)
+}
+
+pub fn model_id() -> Result<String, SidecarError> {
+    with_embedder(|e| Ok(e.model_id().to_string()))
+}
+
+pub fn model_id_of(model: &str) -> Result<String, SidecarError> {
+    with_model(Some(model), |e| Ok(e.model_id().to_string()))
+}
+
+/// `(model_id, dims)` of a named model.
+pub fn identity_of(model: &str) -> Result<(String, i32), SidecarError> {
+    with_model(Some(model), |e| Ok((e.model_id().to_string(), e.dims() as i32)))
+}
+
+pub fn texts_embedded() -> i64 {
+    TEXTS_EMBEDDED.with(|c| c.get())
+}

@@ -1,0 +1,161 @@
+//! The background worker: one per database named in `pg_embed_sidecar.databases`, registered when
+//! the library is preloaded. It waits (without errors) for the extension to exist, then drains
+//! every active source in turn, back-to-back while there is work and with a short nap when idle.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use pgrx::bgworkers::*;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+use crate::drain::{active_sources, drain_pass, Mode};
+use crate::error::SidecarError;
+use crate::gucs;
+
+/// Nap after a failed round (model missing, SQL error): long enough not to spin, short enough
+/// that work resumes soon after the cause is fixed.
+const ERROR_NAP: Duration = Duration::from_secs(5);
+/// Nap while the extension is not installed in the worker's database.
+const ABSENT_NAP: Duration = Duration::from_secs(5);
+
+pub fn register() {
+    // SAFETY: reading a flag the postmaster sets while loading shared_preload_libraries
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    for db in gucs::worker_databases() {
+        BackgroundWorkerBuilder::new(&format!("pg_embed_sidecar worker {db}"))
+            .set_type("pg_embed_sidecar worker")
+            .set_library("pg_embed_sidecar")
+            .set_function("pg_embed_sidecar_worker_main")
+            .set_extra(&db)
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            // pgrx's default is never to restart; a crashed worker must come back
+            .set_restart_time(Some(Duration::from_secs(5)))
+            .load();
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_embed_sidecar_worker_main(_arg: pg_sys::Datum) {
+    let db = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let role = gucs::worker_role();
+    BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
+    log!("pg_embed_sidecar: worker started for database \"{db}\"");
+
+    let mut nap = Duration::ZERO;
+    let mut announced_absent = false;
+    while BackgroundWorker::wait_latch(Some(nap)) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the documented way for a background worker to reload postgresql.conf
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        nap = match round() {
+            Ok(None) => {
+                if !announced_absent {
+                    log!("pg_embed_sidecar: extension not installed in \"{db}\"; waiting for CREATE EXTENSION");
+                    announced_absent = true;
+                }
+                ABSENT_NAP
+            }
+            Ok(Some(full)) => {
+                announced_absent = false;
+                if full {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(gucs::idle_naptime_ms())
+                }
+            }
+            Err(e) => {
+                warning!("pg_embed_sidecar: {e}");
+                ERROR_NAP
+            }
+        };
+        report_activity("idle");
+    }
+    log!("pg_embed_sidecar: worker for database \"{db}\" exiting");
+}
+
+/// One round over all active sources. `None` when the extension is absent; otherwise whether any
+/// source filled a whole batch (then the next round starts at once).
+fn round() -> Result<Option<bool>, SidecarError> {
+    let sources = run_in_transaction(|| {
+        Spi::connect(|client| {
+            // to_regclass cannot raise, so a missing extension is not an error in the log
+            let present = client
+                .select("SELECT to_regclass('embed_sidecar.sources') IS NOT NULL", None, &[])?
+                .first()
+                .get_one::<bool>()?
+                .unwrap_or(false);
+            if present {
+                Ok(Some(active_sources(client)?))
+            } else {
+                Ok(None)
+            }
+        })
+    })?;
+    let Some(sources) = sources else { return Ok(None) };
+    let batch = gucs::batch_size();
+    let mut full = false;
+    let mut first_error = None;
+    for id in sources {
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        report_activity(&format!("pg_embed_sidecar: draining source {id}"));
+        match drain_pass(id, batch, Mode::Worker) {
+            Ok(stats) => full |= stats.messages >= batch as usize,
+            // one broken source must not starve the others: remember, go on
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(Some(full)),
+    }
+}
+
+fn report_activity(what: &str) {
+    if let Ok(text) = CString::new(what) {
+        // SAFETY: plain call into the statistics collector with a NUL-terminated string
+        unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr()) };
+    }
+}
+
+/// Run `f` in its own transaction; commit on success, roll back on any error (a Postgres ERROR
+/// raised inside is caught here, so it never takes the worker down).
+pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
+    // SAFETY: the worker is outside any transaction here; this is the worker_spi sequence
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    // the closure's captures are only used again if it returns normally
+    let f = std::panic::AssertUnwindSafe(f);
+    let result = PgTryBuilder::new(move || {
+        let f = f;
+        (f.0)()
+    })
+        .catch_others(|e| {
+            Err(SidecarError::Spi(match e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            }))
+        })
+        .execute();
+    // SAFETY: ends the transaction started above, whichever way `f` finished
+    unsafe {
+        if result.is_ok() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    result
+}
