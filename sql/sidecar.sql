@@ -127,9 +127,9 @@ BEGIN
               WHERE NOT embed_sidecar._is_blank(src.%I::text)
                 AND (NOT $2 OR sc.content_hash IS DISTINCT FROM sha256(convert_to(src.%I::text, ''UTF8''))
                             OR sc.model IS DISTINCT FROM $3)),
-              b AS (SELECT pgmq.send_batch($1, array_agg(key)) AS ids, count(*) AS c
+              b AS (SELECT pgmq.send_batch($1, array_agg(key)) AS msg_id  -- one row per message sent
                       FROM k GROUP BY (rn - 1) / 10000)
-         SELECT coalesce(sum(c), 0)::bigint FROM b',
+         SELECT count(*) FROM b',
         embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
         embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
         embed_sidecar._content_column(s), embed_sidecar._content_column(s))

@@ -94,13 +94,20 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
     // outage (missing file) costs no attempts; notice a replaced model file; read messages.
     let (src, messages) = in_tx(mode, || {
         Spi::connect_mut(|client| {
+            if mode == Mode::Caller {
+                // The caller's transaction keeps every lock until it ends, so it must take the
+                // source lock before it holds any row lock (the messages it reads): otherwise it
+                // could hold messages while waiting for the lock held by a writer that waits for
+                // those messages. Lock first, and two process() calls simply take turns.
+                lock_source(client, id)?;
+            }
             let Some((src, sql)) = load_source(client, id)? else { return Ok(None) };
             let current = model::model_id_of(&src.model)?;
             if current != src.model_id {
                 // the file changed under the same name: every vector is stale now
                 client.update(
-                    "SELECT embed_sidecar._enqueue_all(s, true) FROM (
-                       UPDATE embed_sidecar.sources SET model_id = $2 WHERE id = $1 RETURNING *) s",
+                    "WITH s AS (UPDATE embed_sidecar.sources SET model_id = $2 WHERE id = $1 RETURNING *)
+                     SELECT embed_sidecar._enqueue_all(s, true) FROM s",
                     None,
                     &[id.into(), current.clone().into()],
                 )?;
@@ -191,7 +198,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
     let last_error = failed.values().next().cloned();
     let embedded = in_tx(mode, || {
         Spi::connect_mut(|client| {
-            client.update("SELECT pg_advisory_xact_lock($1, $2)", None, &[LOCK_CLASS.into(), id.into()])?;
+            lock_source(client, id)?;
             let mut written = 0i64;
             if !keys.is_empty() {
                 written = client
@@ -254,6 +261,12 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
         dead_lettered: dead_keys.len(),
         retried: retry_ids.len(),
     })
+}
+
+/// Serialise writers of one source until the end of the transaction.
+fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> {
+    client.update("SELECT pg_advisory_xact_lock($1, $2)", None, &[LOCK_CLASS.into(), id.into()])?;
+    Ok(())
 }
 
 /// Embed texts; when a batch fails, split it in halves until the failing texts are alone, so one

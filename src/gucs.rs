@@ -92,22 +92,6 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"pg_embed_sidecar.databases",
-        c"Comma-separated databases the background worker serves (one worker each).",
-        c"Needs shared_preload_libraries = 'pg_embed_sidecar'; empty disables the worker.",
-        &WORKER_DATABASES,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"pg_embed_sidecar.worker_role",
-        c"Role the background worker connects as (default: the bootstrap superuser).",
-        c"",
-        &WORKER_ROLE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
     GucRegistry::define_int_guc(
         c"pg_embed_sidecar.batch_size",
         c"Queue messages read per drain pass.",
@@ -148,6 +132,27 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
+    // Postmaster-context settings can only be defined while the library is preloaded; without
+    // preloading there is no worker and their defaults are never read.
+    // SAFETY: reading a flag the postmaster sets while loading shared_preload_libraries
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"pg_embed_sidecar.databases",
+            c"Comma-separated databases the background worker serves (one worker each).",
+            c"Needs shared_preload_libraries = 'pg_embed_sidecar'; empty disables the worker.",
+            &WORKER_DATABASES,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc(
+            c"pg_embed_sidecar.worker_role",
+            c"Role the background worker connects as (default: the bootstrap superuser).",
+            c"",
+            &WORKER_ROLE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_string_guc(
         c"pg_embed_sidecar.test_fail_marker",
         c"Testing only: texts containing this string fail inference in the drain.",

@@ -13,8 +13,18 @@ mod tests {
 
     /// SQLSTATE, message and hint of the error `sql` raises, or "no error".
     fn error_of(sql: &str) -> String {
+        let missing = one::<bool>("SELECT to_regprocedure('pg_temp.error_of(text)') IS NULL");
+        if missing {
+            create_error_helper();
+        }
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()])
+            .expect("helper runs")
+            .expect("helper returns text")
+    }
+
+    fn create_error_helper() {
         Spi::run(
-            "CREATE OR REPLACE FUNCTION pg_temp.error_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
+            "CREATE FUNCTION pg_temp.error_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
              DECLARE st text; msg text; hint text;
              BEGIN EXECUTE q; RETURN 'no error';
              EXCEPTION WHEN OTHERS THEN
@@ -23,9 +33,6 @@ mod tests {
              END $f$",
         )
         .expect("helper created");
-        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()])
-            .expect("helper runs")
-            .expect("helper returns text")
     }
 
     #[pg_test]

@@ -78,6 +78,10 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(_arg: pg_sys::Datum) {
         report_activity("idle");
     }
     log!("pg_embed_sidecar: worker for database \"{db}\" exiting");
+    // exit code 1, as worker_spi does: the postmaster restarts the worker after its restart time
+    // (an exit code of 0 would unregister it for good after a pg_terminate_backend)
+    // SAFETY: ends this process through Postgres' normal exit path
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// One round over all active sources. `None` when the extension is absent; otherwise whether any

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): every tier, strictest last.
+#   1. inference core, plain cargo test (no Postgres)
+#   2. SQL functions inside a backend (#[pg_test], each test rolled back)
+#   3. integration suite against a running cluster with the worker preloaded (pytest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+echo "== 1/3 inference core: cargo test -p embed_core"
+cargo test -p embed_core --release
+
+echo "== 2/3 SQL functions in a backend: cargo pgrx test"
+mkdir -p /var/lib/pg_embed_sidecar && chown postgres /var/lib/pg_embed_sidecar
+cargo pgrx test pg15 --release --runas postgres --pgdata /var/lib/pg_embed_sidecar/pgrx-test
+
+echo "== 3/3 integration suite: worker, triggers, queue, crash and restart (pytest)"
+cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+bash scripts/cluster.sh restart
+"$VENV/bin/python" -m pytest tests -v -p no:cacheprovider "$@"

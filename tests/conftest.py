@@ -1,0 +1,91 @@
+"""Integration tier: a real cluster (scripts/cluster.sh start) with the worker preloaded.
+
+Each test gets its own schema in database pes_test, dropped afterwards. The worker serves
+pes_test, so watched tables are drained in the background unless a test pauses its source."""
+import os
+import re
+import subprocess
+import time
+import uuid
+
+import psycopg
+import pytest
+
+DSN = dict(host=os.environ.get("PGHOST", "/tmp"), port=int(os.environ.get("PGPORT", "5433")),
+           user="postgres", dbname=os.environ.get("PES_TEST_DB", "pes_test"))
+
+
+def connect(**kw):
+    return psycopg.connect(**{**DSN, **kw}, autocommit=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def extension():
+    with connect() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pg_embed_sidecar CASCADE")
+    yield
+
+
+@pytest.fixture
+def db(request):
+    """A connection whose search_path is a fresh schema of this test's own."""
+    schema = "t_" + re.sub(r"\W", "_", request.node.name)[:40].lower() + "_" + uuid.uuid4().hex[:6]
+    conn = connect()
+    conn.execute(f'CREATE SCHEMA "{schema}"')
+    conn.execute(f'SET search_path = "{schema}", public')
+    conn.schema = schema
+    yield conn
+    try:
+        conn.close()
+    except Exception:
+        pass
+    with connect() as c:
+        # unwatch first so the worker stops touching the tables, then drop everything
+        c.execute("""SELECT embed_sidecar.unwatch(source) FROM embed_sidecar.sources s
+                      JOIN pg_class r ON r.oid = s.source WHERE r.relnamespace = %s::regnamespace""", (schema,))
+        c.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def one(conn, sql, params=None):
+    row = conn.execute(sql, params).fetchone()
+    return row[0] if row else None
+
+
+def assert_in_step(conn, table, keys="id", content="body"):
+    """The consistency invariant, computed independently of the extension's status view."""
+    model = one(conn, "SELECT model_id FROM embed_sidecar.sources WHERE source = %s::regclass", (table,))
+    side = one(conn, "SELECT sidecar::text FROM embed_sidecar.sources WHERE source = %s::regclass", (table,))
+    bad = one(conn, f"""
+        SELECT count(*) FROM {table} s LEFT JOIN {side} e USING ({keys})
+         WHERE NOT embed_sidecar._is_blank(s.{content})
+           AND (e.embedding IS NULL OR e.content_hash <> sha256(convert_to(s.{content}, 'UTF8')) OR e.model <> %s)""",
+              (model,))
+    blank_with_vector = one(conn, f"""
+        SELECT count(*) FROM {table} s JOIN {side} e USING ({keys}) WHERE embed_sidecar._is_blank(s.{content})""")
+    cols = [k.strip() for k in keys.split(",")]
+    match = "(" + ", ".join("s." + k for k in cols) + ") = (" + ", ".join("e." + k for k in cols) + ")"
+    orphans = one(conn, f"SELECT count(*) FROM {side} e WHERE NOT EXISTS (SELECT 1 FROM {table} s WHERE {match})")
+    assert (bad, blank_with_vector, orphans) == (0, 0, 0), f"missing/stale={bad} blank_with_vector={blank_with_vector} orphans={orphans}"
+
+
+def wait(conn, table, seconds=120):
+    assert one(conn, "SELECT embed_sidecar.wait(%s::regclass, make_interval(secs => %s))", (table, seconds)), \
+        f"{table} not in step after {seconds}s: " + str(conn.execute(
+            "SELECT * FROM embed_sidecar.status WHERE source = %s::regclass", (table,)).fetchone())
+
+
+def worker_pid(dbname="pes_test", timeout=30):
+    deadline = time.time() + timeout
+    with connect() as c:
+        while time.time() < deadline:
+            pid = one(c, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_embed_sidecar worker' AND datname = %s",
+                      (dbname,))
+            if pid:
+                return pid
+            time.sleep(0.2)
+    raise AssertionError("worker not running")
+
+
+def queue_depth(conn, table):
+    return one(conn, "SELECT queue_length FROM pgmq.metrics((SELECT queue_name FROM embed_sidecar.sources WHERE source = %s::regclass))",
+               (table,))

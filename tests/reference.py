@@ -1,0 +1,34 @@
+"""An independent reference embedder: Python onnxruntime + tokenizers on the same model files,
+one text at a time (no padding, so nothing depends on our batching), numpy mean pooling."""
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+MODEL_DIR = os.environ.get(
+    "EMBED_MODEL_DIR", "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2")
+
+
+class Reference:
+    def __init__(self, model_dir: str = MODEL_DIR):
+        manifest = json.load(open(os.path.join(model_dir, "embed_model.json")))
+        self.tok = Tokenizer.from_file(os.path.join(model_dir, manifest["tokenizer"]))
+        self.tok.no_padding()
+        self.tok.enable_truncation(manifest["max_length"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(os.path.join(model_dir, manifest["onnx"]), opts,
+                                         providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.sess.get_inputs()}
+
+    def embed(self, text: str) -> np.ndarray:
+        enc = self.tok.encode(text)
+        ids = np.array([enc.ids], dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "token_type_ids" in self.inputs:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        hidden = self.sess.run(None, feed)[0][0]  # [seq, dims]
+        v = hidden.mean(axis=0)
+        return v / np.linalg.norm(v)

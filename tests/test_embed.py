@@ -1,0 +1,95 @@
+"""Issue 2: in-process embed_text/embed_texts against an independent reference, and error paths
+that need a fresh backend (ONNX Runtime is loaded once per process)."""
+import numpy as np
+import pytest
+
+from conftest import connect, one
+from reference import Reference
+
+SENTENCES = [
+    "A cat sits on the mat",
+    "The quick brown fox jumps over the lazy dog.",
+    "PostgreSQL is a powerful, open source object-relational database system.",
+    "Vectors are kept in a sidecar table next to the source rows.",
+    "",
+    "   ",
+    "a",
+    "Ünïcödé àccents, naïve café, façade, Zürich",
+    "Emoji: 🎉🚀🐘 are fun 😀",
+    "日本語のテキストを埋め込みます。東京は日本の首都です。",
+    "中文文本嵌入测试，北京是中国的首都。",
+    "한국어 문장 임베딩 테스트입니다.",
+    "نص عربي من اليمين إلى اليسار",
+    "עברית היא שפה שנכתבת מימין לשמאל",
+    "Combining marks: e\u0301 a\u0300 o\u0308 n\u0303",
+    "Control chars:\t tab \x01 \x07 bell\nnew line\r\n",
+    "Ελληνικά κείμενα για δοκιμή",
+    "Русский текст для проверки",
+    "SELECT * FROM users WHERE name = 'x'; DROP TABLE users; --",
+    "Numbers 1234567890 and symbols !@#$%^&*()_+-=[]{}|;:',.<>/?",
+    "Mixed: English, 日本語, العربية, emoji 🐘 and ñ",
+    "The same sentence twice. The same sentence twice.",
+    " ".join(f"word{i}" for i in range(600)),  # far beyond the 256-token window
+    "Long prose. " + "Databases store data and answer questions about it quickly. " * 80,
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Reference()
+
+
+def test_parity_with_independent_reference(reference):
+    with connect() as c:
+        rows = c.execute("SELECT t, embed_text(t)::text FROM unnest(%s::text[]) AS t", (SENTENCES,)).fetchall()
+        batched = one(c, "SELECT embed_texts(%s::text[])::text[]", (SENTENCES,))
+    assert len(rows) == len(SENTENCES) >= 20
+    worst = 1.0
+    for (text, single), batch in zip(rows, batched):
+        ours = np.array([float(x) for x in single.strip("[]").split(",")])
+        ours_b = np.array([float(x) for x in batch.strip("[]").split(",")])
+        ref = reference.embed(text)
+        assert ours.shape == (384,)
+        for v in (ours, ours_b):
+            cos = float(v @ ref / np.linalg.norm(v))
+            worst = min(worst, cos)
+            assert cos >= 0.9999, f"cosine {cos} for {text[:40]!r}"
+    print(f"worst cosine vs reference: {worst:.6f}")
+
+
+def error_of(conn, sql):
+    try:
+        conn.execute(sql)
+    except Exception as e:  # psycopg.Error carries sqlstate and diag
+        return e.sqlstate, e.diag.message_primary, e.diag.message_hint
+    return None
+
+
+def test_missing_onnxruntime_library_is_a_clean_error():
+    with connect() as c:  # a fresh backend: the runtime is not loaded yet
+        c.execute("SET pg_embed_sidecar.onnxruntime_library = '/nonexistent/libonnxruntime.so'")
+        state, msg, hint = error_of(c, "SELECT embed_text('x')")
+        assert state == "F0000"
+        assert "could not load the ONNX Runtime library" in msg and "file not found" in msg
+        assert "pg_embed_sidecar.onnxruntime_library" in hint
+        # the session stays usable, and recovers when the setting is fixed
+        c.execute("RESET pg_embed_sidecar.onnxruntime_library")
+        assert one(c, "SELECT vector_dims(embed_text('x'))") == 384
+
+
+def test_wrong_library_is_a_clean_error(tmp_path):
+    bogus = "/usr/lib/postgresql/15/lib/pgoutput.so"  # a real shared library, but not ONNX Runtime
+    with connect() as c:
+        c.execute(f"SET pg_embed_sidecar.onnxruntime_library = '{bogus}'")
+        state, msg, hint = error_of(c, "SELECT embed_text('x')")
+        assert state == "F0000" and "could not load the ONNX Runtime library" in msg, msg
+
+
+def test_backend_stays_alive_after_errors():
+    with connect() as c:
+        pid = one(c, "SELECT pg_backend_pid()")
+        c.execute("SET pg_embed_sidecar.model = 'nope'")
+        assert error_of(c, "SELECT embed_text('x')")[0] == "58P01"
+        c.execute("RESET pg_embed_sidecar.model")
+        assert one(c, "SELECT pg_backend_pid()") == pid
+        assert one(c, "SELECT vector_dims(embed_text('x'))") == 384

@@ -1,0 +1,242 @@
+"""Issue 3: the sidecar engine end to end, with the background worker really running."""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import assert_in_step, connect, one, queue_depth, wait, worker_pid
+
+
+def vec(text):
+    return np.array([float(x) for x in text.strip("[]").split(",")])
+
+
+def watch(db, table, content="body", **kw):
+    args = ", ".join([f"%s::regclass", "%s"] + [f"{k} => %s" for k in kw])
+    return one(db, f"SELECT embed_sidecar.watch({args})::text", (table, content, *kw.values()))
+
+
+def test_backfill_of_existing_rows_matches_embed_text(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, note text)")
+    db.execute("INSERT INTO docs SELECT i, 'existing document ' || i || ' about topic ' || (i % 17), 'x' "
+               "FROM generate_series(1, 2000) i")
+    assert watch(db, "docs") == "docs_embeddings"
+    wait(db, "docs")
+    assert_in_step(db, "docs")
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 2000
+    # each stored vector equals embed_text(content) computed now, in this session
+    worst = one(db, "SELECT min(1 - (e.embedding <=> embed_text(d.body))) FROM docs d JOIN docs_embeddings e USING (id)")
+    assert worst >= 0.9999, worst
+    dims, model = db.execute("SELECT vector_dims(embedding), model FROM docs_embeddings LIMIT 1").fetchone()
+    assert dims == 384 and model.startswith("all-MiniLM-L6-v2@")
+
+
+def test_insert_update_delete_truncate(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, note text)")
+    watch(db, "docs")
+    one(db, "SELECT embed_sidecar.pause('docs')")  # hold the queue still while we count messages
+    db.execute("SET track_functions = 'all'")
+    with db.transaction():
+        db.execute("INSERT INTO docs SELECT i, 'doc ' || i, 'n' FROM generate_series(1, 1000) i")
+        calls = one(db, "SELECT calls FROM pg_stat_xact_user_functions WHERE schemaname = 'pgmq' AND funcname = 'send_batch'")
+    assert calls == 1, "a 1000-row INSERT must cost one batched enqueue"
+    assert queue_depth(db, "docs") == 1000
+    one(db, "SELECT embed_sidecar.resume('docs')")
+    wait(db, "docs")
+    assert_in_step(db, "docs")
+    assert queue_depth(db, "docs") == 0
+
+    # content update of 100 rows: re-embedded with the new hash
+    old = dict(db.execute("SELECT id, content_hash FROM docs_embeddings WHERE id <= 100").fetchall())
+    one(db, "SELECT embed_sidecar.pause('docs')")
+    db.execute("UPDATE docs SET body = body || ' (revised)' WHERE id <= 100")
+    assert queue_depth(db, "docs") == 100
+    # non-content update of 100 other rows: nothing enqueued
+    db.execute("UPDATE docs SET note = 'changed' WHERE id BETWEEN 101 AND 200")
+    # an update that writes the same content: nothing enqueued either
+    db.execute("UPDATE docs SET body = body WHERE id BETWEEN 201 AND 300")
+    assert queue_depth(db, "docs") == 100
+    one(db, "SELECT embed_sidecar.resume('docs')")
+    wait(db, "docs")
+    assert_in_step(db, "docs")
+    new = dict(db.execute("SELECT id, content_hash FROM docs_embeddings WHERE id <= 100").fetchall())
+    assert all(new[i] != old[i] for i in old)
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 1000
+
+    # delete: sidecar rows go with them (FK cascade, no queue traffic)
+    db.execute("DELETE FROM docs WHERE id > 900")
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 900
+    assert queue_depth(db, "docs") == 0
+
+    # key change: the vector moves with the row (ON UPDATE CASCADE)
+    db.execute("UPDATE docs SET id = id + 10000 WHERE id = 1")
+    assert one(db, "SELECT count(*) FROM docs_embeddings WHERE id = 10001") == 1
+    wait(db, "docs")
+    assert_in_step(db, "docs")
+
+    # truncate: a plain TRUNCATE is refused by the FK; CASCADE empties the sidecar with it
+    with pytest.raises(Exception, match="referenced in a foreign key"):
+        db.execute("TRUNCATE docs")
+    db.execute("TRUNCATE docs CASCADE")
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 0
+    wait(db, "docs")
+
+
+def test_composite_and_text_keys(db):
+    db.execute("CREATE TABLE pages (site text, path text, lang char(2), body text, PRIMARY KEY (site, path, lang))")
+    db.execute("INSERT INTO pages SELECT 's' || (i % 3), '/p/' || i, 'en', 'page ' || i FROM generate_series(1, 300) i")
+    watch(db, "pages")
+    db.execute("INSERT INTO pages VALUES ('é site', 'a \"quoted\" path', 'fr', 'bonjour le monde')")
+    wait(db, "pages")
+    assert_in_step(db, "pages", keys="site, path, lang")
+    assert one(db, "SELECT count(*) FROM pages_embeddings") == 301
+    db.execute("UPDATE pages SET body = 'changed' WHERE site = 's1'")
+    wait(db, "pages")
+    assert_in_step(db, "pages", keys="site, path, lang")
+
+    db.execute("CREATE TABLE notes (slug text PRIMARY KEY, body varchar(200))")
+    db.execute("INSERT INTO notes VALUES ('a', 'alpha'), ('b', 'beta'), ('c', 'gamma')")
+    watch(db, "notes")
+    wait(db, "notes")
+    assert_in_step(db, "notes", keys="slug")
+
+
+def test_null_empty_and_blank_content_get_no_vector(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs VALUES (1, NULL), (2, ''), (3, '   '), (4, E'\\t\\n'), (5, 'real text')")
+    watch(db, "docs")
+    wait(db, "docs")
+    assert db.execute("SELECT id FROM docs_embeddings ORDER BY id").fetchall() == [(5,)]
+    # text → blank removes the vector; blank → text adds one
+    db.execute("UPDATE docs SET body = NULL WHERE id = 5")
+    db.execute("UPDATE docs SET body = 'now it has text' WHERE id = 1")
+    wait(db, "docs")
+    assert db.execute("SELECT id FROM docs_embeddings ORDER BY id").fetchall() == [(1,)]
+    assert_in_step(db, "docs")
+    assert one(db, "SELECT failed FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 0
+
+
+def test_process_without_worker_gives_the_same_state(db):
+    db.execute("CREATE TABLE a (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO a SELECT i, 'process me ' || i FROM generate_series(1, 300) i")
+    watch(db, "a", backfill=False)
+    one(db, "SELECT embed_sidecar.pause('a')")  # the worker skips paused sources
+    one(db, "SELECT embed_sidecar.reembed('a')")
+    assert queue_depth(db, "a") == 300
+    assert one(db, "SELECT embed_sidecar.process('a', 100)") == 100
+    assert one(db, "SELECT count(*) FROM a_embeddings") == 100
+    assert one(db, "SELECT embed_sidecar.process('a')") == 200
+    assert queue_depth(db, "a") == 0
+    assert_in_step(db, "a")
+    got = dict(db.execute("SELECT id, embedding::text FROM a_embeddings").fetchall())
+    # same vectors as the worker path would write: compare with a worker-drained twin table
+    db.execute("CREATE TABLE b (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO b SELECT id, body FROM a")
+    watch(db, "b")
+    wait(db, "b")
+    for i, e in db.execute("SELECT id, embedding::text FROM b_embeddings").fetchall():
+        assert float(vec(e) @ vec(got[i])) > 0.9999
+
+
+def test_poison_row_is_isolated_dead_lettered_and_replayable(db):
+    db.execute("SET pg_embed_sidecar.test_fail_marker = 'POISON'")
+    db.execute("SET pg_embed_sidecar.max_attempts = 2")
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    watch(db, "docs")
+    one(db, "SELECT embed_sidecar.pause('docs')")
+    db.execute("INSERT INTO docs SELECT i, CASE WHEN i = 7 THEN 'bad POISON row' ELSE 'good row ' || i END "
+               "FROM generate_series(1, 40) i")
+    one(db, "SELECT embed_sidecar.process('docs')")
+    # every good row of the same batch went through
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 39
+    assert queue_depth(db, "docs") == 1
+    deadline = time.time() + 30
+    while time.time() < deadline and one(db, "SELECT count(*) FROM embed_sidecar.failures") == 0:
+        time.sleep(0.5)  # retried after a 2 s back-off, then dead-lettered at attempt 2
+        one(db, "SELECT embed_sidecar.process('docs')")
+    key, error, attempts = db.execute("SELECT key::text, error, attempts FROM embed_sidecar.failures").fetchone()
+    assert key == "[7]" and "injected failure" in error and attempts == 2
+    st = db.execute("SELECT failed, pending, dead_lettered, missing FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
+    assert st == (1, 0, 1, 1)
+    # the cause goes away; the dead letter is replayed
+    db.execute("RESET pg_embed_sidecar.test_fail_marker")
+    assert one(db, "SELECT embed_sidecar.retry_failed('docs')") == 1
+    one(db, "SELECT embed_sidecar.process('docs')")
+    assert one(db, "SELECT count(*) FROM embed_sidecar.failures") == 0
+    assert_in_step(db, "docs")
+
+
+def test_model_change_reembeds_and_old_vectors_stay_readable(db, tmp_path):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs SELECT i, 'model test ' || i FROM generate_series(1, 50) i")
+    watch(db, "docs")
+    wait(db, "docs")
+    # a second model directory with the same files under another name is another model
+    src = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2"
+    alt = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/minilm-copy"
+    os.makedirs(alt, exist_ok=True)
+    for f in ("model.onnx", "tokenizer.json"):
+        if not os.path.exists(os.path.join(alt, f)):
+            os.symlink(os.path.join(src, f), os.path.join(alt, f))
+    one(db, "SELECT embed_sidecar.pause('docs')")
+    assert one(db, "SELECT embed_sidecar.set_model('docs', 'minilm-copy')") == 50
+    # until re-embedded, the old vectors are still there and searchable
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 50
+    assert one(db, "SELECT stale FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 50
+    one(db, "SELECT embed_sidecar.resume('docs')")
+    wait(db, "docs")
+    assert_in_step(db, "docs")
+    assert one(db, "SELECT count(DISTINCT model) FROM docs_embeddings") == 1
+    assert one(db, "SELECT min(model) FROM docs_embeddings").startswith("minilm-copy@")
+
+
+def test_worker_restart_mid_drain_loses_nothing(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs SELECT i, 'restart test row ' || i || repeat(' filler', i % 40) FROM generate_series(1, 3000) i")
+    watch(db, "docs")
+    schema = db.schema
+    time.sleep(1.0)
+    os.kill(worker_pid(), signal.SIGTERM)  # clean stop between batches; restarted after 5 s
+    time.sleep(1.0)
+    os.kill(worker_pid(), signal.SIGKILL)  # crash: the postmaster resets every backend
+    time.sleep(3)
+    conn = connect()
+    conn.execute(f'SET search_path = "{schema}", public')
+    worker_pid()  # it came back
+    # messages the killed worker had read reappear after the visibility timeout (60 s default)
+    wait(conn, "docs", seconds=180)
+    assert_in_step(conn, "docs")
+    assert one(conn, "SELECT count(*) FROM docs_embeddings") == 3000
+    assert one(conn, "SELECT failed FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 0
+    conn.close()
+
+
+def test_consistency_after_concurrent_process_and_worker(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs SELECT i, 'concurrent ' || i FROM generate_series(1, 1500) i")
+    watch(db, "docs")
+    others = [connect() for _ in range(2)]
+    for o in others:
+        o.execute(f'SET search_path = "{db.schema}", public')
+    import threading
+    errors = []
+
+    def drain(c):
+        try:
+            while one(c, "SELECT embed_sidecar.process('docs', 200)") > 0:
+                pass
+        except Exception as e:  # a deadlock or any error fails the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=drain, args=(o,)) for o in others]
+    for t in threads:
+        t.start()
+    db.execute("UPDATE docs SET body = body || ' v2' WHERE id % 3 = 0")
+    for t in threads:
+        t.join()
+    assert errors == []
+    wait(db, "docs")
+    assert_in_step(db, "docs")
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 1500
