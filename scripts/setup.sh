@@ -25,6 +25,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   skip "Debian packages"
 fi
+# The demo corpus: Debian's long package descriptions live in Translation-en, which apt only
+# fetches when asked for English.
+if ls /var/lib/apt/lists/*bookworm_main_i18n_Translation-en* >/dev/null 2>&1; then
+  skip "apt Translation-en (demo corpus)"
+else
+  step "apt-get update -o Acquire::Languages=en (demo corpus)"
+  apt-get update -q -o Acquire::Languages=en
+fi
 # Debian starts a 'main' cluster on 5432; we run our own cluster and need none of it.
 if pg_lsclusters -h 2>/dev/null | grep -q '^15 \+main .* online'; then pg_ctlcluster 15 main stop || true; fi
 

@@ -554,13 +554,3 @@ BEGIN
 END
 $$;
 CREATE EVENT TRIGGER embed_sidecar_sql_drop ON sql_drop EXECUTE FUNCTION embed_sidecar._on_sql_drop();
-
--- Management is for table owners the administrator trusts: nothing here is PUBLIC.
-REVOKE ALL ON ALL TABLES IN SCHEMA embed_sidecar FROM PUBLIC;
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
-GRANT SELECT ON embed_sidecar.status TO PUBLIC;
-GRANT EXECUTE ON FUNCTION embed_sidecar._status(embed_sidecar.sources) TO PUBLIC;
--- embedding is for everyone by default; revoke both to restrict it:
---   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]),
-    embed_sidecar.model_info(), embed_sidecar.texts_embedded() TO PUBLIC;

@@ -16,7 +16,13 @@ mod embed_sidecar {
 
     #[pg_extern(stable, strict, parallel_restricted, name = "_embed")]
     fn embed(content: &str) -> Vec<f32> {
-        model::embed_one(content).or_report()
+        model::embed_one_with(None, content).or_report()
+    }
+
+    /// One text with a named model (search embeds the query with the source's model).
+    #[pg_extern(stable, strict, parallel_restricted, name = "_embed_with")]
+    fn embed_with(model: &str, content: &str) -> Vec<f32> {
+        model::embed_one_with(Some(model), content).or_report()
     }
 
     #[pg_extern(stable, strict, parallel_restricted, name = "_embed_many")]
@@ -60,4 +66,5 @@ mod embed_sidecar {
     }
 
     extension_sql_file!("../sql/api.sql", name = "api", requires = [embed, embed_many]);
+    extension_sql_file!("../sql/search.sql", name = "search", requires = [embed_with, "sidecar"]);
 }

@@ -337,4 +337,6 @@ mod embed_sidecar {
         let row = crate::model::identity_of(model).or_report();
         TableIterator::once(row)
     }
+
+    extension_sql_file!("../sql/sidecar.sql", name = "sidecar", requires = [process_source, model_identity]);
 }

@@ -22,7 +22,7 @@ pub extern "C-unwind" fn _PG_init() {
     worker::register();
 }
 
-extension_sql_file!("../sql/sidecar.sql", name = "sidecar", finalize);
+extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;

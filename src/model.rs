@@ -73,23 +73,20 @@ fn embed_many_inner(model: Option<&str>, texts: &[&str]) -> Result<Vec<Vec<f32>>
     Ok(vectors)
 }
 
-/// Embed one text, answering a repeat of the previous text from the memo.
-pub fn embed_one(text: &str) -> Result<Vec<f32>, SidecarError> {
-    let model = model_id()?;
+/// Embed one text with `model` (default: the session's), answering a repeat of the previous
+/// text from the memo.
+pub fn embed_one_with(model: Option<&str>, text: &str) -> Result<Vec<f32>, SidecarError> {
+    let id = with_model(model, |e| Ok(e.model_id().to_string()))?;
     let hit = LAST.with(|m| match &*m.borrow() {
-        Some((id, t, v)) if *id == model && t == text => Some(v.clone()),
+        Some((last_id, t, v)) if *last_id == id && t == text => Some(v.clone()),
         _ => None,
     });
     if let Some(v) = hit {
         return Ok(v);
     }
-    let v = embed_many(&[text])?.pop().unwrap_or_default();
-    LAST.with(|m| *m.borrow_mut() = Some((model, text.to_string(), v.clone())));
+    let v = embed_many_inner(model, &[text])?.pop().unwrap_or_default();
+    LAST.with(|m| *m.borrow_mut() = Some((id, text.to_string(), v.clone())));
     Ok(v)
-}
-
-pub fn model_id() -> Result<String, SidecarError> {
-    with_embedder(|e| Ok(e.model_id().to_string()))
 }
 
 pub fn model_id_of(model: &str) -> Result<String, SidecarError> {
