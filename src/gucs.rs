@@ -17,16 +17,17 @@ static ORT_LIBRARY: GucSetting<Option<CString>> =
 /// ONNX Runtime threads per backend for one inference call.
 static INTRA_THREADS: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// Most texts in one inference call.
-static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(32);
-/// Most padded tokens in one inference call; bounds activation memory.
-static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
+static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(64);
+/// Most padded tokens in one inference call; bounds activation memory. 2048 measured fastest on
+/// this machine for short and long texts alike (benches: scripts/bench.sh; issue 4 note).
+static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 
 /// Databases served by the background worker (comma-separated), fixed at server start.
 static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Role the worker connects as; empty means the bootstrap superuser.
 static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Queue messages read per drain pass.
-static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
 /// Worker nap when queues are empty, in milliseconds.
 static IDLE_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 /// Attempts before a message moves to the dead-letter table.

@@ -29,7 +29,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { intra_threads: 1, max_batch: 32, max_batch_tokens: 8192 }
+        Self { intra_threads: 1, max_batch: 64, max_batch_tokens: 2048 }
     }
 }
 
