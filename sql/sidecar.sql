@@ -415,6 +415,9 @@ BEGIN
              FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(key, hash, ord)
              JOIN %6$s src ON %7$s
             WHERE sha256(convert_to(%5$s, ''UTF8'')) = v.hash
+              -- a row deleted (or re-written) by a concurrent transaction is skipped, not an
+              -- FK error: the lock waits for it, then re-checks the row and the hash
+              FOR KEY SHARE OF src
            ON CONFLICT (%2$s) DO UPDATE
               SET embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
                   fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at

@@ -10,9 +10,8 @@ mod embed_sidecar {
     use crate::error::OrReport;
     use crate::model;
 
-    /// Texts per inference chunk in `_embed_many`; interrupts are checked between chunks so a
-    /// cancel or statement_timeout stops a long call promptly.
-    const CHUNK: usize = 256;
+    /// Texts per call into the embedder: bounds the token ids held at once for huge arrays.
+    const CHUNK: usize = 1024;
 
     #[pg_extern(stable, strict, parallel_restricted, name = "_embed")]
     fn embed(content: &str) -> Vec<f32> {
@@ -33,7 +32,6 @@ mod embed_sidecar {
         let present: Vec<&str> = texts.iter().flatten().copied().collect();
         let mut vectors = Vec::with_capacity(present.len());
         for chunk in present.chunks(CHUNK) {
-            pg_sys::check_for_interrupts!();
             vectors.extend(model::embed_many(chunk).or_report());
         }
         let mut vectors = vectors.into_iter();

@@ -33,8 +33,6 @@ pub enum Mode {
 pub struct PassStats {
     pub messages: usize,
     pub embedded: usize,
-    pub dead_lettered: usize,
-    pub retried: usize,
 }
 
 struct Message {
@@ -255,12 +253,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             Ok(written)
         })
     })?;
-    Ok(PassStats {
-        messages: messages.len(),
-        embedded: embedded as usize,
-        dead_lettered: dead_keys.len(),
-        retried: retry_ids.len(),
-    })
+    Ok(PassStats { messages: messages.len(), embedded: embedded as usize })
 }
 
 /// Serialise writers of one source until the end of the transaction.

@@ -68,7 +68,11 @@ pub fn embed_many_with(model: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, Sid
 }
 
 fn embed_many_inner(model: Option<&str>, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
-    let vectors = with_model(model, |e| Ok(e.embed(texts)?))?;
+    // the interrupt check may raise (cancel, statement_timeout): that unwinds out of the
+    // embedder between two batches, which leaves it intact for the next call
+    let vectors = with_model(model, |e| Ok(e.embed_checked(texts, &mut || {
+        pgrx::check_for_interrupts!();
+    })?))?;
     TEXTS_EMBEDDED.with(|c| c.set(c.get() + texts.len() as i64));
     Ok(vectors)
 }

@@ -46,6 +46,10 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(_arg: pg_sys::Datum) {
     let role = gucs::worker_role();
     BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
     log!("pg_embed_sidecar: worker started for database \"{db}\"");
+    // Nothing a user creates in a writable schema may shadow what the drain calls.
+    if let Err(e) = run_in_transaction(|| Ok(Spi::run("SET search_path TO pg_catalog, pg_temp")?)) {
+        warning!("pg_embed_sidecar: {e}");
+    }
 
     let mut nap = Duration::ZERO;
     let mut announced_absent = false;
@@ -112,7 +116,10 @@ fn round() -> Result<Option<bool>, SidecarError> {
         }
         report_activity(&format!("pg_embed_sidecar: draining source {id}"));
         match drain_pass(id, batch, Mode::Worker) {
-            Ok(stats) => full |= stats.messages >= batch as usize,
+            Ok(stats) => {
+                debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded);
+                full |= stats.messages >= batch as usize
+            }
             // one broken source must not starve the others: remember, go on
             Err(e) => first_error = first_error.or(Some(e)),
         }

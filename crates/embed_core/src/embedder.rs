@@ -140,6 +140,17 @@ impl Embedder {
     /// into batches (at most `max_batch` texts and `max_batch_tokens` padded tokens) so that
     /// padding, and so wasted compute, stays small.
     pub fn embed<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_checked(texts, &mut || {})
+    }
+
+    /// Like [`Embedder::embed`], calling `between_batches` before every inference call: the
+    /// extension passes Postgres' interrupt check, so a cancel or statement_timeout stops a long
+    /// call within one batch.
+    pub fn embed_checked<S: AsRef<str>>(
+        &mut self,
+        texts: &[S],
+        between_batches: &mut dyn FnMut(),
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenize(t.as_ref())).collect::<Result<_, _>>()?;
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| ids[i].len());
@@ -155,6 +166,7 @@ impl Embedder {
             {
                 end += 1;
             }
+            between_batches();
             let batch: Vec<&[u32]> = order[start..end].iter().map(|&i| ids[i].as_slice()).collect();
             for (&i, v) in order[start..end].iter().zip(self.infer(&batch)?) {
                 out[i] = v;

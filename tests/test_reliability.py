@@ -1,0 +1,395 @@
+"""Issue 5: crashes, concurrent writers, hostile input, privileges, resource bounds, upgrades.
+
+Short variants run by default; PES_LONG=1 runs the long ones (60 s of writers, 20k rows,
+100k embed_text calls)."""
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid
+
+LONG = os.environ.get("PES_LONG") == "1"
+MODELS = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def watch(db, table, content="body", **kw):
+    args = ", ".join(["%s::regclass", "%s"] + [f"{k} => %s" for k in kw])
+    return one(db, f"SELECT embed_sidecar.watch({args})::text", (table, content, *kw.values()))
+
+
+def error_of(conn, sql, params=None):
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as e:
+        return e.sqlstate, e.diag.message_primary, e.diag.message_hint
+    return None
+
+
+def writer(schema, stop, seed, errors):
+    """Mixed INSERT / content UPDATE / other-column UPDATE / DELETE until stop is set."""
+    try:
+        with connect() as c:
+            c.execute(f'SET search_path = "{schema}", public')
+            i = 0
+            while not stop.is_set():
+                k = seed * 1_000_000 + i
+                op = i % 4
+                if op == 0:
+                    c.execute("INSERT INTO docs VALUES (%s, %s, 0) ON CONFLICT DO NOTHING", (k, f"writer {seed} row {i}"))
+                elif op == 1:
+                    c.execute("UPDATE docs SET body = body || '+' WHERE id = (SELECT id FROM docs ORDER BY random() LIMIT 1)")
+                elif op == 2:
+                    c.execute("UPDATE docs SET n = n + 1 WHERE id = (SELECT id FROM docs ORDER BY random() LIMIT 1)")
+                else:
+                    c.execute("DELETE FROM docs WHERE id = (SELECT id FROM docs ORDER BY random() LIMIT 1)")
+                i += 1
+    except psycopg.OperationalError:
+        pass  # the server went away under a crash test: expected
+    except Exception as e:
+        errors.append(e)
+
+
+def start_writers(schema, n=4):
+    stop, errors = threading.Event(), []
+    threads = [threading.Thread(target=writer, args=(schema, stop, s + 1, errors)) for s in range(n)]
+    for t in threads:
+        t.start()
+    return stop, threads, errors
+
+
+def test_concurrent_writers_keep_the_invariant(db):
+    db.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text, n int)")
+    db.execute("INSERT INTO docs SELECT i, 'seed row ' || i, 0 FROM generate_series(1, 2000) i")
+    watch(db, "docs")
+    stop, threads, errors = start_writers(db.schema)
+    # two process() callers next to the worker: no deadlock, no double work visible
+    def drain():
+        try:
+            with connect() as c:
+                c.execute(f'SET search_path = "{db.schema}", public')
+                while not stop.is_set():
+                    c.execute("SELECT embed_sidecar.process('docs', 100)")
+        except Exception as e:
+            errors.append(e)
+    drainers = [threading.Thread(target=drain) for _ in range(2)]
+    for t in drainers:
+        t.start()
+    time.sleep(60 if LONG else 10)
+    stop.set()
+    for t in threads + drainers:
+        t.join()
+    assert errors == []
+    wait(db, "docs", 300)
+    assert_in_step(db, "docs")
+    st = db.execute("SELECT failed, missing, stale, pending FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
+    assert st == (0, 0, 0, 0)
+
+
+def test_immediate_shutdown_mid_drain_loses_nothing(db):
+    rows = 20_000 if LONG else 3_000
+    db.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text, n int)")
+    db.execute(f"INSERT INTO docs SELECT i, 'crash test ' || i, 0 FROM generate_series(1, {rows}) i")
+    watch(db, "docs")
+    schema = db.schema
+    stop, threads, errors = start_writers(schema, 2)
+    time.sleep(3)
+    env = dict(os.environ, STOP_MODE="immediate")
+    subprocess.run(["bash", os.path.join(REPO, "scripts/cluster.sh"), "stop"], check=True, env=env, capture_output=True)
+    stop.set()
+    for t in threads:
+        t.join()
+    subprocess.run(["bash", os.path.join(REPO, "scripts/cluster.sh"), "start"], check=True, capture_output=True)
+    conn = connect()
+    conn.execute(f'SET search_path = "{schema}", public')
+    assert errors == []
+    # messages in flight when the server died reappear after the visibility timeout
+    wait(conn, "docs", 300)
+    assert_in_step(conn, "docs")
+    conn.close()
+
+
+def test_hostile_identifiers_are_never_spliced(db):
+    table, column = 'a"; DROP TABLE x;--', 'Body Text "quoted"'
+    db.execute("CREATE TABLE x (id int)")  # the table the injection would drop
+    db.execute(psycopg.sql.SQL("CREATE TABLE {} ({} int PRIMARY KEY, {} text)").format(
+        psycopg.sql.Identifier(table), psycopg.sql.Identifier("Key Col"), psycopg.sql.Identifier(column)))
+    qualified = psycopg.sql.Identifier(db.schema, table).as_string(db)
+    db.execute(psycopg.sql.SQL("INSERT INTO {} VALUES (1, 'one'), (2, 'two')").format(psycopg.sql.Identifier(table)))
+    side = one(db, "SELECT embed_sidecar.watch(%s::regclass, %s)::text", (qualified, column))
+    assert 'DROP TABLE x;--_embeddings' in side
+    db.execute(psycopg.sql.SQL("UPDATE {} SET {} = 'uno' WHERE {} = 1").format(
+        psycopg.sql.Identifier(table), psycopg.sql.Identifier(column), psycopg.sql.Identifier("Key Col")))
+    wait(db, qualified)
+    assert one(db, "SELECT to_regclass('x') IS NOT NULL")
+    assert one(db, f"SELECT count(*) FROM {side}") == 2
+    assert one(db, "SELECT count(*) FROM embed_sidecar.search(%s::regclass, 'one', 5)", (qualified,)) == 2
+
+
+def test_bad_calls_are_clean_errors(db):
+    db.execute("CREATE TABLE nopk (body text)")
+    assert error_of(db, "SELECT embed_sidecar.watch('nopk', 'body')")[0] == "42P16"
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, n int)")
+    assert error_of(db, "SELECT embed_sidecar.watch('docs', 'nope')")[0] == "42703"
+    assert error_of(db, "SELECT embed_sidecar.watch('docs', 'n')")[0] == "42804"
+    assert error_of(db, "SELECT embed_sidecar.watch('missing_table', 'body')")[0] == "42P01"
+    watch(db, "docs")
+    state, msg, hint = error_of(db, "SELECT embed_sidecar.watch('docs', 'body')")
+    assert state == "42710" and "already watched" in msg and "unwatch" in hint
+    assert error_of(db, "SELECT embed_sidecar.watch('docs_embeddings', 'model')")[0] == "42809"
+    assert error_of(db, "SELECT embed_sidecar.process('nopk')")[0] == "42704"
+    assert error_of(db, "SELECT embed_sidecar.process('docs', 0)")[0] == "22023"
+    # unwatch, then watch again: a clean new start
+    one(db, "SELECT embed_sidecar.unwatch('docs', drop_sidecar => true)")
+    db.execute("INSERT INTO docs VALUES (1, 'back again', 0)")
+    watch(db, "docs")
+    wait(db, "docs")
+    assert_in_step(db, "docs")
+    assert error_of(db, "SELECT embed_sidecar.set_model('docs', 'no-such-model')")[0] == "58P01"
+    # a model of another dimension cannot be swapped in under a sidecar (only one model is
+    # installed here, so make the registry claim the sidecar has 768 dimensions)
+    db.execute("UPDATE embed_sidecar.sources SET dims = 768 WHERE source = 'docs'::regclass")
+    state, msg, hint = error_of(db, "SELECT embed_sidecar.set_model('docs', 'all-MiniLM-L6-v2')")
+    assert state == "42804" and "384 dimensions" in msg and "drop_sidecar" in hint
+
+
+def test_huge_and_odd_texts(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    watch(db, "docs")
+    one_mb = "lorem ipsum dolor " * 60_000
+    fifty_mb = "x" * 50 * 2**20
+    db.execute("INSERT INTO docs VALUES (1, %s), (2, %s), (3, %s), (4, %s)",
+               (one_mb, fifty_mb, "控制\x01字符 🎉 עברית e\u0301", "\u200b\u200b"))
+    wait(db, "docs", 180)
+    assert_in_step(db, "docs")
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 4
+    # the 50 MB text is cut to the window before tokenising: embedding it is as fast as a short one
+    t0 = time.time()
+    assert one(db, "SELECT vector_dims(embed_text(repeat('y', 50 * 1024 * 1024)))") == 384
+    assert time.time() - t0 < 30
+
+
+def test_drops_and_renames_while_watched(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs VALUES (1, 'one'), (2, 'two')")
+    watch(db, "docs")
+    wait(db, "docs")
+    # renames keep working: the registry holds OIDs and attribute numbers
+    db.execute("ALTER TABLE docs RENAME TO documents")
+    db.execute("ALTER TABLE documents RENAME COLUMN body TO content")
+    db.execute("INSERT INTO documents VALUES (3, 'three')")
+    wait(db, "documents")
+    assert_in_step(db, "documents", content="content")
+    # dropping the content column stops watching, keeps the vectors
+    db.execute("ALTER TABLE documents DROP COLUMN content")
+    assert one(db, "SELECT count(*) FROM embed_sidecar.sources WHERE source = 'documents'::regclass") == 0
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == 3
+    db.execute("INSERT INTO documents VALUES (4)")  # triggers are gone: plain inserts work
+    # dropping a watched source drops its sidecar and queue with it
+    db.execute("CREATE TABLE other (id int PRIMARY KEY, body text)")
+    watch(db, "other")
+    q = one(db, "SELECT queue_name FROM embed_sidecar.sources WHERE source = 'other'::regclass")
+    db.execute("DROP TABLE other CASCADE")
+    assert one(db, "SELECT to_regclass('other_embeddings')") is None
+    assert one(db, "SELECT count(*) FROM pgmq.list_queues() WHERE queue_name = %s", (q,)) == 0
+
+
+def test_queue_dropped_by_hand_does_not_stop_the_worker(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    watch(db, "docs")
+    q = one(db, "SELECT queue_name FROM embed_sidecar.sources WHERE source = 'docs'::regclass")
+    pid = worker_pid()
+    one(db, "SELECT pgmq.drop_queue(%s)", (q,))
+    # writes to the source now fail loudly (no silent loss) ...
+    assert error_of(db, "INSERT INTO docs VALUES (1, 'x')") is not None
+    time.sleep(2)
+    assert worker_pid() == pid  # ... and the worker did not crash
+    # unwatch + watch repairs it
+    one(db, "SELECT embed_sidecar.unwatch('docs', true)")
+    db.execute("INSERT INTO docs VALUES (1, 'x')")
+    watch(db, "docs")
+    wait(db, "docs")
+    assert_in_step(db, "docs")
+
+
+def test_missing_model_keeps_jobs_waiting_then_recovers(db):
+    src, alt = f"{MODELS}/all-MiniLM-L6-v2", f"{MODELS}/outage-test"
+    shutil.rmtree(alt, ignore_errors=True)
+    shutil.copytree(src, alt)
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    watch(db, "docs", model="outage-test")
+    pid = worker_pid()
+    os.rename(alt, alt + ".away")
+    try:
+        db.execute("INSERT INTO docs SELECT i, 'during the outage ' || i FROM generate_series(1, 50) i")
+        time.sleep(8)  # the worker meets the missing model at least once
+        assert queue_depth(db, "docs") == 50
+        st = db.execute("SELECT failed, last_error FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
+        assert st[0] == 0  # no attempts burnt, nothing dead-lettered
+        assert worker_pid() == pid  # no crash loop
+    finally:
+        os.rename(alt + ".away", alt)
+    wait(db, "docs", 60)
+    assert_in_step(db, "docs")
+
+
+def test_search_path_hijack_has_no_effect(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs VALUES (1, 'alpha'), (2, 'beta')")
+    watch(db, "docs")
+    one(db, "SELECT embed_sidecar.pause('docs')")
+    # a schema ahead of everything, shadowing what the drain and status use
+    db.execute(f'CREATE FUNCTION "{db.schema}".sha256(bytea) RETURNS bytea LANGUAGE sql AS $$ SELECT \'\\x00\'::bytea $$')
+    db.execute(f'CREATE FUNCTION "{db.schema}".count(anyelement) RETURNS bigint LANGUAGE sql AS $$ SELECT 42::bigint $$')
+    db.execute(f'CREATE FUNCTION "{db.schema}".to_tsvector(regconfig, text) RETURNS tsvector LANGUAGE sql AS $$ SELECT NULL::tsvector $$')
+    db.execute(f'SET search_path = "{db.schema}", pg_catalog, public')
+    assert one(db, "SELECT embed_sidecar.process('docs')") == 2
+    assert one(db, "SELECT count(*) FROM embed_sidecar.status WHERE source = 'docs'::regclass AND missing = 0") == 1
+    db.execute(f'SET search_path = "{db.schema}", public')  # check with the real functions
+    assert_in_step(db, "docs")
+    assert one(db, "SELECT count(*) FROM docs_embeddings WHERE fts IS NOT NULL AND content_hash <> '\\x00'") == 2
+
+
+def test_privileges(db):
+    db.execute("DROP ROLE IF EXISTS pes_owner; DROP ROLE IF EXISTS pes_other; DROP ROLE IF EXISTS pes_reader")
+    db.execute("CREATE ROLE pes_owner LOGIN; CREATE ROLE pes_other LOGIN; CREATE ROLE pes_reader LOGIN")
+    try:
+        db.execute(f'GRANT USAGE, CREATE ON SCHEMA "{db.schema}" TO pes_owner, pes_other, pes_reader')
+        db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        db.execute("ALTER TABLE docs OWNER TO pes_owner")
+        db.execute("GRANT SELECT ON docs TO pes_reader")
+        # management functions are not PUBLIC
+        for f in ("watch(regclass,name,name,text,boolean,regconfig)", "unwatch(regclass,boolean)",
+                  "process(regclass,integer)", "reembed(regclass)", "retry_failed(regclass)", "set_model(regclass,text)"):
+            assert not one(db, f"SELECT has_function_privilege('pes_other', 'embed_sidecar.{f}', 'EXECUTE')"), f
+        # embed_text is, until revoked
+        assert one(db, "SELECT has_function_privilege('pes_other', 'embed_text(text)', 'EXECUTE')")
+        db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig) TO pes_other, pes_owner")
+        other = psycopg.connect(**{**DSN, "user": "pes_other"}, autocommit=True)
+        other.execute(f'SET search_path = "{db.schema}", public')
+        state, msg, _ = error_of(other, "SELECT embed_sidecar.watch('docs', 'body')")
+        assert state == "42501" and "must be owner" in msg
+        owner = psycopg.connect(**{**DSN, "user": "pes_owner"}, autocommit=True)
+        owner.execute(f'SET search_path = "{db.schema}", public')
+        owner.execute("INSERT INTO docs VALUES (1, 'owned text')")
+        assert one(owner, "SELECT embed_sidecar.watch('docs', 'body')::text") == "docs_embeddings"
+        # the sidecar has the source's owner and grants
+        assert one(db, "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'docs_embeddings'::regclass") == "pes_owner"
+        wait(db, "docs")
+        reader = psycopg.connect(**{**DSN, "user": "pes_reader"}, autocommit=True)
+        reader.execute(f'SET search_path = "{db.schema}", public')
+        assert one(reader, "SELECT count(*) FROM docs_embeddings") == 1
+        assert one(reader, "SELECT count(*) FROM embed_sidecar.search('docs', 'text', 3)") == 1
+        assert error_of(other, "SELECT count(*) FROM docs_embeddings")[0] == "42501"
+        assert error_of(other, "SELECT * FROM embed_sidecar.search('docs', 'text', 3)")[0] == "42501"
+        assert one(other, "SELECT count(*) FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 0
+        assert error_of(other, "SELECT * FROM embed_sidecar.sources")[0] == "42501"
+        # embed_text is revocable
+        db.execute("REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC")
+        try:
+            assert error_of(other, "SELECT embed_text('x')")[0] == "42501"
+        finally:
+            db.execute("GRANT EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) TO PUBLIC")
+        for c in (other, owner, reader):
+            c.close()
+        one(db, "SELECT embed_sidecar.unwatch('docs', true)")
+    finally:
+        db.execute(f'DROP TABLE IF EXISTS "{db.schema}".docs CASCADE')
+        db.execute("REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig) FROM pes_other, pes_owner")
+        db.execute(f'REVOKE ALL ON SCHEMA "{db.schema}" FROM pes_owner, pes_other, pes_reader')
+        db.execute("DROP ROLE pes_owner; DROP ROLE pes_other; DROP ROLE pes_reader")
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+
+
+def test_backend_memory_stays_flat():
+    calls = 100_000 if LONG else 5_000
+    with connect() as c:
+        pid = one(c, "SELECT pg_backend_pid()")
+        c.execute("SELECT embed_text('warm up')")
+        curve = []
+        step = calls // 10
+        for i in range(10):
+            c.execute(f"SELECT count(embed_text('memory probe ' || g)) FROM generate_series({i * step}, {(i + 1) * step - 1}) g")
+            curve.append(rss_kb(pid))
+    print("RSS (KiB) after each tenth of", calls, "calls:", curve)
+    # after the first tenth (allocator warm-up) the curve must be flat: < 8 MiB drift
+    assert max(curve[1:]) - curve[1] < 8 * 1024, curve
+
+
+def test_cancel_and_statement_timeout_interrupt_promptly():
+    with connect() as c:
+        texts = [f"long running cancel test {i} " * 20 for i in range(3000)]
+        c.execute("SET statement_timeout = '1s'")
+        t0 = time.time()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute("SELECT embed_texts(%s::text[])", (texts,))
+        assert time.time() - t0 < 5
+        c.execute("RESET statement_timeout")
+        assert one(c, "SELECT vector_dims(embed_text('still usable'))") == 384
+        pid = one(c, "SELECT pg_backend_pid()")
+        with connect() as killer:
+            timer = threading.Timer(1.0, lambda: killer.execute("SELECT pg_cancel_backend(%s)", (pid,)))
+            timer.start()
+            t0 = time.time()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                c.execute("SELECT embed_texts(%s::text[])", (texts,))
+            timer.join()
+        assert time.time() - t0 < 5
+        assert one(c, "SELECT vector_dims(embed_text('still usable'))") == 384
+
+
+def hwm_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+
+
+def peak_after(threads, batch_tokens, texts):
+    """Threads and peak RSS of a fresh backend after one embed_texts call."""
+    with connect() as c:
+        c.execute(f"SET pg_embed_sidecar.intra_threads = {threads}")
+        c.execute(f"SET pg_embed_sidecar.max_batch_tokens = {batch_tokens}")
+        c.execute("SET pg_embed_sidecar.max_batch = 4096")
+        pid = one(c, "SELECT pg_backend_pid()")
+        c.execute("SELECT cardinality(embed_texts(%s::text[]))", (texts,))
+        return len(os.listdir(f"/proc/{pid}/task")), hwm_kb(pid)
+
+
+def test_threads_and_batch_memory_are_bounded_by_settings():
+    texts = [f"token budget {i} " * 100 for i in range(64)]  # 64 texts at the 256-token window
+    t1, small = peak_after(1, 256, texts)
+    t2, _ = peak_after(2, 256, texts)
+    t4, big = peak_after(4, 64 * 256, texts)
+    print(f"threads: {t1} {t2} {t4}; peak RSS KiB with 256 vs 16384 tokens per batch: {small} vs {big}")
+    # ONNX Runtime adds intra_threads - 1 pool threads to the backend's own
+    assert t2 == t1 + 1 and t4 == t1 + 3, (t1, t2, t4)
+    # 64 x 256 tokens in one call needs far more activation memory than one text at a time
+    assert big - small > 50 * 1024, (small, big)
+
+
+def test_upgrade_scaffold(db):
+    """0.1.0 is the first release: no upgrade script exists yet. This checks the scaffold every
+    later release must satisfy: each sql/pg_embed_sidecar--A--B.sql starts with the guard line,
+    and ALTER EXTENSION UPDATE with watched tables and pending jobs keeps them."""
+    scripts = sorted(f for f in os.listdir(os.path.join(REPO, "sql")) if f.startswith("pg_embed_sidecar--"))
+    for f in scripts:
+        first = open(os.path.join(REPO, "sql", f)).readline()
+        assert first.startswith('\\echo Use "ALTER EXTENSION pg_embed_sidecar UPDATE'), f
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    watch(db, "docs")
+    one(db, "SELECT embed_sidecar.pause('docs')")
+    db.execute("INSERT INTO docs SELECT i, 'pending ' || i FROM generate_series(1, 20) i")
+    db.execute("ALTER EXTENSION pg_embed_sidecar UPDATE")
+    assert queue_depth(db, "docs") == 20
+    one(db, "SELECT embed_sidecar.resume('docs')")
+    wait(db, "docs")
+    assert_in_step(db, "docs")
