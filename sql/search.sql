@@ -78,9 +78,9 @@ BEGIN
     RETURN QUERY EXECUTE format(
         'WITH v AS (SELECT %1$s AS key, row_number() OVER () ::int AS r
                       FROM (SELECT * FROM %3$s sc ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3) sc),
-              f AS (SELECT %1$s AS key, row_number() OVER (ORDER BY ts_rank_cd(sc.fts, tq) DESC)::int AS r
+              f AS (SELECT %1$s AS key, row_number() OVER (ORDER BY ts_rank(sc.fts, tq, 1) DESC)::int AS r
                       FROM %3$s sc, embed_sidecar.any_words_tsquery($4, $5) tq
-                     WHERE sc.fts @@ tq ORDER BY ts_rank_cd(sc.fts, tq) DESC LIMIT $3)
+                     WHERE sc.fts @@ tq ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3)
          SELECT coalesce(v.key, f.key),
                 coalesce($6 / ($8 + v.r), 0) + coalesce($7 / ($8 + f.r), 0),
                 v.r, f.r
