@@ -167,6 +167,16 @@ BEGIN
 END
 $$;
 
+-- The registry row of a watched table the logged-in user may manage.
+CREATE FUNCTION embed_sidecar._owned_source(rel regclass) RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM embed_sidecar._check_owner(rel);
+    RETURN embed_sidecar._source(rel);
+END
+$$;
+
 CREATE FUNCTION embed_sidecar.watch(
     source regclass,
     content_column name,
@@ -275,9 +285,8 @@ CREATE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFA
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._source(source);
+    s embed_sidecar.sources := embed_sidecar._owned_source(source);
 BEGIN
-    PERFORM embed_sidecar._check_owner(source);
     PERFORM embed_sidecar._forget(s, drop_sidecar);
 END
 $$;
@@ -308,9 +317,8 @@ CREATE FUNCTION embed_sidecar.reembed(source regclass) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._source(source);
+    s embed_sidecar.sources := embed_sidecar._owned_source(source);
 BEGIN
-    PERFORM embed_sidecar._check_owner(source);
     UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
      WHERE id = s.id RETURNING * INTO s;
     RETURN embed_sidecar._enqueue_all(s, true);
@@ -323,10 +331,9 @@ CREATE FUNCTION embed_sidecar.set_model(source regclass, model text) RETURNS big
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._source(source);
+    s embed_sidecar.sources := embed_sidecar._owned_source(source);
     ident record;
 BEGIN
-    PERFORM embed_sidecar._check_owner(source);
     SELECT m.model_id, m.dims INTO ident FROM embed_sidecar._model_identity(model) m;
     IF ident.dims <> s.dims THEN
         RAISE EXCEPTION 'pg_embed_sidecar: model "%" has % dimensions, the sidecar of % has %', model, ident.dims, source, s.dims
@@ -343,10 +350,9 @@ CREATE FUNCTION embed_sidecar.retry_failed(source regclass) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._source(source);
+    s embed_sidecar.sources := embed_sidecar._owned_source(source);
     keys jsonb[];
 BEGIN
-    PERFORM embed_sidecar._check_owner(source);
     WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
     SELECT array_agg(key) INTO keys FROM d;
     IF keys IS NULL THEN
@@ -357,23 +363,18 @@ BEGIN
 END
 $$;
 
+-- Paused sources keep enqueueing; only draining stops.
 CREATE FUNCTION embed_sidecar.pause(source regclass) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM embed_sidecar._check_owner(source);
-    UPDATE embed_sidecar.sources SET state = 'paused' WHERE id = (embed_sidecar._source($1)).id;
-END
-$$;
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE embed_sidecar.sources SET state = 'paused' WHERE id = (embed_sidecar._owned_source(source)).id;
+END;
 
 CREATE FUNCTION embed_sidecar.resume(source regclass) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM embed_sidecar._check_owner(source);
-    UPDATE embed_sidecar.sources SET state = 'active' WHERE id = (embed_sidecar._source($1)).id;
-END
-$$;
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE embed_sidecar.sources SET state = 'active' WHERE id = (embed_sidecar._owned_source(source)).id;
+END;
 
 -- The drain's three statements for one source, built once per pass (see src/drain.rs).
 --   read:   $1 queue, $2 visibility timeout s, $3 how many, $4 current model_id

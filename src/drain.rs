@@ -104,10 +104,14 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             if current != src.model_id {
                 // the file changed under the same name: every vector is stale now
                 client.update(
-                    "WITH s AS (UPDATE embed_sidecar.sources SET model_id = $2 WHERE id = $1 RETURNING *)
-                     SELECT embed_sidecar._enqueue_all(s, true) FROM s",
+                    "UPDATE embed_sidecar.sources SET model_id = $2 WHERE id = $1",
                     None,
                     &[id.into(), current.clone().into()],
+                )?;
+                client.update(
+                    "SELECT embed_sidecar._enqueue_all(s, true) FROM embed_sidecar.sources s WHERE s.id = $1",
+                    None,
+                    &[id.into()],
                 )?;
                 log!("pg_embed_sidecar: model {} changed to {current}; re-embedding", src.model_id);
             }

@@ -2,6 +2,8 @@
 //! call, reloaded when a setting that shapes it changes. Only this thread touches it.
 
 use std::cell::{Cell, RefCell};
+use std::path::Path;
+use std::time::SystemTime;
 
 use embed_core::Embedder;
 
@@ -11,6 +13,13 @@ use crate::gucs::{embed_settings, EmbedSettings};
 struct Loaded {
     settings: EmbedSettings,
     embedder: Embedder,
+    /// Size and mtime of the ONNX file when loaded: a file replaced in place is a new model.
+    stamp: Option<(u64, SystemTime)>,
+}
+
+fn file_stamp(path: &Path) -> Option<(u64, SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
 }
 
 thread_local! {
@@ -44,11 +53,16 @@ fn with_model<R>(model: Option<&str>, f: impl FnOnce(&mut Embedder) -> Result<R,
     validate_model_name(&settings.model)?;
     LOADED.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.as_ref().map(|l| l.settings != settings).unwrap_or(true) {
+        let stale = match slot.as_ref() {
+            Some(l) => l.settings != settings || file_stamp(&l.embedder.files().onnx) != l.stamp,
+            None => true,
+        };
+        if stale {
             // drop the old session first so two models are never resident at once
             *slot = None;
             let embedder = Embedder::load(&settings.library, &settings.model_dir, settings.load_options())?;
-            *slot = Some(Loaded { settings, embedder });
+            let stamp = file_stamp(&embedder.files().onnx);
+            *slot = Some(Loaded { settings, embedder, stamp });
         }
         match slot.as_mut() {
             Some(loaded) => f(&mut loaded.embedder),
