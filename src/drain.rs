@@ -182,7 +182,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
     let max_attempts = gucs::max_attempts();
     let mut ack: Vec<i64> = Vec::new();
     let (mut dead_ids, mut dead_keys, mut dead_errors, mut dead_attempts) = (vec![], vec![], vec![], vec![]);
-    let mut retry_ids: Vec<i64> = Vec::new();
+    let (mut retry_ids, mut retry_attempts): (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
     for m in &messages {
         match failed.get(m.key.as_str()) {
             None => ack.push(m.id),
@@ -194,7 +194,10 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                     dead_attempts.push(m.read_ct);
                 }
             }
-            Some(_) => retry_ids.push(m.id),
+            Some(_) => {
+                retry_ids.push(m.id);
+                retry_attempts.push(m.read_ct);
+            }
         }
     }
     let last_error = failed.values().next().cloned();
@@ -237,11 +240,12 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             delete.extend(&dead_ids);
             client.update("SELECT pgmq.delete($1, $2::bigint[])", None, &[src.queue.clone().into(), delete.into()])?;
             if !retry_ids.is_empty() {
-                // back off 2^attempts seconds instead of waiting for the visibility timeout
+                // back off 2^attempts seconds (at most a minute) instead of the visibility timeout
                 client.update(
-                    "SELECT pgmq.set_vt($1, id, least(60, power(2, $3)::int)) FROM unnest($2::bigint[]) AS id",
+                    "SELECT pgmq.set_vt($1, u.id, least(60, power(2, u.attempts))::int)
+                       FROM unnest($2::bigint[], $3::int[]) AS u(id, attempts)",
                     None,
-                    &[src.queue.clone().into(), retry_ids.clone().into(), messages[0].read_ct.into()],
+                    &[src.queue.clone().into(), retry_ids.clone().into(), retry_attempts.clone().into()],
                 )?;
             }
             client.update(
