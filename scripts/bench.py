@@ -44,6 +44,13 @@ def texts_for(conn, column, n):
         f"SELECT {column} FROM packages WHERE NOT embed_sidecar._is_blank({column}) ORDER BY md5(name) LIMIT %s", (n,))]
 
 
+def texts_for_sweep(dsn, n):
+    """n short, distinct texts: synopses, numbered when the corpus has fewer."""
+    with connect(dsn) as c:
+        base = [r[0] for r in c.execute("SELECT synopsis FROM packages ORDER BY md5(name) LIMIT %s", (n,))]
+    return [f"{t} ({i})" for i, t in enumerate((base * (n // max(1, len(base)) + 1))[:n])]
+
+
 def ceiling(texts, threads, window):
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for t in texts:
@@ -178,6 +185,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--window", type=int, default=256, help="texts per embed_texts call / drain pass")
     ap.add_argument("--latency-samples", type=int, default=100)
+    ap.add_argument("--sweep-rows", type=int, default=10000, help="short rows for the batch_size sweep")
     ap.add_argument("--dsn", default="dbname=postgres")
     args = ap.parse_args()
     with connect(args.dsn) as c:
@@ -216,6 +224,20 @@ def main():
     many = [sql_batched(args.dsn, short, t, args.window) for t in (1, 2)]
     print(f"| embed_text(), one row at a time (rows/s) | {one[0]:.1f} | {one[1]:.1f} |")
     print(f"| embed_texts(), {args.window} per call (rows/s) | {many[0]:.1f} | {many[1]:.1f} |\n")
+
+    sweep_texts = texts_for_sweep(args.dsn, args.sweep_rows)
+    print(f"| worker drain, {len(sweep_texts)} short rows, by pg_embed_sidecar.batch_size | rows/s |")
+    print("|---|---:|")
+    for size in (16, 32, 64, 256):
+        with connect(args.dsn) as c:
+            c.execute(f"ALTER SYSTEM SET pg_embed_sidecar.batch_size = {size}")
+            c.execute("SELECT pg_reload_conf()")
+        time.sleep(1.0)  # the worker reloads on SIGHUP between rounds
+        print(f"| batch_size {size} | {worker(args.dsn, sweep_texts):.1f} |", flush=True)
+    with connect(args.dsn) as c:
+        c.execute("ALTER SYSTEM RESET pg_embed_sidecar.batch_size")
+        c.execute("SELECT pg_reload_conf()")
+    print()
 
     p50, p99 = latency(args.dsn, args.latency_samples)
     print(f"| idle latency, INSERT → vector visible ({args.latency_samples} single-row inserts) | p50 | p99 |")

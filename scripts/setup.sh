@@ -64,7 +64,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
   apt-get update -q
   build=$(mktemp -d)
-  (cd "$build" && apt-get source -q --download-only pgvector && dpkg-source -x --skip-patches pgvector_*.dsc src >/dev/null)
+  (cd "$build" && apt-get source -q --download-only pgvector && dpkg-source -x pgvector_*.dsc src >/dev/null)
   make -C "$build/src" PG_CONFIG="$PG_CONFIG" -j"$(nproc)" >/dev/null
   make -C "$build/src" PG_CONFIG="$PG_CONFIG" install >/dev/null
   rm -rf "$build"
