@@ -70,10 +70,12 @@ def main():
                                JOIN packages p ON p.name = r.key->>0 ORDER BY r.distance""", (q,)).fetchall()
         hyb = conn.execute("""SELECT p.name, p.synopsis, r.score FROM embed_sidecar.hybrid_search('packages', %s, 5) r
                                JOIN packages p ON p.name = r.key->>0 ORDER BY r.score DESC""", (q,)).fetchall()
-        print("  semantic (cosine distance)            | hybrid (RRF score)")
-        for (n1, s1, d), (n2, s2, sc) in zip(sem, hyb):
-            left = f"{d:.3f} {n1}: {s1}"[:38]
-            print(f"  {left:<38} | {sc:.4f} {n2}: {s2}"[:120])
+        print("  semantic (cosine distance)")
+        for name, synopsis, d in sem:
+            print(f"    {d:.3f}  {name}: {synopsis}"[:110])
+        print("  hybrid (reciprocal rank fusion of vector and full-text ranks)")
+        for name, synopsis, score in hyb:
+            print(f"    {score:.4f} {name}: {synopsis}"[:110])
     conn.close()
 
 

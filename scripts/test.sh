@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+bash scripts/setup.sh  # idempotent: seconds when everything is installed
 
 echo "== 1/3 inference core: cargo test -p embed_core"
 cargo test -p embed_core --release
