@@ -134,7 +134,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             Ok(Some((SourceRow { model_id: current, ..src }, (sql, messages))))
         })
     })?
-    .ok_or_else(|| SidecarError::Spi(format!("source {id} is no longer watched")))?;
+    .ok_or_else(|| SidecarError::Sql(format!("source {id} is no longer watched")))?;
     let (sql, messages) = messages;
     if messages.is_empty() {
         return Ok(PassStats::default());
@@ -201,7 +201,8 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
         }
     }
     let last_error = failed.values().next().cloned();
-    let embedded = in_tx(mode, || {
+    let batch_len = messages.len();
+    let embedded = in_tx(mode, move || {
         Spi::connect_mut(|client| {
             lock_source(client, id)?;
             let mut written = 0i64;
@@ -211,12 +212,12 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                         sql.upsert.as_str(),
                         None,
                         &[
-                            keys.clone().into(),
-                            hashes.clone().into(),
-                            flat.clone().into(),
+                            keys.into(),
+                            hashes.into(),
+                            flat.into(),
                             src.dims.into(),
-                            src.model_id.clone().into(),
-                            src.fts_config.clone().into(),
+                            src.model_id.into(),
+                            src.fts_config.into(),
                         ],
                     )?
                     .first()
@@ -224,7 +225,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                     .unwrap_or(0);
             }
             if !to_clear.is_empty() {
-                client.update(sql.clear.as_str(), None, &[to_clear.clone().into()])?;
+                client.update(sql.clear.as_str(), None, &[to_clear.into()])?;
             }
             if !dead_keys.is_empty() {
                 client.update(
@@ -233,10 +234,11 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                      ON CONFLICT (source_id, key) DO UPDATE
                         SET error = EXCLUDED.error, attempts = f.attempts + EXCLUDED.attempts, last_failed = now()",
                     None,
-                    &[id.into(), dead_keys.clone().into(), dead_errors.clone().into(), dead_attempts.clone().into()],
+                    &[id.into(), dead_keys.into(), dead_errors.into(), dead_attempts.into()],
                 )?;
             }
-            let mut delete = ack.clone();
+            let acked = ack.len() as i64;
+            let mut delete = ack;
             delete.extend(&dead_ids);
             client.update("SELECT pgmq.delete($1, $2::bigint[])", None, &[src.queue.clone().into(), delete.into()])?;
             if !retry_ids.is_empty() {
@@ -245,7 +247,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                     "SELECT pgmq.set_vt($1, u.id, least(60, power(2, u.attempts))::int)
                        FROM unnest($2::bigint[], $3::int[]) AS u(id, attempts)",
                     None,
-                    &[src.queue.clone().into(), retry_ids.clone().into(), retry_attempts.clone().into()],
+                    &[src.queue.clone().into(), retry_ids.into(), retry_attempts.into()],
                 )?;
             }
             client.update(
@@ -256,12 +258,12 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                         last_error_at = CASE WHEN $5 IS NULL THEN last_error_at ELSE now() END
                   WHERE id = $1",
                 None,
-                &[id.into(), (ack.len() as i64).into(), written.into(), (dead_ids.len() as i64).into(), last_error.clone().into()],
+                &[id.into(), acked.into(), written.into(), (dead_ids.len() as i64).into(), last_error.into()],
             )?;
             Ok(written)
         })
     })?;
-    Ok(PassStats { messages: messages.len(), embedded: embedded as usize })
+    Ok(PassStats { messages: batch_len, embedded: embedded as usize })
 }
 
 /// Serialise writers of one source until the end of the transaction.

@@ -12,14 +12,14 @@ pub enum SidecarError {
     #[error("invalid model name \"{0}\"")]
     BadModelName(String),
     #[error("{0}")]
-    Spi(String),
+    Sql(String),
     #[error("injected failure: text contains pg_embed_sidecar.test_fail_marker")]
     Injected,
 }
 
 impl From<pgrx::spi::Error> for SidecarError {
     fn from(e: pgrx::spi::Error) -> Self {
-        SidecarError::Spi(e.to_string())
+        SidecarError::Sql(e.to_string())
     }
 }
 

@@ -153,7 +153,7 @@ pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Res
         (f.0)()
     })
         .catch_others(|e| {
-            Err(SidecarError::Spi(match e {
+            Err(SidecarError::Sql(match e {
                 CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
                 CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
             }))
