@@ -12,12 +12,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 # --- Debian packages ---------------------------------------------------------------------------
 APT_PKGS=(postgresql-15 postgresql-server-dev-15 sudo libclang-dev clang pkg-config build-essential
-          dpkg-dev python3-venv ca-certificates curl unzip pgbench)
+          dpkg-dev python3-venv ca-certificates curl unzip)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-# pgbench ships inside postgresql-client on Debian; drop it from the list if the binary exists
-if [ -x /usr/lib/postgresql/15/bin/pgbench ]; then missing=("${missing[@]/pgbench}"); fi
-missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
 if [ ${#missing[@]} -gt 0 ]; then
   step "apt-get install ${missing[*]}"
   apt-get update -q
