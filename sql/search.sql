@@ -7,14 +7,11 @@
 CREATE FUNCTION embed_sidecar._search_target(source regclass,
     OUT sidecar regclass, OUT model text, OUT key_json text, OUT vec_type text, OUT dist_op text,
     OUT fts_config regconfig)
-    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._source(source);
+    s embed_sidecar.sources := embed_sidecar._readable_source(source);
 BEGIN
-    IF NOT has_table_privilege(session_user, s.sidecar, 'SELECT') THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', s.sidecar USING ERRCODE = 'insufficient_privilege';
-    END IF;
     sidecar := s.sidecar;
     model := s.model;
     key_json := format('jsonb_build_array(%s)', embed_sidecar._columns(s.sidecar, s.key_attnums, 'sc'));
@@ -76,8 +73,11 @@ DECLARE
     old text := embed_sidecar._widen_ef_search(candidates);
 BEGIN
     RETURN QUERY EXECUTE format(
-        'WITH v AS (SELECT %1$s AS key, row_number() OVER () ::int AS r
-                      FROM (SELECT * FROM %3$s sc ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3) sc),
+        -- ranks come from an explicit ORDER BY: row_number() OVER () would only follow the
+        -- subquery's order by accident of the plan
+        'WITH v AS (SELECT %1$s AS key, row_number() OVER (ORDER BY sc.d, %1$s)::int AS r
+                      FROM (SELECT sc.*, sc.embedding %4$s $1::%2$s AS d
+                              FROM %3$s sc ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3) sc),
               f AS (SELECT %1$s AS key, row_number() OVER (ORDER BY ts_rank(sc.fts, tq, 1) DESC)::int AS r
                       FROM %3$s sc, embed_sidecar.any_words_tsquery($4, $5) tq
                      WHERE sc.fts @@ tq ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3)

@@ -64,5 +64,5 @@ mod embed_sidecar {
     }
 
     extension_sql_file!("../sql/api.sql", name = "api", requires = [embed, embed_many]);
-    extension_sql_file!("../sql/search.sql", name = "search", requires = [embed_with, "sidecar"]);
+    extension_sql_file!("../sql/search.sql", name = "search", requires = [embed_with, "registry"]);
 }

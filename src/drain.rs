@@ -3,19 +3,22 @@
 //! held while the model runs) and `embed_sidecar.process()` (everything in the caller's
 //! transaction).
 //!
-//! Pass: read a window of messages → dedupe keys, classify against the current source row and
-//! stored hash/model → embed what changed (a failing batch is bisected so good rows proceed) →
-//! write vectors, clear blanks, ack, dead-letter or back off failures.
-
-use std::collections::HashMap;
+//! Pass: read a window of messages (as the worker) → look the distinct keys up (as the table's
+//! owner) → decide (`settle::plan`) → embed what changed, a failing batch bisected so good rows
+//! proceed → write vectors and clear blanks (as the table's owner; a failing write is retried row
+//! by row) → settle every message (`settle::settle`) and apply that to the queue, the dead-letter
+//! table and the registry's counters (as the worker).
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use sha2::{Digest, Sha256};
 
+use crate::authority::as_table_owner;
+use crate::enqueue::backfill;
 use crate::error::SidecarError;
 use crate::gucs;
 use crate::model;
+use crate::settle::{self, Looked, Message, Settlement};
+use crate::xact::run_in_transaction;
 
 /// Namespace of our advisory locks (ASCII "embs"); the second key is the source id.
 const LOCK_CLASS: i32 = 0x656d_6273;
@@ -35,62 +38,195 @@ pub struct PassStats {
     pub embedded: usize,
 }
 
-struct Message {
-    id: i64,
-    read_ct: i32,
-    key: String,
-    blank: bool,
-    unchanged: bool,
-    content: Option<String>,
-}
-
-struct DrainSql {
-    read: String,
-    upsert: String,
-    clear: String,
-}
-
-struct SourceRow {
+/// A registry row with what a pass needs, and the statements built for it (sql/drain.sql).
+struct Source {
     queue: String,
     model: String,
     model_id: String,
     dims: i32,
     fts_config: String,
+    owner: pg_sys::Oid,
+    lookup_sql: String,
+    upsert_sql: String,
+    clear_sql: String,
 }
 
 fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
     match mode {
         Mode::Caller => f(),
-        Mode::Worker => crate::worker::run_in_transaction(f),
+        Mode::Worker => run_in_transaction(f),
     }
 }
 
-fn load_source(client: &mut SpiClient<'_>, id: i32) -> Result<Option<(SourceRow, DrainSql)>, SidecarError> {
-    let rows = client.update(
-        "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, d.read_sql, d.upsert_sql, d.clear_sql
-           FROM embed_sidecar.sources s, LATERAL embed_sidecar._drain_sql(s) d WHERE s.id = $1",
+fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, SidecarError> {
+    let rows = client.select(
+        "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
+                d.lookup_sql, d.upsert_sql, d.clear_sql
+           FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
+                LATERAL embed_sidecar._drain_sql(s) d
+          WHERE s.id = $1",
         None,
         &[id.into()],
     )?;
     let Some(row) = rows.into_iter().next() else { return Ok(None) };
     let text = |i: usize| -> Result<String, SidecarError> { Ok(row.get::<String>(i)?.unwrap_or_default()) };
-    Ok(Some((
-        SourceRow {
-            queue: text(1)?,
-            model: text(2)?,
-            model_id: text(3)?,
-            dims: row.get::<i32>(4)?.unwrap_or(0),
-            fts_config: text(5)?,
-        },
-        DrainSql { read: text(6)?, upsert: text(7)?, clear: text(8)? },
-    )))
+    Ok(Some(Source {
+        queue: text(1)?,
+        model: text(2)?,
+        model_id: text(3)?,
+        dims: row.get::<i32>(4)?.unwrap_or(0),
+        fts_config: text(5)?,
+        owner: row.get::<pg_sys::Oid>(6)?.unwrap_or(pg_sys::InvalidOid),
+        lookup_sql: text(7)?,
+        upsert_sql: text(8)?,
+        clear_sql: text(9)?,
+    }))
+}
+
+fn read_messages(client: &mut SpiClient<'_>, queue: &str, limit: i32) -> Result<Vec<Message>, SidecarError> {
+    let rows = client.update(
+        "SELECT msg_id, read_ct, message::text FROM pgmq.read($1, $2, $3) ORDER BY msg_id",
+        None,
+        &[queue.into(), gucs::visibility_timeout_s().into(), limit.into()],
+    )?;
+    let mut messages = Vec::new();
+    for row in rows {
+        messages.push(Message {
+            id: row.get::<i64>(1)?.unwrap_or_default(),
+            read_ct: row.get::<i32>(2)?.unwrap_or_default(),
+            key: row.get::<String>(3)?.unwrap_or_default(),
+        });
+    }
+    Ok(messages)
+}
+
+/// Current text, hash and state of each key, read as the table's owner.
+fn lookup(client: &mut SpiClient<'_>, src: &Source, keys: Vec<String>) -> Result<Vec<Looked>, SidecarError> {
+    as_table_owner(src.owner, || {
+        let rows = client.update(
+            "SELECT key, blank, unchanged, content, hash, error FROM embed_sidecar._lookup($1, $2::text[]::jsonb[], $3)",
+            None,
+            &[src.lookup_sql.as_str().into(), keys.into(), src.model_id.as_str().into()],
+        )?;
+        let mut looked = Vec::new();
+        for row in rows {
+            looked.push(Looked {
+                key: row.get::<String>(1)?.unwrap_or_default(),
+                blank: row.get::<bool>(2)?.unwrap_or(true),
+                unchanged: row.get::<bool>(3)?.unwrap_or(false),
+                content: row.get::<String>(4)?,
+                hash: row.get::<Vec<u8>>(5)?,
+                error: row.get::<String>(6)?,
+            });
+        }
+        Ok(looked)
+    })
+}
+
+/// Vectors of one pass, ready to write.
+#[derive(Default)]
+struct Embedded {
+    keys: Vec<String>,
+    hashes: Vec<Vec<u8>>,
+    flat: Vec<f32>,
+}
+
+/// Write vectors and clear blanks as the table's owner. Returns rows written and the keys whose
+/// write failed, with the error.
+fn write(
+    client: &mut SpiClient<'_>,
+    src: &Source,
+    embedded: Embedded,
+    clear: Vec<String>,
+) -> Result<(i64, Vec<(String, String)>), SidecarError> {
+    if embedded.keys.is_empty() && clear.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    as_table_owner(src.owner, || {
+        let row = client
+            .update(
+                "SELECT written, failed_keys::text[], failed_errors
+                   FROM embed_sidecar._write($1, $2, $3::text[]::jsonb[], $4, $5, $6, $7, $8::regconfig, $9::text[]::jsonb[])",
+                None,
+                &[
+                    src.upsert_sql.as_str().into(),
+                    src.clear_sql.as_str().into(),
+                    embedded.keys.into(),
+                    embedded.hashes.into(),
+                    embedded.flat.into(),
+                    src.dims.into(),
+                    src.model_id.as_str().into(),
+                    src.fts_config.as_str().into(),
+                    clear.into(),
+                ],
+            )?
+            .first();
+        let written = row.get::<i64>(1)?.unwrap_or(0);
+        let keys = row.get::<Vec<String>>(2)?.unwrap_or_default();
+        let errors = row.get::<Vec<String>>(3)?.unwrap_or_default();
+        Ok((written, keys.into_iter().zip(errors).collect()))
+    })
+}
+
+/// Apply a settlement as the worker: queue, dead letters, counters.
+fn apply(client: &mut SpiClient<'_>, id: i32, queue: &str, s: Settlement, written: i64) -> Result<(), SidecarError> {
+    if !s.dead_letters.is_empty() {
+        let (keys, rest): (Vec<String>, Vec<(String, i32)>) = s.dead_letters.into_iter().map(|(k, e, a)| (k, (e, a))).unzip();
+        let (errors, attempts): (Vec<String>, Vec<i32>) = rest.into_iter().unzip();
+        client.update(
+            "INSERT INTO embed_sidecar.failures AS f (source_id, key, error, attempts)
+             SELECT $1, k::jsonb, e, a FROM unnest($2::text[], $3::text[], $4::int[]) AS u(k, e, a)
+             ON CONFLICT (source_id, key) DO UPDATE
+                SET error = EXCLUDED.error, attempts = f.attempts + EXCLUDED.attempts, last_failed = now()",
+            None,
+            &[id.into(), keys.into(), errors.into(), attempts.into()],
+        )?;
+    }
+    let acked = s.ack.len() as i64;
+    let dead = s.dead_ids.len() as i64;
+    let mut delete = s.ack;
+    delete.extend(s.dead_ids);
+    if !delete.is_empty() {
+        client.update("SELECT pgmq.delete($1, $2::bigint[])", None, &[queue.into(), delete.into()])?;
+    }
+    if !s.retry.is_empty() {
+        let (ids, delays): (Vec<i64>, Vec<i32>) = s.retry.into_iter().unzip();
+        client.update(
+            "SELECT pgmq.set_vt($1, u.id, u.delay) FROM unnest($2::bigint[], $3::int[]) AS u(id, delay)",
+            None,
+            &[queue.into(), ids.into(), delays.into()],
+        )?;
+    }
+    client.update(
+        "UPDATE embed_sidecar.sources
+            SET acked = acked + $2, embedded = embedded + $3, dead_lettered = dead_lettered + $4,
+                last_embedded_at = CASE WHEN $3 > 0 THEN now() ELSE last_embedded_at END,
+                last_error = coalesce($5, last_error),
+                last_error_at = CASE WHEN $5 IS NULL THEN last_error_at ELSE now() END
+          WHERE id = $1",
+        None,
+        &[id.into(), acked.into(), written.into(), dead.into(), s.last_error.into()],
+    )?;
+    Ok(())
+}
+
+/// Record an error that ended a pass early (model missing, source broken) where `status` shows it.
+pub fn record_error(id: i32, error: &SidecarError) -> Result<(), SidecarError> {
+    Spi::connect_mut(|client| {
+        client.update(
+            "UPDATE embed_sidecar.sources SET last_error = $2, last_error_at = now() WHERE id = $1",
+            None,
+            &[id.into(), error.to_string().into()],
+        )?;
+        Ok(())
+    })
 }
 
 /// One pass over source `id`, handling at most `limit` messages.
 pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarError> {
     // Phase 1 (short transaction): make sure the model loads before touching the queue, so an
-    // outage (missing file) costs no attempts; notice a replaced model file; read messages.
-    let (src, messages) = in_tx(mode, || {
+    // outage (missing file) costs no attempts; notice a replaced model; read messages; look up.
+    let (src, messages, looked) = in_tx(mode, || {
         Spi::connect_mut(|client| {
             if mode == Mode::Caller {
                 // The caller's transaction keeps every lock until it ends, so it must take the
@@ -99,76 +235,44 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                 // those messages. Lock first, and two process() calls simply take turns.
                 lock_source(client, id)?;
             }
-            let Some((src, sql)) = load_source(client, id)? else { return Ok(None) };
+            let Some(mut src) = load_source(client, id)? else { return Ok(None) };
             let current = model::model_id_of(&src.model)?;
             if current != src.model_id {
-                // the file changed under the same name: every vector is stale now
+                // the model's files changed under the same name: every vector is stale now
                 client.update(
                     "UPDATE embed_sidecar.sources SET model_id = $2 WHERE id = $1",
                     None,
-                    &[id.into(), current.clone().into()],
+                    &[id.into(), current.as_str().into()],
                 )?;
-                client.update(
-                    "SELECT embed_sidecar._enqueue_all(s, true) FROM embed_sidecar.sources s WHERE s.id = $1",
-                    None,
-                    &[id.into()],
-                )?;
+                backfill(client, id, true)?;
                 log!("pg_embed_sidecar: model {} changed to {current}; re-embedding", src.model_id);
+                src.model_id = current;
             }
-            let rows = client.update(
-                sql.read.as_str(),
-                None,
-                &[src.queue.clone().into(), gucs::visibility_timeout_s().into(), limit.into(), current.clone().into()],
-            )?;
-            let mut messages = Vec::new();
-            for row in rows {
-                messages.push(Message {
-                    id: row.get::<i64>(1)?.unwrap_or_default(),
-                    read_ct: row.get::<i32>(2)?.unwrap_or_default(),
-                    key: row.get::<String>(3)?.unwrap_or_default(),
-                    blank: row.get::<bool>(4)?.unwrap_or(true),
-                    unchanged: row.get::<bool>(5)?.unwrap_or(false),
-                    content: row.get::<String>(6)?,
-                });
-            }
-            Ok(Some((SourceRow { model_id: current, ..src }, (sql, messages))))
+            let messages = read_messages(client, &src.queue, limit)?;
+            let mut keys: Vec<String> = messages.iter().map(|m| m.key.clone()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let looked = if keys.is_empty() { Vec::new() } else { lookup(client, &src, keys)? };
+            Ok(Some((src, messages, looked)))
         })
     })?
     .ok_or_else(|| SidecarError::Sql(format!("source {id} is no longer watched")))?;
-    let (sql, messages) = messages;
     if messages.is_empty() {
         return Ok(PassStats::default());
     }
 
-    // Phase 2 (no transaction in the worker): classify and embed.
-    let mut by_key: HashMap<&str, &Message> = HashMap::new();
-    for m in &messages {
-        by_key.insert(&m.key, m); // duplicates of a key carry the same current state
-    }
-    let mut to_embed: Vec<(&str, &str)> = Vec::new();
-    let mut to_clear: Vec<String> = Vec::new();
-    for (key, m) in &by_key {
-        match (&m.content, m.blank, m.unchanged) {
-            (_, true, _) => to_clear.push(key.to_string()),
-            (_, _, true) => {}
-            (Some(text), false, false) => to_embed.push((key, text)),
-            (None, false, false) => {}
-        }
-    }
-    to_embed.sort_unstable(); // deterministic batches
-    let texts: Vec<&str> = to_embed.iter().map(|(_, t)| *t).collect();
+    // Phase 2 (no transaction in the worker): decide and embed.
+    let plan = settle::plan(looked);
+    let mut failed = plan.failed;
+    let texts: Vec<&str> = plan.embed.iter().map(|(_, text, _)| text.as_str()).collect();
     let results = embed_isolating(&src.model, &texts);
-
-    let mut keys = Vec::new();
-    let mut hashes: Vec<Vec<u8>> = Vec::new();
-    let mut flat: Vec<f32> = Vec::with_capacity(texts.len() * src.dims as usize);
-    let mut failed: HashMap<&str, String> = HashMap::new();
-    for ((key, text), result) in to_embed.iter().zip(results) {
+    let mut embedded = Embedded { flat: Vec::with_capacity(texts.len() * src.dims as usize), ..Default::default() };
+    for ((key, _, hash), result) in plan.embed.into_iter().zip(results) {
         match result {
             Ok(v) => {
-                keys.push(key.to_string());
-                hashes.push(Sha256::digest(text.as_bytes()).to_vec());
-                flat.extend(v);
+                embedded.keys.push(key);
+                embedded.hashes.push(hash);
+                embedded.flat.extend(v);
             }
             Err(e) => {
                 failed.insert(key, e);
@@ -179,91 +283,18 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
     // Phase 3 (short transaction): write under the source's advisory lock. Each statement takes
     // a fresh snapshot after the lock, and the upsert re-checks the content hash, so a vector is
     // only written for content that is still current: a stale vector never overwrites a newer one.
-    let max_attempts = gucs::max_attempts();
-    let mut ack: Vec<i64> = Vec::new();
-    let (mut dead_ids, mut dead_keys, mut dead_errors, mut dead_attempts) = (vec![], vec![], vec![], vec![]);
-    let (mut retry_ids, mut retry_attempts): (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
-    for m in &messages {
-        match failed.get(m.key.as_str()) {
-            None => ack.push(m.id),
-            Some(err) if m.read_ct >= max_attempts => {
-                dead_ids.push(m.id);
-                if !dead_keys.contains(&m.key) {
-                    dead_keys.push(m.key.clone());
-                    dead_errors.push(err.clone());
-                    dead_attempts.push(m.read_ct);
-                }
-            }
-            Some(_) => {
-                retry_ids.push(m.id);
-                retry_attempts.push(m.read_ct);
-            }
-        }
-    }
-    let last_error = failed.values().next().cloned();
     let batch_len = messages.len();
-    let embedded = in_tx(mode, move || {
+    let written = in_tx(mode, move || {
         Spi::connect_mut(|client| {
             lock_source(client, id)?;
-            let mut written = 0i64;
-            if !keys.is_empty() {
-                written = client
-                    .update(
-                        sql.upsert.as_str(),
-                        None,
-                        &[
-                            keys.into(),
-                            hashes.into(),
-                            flat.into(),
-                            src.dims.into(),
-                            src.model_id.into(),
-                            src.fts_config.into(),
-                        ],
-                    )?
-                    .first()
-                    .get_one::<i64>()?
-                    .unwrap_or(0);
-            }
-            if !to_clear.is_empty() {
-                client.update(sql.clear.as_str(), None, &[to_clear.into()])?;
-            }
-            if !dead_keys.is_empty() {
-                client.update(
-                    "INSERT INTO embed_sidecar.failures AS f (source_id, key, error, attempts)
-                     SELECT $1, k::jsonb, e, a FROM unnest($2::text[], $3::text[], $4::int[]) AS u(k, e, a)
-                     ON CONFLICT (source_id, key) DO UPDATE
-                        SET error = EXCLUDED.error, attempts = f.attempts + EXCLUDED.attempts, last_failed = now()",
-                    None,
-                    &[id.into(), dead_keys.into(), dead_errors.into(), dead_attempts.into()],
-                )?;
-            }
-            let acked = ack.len() as i64;
-            let mut delete = ack;
-            delete.extend(&dead_ids);
-            client.update("SELECT pgmq.delete($1, $2::bigint[])", None, &[src.queue.clone().into(), delete.into()])?;
-            if !retry_ids.is_empty() {
-                // back off 2^attempts seconds (at most a minute) instead of the visibility timeout
-                client.update(
-                    "SELECT pgmq.set_vt($1, u.id, least(60, power(2, u.attempts))::int)
-                       FROM unnest($2::bigint[], $3::int[]) AS u(id, attempts)",
-                    None,
-                    &[src.queue.clone().into(), retry_ids.into(), retry_attempts.into()],
-                )?;
-            }
-            client.update(
-                "UPDATE embed_sidecar.sources
-                    SET acked = acked + $2, embedded = embedded + $3, dead_lettered = dead_lettered + $4,
-                        last_embedded_at = CASE WHEN $3 > 0 THEN now() ELSE last_embedded_at END,
-                        last_error = coalesce($5, last_error),
-                        last_error_at = CASE WHEN $5 IS NULL THEN last_error_at ELSE now() END
-                  WHERE id = $1",
-                None,
-                &[id.into(), acked.into(), written.into(), (dead_ids.len() as i64).into(), last_error.into()],
-            )?;
+            let (written, write_failures) = write(client, &src, embedded, plan.clear)?;
+            failed.extend(write_failures);
+            let settlement = settle::settle(&messages, &failed, gucs::max_attempts());
+            apply(client, id, &src.queue, settlement, written)?;
             Ok(written)
         })
     })?;
-    Ok(PassStats { messages: batch_len, embedded: embedded as usize })
+    Ok(PassStats { messages: batch_len, embedded: written as usize })
 }
 
 /// Serialise writers of one source until the end of the transaction.
@@ -291,6 +322,7 @@ fn embed_isolating(model_name: &str, texts: &[&str]) -> Vec<Result<Vec<f32>, Str
 }
 
 fn try_embed(model_name: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
+    #[cfg(feature = "fault_injection")]
     if let Some(marker) = gucs::fail_marker() {
         if texts.iter().any(|t| t.contains(&marker)) {
             return Err(SidecarError::Injected);
@@ -340,6 +372,4 @@ mod embed_sidecar {
         let row = crate::model::identity_of(model).or_report();
         TableIterator::once(row)
     }
-
-    extension_sql_file!("../sql/sidecar.sql", name = "sidecar", requires = [process_source, model_identity]);
 }

@@ -13,6 +13,9 @@ pub enum SidecarError {
     BadModelName(String),
     #[error("{0}")]
     Sql(String),
+    #[error("permission denied: {0}")]
+    NotAllowed(String),
+    #[cfg(feature = "fault_injection")]
     #[error("injected failure: text contains pg_embed_sidecar.test_fail_marker")]
     Injected,
 }
@@ -35,6 +38,7 @@ impl SidecarError {
             }
             SidecarError::Embed(UnsupportedModel { .. }) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             SidecarError::BadModelName(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            SidecarError::NotAllowed(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -58,6 +62,7 @@ impl SidecarError {
                  (token_type_ids optional) and a last_hidden_state or pooled output."
             }
             SidecarError::BadModelName(_) => "A model name is a directory name under pg_embed_sidecar.model_path.",
+            SidecarError::NotAllowed(_) => "Only roles that may insert into or update a watched table can put its keys on its queue.",
             _ => return None,
         })
     }

@@ -34,10 +34,15 @@ static IDLE_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
 /// Seconds a read message stays invisible to other readers (crash recovery: it reappears after).
 static VISIBILITY_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
-/// Test hook: texts containing this marker fail inference in the drain. Superuser only.
+/// Test hook: texts containing this marker fail inference in the drain. Superuser only; only in
+/// builds with the `fault_injection` feature (scripts/test.sh), never in a release install.
+#[cfg(feature = "fault_injection")]
 static FAIL_MARKER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
+    // Threads and batch sizes decide how much CPU and memory one backend's inference takes: a lever
+    // for the administrator (per role or database with ALTER ROLE/DATABASE ... SET), not for any
+    // role that can call embed_text(). Superuser only, like work_mem's bigger cousins.
     // Paths decide which files the server process opens and which library it dlopens: superuser only.
     GucRegistry::define_string_guc(
         c"pg_embed_sidecar.model",
@@ -70,7 +75,7 @@ pub fn init() {
         &INTRA_THREADS,
         1,
         64,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -80,7 +85,7 @@ pub fn init() {
         &MAX_BATCH,
         1,
         4096,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -90,7 +95,7 @@ pub fn init() {
         &MAX_BATCH_TOKENS,
         64,
         1 << 20,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -154,6 +159,7 @@ pub fn init() {
             GucFlags::default(),
         );
     }
+    #[cfg(feature = "fault_injection")]
     GucRegistry::define_string_guc(
         c"pg_embed_sidecar.test_fail_marker",
         c"Testing only: texts containing this string fail inference in the drain.",
@@ -243,6 +249,7 @@ pub fn max_attempts() -> i32 {
 pub fn visibility_timeout_s() -> i32 {
     VISIBILITY_TIMEOUT_S.get()
 }
+#[cfg(feature = "fault_injection")]
 pub fn fail_marker() -> Option<String> {
     Some(string(&FAIL_MARKER)).filter(|s| !s.is_empty())
 }

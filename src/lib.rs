@@ -1,18 +1,24 @@
 //! pg_embed_sidecar: embeddings computed inside PostgreSQL, kept in step with their source rows.
 //!
 //! Reading order: `gucs` (settings) → `model` (the per-process embedder, over the pgrx-free
-//! `embed_core` crate) → `api` (SQL functions) → sql/sidecar.sql (watch, triggers into pgmq,
-//! status) → `drain` (queue → vectors, shared by `process()` and the worker) → `worker` →
-//! `error` (how failures reach the user).
+//! `embed_core` crate) → `api` (SQL functions) → sql/registry.sql (what is watched) →
+//! sql/manage.sql (watch & co.) → sql/triggers.sql + `enqueue` (changed keys onto pgmq) →
+//! `drain` (queue → vectors, shared by `process()` and the worker; its decisions in `settle`,
+//! its SQL in sql/drain.sql) → `authority` (whose rights each step runs with) → `xact` → `worker` →
+//! sql/status.sql → `error` (how failures reach the user).
 
 use pgrx::prelude::*;
 
 mod api;
+mod authority;
 mod drain;
+mod enqueue;
 mod error;
 mod gucs;
 mod model;
+mod settle;
 mod worker;
+mod xact;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -22,6 +28,11 @@ pub extern "C-unwind" fn _PG_init() {
     worker::register();
 }
 
+// Hand-written SQL, in dependency order (each file says what it holds).
+extension_sql_file!("../sql/drain.sql", name = "drain_sql", requires = ["registry"]);
+extension_sql_file!("../sql/manage.sql", name = "manage", requires = ["registry", "triggers", "drain_sql"]);
+extension_sql_file!("../sql/status.sql", name = "status", requires = ["registry"]);
+extension_sql_file!("../sql/events.sql", name = "events", requires = ["manage"]);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -145,6 +145,15 @@ mod tests {
         Spi::run("SET LOCAL ROLE pes_plain_user").unwrap();
         let e = error_of("SET pg_embed_sidecar.onnxruntime_library = '/tmp/evil.so'");
         assert!(e.starts_with("42501"), "{e}");
+        // nor threads and batch sizes: CPU and memory levers (issue 8)
+        for set in [
+            "SET pg_embed_sidecar.intra_threads = 64",
+            "SET pg_embed_sidecar.max_batch_tokens = 1048576",
+            "SET pg_embed_sidecar.max_batch = 4096",
+        ] {
+            let e = error_of(set);
+            assert!(e.starts_with("42501"), "{set}: {e}");
+        }
         // embed_text is executable by default
         assert_eq!(one::<i32>("SELECT vector_dims(embed_text('hello'))"), 384);
     }

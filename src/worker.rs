@@ -2,19 +2,21 @@
 //! the library is preloaded. It waits (without errors) for the extension to exist, then drains
 //! every active source in turn, back-to-back while there is work and with a short nap when idle.
 
+use std::collections::HashMap;
 use std::ffi::CString;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::*;
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
-use crate::drain::{active_sources, drain_pass, Mode};
+use crate::drain::{active_sources, drain_pass, record_error, Mode};
 use crate::error::SidecarError;
 use crate::gucs;
+use crate::xact::run_in_transaction;
 
-/// Nap after a failed round (model missing, SQL error): long enough not to spin, short enough
-/// that work resumes soon after the cause is fixed.
+/// How long a source whose pass failed (model missing, SQL error) is left alone: long enough not
+/// to spin, short enough that work resumes soon after the cause is fixed. A failed round (the
+/// registry itself unreadable) naps as long.
 const ERROR_NAP: Duration = Duration::from_secs(5);
 /// Nap while the extension is not installed in the worker's database.
 const ABSENT_NAP: Duration = Duration::from_secs(5);
@@ -53,12 +55,13 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(_arg: pg_sys::Datum) {
 
     let mut nap = Duration::ZERO;
     let mut announced_absent = false;
+    let mut benched = HashMap::new();
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        nap = match round() {
+        nap = match round(&mut benched) {
             Ok(None) => {
                 if !announced_absent {
                     log!("pg_embed_sidecar: extension not installed in \"{db}\"; waiting for CREATE EXTENSION");
@@ -90,7 +93,11 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(_arg: pg_sys::Datum) {
 
 /// One round over all active sources. `None` when the extension is absent; otherwise whether any
 /// source filled a whole batch (then the next round starts at once).
-fn round() -> Result<Option<bool>, SidecarError> {
+///
+/// A source whose pass fails (model missing, table broken, queue dropped) is logged, its error is
+/// stored in `status.last_error`, and it is skipped for `ERROR_NAP`; the other sources go on at
+/// their own pace.
+fn round(benched: &mut HashMap<i32, Instant>) -> Result<Option<bool>, SidecarError> {
     let sources = run_in_transaction(|| {
         Spi::connect(|client| {
             // to_regclass cannot raise, so a missing extension is not an error in the log
@@ -109,10 +116,14 @@ fn round() -> Result<Option<bool>, SidecarError> {
     let Some(sources) = sources else { return Ok(None) };
     let batch = gucs::batch_size();
     let mut full = false;
-    let mut first_error = None;
+    let now = Instant::now();
+    benched.retain(|_, until| *until > now);
     for id in sources {
         if BackgroundWorker::sigterm_received() {
             break;
+        }
+        if benched.contains_key(&id) {
+            continue;
         }
         report_activity(&format!("pg_embed_sidecar: draining source {id}"));
         match drain_pass(id, batch, Mode::Worker) {
@@ -120,14 +131,16 @@ fn round() -> Result<Option<bool>, SidecarError> {
                 debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded);
                 full |= stats.messages >= batch as usize
             }
-            // one broken source must not starve the others: remember, go on
-            Err(e) => first_error = first_error.or(Some(e)),
+            Err(e) => {
+                warning!("pg_embed_sidecar: source {id}: {e}");
+                benched.insert(id, Instant::now() + ERROR_NAP);
+                if let Err(e2) = run_in_transaction(|| record_error(id, &e)) {
+                    warning!("pg_embed_sidecar: source {id}: could not record the error: {e2}");
+                }
+            }
         }
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(Some(full)),
-    }
+    Ok(Some(full))
 }
 
 fn report_activity(what: &str) {
@@ -135,38 +148,4 @@ fn report_activity(what: &str) {
         // SAFETY: plain call into the statistics collector with a NUL-terminated string
         unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr()) };
     }
-}
-
-/// Run `f` in its own transaction; commit on success, roll back on any error (a Postgres ERROR
-/// raised inside is caught here, so it never takes the worker down).
-pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
-    // SAFETY: the worker is outside any transaction here; this is the worker_spi sequence
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    // the closure's captures are only used again if it returns normally
-    let f = std::panic::AssertUnwindSafe(f);
-    let result = PgTryBuilder::new(move || {
-        let f = f;
-        (f.0)()
-    })
-        .catch_others(|e| {
-            Err(SidecarError::Sql(match e {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            }))
-        })
-        .execute();
-    // SAFETY: ends the transaction started above, whichever way `f` finished
-    unsafe {
-        if result.is_ok() {
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-        } else {
-            pg_sys::AbortCurrentTransaction();
-        }
-    }
-    result
 }

@@ -1,0 +1,134 @@
+-- The drain's SQL half (the pass itself is src/drain.rs). Queue and registry statements run as
+-- the worker (or process()'s definer); the statements below touch the source and sidecar rows and
+-- run as the source table's owner inside a security-restricted operation (src/authority.rs), so
+-- whatever that owner attached to either table (triggers, index expressions, CHECKs, domain
+-- checks, defaults, policies) runs with the owner's rights and nobody else's.
+
+-- The three statements for one source, built once per pass. The unnested key is called _pes_key
+-- because _key_from_json refers to it unqualified and a source may well have a column "key".
+--   lookup: $1 keys jsonb[], $2 current model_id → key, blank, unchanged, content, hash
+--   upsert: $1 keys jsonb[], $2 content hashes bytea[], $3 vectors real[] (flattened), $4 dims,
+--           $5 model_id, $6 text search config → rows written
+--   clear:  $1 keys jsonb[] whose content turned blank
+CREATE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources, OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+    vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
+    key_cols text;
+BEGIN
+    -- sidecar key columns are named like the source's; strip the alias for the INSERT column list
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY k.ord) INTO key_cols
+      FROM unnest(s.key_attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = s.source AND a.attnum = k.attnum;
+    lookup_sql := format(
+        'SELECT v._pes_key::text, embed_sidecar._is_blank(%1$s) AS blank,
+                coalesce(sc.content_hash = embed_sidecar._content_hash(%1$s) AND sc.model = $2, false) AS unchanged,
+                %1$s AS content, embed_sidecar._content_hash(%1$s) AS hash
+           FROM unnest($1::jsonb[]) AS v(_pes_key)
+                LEFT JOIN %2$s src ON %3$s
+                LEFT JOIN %4$s sc ON %5$s',
+        content, s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
+        s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'));
+    -- Locks are taken in the key's own order (not the JSON text's, where [10] sorts before [9]),
+    -- the order in which a multi-row DELETE or UPDATE by key locks the same rows.
+    upsert_sql := format(
+        'WITH w AS (
+           INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
+           SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$I.vector, $5, v.hash,
+                  to_tsvector($6::regconfig, left(%5$s, 100000)), now()
+             FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
+             JOIN %6$s src ON %7$s
+            WHERE embed_sidecar._content_hash(%5$s) = v.hash
+            ORDER BY %3$s
+              -- a row deleted (or re-written) by a concurrent transaction is skipped, not an
+              -- FK error: the lock waits for it, then re-checks the row and the hash
+              FOR KEY SHARE OF src
+           ON CONFLICT (%2$s) DO UPDATE
+              SET embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
+                  fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
+           RETURNING 1)
+         SELECT count(*) FROM w',
+        s.sidecar, key_cols, embed_sidecar._columns(s.source, s.key_attnums, 'src'), vec_schema, content,
+        s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'));
+    clear_sql := format(
+        'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key), %2$s src
+          WHERE %3$s AND %4$s AND embed_sidecar._is_blank(%5$s)',
+        s.sidecar, s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
+        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
+END
+$$;
+
+CREATE TYPE embed_sidecar._looked_up AS (key text, blank boolean, unchanged boolean, content text, hash bytea, error text);
+
+-- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
+-- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
+CREATE FUNCTION embed_sidecar._lookup(lookup_sql text, keys jsonb[], model_id text) RETURNS SETOF embed_sidecar._looked_up
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    wrapped text := format('SELECT array_agg(ROW(l.*, NULL)::embed_sidecar._looked_up) FROM (%s) l', lookup_sql);
+    found embed_sidecar._looked_up[];
+    i int;
+BEGIN
+    BEGIN
+        EXECUTE wrapped INTO found USING keys, model_id;
+        RETURN QUERY SELECT * FROM unnest(found);
+        RETURN;
+    EXCEPTION WHEN OTHERS THEN
+        NULL;  -- fall through to one key at a time
+    END;
+    FOR i IN 1 .. cardinality(keys) LOOP
+        BEGIN
+            EXECUTE wrapped INTO found USING keys[i:i], model_id;
+            RETURN QUERY SELECT * FROM unnest(found);
+        EXCEPTION WHEN OTHERS THEN
+            RETURN QUERY SELECT keys[i]::text, false, false, NULL::text, NULL::bytea, SQLERRM;
+        END;
+    END LOOP;
+END
+$$;
+
+-- Write vectors and clear blanks; a batch that fails is retried one row at a time, each in its own
+-- subtransaction, so only the failing rows are reported (failed_keys/failed_errors).
+CREATE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text, keys jsonb[], hashes bytea[], vectors real[],
+                                     dims int, model_id text, fts regconfig, clear_keys jsonb[],
+                                     OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n int := coalesce(cardinality(keys), 0);
+    w bigint;
+BEGIN
+    written := 0;
+    failed_keys := '{}';
+    failed_errors := '{}';
+    IF coalesce(cardinality(clear_keys), 0) > 0 THEN
+        BEGIN
+            EXECUTE clear_sql USING clear_keys;
+        EXCEPTION WHEN OTHERS THEN
+            failed_keys := clear_keys;
+            failed_errors := array_fill(SQLERRM, ARRAY[cardinality(clear_keys)]);
+        END;
+    END IF;
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    BEGIN
+        EXECUTE upsert_sql INTO written USING keys, hashes, vectors, dims, model_id, fts;
+        RETURN;
+    EXCEPTION WHEN OTHERS THEN
+        written := 0;
+    END;
+    FOR i IN 1 .. n LOOP
+        BEGIN
+            EXECUTE upsert_sql INTO w USING keys[i:i], hashes[i:i], vectors[(i - 1) * dims + 1 : i * dims], dims, model_id, fts;
+            written := written + w;
+        EXCEPTION WHEN OTHERS THEN
+            failed_keys := failed_keys || keys[i];
+            failed_errors := failed_errors || SQLERRM;
+        END;
+    END LOOP;
+END
+$$;

@@ -1,0 +1,166 @@
+-- The registry: which tables are watched and how, the dead letters, and the small helpers that
+-- turn registry rows into quoted SQL fragments. Everything that acts on these lives in
+-- triggers.sql (enqueue), manage.sql (watch & co.), drain.sql (the drain's statements) and
+-- status.sql (monitoring).
+--
+-- Dynamic SQL is built only with format('%I' / %L) or regclass/format_type output: nothing a
+-- user types is spliced into SQL.
+
+-- A plain sequence rather than an identity column: pg_dump only carries a sequence's position
+-- for extension members marked with pg_extension_config_dump (issue 8: a restored registry
+-- otherwise hands out ids that already exist).
+CREATE SEQUENCE embed_sidecar.sources_id_seq AS int;
+
+CREATE TABLE embed_sidecar.sources (
+    id               int PRIMARY KEY DEFAULT nextval('embed_sidecar.sources_id_seq'),
+    source           regclass NOT NULL UNIQUE,
+    -- attribute numbers, not names: a renamed column keeps working
+    content_attnum   smallint NOT NULL,
+    key_attnums      smallint[] NOT NULL,
+    sidecar          regclass NOT NULL UNIQUE,
+    queue_name       text NOT NULL UNIQUE,
+    model            text NOT NULL,             -- model directory name
+    model_id         text NOT NULL,             -- name@sha256-prefix of the model's files
+    dims             int NOT NULL,
+    fts_config       regconfig NOT NULL DEFAULT 'english',
+    state            text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused')),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- written by drainers only (never by the triggers, so writers never contend on this row)
+    acked            bigint NOT NULL DEFAULT 0,
+    dead_lettered    bigint NOT NULL DEFAULT 0,
+    embedded         bigint NOT NULL DEFAULT 0,
+    last_embedded_at timestamptz,
+    last_error       text,
+    last_error_at    timestamptz
+);
+ALTER SEQUENCE embed_sidecar.sources_id_seq OWNED BY embed_sidecar.sources.id;
+COMMENT ON TABLE embed_sidecar.sources IS 'Tables watched by pg_embed_sidecar (one row per source)';
+
+CREATE TABLE embed_sidecar.failures (
+    source_id     int NOT NULL REFERENCES embed_sidecar.sources (id) ON DELETE CASCADE,
+    key           jsonb NOT NULL,
+    error         text NOT NULL,
+    attempts      int NOT NULL,
+    first_failed  timestamptz NOT NULL DEFAULT now(),
+    last_failed   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_id, key)
+);
+COMMENT ON TABLE embed_sidecar.failures IS 'Dead letters: rows whose embedding failed max_attempts times';
+
+SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources', '');
+SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.failures', '');
+
+-- NULL, empty and whitespace-only texts get no vector.
+CREATE FUNCTION embed_sidecar._is_blank(content text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN content IS NULL OR content ~ '^[[:space:]]*$';
+
+-- The content hash stored next to each vector. The only place it is defined: the drain reads it
+-- with the text, hands it back with the vector, and the write re-checks it against the row.
+CREATE FUNCTION embed_sidecar._content_hash(content text) RETURNS bytea
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN pg_catalog.sha256(pg_catalog.convert_to(content, 'UTF8'));
+
+-- Quoted column names of a table, in key order, each prefixed by alias: 'n."id", n."lang"'.
+CREATE FUNCTION embed_sidecar._columns(rel regclass, attnums smallint[], alias text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format('%I.%I', alias, a.attname), ', ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum;
+END;
+
+-- 'l."id" = r."id" AND l."lang" = r."lang"'
+CREATE FUNCTION embed_sidecar._key_join(rel regclass, attnums smallint[], l text, r text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format('%I.%I = %I.%I', l, a.attname, r, a.attname), ' AND ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum;
+END;
+
+-- 'r."id" = (j->>0)::integer AND r."lang" = (j->>1)::text': match a key sent as a JSON array.
+CREATE FUNCTION embed_sidecar._key_from_json(rel regclass, attnums smallint[], r text, j text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format('%I.%I = (%I->>%s)::%s', r, a.attname, j, k.ord - 1,
+                             pg_catalog.format_type(a.atttypid, a.atttypmod)), ' AND ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum;
+END;
+
+-- The content column as text, quoted and prefixed by alias. Refuses a column whose type is no
+-- longer a text type (ALTER COLUMN ... TYPE after watch()): casting any other type to text could
+-- call a cast function its owner wrote.
+CREATE FUNCTION embed_sidecar._content_expr(rel regclass, attnum smallint, alias text) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    a pg_attribute;
+BEGIN
+    SELECT * INTO a FROM pg_attribute WHERE attrelid = rel AND pg_attribute.attnum = _content_expr.attnum AND NOT attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: content column of % is gone', rel USING ERRCODE = 'undefined_column';
+    END IF;
+    IF a.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of % is of type %, not text', a.attname, rel, a.atttypid::regtype
+            USING ERRCODE = 'datatype_mismatch', HINT = 'Watch a text or varchar column (a generated column can combine others).';
+    END IF;
+    RETURN format('%I.%I::text', alias, a.attname);
+END
+$$;
+
+-- Whether the calling role (after SET ROLE, before any SECURITY DEFINER function) may act as the
+-- table's owner. Management functions are SECURITY DEFINER (they write the registry and the pgmq
+-- schema), so they ask embed_sidecar._calling_role() instead of current_user or session_user.
+CREATE FUNCTION embed_sidecar._check_owner(rel regclass) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = rel), 'USAGE') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: must be owner of table %', rel
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only the owner of a table (or a member of its owner role) can watch or manage it.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION embed_sidecar._source(rel regclass) RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+BEGIN
+    SELECT * INTO s FROM embed_sidecar.sources WHERE source = rel;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % is not watched', rel
+            USING ERRCODE = 'undefined_object', HINT = 'Watch it first with embed_sidecar.watch().';
+    END IF;
+    RETURN s;
+END
+$$;
+
+-- The registry row of a watched table the calling role may manage.
+CREATE FUNCTION embed_sidecar._owned_source(rel regclass) RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM embed_sidecar._check_owner(rel);
+    RETURN embed_sidecar._source(rel);
+END
+$$;
+
+-- The registry row of a watched table, for a caller who may read the table (search, verify).
+CREATE FUNCTION embed_sidecar._readable_source(rel regclass) RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._source(rel);
+BEGIN
+    IF NOT has_table_privilege(embed_sidecar._calling_role(), s.sidecar, 'SELECT') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', s.sidecar USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN s;
+END
+$$;

@@ -1,0 +1,65 @@
+-- Monitoring: the status view (counters and queue metrics only: no scan of the source, so it costs
+-- the same on a million rows as on ten), verify() (the full check, hashing every row, on demand)
+-- and wait().
+
+CREATE VIEW embed_sidecar.status AS
+SELECT s.source, s.sidecar, s.model_id AS model, s.state,
+       q.queue_length AS pending,
+       (SELECT count(*) FROM embed_sidecar.failures f WHERE f.source_id = s.id) AS failed,
+       make_interval(secs => coalesce(q.oldest_msg_age_sec, 0)) AS oldest_pending_age,
+       s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at
+  FROM embed_sidecar.sources s, LATERAL pgmq.metrics(s.queue_name) q
+ WHERE has_table_privilege(s.source, 'SELECT');
+COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog, failures, counters, last error';
+
+-- The consistency invariant for one source, computed from the rows themselves: how many rows have
+-- content, how many vectors exist, how many are missing, stale (content or model changed) or
+-- orphaned. Runs with the caller's rights (it reads both tables).
+CREATE FUNCTION embed_sidecar.verify(source regclass,
+    OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._readable_source(source);
+    content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+BEGIN
+    EXECUTE format(
+        'SELECT count(src.*), count(sc.content_hash),
+                count(*) FILTER (WHERE src IS NOT NULL AND sc.content_hash IS NULL AND NOT embed_sidecar._is_blank(%1$s)),
+                count(*) FILTER (WHERE src IS NOT NULL AND sc.content_hash IS NOT NULL AND (embed_sidecar._is_blank(%1$s)
+                                  OR sc.content_hash <> embed_sidecar._content_hash(%1$s) OR sc.model <> $1)),
+                count(*) FILTER (WHERE src IS NULL)
+           FROM %2$s src FULL JOIN %3$s sc ON %4$s',
+        content, s.source, s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'))
+    INTO source_rows, embedded_rows, missing, stale, orphans USING s.model_id;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.verify(regclass) IS
+    'Full consistency check of one watched table (hashes every row): missing, stale and orphaned vectors';
+
+-- Block until the source (or every source, if NULL) has an empty queue: every change made so far
+-- has been embedded, cleared or dead-lettered (see status.failed). Returns false if the timeout
+-- passes first. Costs one count per queue per poll, never a scan of the source.
+CREATE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interval DEFAULT '60 seconds') RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + timeout;
+    queues text[];
+BEGIN
+    IF source IS NOT NULL THEN
+        PERFORM embed_sidecar._source(source);
+    END IF;
+    SELECT array_agg(x.queue_name) INTO queues FROM embed_sidecar.sources x
+     WHERE (wait.source IS NULL OR x.source = wait.source) AND has_table_privilege(embed_sidecar._calling_role(), x.source, 'SELECT');
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM unnest(queues) q WHERE (SELECT m.queue_length FROM pgmq.metrics(q) m) > 0) THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.02);
+    END LOOP;
+END
+$$;

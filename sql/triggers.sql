@@ -1,0 +1,53 @@
+-- The statement-level triggers on a watched table. They run with the writer's own rights (not
+-- SECURITY DEFINER): whatever the table's owner planted in a key's type (a cast to json, say)
+-- runs as the writer, exactly as the owner's own triggers would. The one privileged step,
+-- putting keys on the queue, is embed_sidecar._enqueue (src/enqueue.rs), which checks that the
+-- writer may write the table.
+--
+-- Arguments, fixed by watch(): source id, content attnum, key attnums ('{1,2}').
+-- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
+-- whose content is distinct from before (a row whose key changed has no OLD partner and counts
+-- as changed).
+CREATE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_nums smallint[] := TG_ARGV[2]::smallint[];
+    keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
+    content_new text := embed_sidecar._content_expr(TG_RELID, TG_ARGV[1]::smallint, 'n');
+    batch text[];
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n WHERE NOT embed_sidecar._is_blank(%s)',
+                       keys, content_new)
+           INTO batch;
+    ELSE
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
+                         WHERE %s IS DISTINCT FROM %s',
+                       keys, embed_sidecar._key_join(TG_RELID, key_nums, 'o', 'n'),
+                       embed_sidecar._content_expr(TG_RELID, TG_ARGV[1]::smallint, 'o'), content_new)
+           INTO batch;
+    END IF;
+    IF batch IS NOT NULL THEN
+        PERFORM embed_sidecar._enqueue(TG_ARGV[0]::int, batch);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The SELECT that lists a source's keys for a backfill (run by embed_sidecar._backfill as the
+-- table's owner): $1 only rows whose stored hash or model is not current, $2 current model_id.
+CREATE FUNCTION embed_sidecar._backfill_sql(s embed_sidecar.sources) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT format(
+        'SELECT jsonb_build_array(%s)::text
+           FROM %s src LEFT JOIN %s sc ON %s
+          WHERE NOT embed_sidecar._is_blank(%s)
+            AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
+                        OR sc.model IS DISTINCT FROM $2)',
+        embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
+        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
+        embed_sidecar._content_expr(s.source, s.content_attnum, 'src'),
+        embed_sidecar._content_expr(s.source, s.content_attnum, 'src'));
+END;

@@ -1,0 +1,112 @@
+//! Putting keys on a source's queue: the statement triggers' one privileged step, and the backfill
+//! (watch, reembed, set_model, a changed model file).
+//!
+//! The triggers run with the writer's rights (sql/triggers.sql) and cannot write pgmq's tables, so
+//! they hand their keys to `_enqueue`, which checks that the writer may write the table and only
+//! then sends the batch as the extension's owner. The backfill lists keys by reading the source as
+//! its owner (src/authority.rs) and sends them the same way, in chunks.
+
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+use crate::authority::{as_table_owner, current_role, run_as};
+use crate::error::SidecarError;
+
+/// Keys per `pgmq.send_batch` call in a backfill.
+const BACKFILL_CHUNK: i64 = 10_000;
+
+fn extension_owner(client: &SpiClient<'_>) -> Result<pg_sys::Oid, SidecarError> {
+    Ok(client
+        .select("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_embed_sidecar'", None, &[])?
+        .first()
+        .get_one::<pg_sys::Oid>()?
+        .unwrap_or(pg_sys::InvalidOid))
+}
+
+/// Send the keys a writer's statement changed to the source's queue.
+fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), SidecarError> {
+    let writer = current_role();
+    Spi::connect_mut(|client| {
+        let owner = extension_owner(client)?;
+        run_as(owner, false, || {
+            let row = client
+                .select(
+                    "SELECT queue_name, source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE')
+                       FROM embed_sidecar.sources WHERE id = $1",
+                    None,
+                    &[source_id.into(), writer.into()],
+                )?
+                .into_iter()
+                .next()
+                .map(|r| -> Result<_, SidecarError> {
+                    Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default(), r.get::<bool>(3)?.unwrap_or(false)))
+                })
+                .transpose()?;
+            // unwatched in the meantime: nothing to do
+            let Some((queue, table, allowed)) = row else { return Ok(()) };
+            if !allowed {
+                return Err(SidecarError::NotAllowed(format!("may not enqueue changes of table {table}")));
+            }
+            client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.into(), keys.into()])?;
+            Ok(())
+        })
+    })
+}
+
+/// Enqueue every key of source `id` with content (with `only_stale`, only those whose stored hash or
+/// model is not current). The source is read as its owner; the queue is written as the caller.
+/// Returns how many keys were enqueued.
+pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result<i64, SidecarError> {
+    let row = client
+        .select(
+            "SELECT s.queue_name, s.model_id, c.relowner, embed_sidecar._backfill_sql(s)
+               FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source WHERE s.id = $1",
+            None,
+            &[id.into()],
+        )?
+        .first();
+    let queue = row.get::<String>(1)?.unwrap_or_default();
+    let model_id = row.get::<String>(2)?.unwrap_or_default();
+    let owner = row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid);
+    let sql = row.get::<String>(4)?.ok_or_else(|| SidecarError::Sql(format!("source {id} is not watched")))?;
+    let mut cursor = as_table_owner(owner, || Ok(client.try_open_cursor(sql.as_str(), &[only_stale.into(), model_id.into()])?))?;
+    let mut total = 0i64;
+    loop {
+        // fetched as the owner too: the cursor's query runs as whoever fetches
+        let keys = as_table_owner(owner, || {
+            let mut keys = Vec::new();
+            for r in cursor.fetch(BACKFILL_CHUNK)? {
+                keys.push(r.get::<String>(1)?);
+            }
+            Ok(keys)
+        })?;
+        if keys.is_empty() {
+            break;
+        }
+        total += keys.len() as i64;
+        client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.as_str().into(), keys.into()])?;
+    }
+    Ok(total)
+}
+
+#[pg_schema]
+mod embed_sidecar {
+    use pgrx::prelude::*;
+
+    use crate::error::OrReport;
+
+    /// The statement triggers' way onto the queue (see the module comment). PUBLIC may call it;
+    /// it refuses callers who may neither insert into nor update the source.
+    #[pg_extern(volatile, parallel_unsafe, name = "_enqueue")]
+    fn enqueue(source_id: i32, keys: Vec<Option<String>>) {
+        super::enqueue_for_writer(source_id, keys).or_report()
+    }
+
+    /// Backfill a source (watch, reembed, set_model): returns the number of keys enqueued.
+    #[pg_extern(volatile, parallel_unsafe, name = "_backfill")]
+    fn backfill(source_id: i32, only_stale: bool) -> i64 {
+        Spi::connect_mut(|client| super::backfill(client, source_id, only_stale)).or_report()
+    }
+
+    extension_sql_file!("../sql/triggers.sql", name = "triggers", requires = ["registry", enqueue]);
+}
