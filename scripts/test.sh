@@ -16,6 +16,8 @@ mkdir -p /var/lib/pg_embed_sidecar && chown postgres /var/lib/pg_embed_sidecar
 cargo pgrx test pg15 --release --runas postgres --pgdata /var/lib/pg_embed_sidecar/pgrx-test
 
 echo "== 3/3 integration suite: worker, triggers, queue, crash and restart (pytest)"
-cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+# the integration suite needs the fault-injection hook (pg_embed_sidecar.test_fail_marker), which
+# release installs (scripts/setup.sh) leave out
+cargo pgrx install --release --features fault_injection --pg-config "$PG_CONFIG" >/dev/null
 bash scripts/cluster.sh restart
 "$VENV/bin/python" -m pytest tests -v -p no:cacheprovider "$@"

@@ -89,3 +89,57 @@ def worker_pid(dbname="pes_test", timeout=30):
 def queue_depth(conn, table):
     return one(conn, "SELECT queue_length FROM pgmq.metrics((SELECT queue_name FROM embed_sidecar.sources WHERE source = %s::regclass))",
                (table,))
+
+
+def watch(conn, table, content="body", **kw):
+    """embed_sidecar.watch() with keyword arguments; returns the sidecar's name."""
+    args = ", ".join(["%s::regclass", "%s"] + [f"{k} => %s" for k in kw])
+    return one(conn, f"SELECT embed_sidecar.watch({args})::text", (table, content, *kw.values()))
+
+
+def error_of(conn, sql, params=None):
+    """(SQLSTATE, message, hint) of the error a statement raises, or None if it succeeds."""
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as e:
+        return e.sqlstate, e.diag.message_primary, e.diag.message_hint
+    return None
+
+
+def role_snapshot(conn):
+    """Everything a privilege escalation would change: role attributes, memberships, the
+    database's and schemas' ACLs."""
+    return (
+        conn.execute("""SELECT rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin,
+                               rolreplication, rolbypassrls FROM pg_roles ORDER BY rolname""").fetchall(),
+        conn.execute("SELECT roleid::regrole::text, member::regrole::text FROM pg_auth_members ORDER BY 1, 2").fetchall(),
+        conn.execute("SELECT datname, datdba::regrole::text, datacl::text FROM pg_database ORDER BY 1").fetchall(),
+        conn.execute("SELECT nspname, nspowner::regrole::text, nspacl::text FROM pg_namespace ORDER BY 1").fetchall(),
+    )
+
+
+@pytest.fixture
+def make_role(db):
+    """make_role(name, *options) creates a login role dropped (with what it owns) after the test."""
+    made = []
+
+    def make(name, *options):
+        db.execute(f'DROP ROLE IF EXISTS "{name}"')
+        db.execute(f'CREATE ROLE "{name}" LOGIN {" ".join(options)}')
+        db.execute(f'GRANT USAGE, CREATE ON SCHEMA "{db.schema}" TO "{name}"')
+        made.append(name)
+        return name
+
+    yield make
+    with connect() as c:
+        c.execute("""SELECT embed_sidecar.unwatch(source) FROM embed_sidecar.sources s
+                      JOIN pg_class r ON r.oid = s.source WHERE r.relnamespace = %s::regnamespace""", (db.schema,))
+        for name in reversed(made):
+            c.execute(f'DROP OWNED BY "{name}" CASCADE')
+            c.execute(f'DROP ROLE "{name}"')
+
+
+def connect_as(role, schema):
+    conn = connect(user=role)
+    conn.execute(f'SET search_path = "{schema}", public')
+    return conn

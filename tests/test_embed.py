@@ -3,7 +3,7 @@ that need a fresh backend (ONNX Runtime is loaded once per process)."""
 import numpy as np
 import pytest
 
-from conftest import connect, one
+from conftest import connect, error_of, one
 from reference import Reference
 
 SENTENCES = [
@@ -57,12 +57,6 @@ def test_parity_with_independent_reference(reference):
     print(f"worst cosine vs reference: {worst:.6f}")
 
 
-def error_of(conn, sql):
-    try:
-        conn.execute(sql)
-    except Exception as e:  # psycopg.Error carries sqlstate and diag
-        return e.sqlstate, e.diag.message_primary, e.diag.message_hint
-    return None
 
 
 def test_missing_onnxruntime_library_is_a_clean_error():

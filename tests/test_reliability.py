@@ -12,24 +12,15 @@ import time
 import psycopg
 import pytest
 
-from conftest import DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid
+from conftest import watch, error_of, DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid
 
 LONG = os.environ.get("PES_LONG") == "1"
 MODELS = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def watch(db, table, content="body", **kw):
-    args = ", ".join(["%s::regclass", "%s"] + [f"{k} => %s" for k in kw])
-    return one(db, f"SELECT embed_sidecar.watch({args})::text", (table, content, *kw.values()))
 
 
-def error_of(conn, sql, params=None):
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate, e.diag.message_primary, e.diag.message_hint
-    return None
 
 
 def writer(schema, stop, seed, errors):
@@ -88,8 +79,9 @@ def test_concurrent_writers_keep_the_invariant(db):
     assert errors == []
     wait(db, "docs", 300)
     assert_in_step(db, "docs")
-    st = db.execute("SELECT failed, missing, stale, pending FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
-    assert st == (0, 0, 0, 0)
+    st = db.execute("SELECT failed, pending FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
+    assert st == (0, 0)
+    assert db.execute("SELECT missing, stale, orphans FROM embed_sidecar.verify('docs')").fetchone() == (0, 0, 0)
 
 
 def test_immediate_shutdown_mid_drain_loses_nothing(db):
@@ -250,7 +242,8 @@ def test_search_path_hijack_has_no_effect(db):
     db.execute(f'CREATE FUNCTION "{db.schema}".to_tsvector(regconfig, text) RETURNS tsvector LANGUAGE sql AS $$ SELECT NULL::tsvector $$')
     db.execute(f'SET search_path = "{db.schema}", pg_catalog, public')
     assert one(db, "SELECT embed_sidecar.process('docs')") == 2
-    assert one(db, "SELECT count(*) FROM embed_sidecar.status WHERE source = 'docs'::regclass AND missing = 0") == 1
+    assert one(db, "SELECT count(*) FROM embed_sidecar.status WHERE source = 'docs'::regclass AND pending = 0") == 1
+    assert one(db, "SELECT missing FROM embed_sidecar.verify('docs')") == 0
     db.execute(f'SET search_path = "{db.schema}", public')  # check with the real functions
     assert_in_step(db, "docs")
     assert one(db, "SELECT count(*) FROM docs_embeddings WHERE fts IS NOT NULL AND content_hash <> '\\x00'") == 2

@@ -6,16 +6,13 @@ import time
 import numpy as np
 import pytest
 
-from conftest import assert_in_step, connect, one, queue_depth, wait, worker_pid
+from conftest import watch, assert_in_step, connect, one, queue_depth, wait, worker_pid
 
 
 def vec(text):
     return np.array([float(x) for x in text.strip("[]").split(",")])
 
 
-def watch(db, table, content="body", **kw):
-    args = ", ".join([f"%s::regclass", "%s"] + [f"{k} => %s" for k in kw])
-    return one(db, f"SELECT embed_sidecar.watch({args})::text", (table, content, *kw.values()))
 
 
 def test_backfill_of_existing_rows_matches_embed_text(db):
@@ -158,8 +155,11 @@ def test_poison_row_is_isolated_dead_lettered_and_replayable(db):
         one(db, "SELECT embed_sidecar.process('docs')")
     key, error, attempts = db.execute("SELECT key::text, error, attempts FROM embed_sidecar.failures").fetchone()
     assert key == "[7]" and "injected failure" in error and attempts == 2
-    st = db.execute("SELECT failed, pending, dead_lettered, missing FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
-    assert st == (1, 0, 1, 1)
+    st = db.execute("SELECT failed, pending, dead_lettered FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
+    assert st == (1, 0, 1)
+    assert one(db, "SELECT missing FROM embed_sidecar.verify('docs')") == 1
+    # a dead letter settles the row: wait() does not hang on it (issue 8)
+    assert one(db, "SELECT embed_sidecar.wait('docs', '5 s')") is True
     # the cause goes away; the dead letter is replayed
     db.execute("RESET pg_embed_sidecar.test_fail_marker")
     assert one(db, "SELECT embed_sidecar.retry_failed('docs')") == 1
@@ -184,7 +184,7 @@ def test_model_change_reembeds_and_old_vectors_stay_readable(db, tmp_path):
     assert one(db, "SELECT embed_sidecar.set_model('docs', 'minilm-copy')") == 50
     # until re-embedded, the old vectors are still there and searchable
     assert one(db, "SELECT count(*) FROM docs_embeddings") == 50
-    assert one(db, "SELECT stale FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 50
+    assert one(db, "SELECT stale FROM embed_sidecar.verify('docs')") == 50
     one(db, "SELECT embed_sidecar.resume('docs')")
     wait(db, "docs")
     assert_in_step(db, "docs")
