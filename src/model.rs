@@ -13,13 +13,21 @@ use crate::gucs::{embed_settings, EmbedSettings};
 struct Loaded {
     settings: EmbedSettings,
     embedder: Embedder,
-    /// Size and mtime of the ONNX file when loaded: a file replaced in place is a new model.
-    stamp: Option<(u64, SystemTime)>,
+    /// Size and mtime of the ONNX and tokenizer files when loaded: a file replaced in place is a
+    /// new model.
+    stamp: Stamp,
 }
+
+type Stamp = [Option<(u64, SystemTime)>; 2];
 
 fn file_stamp(path: &Path) -> Option<(u64, SystemTime)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.len(), meta.modified().ok()?))
+}
+
+fn files_stamp(embedder: &Embedder) -> Stamp {
+    let files = embedder.files();
+    [file_stamp(&files.onnx), file_stamp(&files.tokenizer)]
 }
 
 thread_local! {
@@ -54,14 +62,19 @@ fn with_model<R>(model: Option<&str>, f: impl FnOnce(&mut Embedder) -> Result<R,
     LOADED.with(|cell| {
         let mut slot = cell.borrow_mut();
         let stale = match slot.as_ref() {
-            Some(l) => l.settings != settings || file_stamp(&l.embedder.files().onnx) != l.stamp,
+            Some(l) => l.settings != settings || files_stamp(&l.embedder) != l.stamp,
             None => true,
         };
         if stale {
             // drop the old session first so two models are never resident at once
             *slot = None;
             let embedder = Embedder::load(&settings.library, &settings.model_dir, settings.load_options())?;
-            let stamp = file_stamp(&embedder.files().onnx);
+            let stamp = files_stamp(&embedder);
+            if stamp.iter().any(Option::is_none) {
+                // the files went away while they were being read: without a stamp the next
+                // call could not notice, so this is not a usable model
+                return Err(embed_core::EmbedError::ModelFileMissing(settings.model_dir).into());
+            }
             *slot = Some(Loaded { settings, embedder, stamp });
         }
         match slot.as_mut() {

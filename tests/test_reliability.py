@@ -386,3 +386,90 @@ def test_upgrade_scaffold(db):
     one(db, "SELECT embed_sidecar.resume('docs')")
     wait(db, "docs")
     assert_in_step(db, "docs")
+
+
+def test_failing_source_is_isolated_and_its_error_shown(db):
+    """A source whose model is missing does not hold up the others, and its error is in
+    status.last_error (issue 8: the worker napped 5 s and the error never reached status)."""
+    src, alt = f"{MODELS}/all-MiniLM-L6-v2", f"{MODELS}/isolation-test"
+    shutil.rmtree(alt, ignore_errors=True)
+    shutil.copytree(src, alt)
+    db.execute("CREATE TABLE broken (id int PRIMARY KEY, body text)")
+    db.execute("CREATE TABLE healthy (id int PRIMARY KEY, body text)")
+    watch(db, "broken", model="isolation-test")
+    watch(db, "healthy")
+    shutil.rmtree(alt)
+    db.execute("INSERT INTO broken SELECT i, 'stuck ' || i FROM generate_series(1, 10) i")
+    for i in range(5):
+        db.execute("INSERT INTO healthy VALUES (%s, %s)", (i, f"flows {i}"))
+        wait(db, "healthy", 30)
+    assert_in_step(db, "healthy")
+    err = one(db, "SELECT last_error FROM embed_sidecar.status WHERE source = 'broken'::regclass")
+    assert err and "isolation-test" in err, err
+    assert queue_depth(db, "broken") == 10  # nothing lost, nothing dead-lettered
+    assert one(db, "SELECT failed FROM embed_sidecar.status WHERE source = 'broken'::regclass") == 0
+    one(db, "SELECT embed_sidecar.unwatch('broken')")
+
+
+def test_dump_and_restore_keep_watching(db):
+    """pg_dump -Fc / pg_restore into a new database: registry, its sequence, dead letters, queues
+    with pending messages and triggers all come along (issue 8: the next watch() failed)."""
+    src_db, dst_db = "pes_dump_src", "pes_dump_dst"
+    pg_bin = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
+        or "/usr/lib/postgresql/15/bin"
+    with connect(dbname="postgres") as c:
+        for d in (src_db, dst_db):
+            c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
+        c.execute(f"CREATE DATABASE {src_db}")
+    try:
+        with connect(dbname=src_db) as s:
+            s.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
+            s.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+            s.execute("INSERT INTO docs SELECT i, 'restored row ' || i FROM generate_series(1, 30) i")
+            watch(s, "docs")
+            assert one(s, "SELECT embed_sidecar.process('docs', 10)") == 10  # 10 embedded, 20 pending
+            s.execute("SET pg_embed_sidecar.test_fail_marker = 'POISON'")
+            s.execute("SET pg_embed_sidecar.max_attempts = 1")
+            s.execute("INSERT INTO docs VALUES (99, 'POISON row')")
+            one(s, "SELECT embed_sidecar.process('docs', 5)")  # drains 5 of the pending (the oldest)...
+            s.execute("UPDATE docs SET body = body WHERE id = 99")  # ...and re-queues the poison row
+            while one(s, "SELECT count(*) FROM embed_sidecar.failures") == 0:
+                one(s, "SELECT embed_sidecar.process('docs', 100)")
+            pending = queue_depth(s, "docs")
+        dump = "/tmp/pes_dump.custom"
+        subprocess.run([f"{pg_bin}/pg_dump", "-Fc", "-h", DSN["host"], "-p", str(DSN["port"]), "-U", "postgres",
+                        "-d", src_db, "-f", dump], check=True)
+        with connect(dbname="postgres") as c:
+            c.execute(f"CREATE DATABASE {dst_db}")
+        r = subprocess.run([f"{pg_bin}/pg_restore", "-h", DSN["host"], "-p", str(DSN["port"]), "-U", "postgres",
+                            "-d", dst_db, dump], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with connect(dbname=dst_db) as d:
+            assert one(d, "SELECT count(*) FROM docs_embeddings") >= 15
+            assert one(d, "SELECT count(*) FROM embed_sidecar.failures") == 1
+            assert queue_depth(d, "docs") == pending
+            d.execute("INSERT INTO docs VALUES (100, 'written after the restore')")  # triggers came along
+            assert queue_depth(d, "docs") == pending + 1
+            while one(d, "SELECT embed_sidecar.process('docs', 100)") > 0:
+                pass
+            assert_in_step_except(d, "docs", missing_ok={99})
+            # the registry's sequence came along: a new table can be watched
+            d.execute("CREATE TABLE more (id int PRIMARY KEY, body text)")
+            d.execute("INSERT INTO more VALUES (1, 'new after restore')")
+            assert watch(d, "more") == "more_embeddings"
+            one(d, "SELECT embed_sidecar.process('more')")
+            assert_in_step(d, "more")
+    finally:
+        with connect(dbname="postgres") as c:
+            for dbname in (src_db, dst_db):
+                c.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+def assert_in_step_except(conn, table, missing_ok):
+    """assert_in_step, allowing the dead-lettered keys to lack a vector."""
+    missing = {r[0] for r in conn.execute(
+        f"SELECT s.id FROM {table} s LEFT JOIN {table}_embeddings e USING (id) WHERE e.id IS NULL").fetchall()}
+    assert missing == missing_ok, missing
+    stale = one(conn, f"""SELECT count(*) FROM {table} s JOIN {table}_embeddings e USING (id)
+                          WHERE e.content_hash <> sha256(convert_to(s.body, 'UTF8'))""")
+    assert stale == 0

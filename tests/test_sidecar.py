@@ -242,10 +242,13 @@ def test_consistency_after_concurrent_process_and_worker(db):
     assert one(db, "SELECT count(*) FROM docs_embeddings") == 1500
 
 
-def test_model_file_replaced_in_place_is_noticed(db):
-    """A changed file under the same model name is a new model: vectors are re-embedded."""
+@pytest.mark.parametrize("changed", ["model.onnx", "tokenizer.json"])
+def test_model_file_replaced_in_place_is_noticed(db, changed):
+    """A changed file under the same model name is a new model: vectors are re-embedded. The
+    identity covers the tokenizer too (issue 8: replacing it used to re-embed nothing)."""
     src, alt = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2", \
         "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/swap-test"
+    import json
     import shutil
     shutil.rmtree(alt, ignore_errors=True)
     shutil.copytree(src, alt)
@@ -254,13 +257,21 @@ def test_model_file_replaced_in_place_is_noticed(db):
     watch(db, "docs", model="swap-test")
     wait(db, "docs")
     before = one(db, "SELECT min(model) FROM docs_embeddings")
-    # append an unknown protobuf field (tag 1000, varint 0): same graph, different sha256
-    with open(f"{alt}/model.onnx", "ab") as f:
-        f.write(b"\xc0\x3e\x00")
+    if changed == "model.onnx":
+        # append an unknown protobuf field (tag 1000, varint 0): same graph, different sha256
+        with open(f"{alt}/model.onnx", "ab") as f:
+            f.write(b"\xc0\x3e\x00")
+    else:
+        # the same vocabulary written out differently: other bytes, same tokens
+        with open(f"{alt}/tokenizer.json") as f:
+            tok = json.load(f)
+        with open(f"{alt}/tokenizer.json", "w") as f:
+            json.dump(tok, f, indent=1)
     db.execute("INSERT INTO docs VALUES (31, 'a new row makes the worker look at the model')")
     wait(db, "docs")
     assert_in_step(db, "docs")
     after = one(db, "SELECT min(model) FROM docs_embeddings")
-    # the name part comes from the copied manifest; the hash part is the file's
+    # the name part comes from the copied manifest; the hash part is the files'
     assert before.split("@")[0] == after.split("@")[0] and before.split("@")[1] != after.split("@")[1]
     assert one(db, "SELECT count(DISTINCT model) FROM docs_embeddings") == 1
+    shutil.rmtree(alt, ignore_errors=True)

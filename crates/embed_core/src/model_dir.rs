@@ -37,7 +37,9 @@ pub struct ModelFiles {
     pub onnx: PathBuf,
     pub tokenizer: PathBuf,
     pub max_length: usize,
-    /// `name@` + the first 12 hex digits of the ONNX file's sha256: a replaced file is a new model.
+    /// `name@` + the first 12 hex digits of a sha256 over everything that shapes a vector: the
+    /// ONNX file (graph, weights and so the pooling it outputs), the tokenizer and the window.
+    /// Changing any of them is a new model, so every vector made with the old one is stale.
     pub model_id: String,
 }
 
@@ -80,8 +82,7 @@ impl ModelFiles {
         let name = manifest.name.clone().unwrap_or_else(|| {
             dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
         });
-        let digest = sha256_file(&onnx)?;
-        let model_id = format!("{name}@{}", &digest[..12]);
+        let model_id = format!("{name}@{}", &identity_digest(&onnx, &tokenizer, max_length)?[..12]);
         Ok(Self { dir: dir.to_path_buf(), name, onnx, tokenizer, max_length, model_id })
     }
 }
@@ -102,19 +103,26 @@ fn max_length_from_configs(dir: &Path) -> usize {
         .unwrap_or(DEFAULT_MAX_LENGTH)
 }
 
-fn sha256_file(path: &Path) -> Result<String, EmbedError> {
+fn identity_digest(onnx: &Path, tokenizer: &Path, max_length: usize) -> Result<String, EmbedError> {
+    let mut hasher = Sha256::new();
+    for path in [onnx, tokenizer] {
+        hash_file(&mut hasher, path)?;
+    }
+    hasher.update(format!("max_length={max_length}").as_bytes());
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<(), EmbedError> {
     let io_err = |e: std::io::Error| EmbedError::Io { path: path.to_path_buf(), reason: e.to_string() };
     let mut file = fs::File::open(path).map_err(io_err)?;
-    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf).map_err(io_err)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]
@@ -167,5 +175,23 @@ mod tests {
         fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
         fs::write(dir.join(MANIFEST), b"{not json").unwrap();
         assert!(matches!(ModelFiles::resolve(&dir), Err(EmbedError::Manifest { .. })));
+    }
+
+    #[test]
+    fn identity_covers_onnx_tokenizer_and_window() {
+        let dir = scratch("identity");
+        fs::write(dir.join("model.onnx"), b"graph").unwrap();
+        fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+        let id = || ModelFiles::resolve(&dir).unwrap().model_id;
+        let mut seen = vec![id()];
+        fs::write(dir.join("tokenizer.json"), b"{ }").unwrap();
+        seen.push(id());
+        fs::write(dir.join(MANIFEST), br#"{"max_length": 128}"#).unwrap();
+        seen.push(id());
+        fs::write(dir.join("model.onnx"), b"graph2").unwrap();
+        seen.push(id());
+        let distinct: std::collections::HashSet<_> = seen.iter().collect();
+        assert_eq!(distinct.len(), 4, "{seen:?}");
+        assert_eq!(id(), seen[3], "the same files give the same identity");
     }
 }
