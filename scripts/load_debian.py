@@ -6,17 +6,19 @@ the one-line short description, the description the long one (paragraphs kept, '
 into blank lines). Rows are chosen in a fixed pseudo-random order (md5 of the name), so any
 --rows N gives the same sample every time. Re-running upserts only rows whose text differs.
 
-Needs `apt-get update -o Acquire::Languages=en` once (scripts/setup.sh does it).
+Reads the package lists scripts/setup.sh copies to /opt/pg_embed_sidecar/corpus (PES_CORPUS_DIR),
+out of reach of any later `apt-get update`, which on this image deletes Translation-en.
 """
 import argparse
 import glob
 import hashlib
+import os
 import subprocess
 import sys
 
 import psycopg
 
-LISTS = "/var/lib/apt/lists"
+LISTS = os.environ.get("PES_CORPUS_DIR", "/opt/pg_embed_sidecar/corpus")
 
 
 def cat(path):
@@ -56,7 +58,7 @@ def corpus():
     docs = {}
     paths = sorted(glob.glob(f"{LISTS}/*bookworm_main_i18n_Translation-en*"))
     if not paths:
-        sys.exit("no Translation-en in /var/lib/apt/lists: run apt-get update -o Acquire::Languages=en")
+        sys.exit(f"no Translation-en in {LISTS}: run scripts/setup.sh (it copies the apt lists there)")
     for path in paths:
         for st in stanzas(cat(path)):
             name, raw = st.get("Package"), st.get("Description-en")

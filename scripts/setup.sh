@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
+# Every apt-get update asks for English descriptions too: this image sets Acquire::Languages
+# "none", and a plain update would delete the Translation-en lists the demo corpus comes from.
+apt_update() { apt-get update -q -o Acquire::Languages=en; }
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 skip() { printf '    %s (already there)\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup.sh must run as root" >&2; exit 1; }
@@ -17,18 +20,10 @@ missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   step "apt-get install ${missing[*]}"
-  apt-get update -q
+  apt_update
   apt-get install -y -q "${missing[@]}"
 else
   skip "Debian packages"
-fi
-# The demo corpus: Debian's long package descriptions live in Translation-en, which apt only
-# fetches when asked for English.
-if ls /var/lib/apt/lists/*bookworm_main_i18n_Translation-en* >/dev/null 2>&1; then
-  skip "apt Translation-en (demo corpus)"
-else
-  step "apt-get update -o Acquire::Languages=en (demo corpus)"
-  apt-get update -q -o Acquire::Languages=en
 fi
 # Debian starts a 'main' cluster on 5432; we run our own cluster and need none of it.
 if pg_lsclusters -h 2>/dev/null | grep -q '^15 \+main .* online'; then pg_ctlcluster 15 main stop || true; fi
@@ -59,7 +54,7 @@ Suites: trixie
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
-  apt-get update -q
+  apt_update
   build=$(mktemp -d)
   (cd "$build" && apt-get source -q --download-only pgvector && dpkg-source -x pgvector_*.dsc src >/dev/null)
   make -C "$build/src" PG_CONFIG="$PG_CONFIG" -j"$(nproc)" >/dev/null
@@ -103,6 +98,22 @@ fi
 
 # --- default model -----------------------------------------------------------------------------
 bash models/install.sh
+
+# --- the demo corpus --------------------------------------------------------------------------
+# Debian's long package descriptions (Translation-en) and the package lists, copied where no later
+# apt-get update (ours or anyone's) can delete them. Last of the apt steps, so it sees their lists.
+if ls "$CORPUS_DIR"/*Translation-en* "$CORPUS_DIR"/*_Packages* >/dev/null 2>&1; then
+  skip "demo corpus $CORPUS_DIR"
+else
+  if ! ls /var/lib/apt/lists/*bookworm_main_i18n_Translation-en* >/dev/null 2>&1; then
+    step "apt-get update -o Acquire::Languages=en (demo corpus)"
+    apt_update
+  fi
+  step "demo corpus -> $CORPUS_DIR"
+  mkdir -p "$CORPUS_DIR"
+  cp /var/lib/apt/lists/*bookworm_main_i18n_Translation-en* /var/lib/apt/lists/*_main_binary-*_Packages* "$CORPUS_DIR"/
+  chmod -R a+rX "$CORPUS_DIR"
+fi
 
 # --- the extension itself ----------------------------------------------------------------------
 if [ "${SKIP_EXTENSION_INSTALL:-0}" = 1 ]; then
