@@ -1,0 +1,17 @@
+-- What the monitoring surface looks like: the status view's columns and verify()'s.
+SELECT column_name, data_type FROM information_schema.columns
+ WHERE table_schema = 'embed_sidecar' AND table_name = 'status' ORDER BY ordinal_position;
+SELECT p.parameter_name, p.data_type, p.parameter_mode FROM information_schema.parameters p
+  JOIN information_schema.routines r USING (specific_schema, specific_name)
+ WHERE r.routine_schema = 'embed_sidecar' AND r.routine_name = 'verify' ORDER BY p.ordinal_position;
+-- a composite key, as status and verify report it
+CREATE TABLE notes (lang text, slug text, body text, PRIMARY KEY (lang, slug));
+INSERT INTO notes VALUES ('en', 'a', 'alpha'), ('en', 'b', 'beta'), ('de', 'a', 'eins');
+SELECT embed_sidecar.watch('notes', 'body');
+SELECT pending, failed FROM embed_sidecar.status;
+SELECT embed_sidecar.process('notes');
+SELECT lang, slug FROM notes_embeddings ORDER BY 1, 2;
+SELECT * FROM embed_sidecar.verify('notes');
+SELECT pending, failed, acked, vectors_written FROM embed_sidecar.status;
+SELECT embed_sidecar.unwatch('notes', drop_sidecar => true);
+DROP TABLE notes;
