@@ -95,6 +95,11 @@ BEGIN
     INSERT INTO embed_sidecar.sources (id, source, content_attnum, key_attnums, sidecar, queue_name, model, model_id, dims, fts_config)
     VALUES (s.id, source, content_at.attnum, key_nums, side, 'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
     RETURNING * INTO s;
+    -- A queue of this name can only be left over from an earlier installation of the extension
+    -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
+    IF EXISTS (SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = s.queue_name) THEN
+        PERFORM pgmq.drop_queue(s.queue_name);
+    END IF;
     PERFORM pgmq.create(s.queue_name);
 
     EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows

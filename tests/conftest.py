@@ -21,8 +21,10 @@ def connect(**kw):
 
 @pytest.fixture(scope="session", autouse=True)
 def extension():
+    # created afresh, so the SQL objects always match the library just installed
     with connect() as c:
-        c.execute("CREATE EXTENSION IF NOT EXISTS pg_embed_sidecar CASCADE")
+        c.execute("DROP EXTENSION IF EXISTS pg_embed_sidecar CASCADE")
+        c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
     yield
 
 
@@ -107,13 +109,13 @@ def error_of(conn, sql, params=None):
 
 
 def role_snapshot(conn):
-    """Everything a privilege escalation would change: role attributes, memberships, the
-    database's and schemas' ACLs."""
+    """Everything a privilege escalation would change: role attributes, memberships, this
+    database's owner and ACL, schemas' owners and ACLs."""
     return (
         conn.execute("""SELECT rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin,
                                rolreplication, rolbypassrls FROM pg_roles ORDER BY rolname""").fetchall(),
         conn.execute("SELECT roleid::regrole::text, member::regrole::text FROM pg_auth_members ORDER BY 1, 2").fetchall(),
-        conn.execute("SELECT datname, datdba::regrole::text, datacl::text FROM pg_database ORDER BY 1").fetchall(),
+        conn.execute("SELECT datdba::regrole::text, datacl::text FROM pg_database WHERE datname = current_database()").fetchall(),
         conn.execute("SELECT nspname, nspowner::regrole::text, nspacl::text FROM pg_namespace ORDER BY 1").fetchall(),
     )
 

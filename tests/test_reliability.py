@@ -473,3 +473,27 @@ def assert_in_step_except(conn, table, missing_ok):
     stale = one(conn, f"""SELECT count(*) FROM {table} s JOIN {table}_embeddings e USING (id)
                           WHERE e.content_hash <> sha256(convert_to(s.body, 'UTF8'))""")
     assert stale == 0
+
+
+def test_reinstalled_extension_starts_with_empty_queues():
+    """DROP EXTENSION leaves pgmq's queue tables behind; a later watch() that gets the same
+    registry id must not inherit their messages."""
+    with connect(dbname="postgres") as c:
+        c.execute("DROP DATABASE IF EXISTS pes_reinstall WITH (FORCE)")
+        c.execute("CREATE DATABASE pes_reinstall")
+    try:
+        with connect(dbname="pes_reinstall") as d:
+            d.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
+            d.execute("CREATE TABLE old (id int PRIMARY KEY, body text)")
+            d.execute("INSERT INTO old SELECT i, 'left behind ' || i FROM generate_series(1, 10) i")
+            watch(d, "old")
+            d.execute("DROP EXTENSION pg_embed_sidecar CASCADE")
+            assert one(d, "SELECT count(*) FROM pgmq.list_queues()") == 1  # pgmq keeps it
+            d.execute("CREATE EXTENSION pg_embed_sidecar")
+            d.execute("CREATE TABLE new (id int PRIMARY KEY, body text)")
+            d.execute("INSERT INTO new VALUES (1, 'fresh')")
+            watch(d, "new")
+            assert queue_depth(d, "new") == 1
+    finally:
+        with connect(dbname="postgres") as c:
+            c.execute("DROP DATABASE IF EXISTS pes_reinstall WITH (FORCE)")
