@@ -369,23 +369,63 @@ def test_threads_and_batch_memory_are_bounded_by_settings():
     assert big - small > 50 * 1024, (small, big)
 
 
-def test_upgrade_scaffold(db):
-    """0.1.0 is the first release: no upgrade script exists yet. This checks the scaffold every
-    later release must satisfy: each sql/pg_embed_sidecar--A--B.sql starts with the guard line,
-    and ALTER EXTENSION UPDATE with watched tables and pending jobs keeps them."""
-    scripts = sorted(f for f in os.listdir(os.path.join(REPO, "sql")) if f.startswith("pg_embed_sidecar--"))
-    for f in scripts:
-        first = open(os.path.join(REPO, "sql", f)).readline()
-        assert first.startswith('\\echo Use "ALTER EXTENSION pg_embed_sidecar UPDATE'), f
-    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
-    watch(db, "docs")
-    one(db, "SELECT embed_sidecar.pause('docs')")
-    db.execute("INSERT INTO docs SELECT i, 'pending ' || i FROM generate_series(1, 20) i")
-    db.execute("ALTER EXTENSION pg_embed_sidecar UPDATE")
-    assert queue_depth(db, "docs") == 20
-    one(db, "SELECT embed_sidecar.resume('docs')")
-    wait(db, "docs")
-    assert_in_step(db, "docs")
+EXTENSION_OBJECTS = """
+    SELECT p.oid::regprocedure::text, pg_get_function_result(p.oid), p.prosecdef, p.provolatile,
+           coalesce(p.proconfig::text, ''), md5(p.prosrc), coalesce(p.proacl::text, '')
+      FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.classid = 'pg_proc'::regclass
+      JOIN pg_extension e ON e.oid = d.refobjid WHERE e.extname = 'pg_embed_sidecar'
+    UNION ALL
+    SELECT c.oid::regclass::text, c.relkind::text, false, '', coalesce(c.reloptions::text, ''),
+           coalesce(md5(pg_get_viewdef(c.oid)), ''), coalesce(c.relacl::text, '')
+      FROM pg_class c JOIN pg_depend d ON d.objid = c.oid AND d.classid = 'pg_class'::regclass
+      JOIN pg_extension e ON e.oid = d.refobjid WHERE e.extname = 'pg_embed_sidecar'
+    UNION ALL
+    SELECT t.oid::regtype::text, 'type', false, '', '', '', ''
+      FROM pg_type t JOIN pg_depend d ON d.objid = t.oid AND d.classid = 'pg_type'::regclass
+      JOIN pg_extension e ON e.oid = d.refobjid WHERE e.extname = 'pg_embed_sidecar'
+    ORDER BY 1"""
+
+
+def test_upgrade_from_0_1_0():
+    """ALTER EXTENSION UPDATE from the released 0.1.0 gives exactly the objects of a fresh install
+    (definitions, security, settings, grants), and watched tables keep draining: their vectors,
+    pending messages and triggers carry over. Every upgrade script starts with the guard line."""
+    for f in sorted(os.listdir(os.path.join(REPO, "sql"))):
+        if f.startswith("pg_embed_sidecar--"):
+            first = open(os.path.join(REPO, "sql", f)).readline()
+            assert first.startswith('\\echo Use "ALTER EXTENSION pg_embed_sidecar UPDATE'), f
+    sharedir = subprocess.run(["pg_config", "--sharedir"], capture_output=True, text=True).stdout.strip()
+    released = os.path.join(sharedir, "extension", "pg_embed_sidecar--0.1.0.sql")
+    if not os.path.exists(released):  # the released install script, kept in sql/released/
+        shutil.copy(os.path.join(REPO, "sql/released/pg_embed_sidecar--0.1.0.sql"), released)
+    with connect(dbname="postgres") as c:
+        for d in ("pes_upgrade", "pes_fresh"):
+            c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
+            c.execute(f"CREATE DATABASE {d}")
+    try:
+        with connect(dbname="pes_upgrade") as u:
+            u.execute("CREATE EXTENSION pg_embed_sidecar VERSION '0.1.0' CASCADE")
+            u.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+            u.execute("INSERT INTO docs SELECT i, 'before the upgrade ' || i FROM generate_series(1, 30) i")
+            watch(u, "docs")  # 0.1.0's backfill: 30 messages (0.2.0's library drains only after the update)
+            u.execute("ALTER EXTENSION pg_embed_sidecar UPDATE TO '0.2.0'")
+            assert queue_depth(u, "docs") == 30
+            u.execute("INSERT INTO docs VALUES (31, 'after the upgrade')")  # the recreated triggers
+            assert queue_depth(u, "docs") == 31
+            assert one(u, "SELECT embed_sidecar.process('docs')") == 31
+            assert_in_step(u, "docs")
+            u.execute("CREATE TABLE more (id int PRIMARY KEY, body text)")
+            assert watch(u, "more") == "more_embeddings"  # the new id sequence continues
+            assert one(u, "SELECT array_agg(id ORDER BY id)::text FROM embed_sidecar.sources") == "{1,2}"
+            upgraded = u.execute(EXTENSION_OBJECTS).fetchall()
+        with connect(dbname="pes_fresh") as f:
+            f.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
+            fresh = f.execute(EXTENSION_OBJECTS).fetchall()
+        assert [r for r in upgraded if r not in fresh] == [] and [r for r in fresh if r not in upgraded] == []
+    finally:
+        with connect(dbname="postgres") as c:
+            for d in ("pes_upgrade", "pes_fresh"):
+                c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
 
 
 def test_failing_source_is_isolated_and_its_error_shown(db):

@@ -1,0 +1,809 @@
+\echo Use "ALTER EXTENSION pg_embed_sidecar UPDATE TO '0.2.0'" to load this file. \quit
+-- 0.1.0 -> 0.2.0 (issue 8): source and sidecar rows are read and written as the table's owner in a
+-- security-restricted operation; statement triggers run with the writer's rights and enqueue
+-- through embed_sidecar._enqueue; owner checks use the calling role; the registry's id sequence is
+-- dumped; status no longer hashes every row (verify() does, on demand); wait() settles on empty
+-- queues. Watched tables keep their sidecars, vectors, queues and pending messages.
+
+-- objects whose shape changed, or that are gone
+DROP VIEW embed_sidecar.status;
+DROP FUNCTION embed_sidecar._status(embed_sidecar.sources);
+DROP FUNCTION embed_sidecar._enqueue_all(embed_sidecar.sources, boolean);
+DROP FUNCTION embed_sidecar._drain_sql(embed_sidecar.sources);
+DROP FUNCTION embed_sidecar._content_column(embed_sidecar.sources);
+
+-- the registry's ids: an identity column's sequence is not carried by pg_dump for an extension's
+-- table, a plain sequence marked with pg_extension_config_dump is
+ALTER TABLE embed_sidecar.sources ALTER COLUMN id DROP IDENTITY;
+CREATE SEQUENCE embed_sidecar.sources_id_seq AS int OWNED BY embed_sidecar.sources.id;
+SELECT pg_catalog.setval('embed_sidecar.sources_id_seq', coalesce((SELECT max(id) FROM embed_sidecar.sources), 0) + 1, false);
+ALTER TABLE embed_sidecar.sources ALTER COLUMN id SET DEFAULT nextval('embed_sidecar.sources_id_seq');
+SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources_id_seq', '');
+
+-- new Rust functions
+CREATE FUNCTION embed_sidecar."_calling_role"() RETURNS oid /* pg_sys :: Oid */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'calling_role_wrapper';
+
+CREATE FUNCTION embed_sidecar."_enqueue"(
+	"source_id" INT, /* i32 */
+	"keys" TEXT[] /* Vec < Option < String > > */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'enqueue_wrapper';
+
+CREATE FUNCTION embed_sidecar."_backfill"(
+	"source_id" INT, /* i32 */
+	"only_stale" bool /* bool */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'backfill_wrapper';
+
+-- ---- from sql/registry.sql ----
+-- NULL, empty and whitespace-only texts get no vector.
+CREATE OR REPLACE FUNCTION embed_sidecar._is_blank(content text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN content IS NULL OR content ~ '^[[:space:]]*$';
+
+-- The content hash stored next to each vector. The only place it is defined: the drain reads it
+-- with the text, hands it back with the vector, and the write re-checks it against the row.
+CREATE OR REPLACE FUNCTION embed_sidecar._content_hash(content text) RETURNS bytea
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN pg_catalog.sha256(pg_catalog.convert_to(content, 'UTF8'));
+
+-- Quoted column names of a table, in key order, each prefixed by alias: 'n."id", n."lang"'.
+CREATE OR REPLACE FUNCTION embed_sidecar._columns(rel regclass, attnums smallint[], alias text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format('%I.%I', alias, a.attname), ', ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum;
+END;
+
+-- 'l."id" = r."id" AND l."lang" = r."lang"'
+CREATE OR REPLACE FUNCTION embed_sidecar._key_join(rel regclass, attnums smallint[], l text, r text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format('%I.%I = %I.%I', l, a.attname, r, a.attname), ' AND ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum;
+END;
+
+-- 'r."id" = (j->>0)::integer AND r."lang" = (j->>1)::text': match a key sent as a JSON array.
+CREATE OR REPLACE FUNCTION embed_sidecar._key_from_json(rel regclass, attnums smallint[], r text, j text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format('%I.%I = (%I->>%s)::%s', r, a.attname, j, k.ord - 1,
+                             pg_catalog.format_type(a.atttypid, a.atttypmod)), ' AND ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum;
+END;
+
+-- The content column as text, quoted and prefixed by alias. Refuses a column whose type is no
+-- longer a text type (ALTER COLUMN ... TYPE after watch()): casting any other type to text could
+-- call a cast function its owner wrote.
+CREATE OR REPLACE FUNCTION embed_sidecar._content_expr(rel regclass, attnum smallint, alias text) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    a pg_attribute;
+BEGIN
+    SELECT * INTO a FROM pg_attribute WHERE attrelid = rel AND pg_attribute.attnum = _content_expr.attnum AND NOT attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: content column of % is gone', rel USING ERRCODE = 'undefined_column';
+    END IF;
+    IF a.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of % is of type %, not text', a.attname, rel, a.atttypid::regtype
+            USING ERRCODE = 'datatype_mismatch', HINT = 'Watch a text or varchar column (a generated column can combine others).';
+    END IF;
+    RETURN format('%I.%I::text', alias, a.attname);
+END
+$$;
+
+-- Whether the calling role (after SET ROLE, before any SECURITY DEFINER function) may act as the
+-- table's owner. Management functions are SECURITY DEFINER (they write the registry and the pgmq
+-- schema), so they ask embed_sidecar._calling_role() instead of current_user or session_user.
+CREATE OR REPLACE FUNCTION embed_sidecar._check_owner(rel regclass) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = rel), 'USAGE') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: must be owner of table %', rel
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only the owner of a table (or a member of its owner role) can watch or manage it.';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION embed_sidecar._source(rel regclass) RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+BEGIN
+    SELECT * INTO s FROM embed_sidecar.sources WHERE source = rel;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % is not watched', rel
+            USING ERRCODE = 'undefined_object', HINT = 'Watch it first with embed_sidecar.watch().';
+    END IF;
+    RETURN s;
+END
+$$;
+
+-- The registry row of a watched table the calling role may manage.
+CREATE OR REPLACE FUNCTION embed_sidecar._owned_source(rel regclass) RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM embed_sidecar._check_owner(rel);
+    RETURN embed_sidecar._source(rel);
+END
+$$;
+
+-- The registry row of a watched table, for a caller who may read the table (search, verify).
+CREATE OR REPLACE FUNCTION embed_sidecar._readable_source(rel regclass) RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._source(rel);
+BEGIN
+    IF NOT has_table_privilege(embed_sidecar._calling_role(), s.sidecar, 'SELECT') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', s.sidecar USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN s;
+END
+$$;
+
+-- ---- from sql/triggers.sql ----
+-- The statement-level triggers on a watched table. They run with the writer's own rights (not
+-- SECURITY DEFINER): whatever the table's owner planted in a key's type (a cast to json, say)
+-- runs as the writer, exactly as the owner's own triggers would. The one privileged step,
+-- putting keys on the queue, is embed_sidecar._enqueue (src/enqueue.rs), which checks that the
+-- writer may write the table.
+--
+-- Arguments, fixed by watch(): source id, content attnum, key attnums ('{1,2}').
+-- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
+-- whose content is distinct from before (a row whose key changed has no OLD partner and counts
+-- as changed).
+CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_nums smallint[] := TG_ARGV[2]::smallint[];
+    keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
+    content_new text := embed_sidecar._content_expr(TG_RELID, TG_ARGV[1]::smallint, 'n');
+    batch text[];
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n WHERE NOT embed_sidecar._is_blank(%s)',
+                       keys, content_new)
+           INTO batch;
+    ELSE
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
+                         WHERE %s IS DISTINCT FROM %s',
+                       keys, embed_sidecar._key_join(TG_RELID, key_nums, 'o', 'n'),
+                       embed_sidecar._content_expr(TG_RELID, TG_ARGV[1]::smallint, 'o'), content_new)
+           INTO batch;
+    END IF;
+    IF batch IS NOT NULL THEN
+        PERFORM embed_sidecar._enqueue(TG_ARGV[0]::int, batch);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The SELECT that lists a source's keys for a backfill (run by embed_sidecar._backfill as the
+-- table's owner): $1 only rows whose stored hash or model is not current, $2 current model_id.
+CREATE OR REPLACE FUNCTION embed_sidecar._backfill_sql(s embed_sidecar.sources) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT format(
+        'SELECT jsonb_build_array(%s)::text
+           FROM %s src LEFT JOIN %s sc ON %s
+          WHERE NOT embed_sidecar._is_blank(%s)
+            AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
+                        OR sc.model IS DISTINCT FROM $2)',
+        embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
+        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
+        embed_sidecar._content_expr(s.source, s.content_attnum, 'src'),
+        embed_sidecar._content_expr(s.source, s.content_attnum, 'src'));
+END;
+
+-- ---- from sql/drain.sql ----
+-- The drain's SQL half (the pass itself is src/drain.rs). Queue and registry statements run as
+-- the worker (or process()'s definer); the statements below touch the source and sidecar rows and
+-- run as the source table's owner inside a security-restricted operation (src/authority.rs), so
+-- whatever that owner attached to either table (triggers, index expressions, CHECKs, domain
+-- checks, defaults, policies) runs with the owner's rights and nobody else's.
+
+-- The three statements for one source, built once per pass. The unnested key is called _pes_key
+-- because _key_from_json refers to it unqualified and a source may well have a column "key".
+--   lookup: $1 keys jsonb[], $2 current model_id → key, blank, unchanged, content, hash
+--   upsert: $1 keys jsonb[], $2 content hashes bytea[], $3 vectors real[] (flattened), $4 dims,
+--           $5 model_id, $6 text search config → rows written
+--   clear:  $1 keys jsonb[] whose content turned blank
+CREATE OR REPLACE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources, OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+    vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
+    key_cols text;
+BEGIN
+    -- sidecar key columns are named like the source's; strip the alias for the INSERT column list
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY k.ord) INTO key_cols
+      FROM unnest(s.key_attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = s.source AND a.attnum = k.attnum;
+    lookup_sql := format(
+        'SELECT v._pes_key::text, embed_sidecar._is_blank(%1$s) AS blank,
+                coalesce(sc.content_hash = embed_sidecar._content_hash(%1$s) AND sc.model = $2, false) AS unchanged,
+                %1$s AS content, embed_sidecar._content_hash(%1$s) AS hash
+           FROM unnest($1::jsonb[]) AS v(_pes_key)
+                LEFT JOIN %2$s src ON %3$s
+                LEFT JOIN %4$s sc ON %5$s',
+        content, s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
+        s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'));
+    -- Locks are taken in the key's own order (not the JSON text's, where [10] sorts before [9]),
+    -- the order in which a multi-row DELETE or UPDATE by key locks the same rows.
+    upsert_sql := format(
+        'WITH w AS (
+           INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
+           SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$I.vector, $5, v.hash,
+                  to_tsvector($6::regconfig, left(%5$s, 100000)), now()
+             FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
+             JOIN %6$s src ON %7$s
+            WHERE embed_sidecar._content_hash(%5$s) = v.hash
+            ORDER BY %3$s
+              -- a row deleted (or re-written) by a concurrent transaction is skipped, not an
+              -- FK error: the lock waits for it, then re-checks the row and the hash
+              FOR KEY SHARE OF src
+           ON CONFLICT (%2$s) DO UPDATE
+              SET embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
+                  fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
+           RETURNING 1)
+         SELECT count(*) FROM w',
+        s.sidecar, key_cols, embed_sidecar._columns(s.source, s.key_attnums, 'src'), vec_schema, content,
+        s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'));
+    clear_sql := format(
+        'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key), %2$s src
+          WHERE %3$s AND %4$s AND embed_sidecar._is_blank(%5$s)',
+        s.sidecar, s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
+        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
+END
+$$;
+
+CREATE TYPE embed_sidecar._looked_up AS (key text, blank boolean, unchanged boolean, content text, hash bytea, error text);
+
+-- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
+-- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
+CREATE OR REPLACE FUNCTION embed_sidecar._lookup(lookup_sql text, keys jsonb[], model_id text) RETURNS SETOF embed_sidecar._looked_up
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    wrapped text := format('SELECT array_agg(ROW(l.*, NULL)::embed_sidecar._looked_up) FROM (%s) l', lookup_sql);
+    found embed_sidecar._looked_up[];
+    i int;
+BEGIN
+    BEGIN
+        EXECUTE wrapped INTO found USING keys, model_id;
+        RETURN QUERY SELECT * FROM unnest(found);
+        RETURN;
+    EXCEPTION WHEN OTHERS THEN
+        NULL;  -- fall through to one key at a time
+    END;
+    FOR i IN 1 .. cardinality(keys) LOOP
+        BEGIN
+            EXECUTE wrapped INTO found USING keys[i:i], model_id;
+            RETURN QUERY SELECT * FROM unnest(found);
+        EXCEPTION WHEN OTHERS THEN
+            RETURN QUERY SELECT keys[i]::text, false, false, NULL::text, NULL::bytea, SQLERRM;
+        END;
+    END LOOP;
+END
+$$;
+
+-- Write vectors and clear blanks; a batch that fails is retried one row at a time, each in its own
+-- subtransaction, so only the failing rows are reported (failed_keys/failed_errors).
+CREATE OR REPLACE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text, keys jsonb[], hashes bytea[], vectors real[],
+                                     dims int, model_id text, fts regconfig, clear_keys jsonb[],
+                                     OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n int := coalesce(cardinality(keys), 0);
+    w bigint;
+BEGIN
+    written := 0;
+    failed_keys := '{}';
+    failed_errors := '{}';
+    IF coalesce(cardinality(clear_keys), 0) > 0 THEN
+        BEGIN
+            EXECUTE clear_sql USING clear_keys;
+        EXCEPTION WHEN OTHERS THEN
+            failed_keys := clear_keys;
+            failed_errors := array_fill(SQLERRM, ARRAY[cardinality(clear_keys)]);
+        END;
+    END IF;
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    BEGIN
+        EXECUTE upsert_sql INTO written USING keys, hashes, vectors, dims, model_id, fts;
+        RETURN;
+    EXCEPTION WHEN OTHERS THEN
+        written := 0;
+    END;
+    FOR i IN 1 .. n LOOP
+        BEGIN
+            EXECUTE upsert_sql INTO w USING keys[i:i], hashes[i:i], vectors[(i - 1) * dims + 1 : i * dims], dims, model_id, fts;
+            written := written + w;
+        EXCEPTION WHEN OTHERS THEN
+            failed_keys := failed_keys || keys[i];
+            failed_errors := failed_errors || SQLERRM;
+        END;
+    END LOOP;
+END
+$$;
+
+-- ---- from sql/manage.sql ----
+-- Managing watched tables: watch/unwatch, re-embedding, model changes, dead-letter replay,
+-- pause/resume and process(). These are SECURITY DEFINER (they write the registry and pgmq's
+-- schema) and check first that the calling role may act as the table's owner
+-- (embed_sidecar._check_owner). They never read or write the source or sidecar rows themselves:
+-- that is the drain's and the backfill's job, done as the table's owner (src/authority.rs).
+
+CREATE OR REPLACE FUNCTION embed_sidecar.watch(
+    source regclass,
+    content_column name,
+    sidecar_name name DEFAULT NULL,
+    model text DEFAULT NULL,
+    backfill boolean DEFAULT true,
+    fts_config regconfig DEFAULT 'english'
+) RETURNS regclass
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel        pg_class;
+    content_at pg_attribute;
+    key_nums   smallint[];
+    vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
+    ident      record;
+    s          embed_sidecar.sources;
+    side       regclass;
+    key_defs   text;
+    key_cols   text;
+    g          record;
+BEGIN
+    IF source IS NULL OR content_column IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: source and content_column must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM embed_sidecar._check_owner(source);
+    SELECT * INTO rel FROM pg_class WHERE oid = source;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is not a table', source USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % is already watched', source
+            USING ERRCODE = 'duplicate_object', HINT = 'Use embed_sidecar.unwatch() first to change how it is watched.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = watch.source) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % is a sidecar table', source USING ERRCODE = 'wrong_object_type';
+    END IF;
+    SELECT * INTO content_at FROM pg_attribute
+     WHERE attrelid = source AND attname = content_column AND attnum > 0 AND NOT attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % does not exist', content_column, source
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    IF content_at.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" is of type %, not text', content_column, content_at.atttypid::regtype
+            USING ERRCODE = 'datatype_mismatch', HINT = 'Watch a text or varchar column (a generated column can combine others).';
+    END IF;
+    SELECT i.indkey::smallint[] INTO key_nums FROM pg_index i WHERE i.indrelid = source AND i.indisprimary;
+    IF key_nums IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % has no primary key', source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'The sidecar is keyed by the source''s primary key: add one (e.g. ALTER TABLE ... ADD PRIMARY KEY).';
+    END IF;
+    model := coalesce(model, current_setting('pg_embed_sidecar.model'));
+    SELECT m.model_id, m.dims INTO ident FROM embed_sidecar._model_identity(model) m;
+
+    sidecar_name := coalesce(sidecar_name, left(rel.relname, 52) || '_embeddings');
+    IF to_regclass(format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)) IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in schema %', sidecar_name, rel.relnamespace::regnamespace
+            USING ERRCODE = 'duplicate_table', HINT = 'Pass another name as sidecar_name.';
+    END IF;
+    SELECT string_agg(format('%I %s NOT NULL', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
+           string_agg(format('%I', a.attname), ', ' ORDER BY k.ord)
+      INTO key_defs, key_cols
+      FROM unnest(key_nums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = source AND a.attnum = k.attnum;
+
+    EXECUTE format(
+        'CREATE TABLE %I.%I (%s, embedding %I.vector(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
+                             fts tsvector, embedded_at timestamptz NOT NULL DEFAULT now(),
+                             PRIMARY KEY (%s),
+                             FOREIGN KEY (%s) REFERENCES %s (%s) ON DELETE CASCADE ON UPDATE CASCADE)',
+        rel.relnamespace::regnamespace, sidecar_name, key_defs, vec_schema, ident.dims,
+        key_cols, key_cols, source, key_cols);
+    side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
+    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.vector_cosine_ops)', side, vec_schema);
+    EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
+    -- same owner and grants as the source
+    -- (regrole's output is already a quoted identifier: %s, never %I or quote_ident on it)
+    EXECUTE format('ALTER TABLE %s OWNER TO %s', side, rel.relowner::regrole);
+    FOR g IN SELECT a.privilege_type, a.grantee FROM aclexplode(rel.relacl) a WHERE a.grantee <> rel.relowner LOOP
+        EXECUTE format('GRANT %s ON %s TO %s', g.privilege_type, side,
+                       CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    END LOOP;
+
+    -- the queue is named by the registry id: short (pgmq limits names) and free of user text.
+    -- Taking the id first means the row goes in whole, so concurrent watch() calls never collide.
+    s.id := nextval('embed_sidecar.sources_id_seq');
+    INSERT INTO embed_sidecar.sources (id, source, content_attnum, key_attnums, sidecar, queue_name, model, model_id, dims, fts_config)
+    VALUES (s.id, source, content_at.attnum, key_nums, side, 'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
+    RETURNING * INTO s;
+    -- A queue of this name can only be left over from an earlier installation of the extension
+    -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
+    IF EXISTS (SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = s.queue_name) THEN
+        PERFORM pgmq.drop_queue(s.queue_name);
+    END IF;
+    PERFORM pgmq.create(s.queue_name);
+
+    EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
+                   source, s.id, s.content_attnum, s.key_attnums);
+    EXECUTE format('CREATE TRIGGER embed_sidecar_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
+                   source, s.id, s.content_attnum, s.key_attnums);
+    IF backfill THEN
+        PERFORM embed_sidecar._backfill(s.id, false);
+    END IF;
+    RETURN side;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig) IS
+    'Create the sidecar table, queue and triggers for a source table, and enqueue its existing rows';
+
+CREATE OR REPLACE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._owned_source(source);
+BEGIN
+    PERFORM embed_sidecar._forget(s, drop_sidecar);
+END
+$$;
+
+-- Remove everything watch() made except, unless asked, the sidecar table. Tolerates pieces that
+-- are already gone (used by the sql_drop event trigger too).
+CREATE OR REPLACE FUNCTION embed_sidecar._forget(s embed_sidecar.sources, drop_sidecar boolean) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM embed_sidecar.sources WHERE id = s.id;
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = s.source) THEN
+        EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_insert ON %s', s.source);
+        EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_update ON %s', s.source);
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = s.queue_name) THEN
+        PERFORM pgmq.drop_queue(s.queue_name);
+    END IF;
+    IF drop_sidecar AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.sidecar) THEN
+        EXECUTE format('DROP TABLE %s', s.sidecar);
+    END IF;
+END
+$$;
+
+-- Re-embed rows whose stored model or content hash is not current. Reloads the model identity
+-- first, so a replaced model file (new hash) is noticed. Returns the number of keys enqueued.
+CREATE OR REPLACE FUNCTION embed_sidecar.reembed(source regclass) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._owned_source(source);
+BEGIN
+    UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
+     WHERE id = s.id RETURNING * INTO s;
+    RETURN embed_sidecar._backfill(s.id, true);
+END
+$$;
+
+-- Switch a source to another model of the same dimension. Old vectors stay readable (and are
+-- found by search) until each is replaced.
+CREATE OR REPLACE FUNCTION embed_sidecar.set_model(source regclass, model text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._owned_source(source);
+    ident record;
+BEGIN
+    SELECT m.model_id, m.dims INTO ident FROM embed_sidecar._model_identity(model) m;
+    IF ident.dims <> s.dims THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: model "%" has % dimensions, the sidecar of % has %', model, ident.dims, source, s.dims
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'A new dimension needs a new sidecar: embed_sidecar.unwatch(source, drop_sidecar => true), then watch() with the new model.';
+    END IF;
+    UPDATE embed_sidecar.sources SET model = set_model.model, model_id = ident.model_id WHERE id = s.id RETURNING * INTO s;
+    RETURN embed_sidecar._backfill(s.id, true);
+END
+$$;
+
+-- Put dead-lettered rows back on the queue. Returns how many.
+CREATE OR REPLACE FUNCTION embed_sidecar.retry_failed(source regclass) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._owned_source(source);
+    keys jsonb[];
+BEGIN
+    WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
+    SELECT array_agg(key) INTO keys FROM d;
+    IF keys IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM pgmq.send_batch(s.queue_name, keys);
+    RETURN cardinality(keys);
+END
+$$;
+
+-- Paused sources keep enqueueing; only draining stops.
+CREATE OR REPLACE FUNCTION embed_sidecar.pause(source regclass) RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE embed_sidecar.sources SET state = 'paused' WHERE id = (embed_sidecar._owned_source(source)).id;
+END;
+
+CREATE OR REPLACE FUNCTION embed_sidecar.resume(source regclass) RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE embed_sidecar.sources SET state = 'active' WHERE id = (embed_sidecar._owned_source(source)).id;
+END;
+
+-- Drain queued changes in this session (no worker needed): the same code path the worker runs.
+-- Returns the number of queue messages handled.
+CREATE OR REPLACE FUNCTION embed_sidecar.process(source regclass DEFAULT NULL, max_rows int DEFAULT 1000) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+    done bigint := 0;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: max_rows must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF source IS NOT NULL THEN
+        PERFORM embed_sidecar._source(source);
+    END IF;
+    FOR s IN SELECT * FROM embed_sidecar.sources x
+              WHERE (process.source IS NULL OR x.source = process.source) ORDER BY x.id LOOP
+        CONTINUE WHEN process.source IS NULL
+                  AND NOT pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = s.source), 'USAGE');
+        PERFORM embed_sidecar._check_owner(s.source);
+        done := done + embed_sidecar._process(s.id, max_rows - done::int);
+        EXIT WHEN done >= max_rows;
+    END LOOP;
+    RETURN done;
+END
+$$;
+
+-- ---- from sql/status.sql ----
+-- Monitoring: the status view (counters and queue metrics only: no scan of the source, so it costs
+-- the same on a million rows as on ten), verify() (the full check, hashing every row, on demand)
+-- and wait().
+
+-- A queue's backlog. SECURITY DEFINER with a pinned search_path: the view's readers may not read
+-- pgmq's tables, and pgmq.metrics() resolves names through whatever search_path it is called with.
+CREATE OR REPLACE FUNCTION embed_sidecar._queue_backlog(queue_name text, OUT pending bigint, OUT oldest_pending_age interval)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT m.queue_length, make_interval(secs => coalesce(m.oldest_msg_age_sec, 0)) FROM pgmq.metrics(queue_name) m;
+END;
+
+CREATE VIEW embed_sidecar.status AS
+SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending,
+       (SELECT count(*) FROM embed_sidecar.failures f WHERE f.source_id = s.id) AS failed,
+       q.oldest_pending_age,
+       s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at
+  FROM embed_sidecar.sources s, LATERAL embed_sidecar._queue_backlog(s.queue_name) q
+ WHERE has_table_privilege(s.source, 'SELECT');
+COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog, failures, counters, last error';
+
+-- The consistency invariant for one source, computed from the rows themselves: how many rows have
+-- content, how many vectors exist, how many are missing, stale (content or model changed) or
+-- orphaned. Runs with the caller's rights (it reads both tables).
+CREATE OR REPLACE FUNCTION embed_sidecar.verify(source regclass,
+    OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._readable_source(source);
+    content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+BEGIN
+    EXECUTE format(
+        'SELECT count(src.*), count(sc.content_hash),
+                count(*) FILTER (WHERE src IS NOT NULL AND sc.content_hash IS NULL AND NOT embed_sidecar._is_blank(%1$s)),
+                count(*) FILTER (WHERE src IS NOT NULL AND sc.content_hash IS NOT NULL AND (embed_sidecar._is_blank(%1$s)
+                                  OR sc.content_hash <> embed_sidecar._content_hash(%1$s) OR sc.model <> $1)),
+                count(*) FILTER (WHERE src IS NULL)
+           FROM %2$s src FULL JOIN %3$s sc ON %4$s',
+        content, s.source, s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'))
+    INTO source_rows, embedded_rows, missing, stale, orphans USING s.model_id;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.verify(regclass) IS
+    'Full consistency check of one watched table (hashes every row): missing, stale and orphaned vectors';
+
+-- Block until the source (or every source, if NULL) has an empty queue: every change made so far
+-- has been embedded, cleared or dead-lettered (see status.failed). Returns false if the timeout
+-- passes first. Costs one count per queue per poll, never a scan of the source.
+CREATE OR REPLACE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interval DEFAULT '60 seconds') RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + timeout;
+    queues text[];
+BEGIN
+    IF source IS NOT NULL THEN
+        PERFORM embed_sidecar._source(source);
+    END IF;
+    SELECT array_agg(x.queue_name) INTO queues FROM embed_sidecar.sources x
+     WHERE (wait.source IS NULL OR x.source = wait.source) AND has_table_privilege(embed_sidecar._calling_role(), x.source, 'SELECT');
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM unnest(queues) q WHERE (embed_sidecar._queue_backlog(q)).pending > 0) THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.02);
+    END LOOP;
+END
+$$;
+
+-- ---- from sql/search.sql ----
+-- Search over a watched table's sidecar: semantic (HNSW, cosine) and hybrid (HNSW + full text,
+-- fused by reciprocal rank fusion). Both run with the caller's privileges on the sidecar, embed
+-- the query once, with the source's model, and return the source key as a JSON array
+-- (join back with e.g. `ON p.name = r.key->>0`).
+
+-- What a search needs to know about a source; readable for callers who may read its sidecar.
+CREATE OR REPLACE FUNCTION embed_sidecar._search_target(source regclass,
+    OUT sidecar regclass, OUT model text, OUT key_json text, OUT vec_type text, OUT dist_op text,
+    OUT fts_config regconfig)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := embed_sidecar._readable_source(source);
+BEGIN
+    sidecar := s.sidecar;
+    model := s.model;
+    key_json := format('jsonb_build_array(%s)', embed_sidecar._columns(s.sidecar, s.key_attnums, 'sc'));
+    SELECT format('%I.vector', n), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
+      FROM (SELECT extnamespace::regnamespace::name AS n FROM pg_extension WHERE extname = 'vector') x;
+    fts_config := s.fts_config;
+END
+$$;
+
+-- HNSW returns at most hnsw.ef_search rows: raise it for this query when more are asked for.
+CREATE OR REPLACE FUNCTION embed_sidecar._widen_ef_search(wanted int) RETURNS text
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    old text := coalesce(current_setting('hnsw.ef_search', true), '40');
+BEGIN
+    IF wanted > old::int THEN
+        PERFORM set_config('hnsw.ef_search', least(wanted, 1000)::text, true);
+    END IF;
+    RETURN old;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10)
+    RETURNS TABLE (key jsonb, distance float8)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record := embed_sidecar._search_target(source);
+    q real[] := embed_sidecar._embed_with(t.model, query);
+    old text := embed_sidecar._widen_ef_search(k);
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT %1$s, (sc.embedding %4$s $1::%2$s)::float8
+           FROM %3$s sc ORDER BY sc.embedding %4$s $1::%2$s LIMIT $2',
+        t.key_json, t.vec_type, t.sidecar, t.dist_op) USING q, k;
+    PERFORM set_config('hnsw.ef_search', old, true);
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int) IS
+    'k nearest rows of a watched table by cosine distance to the query''s embedding (HNSW index)';
+
+-- Full-text query with OR semantics: a long natural-language query should rank documents that
+-- share many of its words, not only those that contain all of them.
+CREATE OR REPLACE FUNCTION embed_sidecar.any_words_tsquery(config regconfig, query text) RETURNS tsquery
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN nullif(replace(plainto_tsquery(config, query)::text, ' & ', ' | '), '')::tsquery;
+
+CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search(
+    source regclass, query text, k int DEFAULT 10,
+    candidates int DEFAULT 100, vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0,
+    rrf_k int DEFAULT 60)
+    RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record := embed_sidecar._search_target(source);
+    q real[] := embed_sidecar._embed_with(t.model, query);
+    old text := embed_sidecar._widen_ef_search(candidates);
+BEGIN
+    RETURN QUERY EXECUTE format(
+        -- ranks come from an explicit ORDER BY: row_number() OVER () would only follow the
+        -- subquery's order by accident of the plan
+        'WITH v AS (SELECT %1$s AS key, row_number() OVER (ORDER BY sc.d, %1$s)::int AS r
+                      FROM (SELECT sc.*, sc.embedding %4$s $1::%2$s AS d
+                              FROM %3$s sc ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3) sc),
+              f AS (SELECT %1$s AS key, row_number() OVER (ORDER BY ts_rank(sc.fts, tq, 1) DESC)::int AS r
+                      FROM %3$s sc, embed_sidecar.any_words_tsquery($4, $5) tq
+                     WHERE sc.fts @@ tq ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3)
+         SELECT coalesce(v.key, f.key),
+                coalesce($6 / ($8 + v.r), 0) + coalesce($7 / ($8 + f.r), 0),
+                v.r, f.r
+           FROM v FULL JOIN f ON v.key = f.key
+          ORDER BY 2 DESC, 1 LIMIT $2',
+        t.key_json, t.vec_type, t.sidecar, t.dist_op)
+    USING q, k, candidates, t.fts_config, query, vector_weight, text_weight, rrf_k::float8;
+    PERFORM set_config('hnsw.ef_search', old, true);
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int) IS
+    'Vector and full-text candidates fused by reciprocal rank fusion: score = vector_weight/(rrf_k + vector_rank) + text_weight/(rrf_k + text_rank)';
+
+-- ---- the statement triggers of every watched table, with 0.2.0's arguments ----
+DO $$
+DECLARE
+    s embed_sidecar.sources;
+BEGIN
+    FOR s IN SELECT * FROM embed_sidecar.sources LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_insert ON %s', s.source);
+        EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_update ON %s', s.source);
+        EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
+                       s.source, s.id, s.content_attnum, s.key_attnums);
+        EXECUTE format('CREATE TRIGGER embed_sidecar_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
+                       s.source, s.id, s.content_attnum, s.key_attnums);
+    END LOOP;
+END
+$$;
+
+-- ---- from sql/privileges.sql ----
+-- Runs last (finalize): who may call what.
+
+-- Management is for table owners the administrator trusts: nothing here is PUBLIC.
+REVOKE ALL ON ALL TABLES IN SCHEMA embed_sidecar FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA embed_sidecar FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
+GRANT SELECT ON embed_sidecar.status TO PUBLIC;
+GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass), embed_sidecar._readable_source(regclass),
+    embed_sidecar._widen_ef_search(int), embed_sidecar.any_words_tsquery(regconfig, text),
+    embed_sidecar.search(regclass, text, int),
+    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int),
+    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(text) TO PUBLIC;
+-- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
+-- that the writer may write the table.
+GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),
+    embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._is_blank(text),
+    embed_sidecar._enqueue(int, text[]) TO PUBLIC;
+-- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
+-- execute the statements they are handed, with the rights of whoever calls them.
+GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),
+    embed_sidecar._lookup(text, jsonb[], text),
+    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, regconfig, jsonb[]) TO PUBLIC;
+-- embedding is for everyone by default; revoke both to restrict it:
+--   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
+    embed_sidecar.model_info(), embed_sidecar.texts_embedded() TO PUBLIC;
+
