@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): every tier, strictest last.
 #   1. inference core, plain cargo test (no Postgres)
-#   2. SQL functions inside a backend (#[pg_test], each test rolled back)
-#   3. integration suite against a running cluster with the worker preloaded (pytest)
+#   2. SQL functions inside a backend (#[pg_test], each rolled back) and the drain's decisions
+#      (src/settle.rs, plain #[test]): cargo pgrx test
+#   3. pg_regress golden files (SQL API) and pg_isolation_regress specs (concurrency promises)
+#   4. integration suite against a running cluster with the worker preloaded (pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 bash scripts/setup.sh  # idempotent: seconds when everything is installed
 
-echo "== 1/3 inference core: cargo test -p embed_core"
+echo "== 1/4 inference core: cargo test -p embed_core"
 cargo test -p embed_core --release
 
-echo "== 2/3 SQL functions in a backend: cargo pgrx test"
+echo "== 2/4 SQL functions in a backend, drain decisions: cargo pgrx test"
 mkdir -p /var/lib/pg_embed_sidecar && chown postgres /var/lib/pg_embed_sidecar
 cargo pgrx test pg15 --release --runas postgres --pgdata /var/lib/pg_embed_sidecar/pgrx-test
 
-echo "== 3/3 integration suite: worker, triggers, queue, crash and restart (pytest)"
-# the integration suite needs the fault-injection hook (pg_embed_sidecar.test_fail_marker), which
-# release installs (scripts/setup.sh) leave out
+# the tiers below need the fault-injection hook (pg_embed_sidecar.test_fail_marker), which release
+# installs (scripts/setup.sh) leave out
 cargo pgrx install --release --features fault_injection --pg-config "$PG_CONFIG" >/dev/null
 bash scripts/cluster.sh restart
+
+echo "== 3/4 pg_regress and isolation specs"
+bash scripts/regress.sh
+
+echo "== 4/4 integration suite: worker, triggers, queue, authority, crash and restart (pytest)"
 "$VENV/bin/python" -m pytest tests -v -p no:cacheprovider "$@"

@@ -29,16 +29,19 @@ AS $$
 DECLARE
     s embed_sidecar.sources := embed_sidecar._readable_source(source);
     content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+    key_join text := embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src');
 BEGIN
     EXECUTE format(
-        'SELECT count(src.*), count(sc.content_hash),
-                count(*) FILTER (WHERE src IS NOT NULL AND sc.content_hash IS NULL AND NOT embed_sidecar._is_blank(%1$s)),
-                count(*) FILTER (WHERE src IS NOT NULL AND sc.content_hash IS NOT NULL AND (embed_sidecar._is_blank(%1$s)
-                                  OR sc.content_hash <> embed_sidecar._content_hash(%1$s) OR sc.model <> $1)),
-                count(*) FILTER (WHERE src IS NULL)
-           FROM %2$s src FULL JOIN %3$s sc ON %4$s',
-        content, s.source, s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'))
-    INTO source_rows, embedded_rows, missing, stale, orphans USING s.model_id;
+        'SELECT count(*), count(sc.content_hash),
+                count(*) FILTER (WHERE sc.content_hash IS NULL AND NOT embed_sidecar._is_blank(%1$s)),
+                count(*) FILTER (WHERE sc.content_hash IS NOT NULL AND (embed_sidecar._is_blank(%1$s)
+                                   OR sc.content_hash <> embed_sidecar._content_hash(%1$s) OR sc.model <> $1))
+           FROM %2$s src LEFT JOIN %3$s sc ON %4$s',
+        content, s.source, s.sidecar, key_join)
+    INTO source_rows, embedded_rows, missing, stale USING s.model_id;
+    EXECUTE format('SELECT count(*) FROM %s sc WHERE NOT EXISTS (SELECT 1 FROM %s src WHERE %s)', s.sidecar, s.source, key_join)
+    INTO orphans;
+    embedded_rows := embedded_rows + orphans;
 END
 $$;
 COMMENT ON FUNCTION embed_sidecar.verify(regclass) IS

@@ -2,7 +2,7 @@
 -- drains in the session; unwatch() takes it all down again.
 CREATE TABLE docs (id int PRIMARY KEY, lang text, body text);
 INSERT INTO docs VALUES (1, 'en', 'the cat sat on the mat'), (2, 'en', ''), (3, 'en', NULL),
-                        (4, 'en', 'stock markets fell sharply today');
+                        (4, 'en', 'stock markets fell sharply today'), (5, NULL, 'no language given');
 SELECT embed_sidecar.watch('docs', 'body');
 
 -- the sidecar: the key, the vector, its model and content hash, a tsvector; HNSW and GIN indexes
@@ -14,7 +14,7 @@ SELECT am.amname, pg_get_indexdef(i.indexrelid) ~ 'vector_cosine_ops' AS cosine
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'docs'::regclass AND NOT tgisinternal ORDER BY 1;
 SELECT confrelid::regclass, confdeltype FROM pg_constraint WHERE conrelid = 'docs_embeddings'::regclass AND contype = 'f';
 
--- backfill: two rows have content
+-- backfill: three rows have content (a NULL in another column changes nothing)
 SELECT source, sidecar, model LIKE 'all-MiniLM-L6-v2@%' AS default_model, state, pending, failed
   FROM embed_sidecar.status;
 SELECT embed_sidecar.process('docs');
