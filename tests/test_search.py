@@ -100,3 +100,16 @@ def test_search_uses_the_indexes_and_embeds_once(db):
     assert "docs_embeddings_embedding_idx" in text, text  # HNSW
     assert "docs_embeddings_fts_idx" in text, text        # GIN
     assert after - before == 1  # same query text twice: embedded once (the second call hits the memo)
+
+
+def test_hybrid_vector_ranks_follow_distance(db):
+    """vector_rank is the rank by distance, exactly as search() orders the rows (issue 8: it came
+    from row_number() OVER () and only followed the subquery's order by accident of the plan)."""
+    fixture(db)
+    for query in ("chess engine", "terminal programs", "sound"):
+        by_distance = [r[0] for r in db.execute(
+            "SELECT (key->>0)::int FROM embed_sidecar.search('docs', %s, 8)", (query,)).fetchall()]
+        ranks = dict(db.execute(
+            "SELECT (key->>0)::int, vector_rank FROM embed_sidecar.hybrid_search('docs', %s, 8, candidates => 8)",
+            (query,)).fetchall())
+        assert [ranks[k] for k in by_distance] == list(range(1, 9)), (query, by_distance, ranks)
