@@ -9,7 +9,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass), embed_sidecar.
     embed_sidecar._widen_ef_search(int), embed_sidecar.any_words_tsquery(regconfig, text),
     embed_sidecar.search(regclass, text, int),
     embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int),
-    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(text) TO PUBLIC;
+    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(regclass) TO PUBLIC;
 -- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),

@@ -2,12 +2,16 @@
 -- the same on a million rows as on ten), verify() (the full check, hashing every row, on demand)
 -- and wait().
 
--- A queue's backlog. SECURITY DEFINER with a pinned search_path: the view's readers may not read
--- pgmq's tables, and pgmq.metrics() resolves names through whatever search_path it is called with.
-CREATE FUNCTION embed_sidecar._queue_backlog(queue_name text, OUT pending bigint, OUT oldest_pending_age interval)
+-- A watched table's backlog, for callers who may read the table. SECURITY DEFINER with a pinned
+-- search_path: readers may not read pgmq's tables, and pgmq.metrics() resolves names through
+-- whatever search_path it is called with.
+CREATE FUNCTION embed_sidecar._queue_backlog(source regclass, OUT pending bigint, OUT oldest_pending_age interval)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT m.queue_length, make_interval(secs => coalesce(m.oldest_msg_age_sec, 0)) FROM pgmq.metrics(queue_name) m;
+    SELECT m.queue_length, make_interval(secs => coalesce(m.oldest_msg_age_sec, 0))
+      FROM embed_sidecar.sources s, pgmq.metrics(s.queue_name) m
+     WHERE s.source = _queue_backlog.source
+       AND has_table_privilege(embed_sidecar._calling_role(), s.source, 'SELECT');
 END;
 
 CREATE VIEW embed_sidecar.status AS
@@ -15,7 +19,7 @@ SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending,
        (SELECT count(*) FROM embed_sidecar.failures f WHERE f.source_id = s.id) AS failed,
        q.oldest_pending_age,
        s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at
-  FROM embed_sidecar.sources s, LATERAL embed_sidecar._queue_backlog(s.queue_name) q
+  FROM embed_sidecar.sources s, LATERAL embed_sidecar._queue_backlog(s.source) q
  WHERE has_table_privilege(s.source, 'SELECT');
 COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog, failures, counters, last error';
 
@@ -55,15 +59,14 @@ CREATE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interva
 AS $$
 DECLARE
     deadline timestamptz := clock_timestamp() + timeout;
-    queues text[];
+    sources regclass[];
 BEGIN
     IF source IS NOT NULL THEN
         PERFORM embed_sidecar._source(source);
     END IF;
-    SELECT array_agg(x.queue_name) INTO queues FROM embed_sidecar.sources x
-     WHERE (wait.source IS NULL OR x.source = wait.source) AND has_table_privilege(embed_sidecar._calling_role(), x.source, 'SELECT');
+    SELECT array_agg(x.source) INTO sources FROM embed_sidecar.sources x WHERE wait.source IS NULL OR x.source = wait.source;
     LOOP
-        IF NOT EXISTS (SELECT 1 FROM unnest(queues) q WHERE (embed_sidecar._queue_backlog(q)).pending > 0) THEN
+        IF NOT EXISTS (SELECT 1 FROM unnest(sources) r WHERE (embed_sidecar._queue_backlog(r)).pending > 0) THEN
             RETURN true;
         END IF;
         IF clock_timestamp() >= deadline THEN
