@@ -48,6 +48,7 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
                 return Err(SidecarError::NotAllowed(format!("may not enqueue changes of table {table}")));
             }
             client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.into(), keys.into()])?;
+            crate::wake::on_commit();
             Ok(())
         })
     })
@@ -85,6 +86,9 @@ pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result
         }
         total += keys.len() as i64;
         client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.as_str().into(), keys.into()])?;
+    }
+    if total > 0 {
+        crate::wake::on_commit();
     }
     Ok(total)
 }

@@ -28,8 +28,10 @@ static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Queue messages read per drain pass.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
-/// Worker nap when queues are empty, in milliseconds.
-static IDLE_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
+/// Worker heartbeat when queues are empty, in milliseconds. A commit that enqueues wakes the
+/// worker at once (src/wake.rs), so this only bounds how late other work is noticed (a retry's
+/// back-off running out, a resumed source, a replaced model file).
+static IDLE_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Attempts before a message moves to the dead-letter table.
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
 /// Seconds a read message stays invisible to other readers (crash recovery: it reappears after).
@@ -110,7 +112,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_embed_sidecar.idle_naptime",
-        c"How long the worker sleeps when every queue is empty.",
+        c"How long the worker sleeps when every queue is empty (a commit that enqueues wakes it at once).",
         c"",
         &IDLE_NAPTIME_MS,
         10,

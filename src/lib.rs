@@ -4,7 +4,7 @@
 //! `embed_core` crate) → `api` (SQL functions) → sql/registry.sql (what is watched) →
 //! sql/manage.sql (watch & co.) → sql/triggers.sql + `enqueue` (changed keys onto pgmq) →
 //! `drain` (queue → vectors, shared by `process()` and the worker; its decisions in `settle`,
-//! its SQL in sql/drain.sql) → `authority` (whose rights each step runs with) → `xact` → `worker` →
+//! its SQL in sql/drain.sql) → `authority` (whose rights each step runs with) → `xact` → `wake` (commit → worker latch) → `worker` →
 //! sql/status.sql → `error` (how failures reach the user).
 
 use pgrx::prelude::*;
@@ -17,6 +17,7 @@ mod error;
 mod gucs;
 mod model;
 mod settle;
+mod wake;
 mod worker;
 mod xact;
 
@@ -25,6 +26,7 @@ mod xact;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    wake::init();
     worker::register();
 }
 

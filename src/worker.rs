@@ -48,6 +48,8 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(_arg: pg_sys::Datum) {
     let role = gucs::worker_role();
     BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
     log!("pg_embed_sidecar: worker started for database \"{db}\"");
+    // from now on a commit that enqueues in this database sets our latch
+    crate::wake::register_worker();
     // Nothing a user creates in a writable schema may shadow what the drain calls.
     if let Err(e) = run_in_transaction(|| Ok(Spi::run("SET search_path TO pg_catalog, pg_temp")?)) {
         warning!("pg_embed_sidecar: {e}");

@@ -275,3 +275,24 @@ def test_model_file_replaced_in_place_is_noticed(db, changed):
     assert before.split("@")[0] == after.split("@")[0] and before.split("@")[1] != after.split("@")[1]
     assert one(db, "SELECT count(DISTINCT model) FROM docs_embeddings") == 1
     shutil.rmtree(alt, ignore_errors=True)
+
+
+def test_commit_wakes_the_worker(db):
+    """With a 60 s heartbeat the worker still embeds committed rows at once: a commit that
+    enqueued sets the worker's latch (issue 10's wake on commit)."""
+    with connect(dbname="postgres") as c:
+        c.execute("ALTER SYSTEM SET pg_embed_sidecar.idle_naptime = '60s'")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        watch(db, "docs")
+        time.sleep(1.5)  # the worker has read the new heartbeat and is napping
+        for i in range(5):
+            db.execute("INSERT INTO docs VALUES (%s, %s)", (i, f"wake up {i}"))
+            assert one(db, "SELECT embed_sidecar.wait('docs', '10 s')"), f"row {i} waited for the heartbeat"
+            time.sleep(0.3)
+        assert_in_step(db, "docs")
+    finally:
+        with connect(dbname="postgres") as c:
+            c.execute("ALTER SYSTEM RESET pg_embed_sidecar.idle_naptime")
+            c.execute("SELECT pg_reload_conf()")
