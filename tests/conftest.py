@@ -4,13 +4,14 @@ Each test gets its own schema in database pes_test, dropped afterwards. The work
 pes_test, so watched tables are drained in the background unless a test pauses its source."""
 import os
 import re
-import subprocess
+import shutil
 import time
 import uuid
 
 import psycopg
 import pytest
 
+MODELS = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models"
 DSN = dict(host=os.environ.get("PGHOST", "/tmp"), port=int(os.environ.get("PGPORT", "5433")),
            user="postgres", dbname=os.environ.get("PES_TEST_DB", "pes_test"))
 
@@ -145,3 +146,22 @@ def connect_as(role, schema):
     conn = connect(user=role)
     conn.execute(f'SET search_path = "{schema}", public')
     return conn
+
+
+@pytest.fixture
+def model_copy():
+    """model_copy(name) copies the default model's directory under another model name and
+    returns its path; removed (with a '.away' twin) after the test."""
+    made = []
+
+    def make(name):
+        path = f"{MODELS}/{name}"
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(f"{MODELS}/all-MiniLM-L6-v2", path)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        for p in (path, path + ".away"):
+            shutil.rmtree(p, ignore_errors=True)

@@ -6,7 +6,7 @@ as pes_alice (never as the worker's superuser), that no role attribute, membersh
 and that the rows were still embedded cleanly."""
 import pytest
 
-from conftest import (assert_in_step, connect, connect_as, error_of, one, queue_depth, role_snapshot, wait,
+from conftest import (assert_in_step, connect_as, error_of, one, queue_depth, role_snapshot, wait,
                       watch)
 
 # The payload every attack runs: note who runs it, then try to escalate. The attempts swallow

@@ -4,7 +4,6 @@ Short variants run by default; PES_LONG=1 runs the long ones (60 s of writers, 2
 100k embed_text calls)."""
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -15,7 +14,6 @@ import pytest
 from conftest import watch, error_of, DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid
 
 LONG = os.environ.get("PES_LONG") == "1"
-MODELS = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -210,10 +208,8 @@ def test_queue_dropped_by_hand_does_not_stop_the_worker(db):
     assert_in_step(db, "docs")
 
 
-def test_missing_model_keeps_jobs_waiting_then_recovers(db):
-    src, alt = f"{MODELS}/all-MiniLM-L6-v2", f"{MODELS}/outage-test"
-    shutil.rmtree(alt, ignore_errors=True)
-    shutil.copytree(src, alt)
+def test_missing_model_keeps_jobs_waiting_then_recovers(db, model_copy):
+    alt = model_copy("outage-test")
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     watch(db, "docs", model="outage-test")
     pid = worker_pid()
@@ -428,12 +424,10 @@ def test_upgrade_from_0_1_0():
                 c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
 
 
-def test_failing_source_is_isolated_and_its_error_shown(db):
+def test_failing_source_is_isolated_and_its_error_shown(db, model_copy):
     """A source whose model is missing does not hold up the others, and its error is in
     status.last_error (issue 8: the worker napped 5 s and the error never reached status)."""
-    src, alt = f"{MODELS}/all-MiniLM-L6-v2", f"{MODELS}/isolation-test"
-    shutil.rmtree(alt, ignore_errors=True)
-    shutil.copytree(src, alt)
+    alt = model_copy("isolation-test")
     db.execute("CREATE TABLE broken (id int PRIMARY KEY, body text)")
     db.execute("CREATE TABLE healthy (id int PRIMARY KEY, body text)")
     watch(db, "broken", model="isolation-test")

@@ -1,5 +1,4 @@
 """Issue 4: semantic and hybrid search on a small fixture."""
-import psycopg
 
 from conftest import one, wait
 

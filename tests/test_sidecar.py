@@ -1,4 +1,5 @@
 """Issue 3: the sidecar engine end to end, with the background worker really running."""
+import json
 import os
 import signal
 import time
@@ -243,15 +244,10 @@ def test_consistency_after_concurrent_process_and_worker(db):
 
 
 @pytest.mark.parametrize("changed", ["model.onnx", "tokenizer.json"])
-def test_model_file_replaced_in_place_is_noticed(db, changed):
+def test_model_file_replaced_in_place_is_noticed(db, changed, model_copy):
     """A changed file under the same model name is a new model: vectors are re-embedded. The
     identity covers the tokenizer too (issue 8: replacing it used to re-embed nothing)."""
-    src, alt = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2", \
-        "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/swap-test"
-    import json
-    import shutil
-    shutil.rmtree(alt, ignore_errors=True)
-    shutil.copytree(src, alt)
+    alt = model_copy("swap-test")
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     db.execute("INSERT INTO docs SELECT i, 'swap ' || i FROM generate_series(1, 30) i")
     watch(db, "docs", model="swap-test")
@@ -274,7 +270,6 @@ def test_model_file_replaced_in_place_is_noticed(db, changed):
     # the name part comes from the copied manifest; the hash part is the files'
     assert before.split("@")[0] == after.split("@")[0] and before.split("@")[1] != after.split("@")[1]
     assert one(db, "SELECT count(DISTINCT model) FROM docs_embeddings") == 1
-    shutil.rmtree(alt, ignore_errors=True)
 
 
 def test_commit_wakes_the_worker(db):
