@@ -95,12 +95,12 @@ BEGIN
     INSERT INTO embed_sidecar.sources (id, source, content_attnum, key_attnums, sidecar, queue_name, model, model_id, dims, fts_config)
     VALUES (s.id, source, content_at.attnum, key_nums, side, 'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
     RETURNING * INTO s;
-    -- A queue of this name can only be left over from an earlier installation of the extension
+    -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
-    IF EXISTS (SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = s.queue_name) THEN
-        PERFORM pgmq.drop_queue(s.queue_name);
-    END IF;
+    PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
+      WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
     PERFORM pgmq.create(s.queue_name);
+    PERFORM pgmq.create(embed_sidecar._bulk_queue(s.queue_name));
 
     EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
@@ -138,9 +138,8 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_insert ON %s', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_update ON %s', s.source);
     END IF;
-    IF EXISTS (SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = s.queue_name) THEN
-        PERFORM pgmq.drop_queue(s.queue_name);
-    END IF;
+    PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
+      WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
     IF drop_sidecar AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.sidecar) THEN
         EXECUTE format('DROP TABLE %s', s.sidecar);
     END IF;

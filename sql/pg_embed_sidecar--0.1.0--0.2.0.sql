@@ -20,6 +20,9 @@ SELECT pg_catalog.setval('embed_sidecar.sources_id_seq', coalesce((SELECT max(id
 ALTER TABLE embed_sidecar.sources ALTER COLUMN id SET DEFAULT nextval('embed_sidecar.sources_id_seq');
 SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources_id_seq', '');
 
+-- the bulk lane's progress
+ALTER TABLE embed_sidecar.sources ADD COLUMN bulk_total bigint NOT NULL DEFAULT 0, ADD COLUMN bulk_started_at timestamptz;
+
 -- new Rust functions
 CREATE FUNCTION embed_sidecar."_calling_role"() RETURNS oid /* pg_sys :: Oid */
 STRICT STABLE PARALLEL SAFE 
@@ -43,6 +46,11 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'backfill_wrapper';
 
 -- ---- from sql/registry.sql ----
+-- The bulk lane's queue of a source.
+CREATE OR REPLACE FUNCTION embed_sidecar._bulk_queue(queue_name text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN queue_name || '_bulk';
+
 -- NULL, empty and whitespace-only texts get no vector.
 CREATE OR REPLACE FUNCTION embed_sidecar._is_blank(content text) RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -446,12 +454,12 @@ BEGIN
     INSERT INTO embed_sidecar.sources (id, source, content_attnum, key_attnums, sidecar, queue_name, model, model_id, dims, fts_config)
     VALUES (s.id, source, content_at.attnum, key_nums, side, 'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
     RETURNING * INTO s;
-    -- A queue of this name can only be left over from an earlier installation of the extension
+    -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
-    IF EXISTS (SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = s.queue_name) THEN
-        PERFORM pgmq.drop_queue(s.queue_name);
-    END IF;
+    PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
+      WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
     PERFORM pgmq.create(s.queue_name);
+    PERFORM pgmq.create(embed_sidecar._bulk_queue(s.queue_name));
 
     EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
@@ -489,9 +497,8 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_insert ON %s', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_update ON %s', s.source);
     END IF;
-    IF EXISTS (SELECT 1 FROM pgmq.list_queues() q WHERE q.queue_name = s.queue_name) THEN
-        PERFORM pgmq.drop_queue(s.queue_name);
-    END IF;
+    PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
+      WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
     IF drop_sidecar AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.sidecar) THEN
         EXECUTE format('DROP TABLE %s', s.sidecar);
     END IF;
@@ -595,26 +602,33 @@ $$;
 -- the same on a million rows as on ten), verify() (the full check, hashing every row, on demand)
 -- and wait().
 
--- A watched table's backlog, for callers who may read the table. SECURITY DEFINER with a pinned
--- search_path: readers may not read pgmq's tables, and pgmq.metrics() resolves names through
--- whatever search_path it is called with.
-CREATE OR REPLACE FUNCTION embed_sidecar._queue_backlog(source regclass, OUT pending bigint, OUT oldest_pending_age interval)
+-- A watched table's backlog in both lanes, for callers who may read the table. SECURITY DEFINER
+-- with a pinned search_path: readers may not read pgmq's tables, and pgmq.metrics() resolves names
+-- through whatever search_path it is called with.
+CREATE OR REPLACE FUNCTION embed_sidecar._queue_backlog(source regclass,
+    OUT pending bigint, OUT oldest_pending_age interval, OUT bulk_pending bigint)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT m.queue_length, make_interval(secs => coalesce(m.oldest_msg_age_sec, 0))
-      FROM embed_sidecar.sources s, pgmq.metrics(s.queue_name) m
+    SELECT l.queue_length, make_interval(secs => coalesce(l.oldest_msg_age_sec, 0)), b.queue_length
+      FROM embed_sidecar.sources s, pgmq.metrics(s.queue_name) l, pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name)) b
      WHERE s.source = _queue_backlog.source
        AND has_table_privilege(embed_sidecar._calling_role(), s.source, 'SELECT');
 END;
 
+-- pending / oldest_pending_age: the live lane (changes made by writers). bulk_*: the bulk lane
+-- (backfills), with progress since it was last empty and an ETA from the rate so far.
 CREATE VIEW embed_sidecar.status AS
 SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending,
        (SELECT count(*) FROM embed_sidecar.failures f WHERE f.source_id = s.id) AS failed,
-       q.oldest_pending_age,
+       q.oldest_pending_age, q.bulk_pending,
+       CASE WHEN s.bulk_total > 0 THEN round(greatest(s.bulk_total - q.bulk_pending, 0)::numeric / s.bulk_total, 3) END
+           AS bulk_progress,
+       CASE WHEN q.bulk_pending > 0 AND s.bulk_total > q.bulk_pending
+            THEN (now() - s.bulk_started_at) * q.bulk_pending / (s.bulk_total - q.bulk_pending) END AS bulk_eta,
        s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at
   FROM embed_sidecar.sources s, LATERAL embed_sidecar._queue_backlog(s.source) q
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog, failures, counters, last error';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog in both lanes, bulk progress, failures, counters, last error';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
@@ -644,7 +658,7 @@ $$;
 COMMENT ON FUNCTION embed_sidecar.verify(regclass) IS
     'Full consistency check of one watched table (hashes every row): missing, stale and orphaned vectors';
 
--- Block until the source (or every source, if NULL) has an empty queue: every change made so far
+-- Block until the source (or every source, if NULL) has empty queues: every change made so far
 -- has been embedded, cleared or dead-lettered (see status.failed). Returns false if the timeout
 -- passes first. Costs one count per queue per poll, never a scan of the source.
 CREATE OR REPLACE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interval DEFAULT '60 seconds') RETURNS boolean
@@ -659,7 +673,8 @@ BEGIN
     END IF;
     SELECT array_agg(x.source) INTO sources FROM embed_sidecar.sources x WHERE wait.source IS NULL OR x.source = wait.source;
     LOOP
-        IF NOT EXISTS (SELECT 1 FROM unnest(sources) r WHERE (embed_sidecar._queue_backlog(r)).pending > 0) THEN
+        IF NOT EXISTS (SELECT 1 FROM unnest(sources) r, embed_sidecar._queue_backlog(r) b
+                        WHERE b.pending > 0 OR b.bulk_pending > 0) THEN
             RETURN true;
         END IF;
         IF clock_timestamp() >= deadline THEN
@@ -767,12 +782,18 @@ $$;
 COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int) IS
     'Vector and full-text candidates fused by reciprocal rank fusion: score = vector_weight/(rrf_k + vector_rank) + text_weight/(rrf_k + text_rank)';
 
--- ---- the statement triggers of every watched table, with 0.2.0's arguments ----
+-- ---- every watched table: its bulk lane, and its statement triggers with 0.2.0's arguments ----
 DO $$
 DECLARE
     s embed_sidecar.sources;
 BEGIN
     FOR s IN SELECT * FROM embed_sidecar.sources LOOP
+        -- a queue is pgmq's data, not part of this extension: what an extension script creates
+        -- becomes a member (dropped with it, left out of pg_dump), so detach it again
+        PERFORM pgmq.create(embed_sidecar._bulk_queue(s.queue_name));
+        EXECUTE format('ALTER EXTENSION pg_embed_sidecar DROP TABLE pgmq.%I', 'q_' || embed_sidecar._bulk_queue(s.queue_name));
+        EXECUTE format('ALTER EXTENSION pg_embed_sidecar DROP TABLE pgmq.%I', 'a_' || embed_sidecar._bulk_queue(s.queue_name));
+        EXECUTE format('ALTER EXTENSION pg_embed_sidecar DROP SEQUENCE pgmq.%I', 'q_' || embed_sidecar._bulk_queue(s.queue_name) || '_msg_id_seq');
         EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_insert ON %s', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_update ON %s', s.source);
         EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows

@@ -18,6 +18,8 @@ CREATE TABLE embed_sidecar.sources (
     content_attnum   smallint NOT NULL,
     key_attnums      smallint[] NOT NULL,
     sidecar          regclass NOT NULL UNIQUE,
+    -- two lanes: queue_name takes the changes the triggers enqueue, queue_name || '_bulk' the
+    -- backfills (watch, reembed, set_model, a changed model); the drain serves the first first
     queue_name       text NOT NULL UNIQUE,
     model            text NOT NULL,             -- model directory name
     model_id         text NOT NULL,             -- name@sha256-prefix of the model's files
@@ -31,7 +33,10 @@ CREATE TABLE embed_sidecar.sources (
     embedded         bigint NOT NULL DEFAULT 0,
     last_embedded_at timestamptz,
     last_error       text,
-    last_error_at    timestamptz
+    last_error_at    timestamptz,
+    -- the current bulk run, for progress and ETA: keys enqueued since the bulk lane was last empty
+    bulk_total       bigint NOT NULL DEFAULT 0,
+    bulk_started_at  timestamptz
 );
 ALTER SEQUENCE embed_sidecar.sources_id_seq OWNED BY embed_sidecar.sources.id;
 COMMENT ON TABLE embed_sidecar.sources IS 'Tables watched by pg_embed_sidecar (one row per source)';
@@ -50,6 +55,11 @@ COMMENT ON TABLE embed_sidecar.failures IS 'Dead letters: rows whose embedding f
 SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources', '');
 SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.failures', '');
+
+-- The bulk lane's queue of a source.
+CREATE FUNCTION embed_sidecar._bulk_queue(queue_name text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN queue_name || '_bulk';
 
 -- NULL, empty and whitespace-only texts get no vector.
 CREATE FUNCTION embed_sidecar._is_blank(content text) RETURNS boolean

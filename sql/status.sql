@@ -2,26 +2,33 @@
 -- the same on a million rows as on ten), verify() (the full check, hashing every row, on demand)
 -- and wait().
 
--- A watched table's backlog, for callers who may read the table. SECURITY DEFINER with a pinned
--- search_path: readers may not read pgmq's tables, and pgmq.metrics() resolves names through
--- whatever search_path it is called with.
-CREATE FUNCTION embed_sidecar._queue_backlog(source regclass, OUT pending bigint, OUT oldest_pending_age interval)
+-- A watched table's backlog in both lanes, for callers who may read the table. SECURITY DEFINER
+-- with a pinned search_path: readers may not read pgmq's tables, and pgmq.metrics() resolves names
+-- through whatever search_path it is called with.
+CREATE FUNCTION embed_sidecar._queue_backlog(source regclass,
+    OUT pending bigint, OUT oldest_pending_age interval, OUT bulk_pending bigint)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT m.queue_length, make_interval(secs => coalesce(m.oldest_msg_age_sec, 0))
-      FROM embed_sidecar.sources s, pgmq.metrics(s.queue_name) m
+    SELECT l.queue_length, make_interval(secs => coalesce(l.oldest_msg_age_sec, 0)), b.queue_length
+      FROM embed_sidecar.sources s, pgmq.metrics(s.queue_name) l, pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name)) b
      WHERE s.source = _queue_backlog.source
        AND has_table_privilege(embed_sidecar._calling_role(), s.source, 'SELECT');
 END;
 
+-- pending / oldest_pending_age: the live lane (changes made by writers). bulk_*: the bulk lane
+-- (backfills), with progress since it was last empty and an ETA from the rate so far.
 CREATE VIEW embed_sidecar.status AS
 SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending,
        (SELECT count(*) FROM embed_sidecar.failures f WHERE f.source_id = s.id) AS failed,
-       q.oldest_pending_age,
+       q.oldest_pending_age, q.bulk_pending,
+       CASE WHEN s.bulk_total > 0 THEN round(greatest(s.bulk_total - q.bulk_pending, 0)::numeric / s.bulk_total, 3) END
+           AS bulk_progress,
+       CASE WHEN q.bulk_pending > 0 AND s.bulk_total > q.bulk_pending
+            THEN (now() - s.bulk_started_at) * q.bulk_pending / (s.bulk_total - q.bulk_pending) END AS bulk_eta,
        s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at
   FROM embed_sidecar.sources s, LATERAL embed_sidecar._queue_backlog(s.source) q
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog, failures, counters, last error';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog in both lanes, bulk progress, failures, counters, last error';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
@@ -51,7 +58,7 @@ $$;
 COMMENT ON FUNCTION embed_sidecar.verify(regclass) IS
     'Full consistency check of one watched table (hashes every row): missing, stale and orphaned vectors';
 
--- Block until the source (or every source, if NULL) has an empty queue: every change made so far
+-- Block until the source (or every source, if NULL) has empty queues: every change made so far
 -- has been embedded, cleared or dead-lettered (see status.failed). Returns false if the timeout
 -- passes first. Costs one count per queue per poll, never a scan of the source.
 CREATE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interval DEFAULT '60 seconds') RETURNS boolean
@@ -66,7 +73,8 @@ BEGIN
     END IF;
     SELECT array_agg(x.source) INTO sources FROM embed_sidecar.sources x WHERE wait.source IS NULL OR x.source = wait.source;
     LOOP
-        IF NOT EXISTS (SELECT 1 FROM unnest(sources) r WHERE (embed_sidecar._queue_backlog(r)).pending > 0) THEN
+        IF NOT EXISTS (SELECT 1 FROM unnest(sources) r, embed_sidecar._queue_backlog(r) b
+                        WHERE b.pending > 0 OR b.bulk_pending > 0) THEN
             RETURN true;
         END IF;
         IF clock_timestamp() >= deadline THEN

@@ -3,11 +3,15 @@
 //! held while the model runs) and `embed_sidecar.process()` (everything in the caller's
 //! transaction).
 //!
-//! Pass: read a window of messages (as the worker) → look the distinct keys up (as the table's
+//! Pass: read a window of messages (as the worker): the live lane first, then at most
+//! `bulk_batch_size` from the bulk lane, so a backfill never delays a writer's change by more than
+//! one small pass → look the distinct keys up (as the table's
 //! owner) → decide (`settle::plan`) → embed what changed, a failing batch bisected so good rows
 //! proceed → write vectors and clear blanks (as the table's owner; a failing write is retried row
 //! by row) → settle every message (`settle::settle`) and apply that to the queue, the dead-letter
 //! table and the registry's counters (as the worker).
+
+use std::collections::BTreeMap;
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -36,11 +40,14 @@ pub enum Mode {
 pub struct PassStats {
     pub messages: usize,
     pub embedded: usize,
+    /// A lane filled its window: more is probably waiting.
+    pub more: bool,
 }
 
 /// A registry row with what a pass needs, and the statements built for it (sql/drain.sql).
 struct Source {
     queue: String,
+    bulk_queue: String,
     model: String,
     model_id: String,
     dims: i32,
@@ -61,7 +68,7 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
 fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, SidecarError> {
     let rows = client.select(
         "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
-                d.lookup_sql, d.upsert_sql, d.clear_sql
+                d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name)
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
           WHERE s.id = $1",
@@ -80,6 +87,7 @@ fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, Sideca
         lookup_sql: text(7)?,
         upsert_sql: text(8)?,
         clear_sql: text(9)?,
+        bulk_queue: text(10)?,
     }))
 }
 
@@ -168,10 +176,28 @@ fn write(
     })
 }
 
-/// Apply a settlement as the worker: queue, dead letters, counters.
-fn apply(client: &mut SpiClient<'_>, id: i32, queue: &str, s: Settlement, written: i64) -> Result<(), SidecarError> {
-    if !s.dead_letters.is_empty() {
-        let (keys, rest): (Vec<String>, Vec<(String, i32)>) = s.dead_letters.into_iter().map(|(k, e, a)| (k, (e, a))).unzip();
+/// Apply the settlements of both lanes as the worker: queues, dead letters, counters.
+fn apply(
+    client: &mut SpiClient<'_>,
+    id: i32,
+    lanes: [(&str, Settlement); 2],
+    written: i64,
+) -> Result<(), SidecarError> {
+    // a key can be dead in both lanes at once: one dead letter, the larger attempt count
+    let mut dead_letters: BTreeMap<String, (String, i32)> = BTreeMap::new();
+    let (mut acked, mut dead, mut last_error) = (0i64, 0i64, None);
+    for (queue, s) in lanes {
+        for (key, error, attempts) in s.dead_letters {
+            let entry = dead_letters.entry(key).or_insert((error, attempts));
+            entry.1 = entry.1.max(attempts);
+        }
+        acked += s.ack.len() as i64;
+        dead += s.dead_ids.len() as i64;
+        last_error = last_error.or(s.last_error);
+        settle_queue(client, queue, s.ack, s.dead_ids, s.retry)?;
+    }
+    if !dead_letters.is_empty() {
+        let (keys, rest): (Vec<String>, Vec<(String, i32)>) = dead_letters.into_iter().unzip();
         let (errors, attempts): (Vec<String>, Vec<i32>) = rest.into_iter().unzip();
         client.update(
             "INSERT INTO embed_sidecar.failures AS f (source_id, key, error, attempts)
@@ -182,21 +208,6 @@ fn apply(client: &mut SpiClient<'_>, id: i32, queue: &str, s: Settlement, writte
             &[id.into(), keys.into(), errors.into(), attempts.into()],
         )?;
     }
-    let acked = s.ack.len() as i64;
-    let dead = s.dead_ids.len() as i64;
-    let mut delete = s.ack;
-    delete.extend(s.dead_ids);
-    if !delete.is_empty() {
-        client.update("SELECT pgmq.delete($1, $2::bigint[])", None, &[queue.into(), delete.into()])?;
-    }
-    if !s.retry.is_empty() {
-        let (ids, delays): (Vec<i64>, Vec<i32>) = s.retry.into_iter().unzip();
-        client.update(
-            "SELECT pgmq.set_vt($1, u.id, u.delay) FROM unnest($2::bigint[], $3::int[]) AS u(id, delay)",
-            None,
-            &[queue.into(), ids.into(), delays.into()],
-        )?;
-    }
     client.update(
         "UPDATE embed_sidecar.sources
             SET acked = acked + $2, embedded = embedded + $3, dead_lettered = dead_lettered + $4,
@@ -205,8 +216,26 @@ fn apply(client: &mut SpiClient<'_>, id: i32, queue: &str, s: Settlement, writte
                 last_error_at = CASE WHEN $5 IS NULL THEN last_error_at ELSE now() END
           WHERE id = $1",
         None,
-        &[id.into(), acked.into(), written.into(), dead.into(), s.last_error.into()],
+        &[id.into(), acked.into(), written.into(), dead.into(), last_error.into()],
     )?;
+    Ok(())
+}
+
+/// Delete acked and dead messages from one queue; push retried ones back by their back-off.
+fn settle_queue(client: &mut SpiClient<'_>, queue: &str, ack: Vec<i64>, dead: Vec<i64>, retry: Vec<(i64, i32)>) -> Result<(), SidecarError> {
+    let mut delete = ack;
+    delete.extend(dead);
+    if !delete.is_empty() {
+        client.update("SELECT pgmq.delete($1, $2::bigint[])", None, &[queue.into(), delete.into()])?;
+    }
+    if !retry.is_empty() {
+        let (ids, delays): (Vec<i64>, Vec<i32>) = retry.into_iter().unzip();
+        client.update(
+            "SELECT pgmq.set_vt($1, u.id, u.delay) FROM unnest($2::bigint[], $3::int[]) AS u(id, delay)",
+            None,
+            &[queue.into(), ids.into(), delays.into()],
+        )?;
+    }
     Ok(())
 }
 
@@ -226,7 +255,7 @@ pub fn record_error(id: i32, error: &SidecarError) -> Result<(), SidecarError> {
 pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarError> {
     // Phase 1 (short transaction): make sure the model loads before touching the queue, so an
     // outage (missing file) costs no attempts; notice a replaced model; read messages; look up.
-    let (src, messages, looked) = in_tx(mode, || {
+    let (src, live, bulk, looked) = in_tx(mode, || {
         Spi::connect_mut(|client| {
             if mode == Mode::Caller {
                 // The caller's transaction keeps every lock until it ends, so it must take the
@@ -248,18 +277,22 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                 log!("pg_embed_sidecar: model {} changed to {current}; re-embedding", src.model_id);
                 src.model_id = current;
             }
-            let messages = read_messages(client, &src.queue, limit)?;
-            let mut keys: Vec<String> = messages.iter().map(|m| m.key.clone()).collect();
+            // the live lane first; the bulk lane only fills what room is left, in small windows
+            let live = read_messages(client, &src.queue, limit)?;
+            let bulk_room = (limit - live.len() as i32).min(gucs::bulk_batch_size());
+            let bulk = if bulk_room > 0 { read_messages(client, &src.bulk_queue, bulk_room)? } else { Vec::new() };
+            let mut keys: Vec<String> = live.iter().chain(&bulk).map(|m| m.key.clone()).collect();
             keys.sort_unstable();
             keys.dedup();
             let looked = if keys.is_empty() { Vec::new() } else { lookup(client, &src, keys)? };
-            Ok(Some((src, messages, looked)))
+            Ok(Some((src, live, bulk, looked)))
         })
     })?
     .ok_or_else(|| SidecarError::Sql(format!("source {id} is no longer watched")))?;
-    if messages.is_empty() {
+    if live.is_empty() && bulk.is_empty() {
         return Ok(PassStats::default());
     }
+    let more = live.len() >= limit as usize || bulk.len() >= gucs::bulk_batch_size() as usize;
 
     // Phase 2 (no transaction in the worker): decide and embed.
     let plan = settle::plan(looked);
@@ -283,18 +316,22 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
     // Phase 3 (short transaction): write under the source's advisory lock. Each statement takes
     // a fresh snapshot after the lock, and the upsert re-checks the content hash, so a vector is
     // only written for content that is still current: a stale vector never overwrites a newer one.
-    let batch_len = messages.len();
+    let batch_len = live.len() + bulk.len();
     let written = in_tx(mode, move || {
         Spi::connect_mut(|client| {
             lock_source(client, id)?;
             let (written, write_failures) = write(client, &src, embedded, plan.clear)?;
             failed.extend(write_failures);
-            let settlement = settle::settle(&messages, &failed, gucs::max_attempts());
-            apply(client, id, &src.queue, settlement, written)?;
+            let max_attempts = gucs::max_attempts();
+            let lanes = [
+                (src.queue.as_str(), settle::settle(&live, &failed, max_attempts)),
+                (src.bulk_queue.as_str(), settle::settle(&bulk, &failed, max_attempts)),
+            ];
+            apply(client, id, lanes, written)?;
             Ok(written)
         })
     })?;
-    Ok(PassStats { messages: batch_len, embedded: written as usize })
+    Ok(PassStats { messages: batch_len, embedded: written as usize, more })
 }
 
 /// Serialise writers of one source until the end of the transaction.

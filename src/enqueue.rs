@@ -1,5 +1,6 @@
-//! Putting keys on a source's queue: the statement triggers' one privileged step, and the backfill
-//! (watch, reembed, set_model, a changed model file).
+//! Putting keys on a source's queues: the statement triggers' one privileged step (the live lane),
+//! and the backfill (watch, reembed, set_model, a changed model file: the bulk lane, drained only
+//! when the live lane has nothing waiting).
 //!
 //! The triggers run with the writer's rights (sql/triggers.sql) and cannot write pgmq's tables, so
 //! they hand their keys to `_enqueue`, which checks that the writer may write the table and only
@@ -55,12 +56,12 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
 }
 
 /// Enqueue every key of source `id` with content (with `only_stale`, only those whose stored hash or
-/// model is not current). The source is read as its owner; the queue is written as the caller.
-/// Returns how many keys were enqueued.
+/// model is not current) on its bulk lane. The source is read as its owner; the queue is written as
+/// the caller. Returns how many keys were enqueued.
 pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result<i64, SidecarError> {
     let row = client
         .select(
-            "SELECT s.queue_name, s.model_id, c.relowner, embed_sidecar._backfill_sql(s)
+            "SELECT embed_sidecar._bulk_queue(s.queue_name), s.model_id, c.relowner, embed_sidecar._backfill_sql(s)
                FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source WHERE s.id = $1",
             None,
             &[id.into()],
@@ -88,6 +89,15 @@ pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result
         client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.as_str().into(), keys.into()])?;
     }
     if total > 0 {
+        // progress and ETA in status count from the moment the bulk lane was last empty
+        client.update(
+            "UPDATE embed_sidecar.sources s
+                SET bulk_total = CASE WHEN m.queue_length = $2 THEN $2 ELSE s.bulk_total + $2 END,
+                    bulk_started_at = CASE WHEN m.queue_length = $2 THEN now() ELSE s.bulk_started_at END
+               FROM pgmq.metrics($3) m WHERE s.id = $1",
+            None,
+            &[id.into(), total.into(), queue.as_str().into()],
+        )?;
         crate::wake::on_commit();
     }
     Ok(total)

@@ -28,6 +28,9 @@ static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Queue messages read per drain pass.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
+/// Most bulk-lane (backfill) messages in one drain pass: bounds how long a writer's change can wait
+/// behind a backfill (one such pass). 64 short texts take about 0.15 s to embed here.
+static BULK_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// Worker heartbeat when queues are empty, in milliseconds. A commit that enqueues wakes the
 /// worker at once (src/wake.rs), so this only bounds how late other work is noticed (a retry's
 /// back-off running out, a resumed source, a replaced model file).
@@ -105,6 +108,16 @@ pub fn init() {
         c"Queue messages read per drain pass.",
         c"",
         &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.bulk_batch_size",
+        c"Most backfill (bulk lane) messages in one drain pass; writers' changes always go first.",
+        c"",
+        &BULK_BATCH_SIZE,
         1,
         10_000,
         GucContext::Userset,
@@ -241,6 +254,9 @@ pub fn worker_role() -> Option<String> {
 }
 pub fn batch_size() -> i32 {
     BATCH_SIZE.get()
+}
+pub fn bulk_batch_size() -> i32 {
+    BULK_BATCH_SIZE.get()
 }
 pub fn idle_naptime_ms() -> u64 {
     IDLE_NAPTIME_MS.get() as u64

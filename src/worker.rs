@@ -131,7 +131,7 @@ fn round(benched: &mut HashMap<i32, Instant>) -> Result<Option<bool>, SidecarErr
         match drain_pass(id, batch, Mode::Worker) {
             Ok(stats) => {
                 debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded);
-                full |= stats.messages >= batch as usize
+                full |= stats.more
             }
             Err(e) => {
                 warning!("pg_embed_sidecar: source {id}: {e}");

@@ -90,8 +90,11 @@ def worker_pid(dbname="pes_test", timeout=30):
 
 
 def queue_depth(conn, table):
-    return one(conn, "SELECT queue_length FROM pgmq.metrics((SELECT queue_name FROM embed_sidecar.sources WHERE source = %s::regclass))",
-               (table,))
+    """Messages waiting for a table, both lanes (writers' changes and backfills)."""
+    return one(conn, """SELECT sum(m.queue_length)::int FROM embed_sidecar.sources s,
+                               LATERAL (VALUES (s.queue_name), (s.queue_name || '_bulk')) q(name),
+                               LATERAL pgmq.metrics(q.name) m
+                         WHERE s.source = %s::regclass""", (table,))
 
 
 def watch(conn, table, content="body", **kw):

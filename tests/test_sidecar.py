@@ -291,3 +291,25 @@ def test_commit_wakes_the_worker(db):
         with connect(dbname="postgres") as c:
             c.execute("ALTER SYSTEM RESET pg_embed_sidecar.idle_naptime")
             c.execute("SELECT pg_reload_conf()")
+
+
+def test_writers_changes_go_before_the_backfill(db):
+    """Two lanes: a row a writer inserts while a backfill runs is embedded before the backfill
+    is through (issue 10), and status shows the backfill's progress."""
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs SELECT i, 'backfill row ' || i || ' about ' || md5(i::text) FROM generate_series(1, 3000) i")
+    watch(db, "docs")
+    overtaken = []
+    for i in range(5):
+        db.execute("INSERT INTO docs VALUES (%s, %s)", (10_000 + i, f"a writer's row {i}"))
+        while not one(db, "SELECT count(*) FROM docs_embeddings WHERE id = %s", (10_000 + i,)):
+            time.sleep(0.01)
+        bulk_pending, progress = db.execute(
+            "SELECT bulk_pending, bulk_progress FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
+        overtaken.append((bulk_pending, progress))
+    assert all(pending > 0 and 0 <= progress < 1 for pending, progress in overtaken), overtaken
+    assert overtaken[0][1] <= overtaken[-1][1]  # progress only grows
+    wait(db, "docs", 300)
+    assert_in_step(db, "docs")
+    assert db.execute("SELECT bulk_pending, bulk_progress FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone() \
+        == (0, 1)

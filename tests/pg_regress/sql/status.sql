@@ -8,10 +8,11 @@ SELECT p.parameter_name, p.data_type, p.parameter_mode FROM information_schema.p
 CREATE TABLE notes (lang text, slug text, body text, PRIMARY KEY (lang, slug));
 INSERT INTO notes VALUES ('en', 'a', 'alpha'), ('en', 'b', 'beta'), ('de', 'a', 'eins');
 SELECT embed_sidecar.watch('notes', 'body');
-SELECT pending, failed FROM embed_sidecar.status;
+-- the backfill is in the bulk lane; the live lane is empty
+SELECT pending, bulk_pending, bulk_progress, bulk_eta IS NULL AS no_eta_yet, failed FROM embed_sidecar.status;
 SELECT embed_sidecar.process('notes');
 SELECT lang, slug FROM notes_embeddings ORDER BY 1, 2;
 SELECT * FROM embed_sidecar.verify('notes');
-SELECT pending, failed, acked, vectors_written FROM embed_sidecar.status;
+SELECT pending, bulk_pending, bulk_progress, failed, acked, vectors_written FROM embed_sidecar.status;
 SELECT embed_sidecar.unwatch('notes', drop_sidecar => true);
 DROP TABLE notes;

@@ -14,8 +14,8 @@ SELECT am.amname, pg_get_indexdef(i.indexrelid) ~ 'vector_cosine_ops' AS cosine
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'docs'::regclass AND NOT tgisinternal ORDER BY 1;
 SELECT confrelid::regclass, confdeltype FROM pg_constraint WHERE conrelid = 'docs_embeddings'::regclass AND contype = 'f';
 
--- backfill: three rows have content (a NULL in another column changes nothing)
-SELECT source, sidecar, model LIKE 'all-MiniLM-L6-v2@%' AS default_model, state, pending, failed
+-- backfill (the bulk lane): three rows have content (a NULL in another column changes nothing)
+SELECT source, sidecar, model LIKE 'all-MiniLM-L6-v2@%' AS default_model, state, pending, bulk_pending, failed
   FROM embed_sidecar.status;
 SELECT embed_sidecar.process('docs');
 SELECT * FROM embed_sidecar.verify('docs');
@@ -36,7 +36,7 @@ SELECT * FROM embed_sidecar.verify('docs');
 -- deletes cascade, no queue traffic
 DELETE FROM docs WHERE id = 4;
 SELECT id FROM docs_embeddings ORDER BY id;
-SELECT pending, acked, vectors_written, dead_lettered FROM embed_sidecar.status;
+SELECT pending, bulk_pending, bulk_progress, acked, vectors_written, dead_lettered FROM embed_sidecar.status;
 SELECT key FROM embed_sidecar.search('docs', 'a puppy playing', 1);
 SELECT embed_sidecar.wait('docs', '1 s');
 
