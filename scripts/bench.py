@@ -181,6 +181,48 @@ def sidecar_vs_inline(dsn):
         return rows, out
 
 
+def backfill_table(c, name, rows):
+    c.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
+    c.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, body text)")
+    c.execute(f"INSERT INTO {name} SELECT i, 'backfill row ' || i || ' about ' || md5(i::text) "
+              f"FROM generate_series(1, {rows}) i")
+
+
+def lanes(dsn, rows, samples=20):
+    """Latency of single-row inserts while a backfill of `rows` rows drains, and the backfill's rate."""
+    with connect(dsn) as c:
+        backfill_table(c, "bench_lanes", rows)
+        t0 = time.time()
+        c.execute("SELECT embed_sidecar.watch('bench_lanes', 'body')")
+        latencies, i = [], 0
+        while c.execute("SELECT bulk_pending FROM embed_sidecar.status WHERE source = 'bench_lanes'::regclass").fetchone()[0] > 0:
+            time.sleep(1.0 if len(latencies) < samples else 0.5)
+            if len(latencies) < samples:
+                i += 1
+                t1 = time.time()
+                c.execute("INSERT INTO bench_lanes VALUES (%s, 'a writer''s row during the backfill')", (10_000_000 + i,))
+                while not c.execute("SELECT 1 FROM bench_lanes_embeddings WHERE id = %s", (10_000_000 + i,)).fetchone():
+                    time.sleep(0.002)
+                latencies.append(time.time() - t1)
+        assert c.execute("SELECT embed_sidecar.wait('bench_lanes', '10 min')").fetchone()[0]
+        rate = rows / (time.time() - t0)
+        c.execute("SELECT embed_sidecar.unwatch('bench_lanes', true)")
+        c.execute("DROP TABLE bench_lanes")
+    latencies.sort()
+    return latencies, rate
+
+
+def print_lanes(args):
+    with connect(args.dsn) as c:
+        window = c.execute("SELECT setting FROM pg_settings WHERE name = 'pg_embed_sidecar.bulk_batch_size'").fetchone()[0]
+    lat, rate = lanes(args.dsn, args.lanes_rows)
+    n = len(lat)
+    print(f"| writer's INSERT → vector visible during a {args.lanes_rows}-row backfill | samples | p50 | p99 | max | backfill rows/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| bulk lane in windows of {window} | {n} | {lat[n // 2] * 1000:.0f} ms | "
+          f"{lat[min(n - 1, int(n * 0.99))] * 1000:.0f} ms | {lat[-1] * 1000:.0f} ms | {rate:.1f} |\n")
+
+
 def print_latency(args):
     with connect(args.dsn) as c:
         beat = c.execute("SELECT setting FROM pg_settings WHERE name = 'pg_embed_sidecar.idle_naptime'").fetchone()[0]
@@ -199,10 +241,13 @@ def main():
     ap.add_argument("--latency-samples", type=int, default=100)
     ap.add_argument("--sweep-rows", type=int, default=10000, help="short rows for the batch_size sweep")
     ap.add_argument("--dsn", default="dbname=postgres")
-    ap.add_argument("--only", choices=["latency"], help="run one table only")
+    ap.add_argument("--only", choices=["latency", "lanes"], help="run one table only")
+    ap.add_argument("--lanes-rows", type=int, default=60000, help="backfill size for the lanes table")
     args = ap.parse_args()
     if args.only == "latency":
         return print_latency(args)
+    if args.only == "lanes":
+        return print_lanes(args)
     with connect(args.dsn) as c:
         worker_threads = c.execute("SELECT setting FROM pg_settings WHERE name = 'pg_embed_sidecar.intra_threads'").fetchone()
         short = texts_for(c, "synopsis", args.short)
