@@ -363,6 +363,20 @@ $$;
 -- (embed_sidecar._check_owner). They never read or write the source or sidecar rows themselves:
 -- that is the drain's and the backfill's job, done as the table's owner (src/authority.rs).
 
+-- The statement triggers of a watched table (see triggers.sql).
+CREATE OR REPLACE FUNCTION embed_sidecar._create_triggers(s embed_sidecar.sources) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
+                   s.source, s.id, s.content_attnum, s.key_attnums);
+    EXECUTE format('CREATE TRIGGER embed_sidecar_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
+                   s.source, s.id, s.content_attnum, s.key_attnums);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION embed_sidecar.watch(
     source regclass,
     content_column name,
@@ -461,12 +475,7 @@ BEGIN
     PERFORM pgmq.create(s.queue_name);
     PERFORM pgmq.create(embed_sidecar._bulk_queue(s.queue_name));
 
-    EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
-                   source, s.id, s.content_attnum, s.key_attnums);
-    EXECUTE format('CREATE TRIGGER embed_sidecar_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
-                   source, s.id, s.content_attnum, s.key_attnums);
+    PERFORM embed_sidecar._create_triggers(s);
     IF backfill THEN
         PERFORM embed_sidecar._backfill(s.id, false);
     END IF;
@@ -796,12 +805,7 @@ BEGIN
         EXECUTE format('ALTER EXTENSION pg_embed_sidecar DROP SEQUENCE pgmq.%I', 'q_' || embed_sidecar._bulk_queue(s.queue_name) || '_msg_id_seq');
         EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_insert ON %s', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_update ON %s', s.source);
-        EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
-                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
-                       s.source, s.id, s.content_attnum, s.key_attnums);
-        EXECUTE format('CREATE TRIGGER embed_sidecar_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
-                       s.source, s.id, s.content_attnum, s.key_attnums);
+        PERFORM embed_sidecar._create_triggers(s);
     END LOOP;
 END
 $$;
