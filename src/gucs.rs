@@ -47,7 +47,7 @@ static FAIL_MARKER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>:
 pub fn init() {
     // Threads and batch sizes decide how much CPU and memory one backend's inference takes: a lever
     // for the administrator (per role or database with ALTER ROLE/DATABASE ... SET), not for any
-    // role that can call embed_text(). Superuser only, like work_mem's bigger cousins.
+    // role that can call embed_text(): superuser only.
     // Paths decide which files the server process opens and which library it dlopens: superuser only.
     GucRegistry::define_string_guc(
         c"pg_embed_sidecar.model",
