@@ -2,7 +2,7 @@
 # A local PostgreSQL 15 cluster for development, tests, demos and benchmarks.
 #   scripts/cluster.sh start|stop|restart|status|psql [args]|log
 # Runs as the `postgres` OS user, port $PGPORT (default 5433), socket dir /tmp, with the extension
-# preloaded so its background worker runs (databases: postgres, pes_test).
+# preloaded so its launcher starts a drain worker in every database that has the extension.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/env.sh"
@@ -29,7 +29,6 @@ init() {
 listen_addresses = ''
 unix_socket_directories = '/tmp'
 shared_preload_libraries = 'pg_embed_sidecar'
-pg_embed_sidecar.databases = 'postgres,pes_test'
 max_worker_processes = 16
 pg_embed_sidecar.intra_threads = 2
 track_functions = 'all'

@@ -207,11 +207,14 @@ BEGIN
 END
 $$;
 
--- Paused sources keep enqueueing; only draining stops.
-CREATE FUNCTION embed_sidecar.pause(source regclass) RETURNS void
+-- Paused sources keep enqueueing; only draining stops. bulk_only pauses just the bulk lane
+-- (backfill, reembed, set_model): writers' changes keep being embedded, the backfill resumes where
+-- it stopped.
+CREATE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false) RETURNS void
     LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    UPDATE embed_sidecar.sources SET state = 'paused' WHERE id = (embed_sidecar._owned_source(source)).id;
+    UPDATE embed_sidecar.sources SET state = CASE WHEN bulk_only THEN 'bulk_paused' ELSE 'paused' END
+     WHERE id = (embed_sidecar._owned_source(source)).id;
 END;
 
 CREATE FUNCTION embed_sidecar.resume(source regclass) RETURNS void

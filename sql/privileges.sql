@@ -9,7 +9,8 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass), embed_sidecar.
     embed_sidecar._widen_ef_search(int), embed_sidecar.any_words_tsquery(regconfig, text),
     embed_sidecar.search(regclass, text, int),
     embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int),
-    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(regclass) TO PUBLIC;
+    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(regclass),
+    embed_sidecar._worker_state() TO PUBLIC;
 -- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),
@@ -24,3 +25,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
     embed_sidecar.model_info(), embed_sidecar.texts_embedded() TO PUBLIC;
+
+-- The install script's last step: once it commits, the launcher starts this database's drain
+-- worker (when the library is preloaded; src/launcher.rs).
+SELECT embed_sidecar._announce_extension();

@@ -25,7 +25,8 @@ CREATE TABLE embed_sidecar.sources (
     model_id         text NOT NULL,             -- name@sha256-prefix of the model's files
     dims             int NOT NULL,
     fts_config       regconfig NOT NULL DEFAULT 'english',
-    state            text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused')),
+    -- bulk_paused: the live lane drains, the bulk lane waits (pause(source, bulk_only => true))
+    state            text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused', 'bulk_paused')),
     created_at       timestamptz NOT NULL DEFAULT now(),
     -- written by drainers only (never by the triggers, so writers never contend on this row)
     acked            bigint NOT NULL DEFAULT 0,

@@ -17,18 +17,27 @@ END;
 
 -- pending / oldest_pending_age: the live lane (changes made by writers). bulk_*: the bulk lane
 -- (backfills), with progress since it was last empty and an ETA from the rate so far.
+-- coverage: the share of rows whose vector is current, estimated as what is neither queued nor
+-- dead-lettered against the planner's row count (or the backfill's, before the first ANALYZE);
+-- verify() counts exactly. worker: whether this database's drain worker runs (and why not).
 CREATE VIEW embed_sidecar.status AS
-SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending,
-       (SELECT count(*) FROM embed_sidecar.failures f WHERE f.source_id = s.id) AS failed,
+SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
+       coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
+                          / nullif(greatest(c.reltuples::numeric, s.bulk_total, q.pending + q.bulk_pending + f.failed), 0), 3),
+                1.0) AS coverage,
        q.oldest_pending_age, q.bulk_pending,
        CASE WHEN s.bulk_total > 0 THEN round(greatest(s.bulk_total - q.bulk_pending, 0)::numeric / s.bulk_total, 3) END
            AS bulk_progress,
        CASE WHEN q.bulk_pending > 0 AND s.bulk_total > q.bulk_pending
             THEN (now() - s.bulk_started_at) * q.bulk_pending / (s.bulk_total - q.bulk_pending) END AS bulk_eta,
-       s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at
-  FROM embed_sidecar.sources s, LATERAL embed_sidecar._queue_backlog(s.source) q
+       s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at,
+       embed_sidecar._worker_state() AS worker
+  FROM embed_sidecar.sources s
+       JOIN pg_catalog.pg_class c ON c.oid = s.source,
+       LATERAL embed_sidecar._queue_backlog(s.source) q,
+       LATERAL (SELECT count(*) AS failed FROM embed_sidecar.failures x WHERE x.source_id = s.id) f
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog in both lanes, bulk progress, failures, counters, last error';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or

@@ -56,6 +56,8 @@ struct Source {
     lookup_sql: String,
     upsert_sql: String,
     clear_sql: String,
+    /// `pause(source, bulk_only => true)`: the live lane drains, the bulk lane waits.
+    bulk_paused: bool,
 }
 
 fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
@@ -68,14 +70,17 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
 fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, SidecarError> {
     let rows = client.select(
         "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
-                d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name)
+                d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
+                s.state = 'bulk_paused'
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
           WHERE s.id = $1",
         None,
         &[id.into()],
     )?;
-    let Some(row) = rows.into_iter().next() else { return Ok(None) };
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(None);
+    };
     let text = |i: usize| -> Result<String, SidecarError> { Ok(row.get::<String>(i)?.unwrap_or_default()) };
     Ok(Some(Source {
         queue: text(1)?,
@@ -88,6 +93,7 @@ fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, Sideca
         upsert_sql: text(8)?,
         clear_sql: text(9)?,
         bulk_queue: text(10)?,
+        bulk_paused: row.get::<bool>(11)?.unwrap_or(false),
     }))
 }
 
@@ -222,7 +228,13 @@ fn apply(
 }
 
 /// Delete acked and dead messages from one queue; push retried ones back by their back-off.
-fn settle_queue(client: &mut SpiClient<'_>, queue: &str, ack: Vec<i64>, dead: Vec<i64>, retry: Vec<(i64, i32)>) -> Result<(), SidecarError> {
+fn settle_queue(
+    client: &mut SpiClient<'_>,
+    queue: &str,
+    ack: Vec<i64>,
+    dead: Vec<i64>,
+    retry: Vec<(i64, i32)>,
+) -> Result<(), SidecarError> {
     let mut delete = ack;
     delete.extend(dead);
     if !delete.is_empty() {
@@ -264,7 +276,9 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                 // those messages. Lock first, and two process() calls simply take turns.
                 lock_source(client, id)?;
             }
-            let Some(mut src) = load_source(client, id)? else { return Ok(None) };
+            let Some(mut src) = load_source(client, id)? else {
+                return Ok(None);
+            };
             let current = model::model_id_of(&src.model)?;
             if current != src.model_id {
                 // the model's files changed under the same name: every vector is stale now
@@ -279,7 +293,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             }
             // the live lane first; the bulk lane only fills what room is left, in small windows
             let live = read_messages(client, &src.queue, limit)?;
-            let bulk_room = (limit - live.len() as i32).min(gucs::bulk_batch_size());
+            let bulk_room = if src.bulk_paused { 0 } else { (limit - live.len() as i32).min(gucs::bulk_batch_size()) };
             let bulk = if bulk_room > 0 { read_messages(client, &src.bulk_queue, bulk_room)? } else { Vec::new() };
             let mut keys: Vec<String> = live.iter().chain(&bulk).map(|m| m.key.clone()).collect();
             keys.sort_unstable();
@@ -359,6 +373,8 @@ fn embed_isolating(model_name: &str, texts: &[&str]) -> Vec<Result<Vec<f32>, Str
 }
 
 fn try_embed(model_name: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
+    // a cancel or SIGTERM is honoured before each inference call, not only between passes
+    pg_sys::check_for_interrupts!();
     #[cfg(feature = "fault_injection")]
     if let Some(marker) = gucs::fail_marker() {
         if texts.iter().any(|t| t.contains(&marker)) {
@@ -370,7 +386,7 @@ fn try_embed(model_name: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarE
 
 /// Registry ids of the sources a drain should visit, oldest first.
 pub fn active_sources(client: &SpiClient<'_>) -> Result<Vec<i32>, SidecarError> {
-    let rows = client.select("SELECT id FROM embed_sidecar.sources WHERE state = 'active' ORDER BY id", None, &[])?;
+    let rows = client.select("SELECT id FROM embed_sidecar.sources WHERE state <> 'paused' ORDER BY id", None, &[])?;
     let mut ids = Vec::new();
     for row in rows {
         if let Some(id) = row.get::<i32>(1)? {

@@ -22,8 +22,9 @@ static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// this machine for short and long texts alike (benches: scripts/bench.sh; issue 4 note).
 static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 
-/// Databases served by the background worker (comma-separated), fixed at server start.
-static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Optional allow-list of databases that get a drain worker (comma-separated); empty: every
+/// database that has the extension (the launcher finds them).
+static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Role the worker connects as; empty means the bootstrap superuser.
 static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Queue messages read per drain pass.
@@ -159,10 +160,10 @@ pub fn init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         GucRegistry::define_string_guc(
             c"pg_embed_sidecar.databases",
-            c"Comma-separated databases the background worker serves (one worker each).",
-            c"Needs shared_preload_libraries = 'pg_embed_sidecar'; empty disables the worker.",
+            c"If set, only these databases (comma-separated) get a drain worker.",
+            c"Empty (the default): every database where the extension is installed.",
             &WORKER_DATABASES,
-            GucContext::Postmaster,
+            GucContext::Sighup,
             GucFlags::default(),
         );
         GucRegistry::define_string_guc(

@@ -4,18 +4,23 @@
 //! `embed_core` crate) → `api` (SQL functions) → sql/registry.sql (what is watched) →
 //! sql/manage.sql (watch & co.) → sql/triggers.sql + `enqueue` (changed keys onto pgmq) →
 //! `drain` (queue → vectors, shared by `process()` and the worker; its decisions in `settle`,
-//! its SQL in sql/drain.sql) → `authority` (whose rights each step runs with) → `xact` → `wake` (commit → worker latch) → `worker` →
+//! its SQL in sql/drain.sql) → `authority` (whose rights each step runs with) → `xact` →
+//! `roster` (which worker serves which database) → `launcher` → `worker` → `wake` (commit →
+//! worker latch, CREATE EXTENSION → launcher) → `db_guard` (DROP DATABASE with a worker) →
 //! sql/status.sql → `error` (how failures reach the user).
 
 use pgrx::prelude::*;
 
 mod api;
 mod authority;
+mod db_guard;
 mod drain;
 mod enqueue;
 mod error;
 mod gucs;
+mod launcher;
 mod model;
+mod roster;
 mod settle;
 mod wake;
 mod worker;
@@ -26,14 +31,14 @@ mod xact;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
-    wake::init();
-    worker::register();
+    roster::init();
+    launcher::register();
+    db_guard::install();
 }
 
 // Hand-written SQL, in dependency order (each file says what it holds).
 extension_sql_file!("../sql/drain.sql", name = "drain_sql", requires = ["registry"]);
 extension_sql_file!("../sql/manage.sql", name = "manage", requires = ["registry", "triggers", "drain_sql"]);
-extension_sql_file!("../sql/status.sql", name = "status", requires = ["registry"]);
 extension_sql_file!("../sql/events.sql", name = "events", requires = ["manage"]);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

@@ -1,6 +1,7 @@
-//! The background worker: one per database named in `pg_embed_sidecar.databases`, registered when
-//! the library is preloaded. It waits (without errors) for the extension to exist, then drains
-//! every active source in turn, back-to-back while there is work and with a short nap when idle.
+//! A drain worker: one per database that has the extension, started by the launcher
+//! (src/launcher.rs) as a dynamic background worker. It drains every active source in turn,
+//! back-to-back while there is work, on its latch (set when a commit enqueues, src/wake.rs) or a
+//! slow heartbeat when idle. It exits when its database no longer has the extension.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -12,73 +13,63 @@ use pgrx::prelude::*;
 use crate::drain::{active_sources, drain_pass, record_error, Mode};
 use crate::error::SidecarError;
 use crate::gucs;
+use crate::roster;
 use crate::xact::run_in_transaction;
 
 /// How long a source whose pass failed (model missing, SQL error) is left alone: long enough not
 /// to spin, short enough that work resumes soon after the cause is fixed. A failed round (the
 /// registry itself unreadable) naps as long.
 const ERROR_NAP: Duration = Duration::from_secs(5);
-/// Nap while the extension is not installed in the worker's database.
-const ABSENT_NAP: Duration = Duration::from_secs(5);
 
-pub fn register() {
-    // SAFETY: reading a flag the postmaster sets while loading shared_preload_libraries
-    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        return;
-    }
-    for db in gucs::worker_databases() {
-        BackgroundWorkerBuilder::new(&format!("pg_embed_sidecar worker {db}"))
-            .set_type("pg_embed_sidecar worker")
-            .set_library("pg_embed_sidecar")
-            .set_function("pg_embed_sidecar_worker_main")
-            .set_extra(&db)
-            .enable_spi_access()
-            .set_start_time(BgWorkerStartTime::RecoveryFinished)
-            // pgrx's default is never to restart; a crashed worker must come back
-            .set_restart_time(Some(Duration::from_secs(5)))
-            .load();
-    }
-}
-
+/// Main function of a drain worker; the argument is its database's oid, `bgw_extra` the role's oid
+/// (empty: the bootstrap superuser).
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn pg_embed_sidecar_worker_main(_arg: pg_sys::Datum) {
-    let db = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let role = gucs::worker_role();
-    BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
-    log!("pg_embed_sidecar: worker started for database \"{db}\"");
-    // from now on a commit that enqueues in this database sets our latch
-    crate::wake::register_worker();
-    // Nothing a user creates in a writable schema may shadow what the drain calls.
-    if let Err(e) = run_in_transaction(|| Ok(Spi::run("SET search_path TO pg_catalog, pg_temp")?)) {
-        warning!("pg_embed_sidecar: {e}");
+pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
+    let db = pg_sys::Oid::from(arg.value() as u32);
+    let role = BackgroundWorker::get_extra().parse::<u32>().ok().map(pg_sys::Oid::from);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SIGTERM (shutdown, DROP DATABASE, pg_terminate_backend) ends the worker at its next interrupt
+    // check, even in the middle of a pass: the messages it held reappear after the visibility
+    // timeout, so nothing is lost, and DROP DATABASE need not wait for a whole batch.
+    // SAFETY: `die` is Postgres' own SIGTERM handler for processes connected to a database
+    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(die)) };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), role);
+    if !roster::claim_worker() {
+        // another worker serves this database, or a DROP DATABASE is under way
+        // SAFETY: plain exit; the launcher is notified
+        unsafe { pg_sys::proc_exit(0) };
     }
+    // SAFETY: registers a callback that runs on every exit path, FATAL included
+    unsafe { pg_sys::before_shmem_exit(Some(release), pg_sys::Datum::from(0usize)) };
+    // Nothing a user creates in a writable schema may shadow what the drain calls.
+    let name = run_in_transaction(|| {
+        Spi::run("SET search_path TO pg_catalog, pg_temp")?;
+        Ok(Spi::get_one::<String>("SELECT current_database()::text")?.unwrap_or_default())
+    })
+    .unwrap_or_else(|e| {
+        warning!("pg_embed_sidecar: {e}");
+        String::new()
+    });
+    log!("pg_embed_sidecar: worker started for database \"{name}\"");
 
     let mut nap = Duration::ZERO;
-    let mut announced_absent = false;
     let mut benched = HashMap::new();
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+        // read before looking, so a CREATE EXTENSION committed meanwhile is not taken for absent
+        let requested = roster::get(db.to_u32()).requested;
         nap = match round(&mut benched) {
             Ok(None) => {
-                if !announced_absent {
-                    log!("pg_embed_sidecar: extension not installed in \"{db}\"; waiting for CREATE EXTENSION");
-                    announced_absent = true;
-                }
-                ABSENT_NAP
+                roster::mark_absent(requested);
+                log!("pg_embed_sidecar: extension not installed in database \"{name}\"; worker exiting");
+                break;
             }
-            Ok(Some(full)) => {
-                announced_absent = false;
-                if full {
-                    Duration::ZERO
-                } else {
-                    Duration::from_millis(gucs::idle_naptime_ms())
-                }
-            }
+            Ok(Some(true)) => Duration::ZERO,
+            Ok(Some(false)) => Duration::from_millis(gucs::idle_naptime_ms()),
             Err(e) => {
                 warning!("pg_embed_sidecar: {e}");
                 ERROR_NAP
@@ -86,11 +77,19 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(_arg: pg_sys::Datum) {
         };
         report_activity("idle");
     }
-    log!("pg_embed_sidecar: worker for database \"{db}\" exiting");
-    // exit code 1, as worker_spi does: the postmaster restarts the worker after its restart time
-    // (an exit code of 0 would unregister it for good after a pg_terminate_backend)
     // SAFETY: ends this process through Postgres' normal exit path
-    unsafe { pg_sys::proc_exit(1) };
+    unsafe { pg_sys::proc_exit(0) };
+}
+
+// Postgres' `die` itself: pgrx's binding wraps it for calls from Rust, which a signal handler
+// must not go through.
+extern "C-unwind" {
+    fn die(signal: std::ffi::c_int);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn release(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    roster::release_worker();
 }
 
 /// One round over all active sources. `None` when the extension is absent; otherwise whether any
@@ -115,22 +114,27 @@ fn round(benched: &mut HashMap<i32, Instant>) -> Result<Option<bool>, SidecarErr
             }
         })
     })?;
-    let Some(sources) = sources else { return Ok(None) };
+    let Some(sources) = sources else {
+        return Ok(None);
+    };
     let batch = gucs::batch_size();
     let mut full = false;
     let now = Instant::now();
     benched.retain(|_, until| *until > now);
     for id in sources {
-        if BackgroundWorker::sigterm_received() {
-            break;
-        }
+        // a pending SIGTERM ends the worker here, between sources
+        pg_sys::check_for_interrupts!();
         if benched.contains_key(&id) {
             continue;
         }
         report_activity(&format!("pg_embed_sidecar: draining source {id}"));
         match drain_pass(id, batch, Mode::Worker) {
             Ok(stats) => {
-                debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded);
+                debug1!(
+                    "pg_embed_sidecar: source {id}: {} messages, {} vectors written",
+                    stats.messages,
+                    stats.embedded
+                );
                 full |= stats.more
             }
             Err(e) => {

@@ -1,0 +1,95 @@
+//! A drain worker stays connected to its database, and Postgres refuses `DROP DATABASE`,
+//! `ALTER DATABASE ... RENAME TO` / `SET TABLESPACE` and `CREATE DATABASE ... TEMPLATE` while any
+//! other session is connected there ("database is being accessed by other users"). This
+//! `ProcessUtility` hook (installed only when preloaded, like the workers) holds the launcher off
+//! that database and stops its worker before such a command runs, so the command proceeds as if
+//! the extension were not there; afterwards (or if it fails) the worker comes back, except after a
+//! successful `DROP DATABASE`.
+
+use std::ffi::CStr;
+
+use pgrx::prelude::*;
+use pgrx::{is_a, PgList};
+
+use crate::roster;
+
+static mut PREV_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+pub fn install() {
+    // SAFETY: hooks are chained from _PG_init while preloading, before any query runs
+    unsafe {
+        if pg_sys::process_shared_preload_libraries_in_progress {
+            PREV_HOOK = pg_sys::ProcessUtility_hook;
+            pg_sys::ProcessUtility_hook = Some(guard_utility);
+        }
+    }
+}
+
+/// The database a statement needs to itself, and whether the statement drops it.
+unsafe fn database_needed(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, bool)> {
+    let (name, drops) = if is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
+        ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, true)
+    } else if is_a(stmt, pg_sys::NodeTag::T_RenameStmt) {
+        let s = &*stmt.cast::<pg_sys::RenameStmt>();
+        if s.renameType != pg_sys::ObjectType::OBJECT_DATABASE {
+            return None;
+        }
+        (s.subname, false)
+    } else if is_a(stmt, pg_sys::NodeTag::T_CreatedbStmt) {
+        (option_value((*stmt.cast::<pg_sys::CreatedbStmt>()).options, c"template")?, false)
+    } else if is_a(stmt, pg_sys::NodeTag::T_AlterDatabaseStmt) {
+        let s = &*stmt.cast::<pg_sys::AlterDatabaseStmt>();
+        option_value(s.options, c"tablespace")?;
+        (s.dbname, false)
+    } else {
+        return None;
+    };
+    if name.is_null() {
+        return None;
+    }
+    let db = pg_sys::get_database_oid(name, true);
+    (db != pg_sys::InvalidOid).then_some((db, drops))
+}
+
+/// The string value of option `wanted` in a statement's option list.
+unsafe fn option_value(options: *mut pg_sys::List, wanted: &CStr) -> Option<*mut std::ffi::c_char> {
+    PgList::<pg_sys::DefElem>::from_pg(options)
+        .iter_ptr()
+        .find(|d| !(**d).defname.is_null() && CStr::from_ptr((**d).defname) == wanted && !(**d).arg.is_null())
+        .map(|d| pg_sys::defGetString(d))
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn guard_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let run = move || match PREV_HOOK {
+        Some(prev) => prev(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
+        None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
+    };
+    let Some((db, drops)) = database_needed((*pstmt).utilityStmt) else {
+        return run();
+    };
+    if let Some(pid) = roster::hold(db.to_u32()) {
+        // the worker ends at its next interrupt check; the command itself waits up to 5 s for
+        // the database's other sessions to go (CountOtherDBBackends)
+        libc::kill(pid, libc::SIGTERM);
+    }
+    PgTryBuilder::new(run)
+        .catch_others(|e| {
+            roster::unhold(db.to_u32());
+            e.rethrow()
+        })
+        .execute();
+    if !drops {
+        roster::unhold(db.to_u32());
+    }
+}
