@@ -11,6 +11,7 @@ DROP FUNCTION embed_sidecar._status(embed_sidecar.sources);
 DROP FUNCTION embed_sidecar._enqueue_all(embed_sidecar.sources, boolean);
 DROP FUNCTION embed_sidecar._drain_sql(embed_sidecar.sources);
 DROP FUNCTION embed_sidecar._content_column(embed_sidecar.sources);
+DROP FUNCTION embed_sidecar.pause(regclass);
 
 -- the registry's ids: an identity column's sequence is not carried by pg_dump for an extension's
 -- table, a plain sequence marked with pg_extension_config_dump is
@@ -20,8 +21,10 @@ SELECT pg_catalog.setval('embed_sidecar.sources_id_seq', coalesce((SELECT max(id
 ALTER TABLE embed_sidecar.sources ALTER COLUMN id SET DEFAULT nextval('embed_sidecar.sources_id_seq');
 SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources_id_seq', '');
 
--- the bulk lane's progress
+-- the bulk lane's progress, and its own pause
 ALTER TABLE embed_sidecar.sources ADD COLUMN bulk_total bigint NOT NULL DEFAULT 0, ADD COLUMN bulk_started_at timestamptz;
+ALTER TABLE embed_sidecar.sources DROP CONSTRAINT sources_state_check,
+    ADD CONSTRAINT sources_state_check CHECK (state IN ('active', 'paused', 'bulk_paused'));
 
 -- new Rust functions
 CREATE FUNCTION embed_sidecar."_calling_role"() RETURNS oid /* pg_sys :: Oid */
@@ -44,6 +47,16 @@ CREATE FUNCTION embed_sidecar."_backfill"(
 STRICT VOLATILE PARALLEL UNSAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'backfill_wrapper';
+
+CREATE FUNCTION embed_sidecar."_worker_state"() RETURNS TEXT /* & '_ str */
+STRICT STABLE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'worker_state_wrapper';
+
+CREATE FUNCTION embed_sidecar."_announce_extension"() RETURNS void
+STRICT VOLATILE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'announce_extension_wrapper';
 
 -- ---- from sql/registry.sql ----
 -- The bulk lane's queue of a source.
@@ -566,11 +579,14 @@ BEGIN
 END
 $$;
 
--- Paused sources keep enqueueing; only draining stops.
-CREATE OR REPLACE FUNCTION embed_sidecar.pause(source regclass) RETURNS void
+-- Paused sources keep enqueueing; only draining stops. bulk_only pauses just the bulk lane
+-- (backfill, reembed, set_model): writers' changes keep being embedded, the backfill resumes where
+-- it stopped.
+CREATE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false) RETURNS void
     LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    UPDATE embed_sidecar.sources SET state = 'paused' WHERE id = (embed_sidecar._owned_source(source)).id;
+    UPDATE embed_sidecar.sources SET state = CASE WHEN bulk_only THEN 'bulk_paused' ELSE 'paused' END
+     WHERE id = (embed_sidecar._owned_source(source)).id;
 END;
 
 CREATE OR REPLACE FUNCTION embed_sidecar.resume(source regclass) RETURNS void
@@ -626,18 +642,29 @@ END;
 
 -- pending / oldest_pending_age: the live lane (changes made by writers). bulk_*: the bulk lane
 -- (backfills), with progress since it was last empty and an ETA from the rate so far.
+-- coverage: the share of rows whose vector is current, estimated as what is neither queued nor
+-- dead-lettered, against the statistics' row count (live tuples, the planner's estimate or the
+-- backfill's size, whichever is largest); verify() counts exactly.
+-- worker: whether this database's drain worker runs, and if not, why.
 CREATE VIEW embed_sidecar.status AS
-SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending,
-       (SELECT count(*) FROM embed_sidecar.failures f WHERE f.source_id = s.id) AS failed,
+SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
+       coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
+                          / nullif(greatest(c.reltuples::numeric, pg_stat_get_live_tuples(s.source), s.bulk_total,
+                                           q.pending + q.bulk_pending + f.failed), 0), 3),
+                1.0) AS coverage,
        q.oldest_pending_age, q.bulk_pending,
        CASE WHEN s.bulk_total > 0 THEN round(greatest(s.bulk_total - q.bulk_pending, 0)::numeric / s.bulk_total, 3) END
            AS bulk_progress,
        CASE WHEN q.bulk_pending > 0 AND s.bulk_total > q.bulk_pending
             THEN (now() - s.bulk_started_at) * q.bulk_pending / (s.bulk_total - q.bulk_pending) END AS bulk_eta,
-       s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at
-  FROM embed_sidecar.sources s, LATERAL embed_sidecar._queue_backlog(s.source) q
+       s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at,
+       embed_sidecar._worker_state() AS worker
+  FROM embed_sidecar.sources s
+       JOIN pg_catalog.pg_class c ON c.oid = s.source,
+       LATERAL embed_sidecar._queue_backlog(s.source) q,
+       LATERAL (SELECT count(*) AS failed FROM embed_sidecar.failures x WHERE x.source_id = s.id) f
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog in both lanes, bulk progress, failures, counters, last error';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
@@ -822,7 +849,8 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass), embed_sidecar.
     embed_sidecar._widen_ef_search(int), embed_sidecar.any_words_tsquery(regconfig, text),
     embed_sidecar.search(regclass, text, int),
     embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int),
-    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(regclass) TO PUBLIC;
+    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(regclass),
+    embed_sidecar._worker_state() TO PUBLIC;
 -- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),
@@ -838,3 +866,6 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
     embed_sidecar.model_info(), embed_sidecar.texts_embedded() TO PUBLIC;
 
+-- The install script's last step: once it commits, the launcher starts this database's drain
+-- worker (when the library is preloaded; src/launcher.rs).
+SELECT embed_sidecar._announce_extension();

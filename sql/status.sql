@@ -18,12 +18,14 @@ END;
 -- pending / oldest_pending_age: the live lane (changes made by writers). bulk_*: the bulk lane
 -- (backfills), with progress since it was last empty and an ETA from the rate so far.
 -- coverage: the share of rows whose vector is current, estimated as what is neither queued nor
--- dead-lettered against the planner's row count (or the backfill's, before the first ANALYZE);
--- verify() counts exactly. worker: whether this database's drain worker runs (and why not).
+-- dead-lettered, against the statistics' row count (live tuples, the planner's estimate or the
+-- backfill's size, whichever is largest); verify() counts exactly.
+-- worker: whether this database's drain worker runs, and if not, why.
 CREATE VIEW embed_sidecar.status AS
 SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
-                          / nullif(greatest(c.reltuples::numeric, s.bulk_total, q.pending + q.bulk_pending + f.failed), 0), 3),
+                          / nullif(greatest(c.reltuples::numeric, pg_stat_get_live_tuples(s.source), s.bulk_total,
+                                           q.pending + q.bulk_pending + f.failed), 0), 3),
                 1.0) AS coverage,
        q.oldest_pending_age, q.bulk_pending,
        CASE WHEN s.bulk_total > 0 THEN round(greatest(s.bulk_total - q.bulk_pending, 0)::numeric / s.bulk_total, 3) END

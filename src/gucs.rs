@@ -27,6 +27,9 @@ static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Role the worker connects as; empty means the bootstrap superuser.
 static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Whether a database gets a drain worker; set per database (`ALTER DATABASE d SET ...`) to keep
+/// one out, e.g. where only `process()` should drain. Read by the worker when it connects.
+static DRAIN_WORKER: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Queue messages read per drain pass.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
 /// Most bulk-lane (backfill) messages in one drain pass: bounds how long a writer's change can wait
@@ -122,6 +125,14 @@ pub fn init() {
         1,
         10_000,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_embed_sidecar.drain_worker",
+        c"Whether this database gets a drain worker (set it per database with ALTER DATABASE).",
+        c"Off: queued changes wait for embed_sidecar.process(). Takes effect when the worker (re)starts.",
+        &DRAIN_WORKER,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -252,6 +263,9 @@ pub fn worker_databases() -> Vec<String> {
 }
 pub fn worker_role() -> Option<String> {
     Some(string(&WORKER_ROLE)).filter(|s| !s.is_empty())
+}
+pub fn drain_worker() -> bool {
+    DRAIN_WORKER.get()
 }
 pub fn batch_size() -> i32 {
     BATCH_SIZE.get()

@@ -262,6 +262,9 @@ mod embed_sidecar {
         if !allowed.is_empty() && !allowed.contains(&name) {
             return "not running: database not in pg_embed_sidecar.databases";
         }
+        if !gucs::drain_worker() {
+            return "not running: pg_embed_sidecar.drain_worker is off here (drain with embed_sidecar.process())";
+        }
         let entry = roster::get(roster::current_db());
         if entry.worker_alive() {
             "running"
