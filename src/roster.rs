@@ -144,6 +144,8 @@ pub fn claim_worker() -> bool {
     e.pid = pid;
     e.procno = procno;
     e.no_slot = false;
+    // a crash from now on is a crash, not "the extension was created since" (src/launcher.rs)
+    e.absent_at = None;
     true
 }
 
