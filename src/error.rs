@@ -15,6 +15,10 @@ pub enum SidecarError {
     Sql(String),
     #[error("permission denied: {0}")]
     NotAllowed(String),
+    /// An error the inference service raised for this request (src/service.rs), carried back
+    /// with its SQLSTATE and hint.
+    #[error("{message}")]
+    Remote { code: i32, message: String, hint: Option<String> },
     #[cfg(feature = "fault_injection")]
     #[error("injected failure: text contains pg_embed_sidecar.test_fail_marker")]
     Injected,
@@ -27,7 +31,7 @@ impl From<pgrx::spi::Error> for SidecarError {
 }
 
 impl SidecarError {
-    fn sqlstate(&self) -> PgSqlErrorCode {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
         use EmbedError::*;
         match self {
             SidecarError::Embed(ModelDirMissing(_) | ModelFileMissing(_) | TokenizerMissing(_)) => {
@@ -39,11 +43,12 @@ impl SidecarError {
             SidecarError::Embed(UnsupportedModel { .. }) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             SidecarError::BadModelName(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             SidecarError::NotAllowed(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SidecarError::Remote { code, .. } => PgSqlErrorCode::from(*code),
             _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
 
-    pub fn hint(&self) -> Option<&'static str> {
+    pub fn hint(&self) -> Option<&str> {
         use EmbedError::*;
         Some(match self {
             SidecarError::Embed(Runtime { .. }) => {
@@ -63,6 +68,7 @@ impl SidecarError {
             }
             SidecarError::BadModelName(_) => "A model name is a directory name under pg_embed_sidecar.model_path.",
             SidecarError::NotAllowed(_) => "Only roles that may insert into or update a watched table can put its keys on its queue.",
+            SidecarError::Remote { hint, .. } => return hint.as_deref(),
             _ => return None,
         })
     }

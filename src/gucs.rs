@@ -22,6 +22,25 @@ static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// this machine for short and long texts alike (benches: scripts/bench.sh; issue 4 note).
 static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 
+/// `shared`: when preloaded, sessions and drains embed through the inference workers
+/// (src/service.rs); `local`: every process loads and runs the model itself, as in 0.1.
+static INFERENCE: GucSetting<Inference> = GucSetting::<Inference>::new(Inference::Shared);
+
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Inference {
+    #[name = c"shared"]
+    Shared,
+    #[name = c"local"]
+    Local,
+}
+/// Inference workers (postmaster): each holds one copy of each model in use.
+static INFERENCE_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+/// ONNX Runtime threads of each inference worker (postmaster); 0: one per CPU.
+static INFERENCE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Texts in flight at once through the service (postmaster; sizes shared memory, 74 KiB each).
+/// One call uses at most half of them per round trip, so two sessions always make progress.
+/// A full ring makes clients wait: back-pressure instead of unbounded memory.
+static INFERENCE_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(128);
 /// Optional allow-list of databases that get a drain worker (comma-separated); empty: every
 /// database that has the extension (the launcher finds them).
 static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -127,6 +146,14 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_enum_guc(
+        c"pg_embed_sidecar.inference",
+        c"Where embeddings are computed: shared (the instance's inference workers, when preloaded) or local (this process).",
+        c"",
+        &INFERENCE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"pg_embed_sidecar.drain_worker",
         c"Whether this database gets a drain worker (set it per database with ALTER DATABASE).",
@@ -175,6 +202,36 @@ pub fn init() {
             c"Empty (the default): every database where the extension is installed.",
             &WORKER_DATABASES,
             GucContext::Sighup,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"pg_embed_sidecar.inference_workers",
+            c"Inference workers of the instance (each holds one copy of each model in use).",
+            c"",
+            &INFERENCE_WORKERS,
+            0,
+            crate::service::WORKERS_MAX as i32,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"pg_embed_sidecar.inference_threads",
+            c"ONNX Runtime threads of each inference worker; 0 means one per CPU.",
+            c"",
+            &INFERENCE_THREADS,
+            0,
+            256,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"pg_embed_sidecar.inference_slots",
+            c"Texts in flight at once through the inference workers (sizes shared memory).",
+            c"",
+            &INFERENCE_SLOTS,
+            8,
+            4096,
+            GucContext::Postmaster,
             GucFlags::default(),
         );
         GucRegistry::define_string_guc(
@@ -252,7 +309,7 @@ pub fn embed_settings(model: Option<&str>) -> EmbedSettings {
         library: expand(&string(&ORT_LIBRARY)),
         model_dir: expand(&string(&MODEL_PATH)).join(&model),
         model,
-        intra_threads: INTRA_THREADS.get() as usize,
+        intra_threads: if crate::service::in_worker() { inference_threads() } else { INTRA_THREADS.get() as usize },
         max_batch: MAX_BATCH.get() as usize,
         max_batch_tokens: MAX_BATCH_TOKENS.get() as usize,
     }
@@ -263,6 +320,33 @@ pub fn worker_databases() -> Vec<String> {
 }
 pub fn worker_role() -> Option<String> {
     Some(string(&WORKER_ROLE)).filter(|s| !s.is_empty())
+}
+pub fn inference_shared() -> bool {
+    INFERENCE.get() == Inference::Shared
+}
+pub fn inference_workers() -> usize {
+    INFERENCE_WORKERS.get() as usize
+}
+pub fn inference_slots() -> usize {
+    INFERENCE_SLOTS.get() as usize
+}
+fn inference_threads() -> usize {
+    match INFERENCE_THREADS.get() {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n as usize,
+    }
+}
+/// The session embeds from the files the inference workers load: a superuser who pointed this
+/// session elsewhere (SET model_path / onnxruntime_library) is served locally instead.
+pub fn paths_as_configured() -> bool {
+    [c"pg_embed_sidecar.model_path", c"pg_embed_sidecar.onnxruntime_library"].iter().all(|name| {
+        // SAFETY: read-only lookups of a defined setting's current and reset values
+        unsafe {
+            let now = pg_sys::GetConfigOption(name.as_ptr(), true, false);
+            let reset = pg_sys::GetConfigOptionResetString(name.as_ptr());
+            !now.is_null() && !reset.is_null() && CStr::from_ptr(now) == CStr::from_ptr(reset)
+        }
+    })
 }
 pub fn drain_worker() -> bool {
     DRAIN_WORKER.get()

@@ -21,6 +21,8 @@ mod gucs;
 mod launcher;
 mod model;
 mod roster;
+mod service;
+mod service_worker;
 mod settle;
 mod wake;
 mod worker;
@@ -32,6 +34,8 @@ mod xact;
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     roster::init();
+    service::init();
+    service_worker::register();
     launcher::register();
     db_guard::install();
 }

@@ -1,14 +1,19 @@
-//! The embedder one backend (or the worker) holds: loaded lazily on first use, reused for every
-//! call, reloaded when a setting that shapes it changes. Only this thread touches it.
+//! Embedding for this process. With the inference service (preloaded, `inference = shared`) the
+//! texts go to the instance's inference workers (src/service.rs) and nothing is loaded here;
+//! otherwise — and inside an inference worker — this process holds the embedder itself: loaded
+//! lazily on first use, reused for every call, reloaded when a setting that shapes it changes.
+//! Only this thread touches it.
 
 use std::cell::{Cell, RefCell};
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use embed_core::Embedder;
+use embed_core::{Embedder, ModelFiles};
 
 use crate::error::SidecarError;
 use crate::gucs::{embed_settings, EmbedSettings};
+use crate::service::{self, Priority};
 
 struct Loaded {
     settings: EmbedSettings,
@@ -38,6 +43,9 @@ thread_local! {
     /// settings), so a plan that evaluates `embed_text('query')` per row hits this memo instead
     /// of the model.
     static LAST: RefCell<Option<(String, String, Vec<f32>)>> = const { RefCell::new(None) };
+    /// Model ids computed from the files alone (with the service, where no embedder is loaded
+    /// here), per model directory, with the files' stamps they were computed from.
+    static FILE_IDS: RefCell<HashMap<PathBuf, ([PathBuf; 2], Stamp, String)>> = RefCell::new(HashMap::new());
 }
 
 fn validate_model_name(name: &str) -> Result<(), SidecarError> {
@@ -86,20 +94,30 @@ fn with_model<R>(model: Option<&str>, f: impl FnOnce(&mut Embedder) -> Result<R,
 
 /// Embed many texts in input order with the session's model, counting them.
 pub fn embed_many(texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
-    embed_many_inner(None, texts)
+    embed_many_inner(None, texts, Priority::Interactive)
 }
 
-/// Embed many texts with a named model (the drain: each source has its own).
+/// Embed many texts with a named model for a drain (the service serves searches first).
 pub fn embed_many_with(model: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
-    embed_many_inner(Some(model), texts)
+    embed_many_inner(Some(model), texts, Priority::Drain)
 }
 
-fn embed_many_inner(model: Option<&str>, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
-    // the interrupt check may raise (cancel, statement_timeout): that unwinds out of the
-    // embedder between two batches, which leaves it intact for the next call
-    let vectors = with_model(model, |e| Ok(e.embed_checked(texts, &mut || {
-        pgrx::check_for_interrupts!();
-    })?))?;
+fn model_name(model: Option<&str>) -> Result<String, SidecarError> {
+    let name = embed_settings(model).model;
+    validate_model_name(&name)?;
+    Ok(name)
+}
+
+fn embed_many_inner(model: Option<&str>, texts: &[&str], priority: Priority) -> Result<Vec<Vec<f32>>, SidecarError> {
+    let vectors = if service::usable() {
+        service::embed(&model_name(model)?, texts, priority)?
+    } else {
+        // the interrupt check may raise (cancel, statement_timeout): that unwinds out of the
+        // embedder between two batches, which leaves it intact for the next call
+        with_model(model, |e| Ok(e.embed_checked(texts, &mut || {
+            pgrx::check_for_interrupts!();
+        })?))?
+    };
     TEXTS_EMBEDDED.with(|c| c.set(c.get() + texts.len() as i64));
     Ok(vectors)
 }
@@ -107,7 +125,11 @@ fn embed_many_inner(model: Option<&str>, texts: &[&str]) -> Result<Vec<Vec<f32>>
 /// Embed one text with `model` (default: the session's), answering a repeat of the previous
 /// text from the memo.
 pub fn embed_one_with(model: Option<&str>, text: &str) -> Result<Vec<f32>, SidecarError> {
-    let id = with_model(model, |e| Ok(e.model_id().to_string()))?;
+    let id = if service::usable() {
+        model_id_of(&model_name(model)?)?
+    } else {
+        with_model(model, |e| Ok(e.model_id().to_string()))?
+    };
     let hit = LAST.with(|m| match &*m.borrow() {
         Some((last_id, t, v)) if *last_id == id && t == text => Some(v.clone()),
         _ => None,
@@ -115,18 +137,40 @@ pub fn embed_one_with(model: Option<&str>, text: &str) -> Result<Vec<f32>, Sidec
     if let Some(v) = hit {
         return Ok(v);
     }
-    let v = embed_many_inner(model, &[text])?.pop().unwrap_or_default();
+    let v = embed_many_inner(model, &[text], Priority::Interactive)?.pop().unwrap_or_default();
     LAST.with(|m| *m.borrow_mut() = Some((id, text.to_string(), v.clone())));
     Ok(v)
 }
 
+/// The id of a named model's current files. With the service, read from the files (hashed again
+/// only when they change) instead of loading the model here.
 pub fn model_id_of(model: &str) -> Result<String, SidecarError> {
-    with_model(Some(model), |e| Ok(e.model_id().to_string()))
+    if !service::usable() {
+        return with_model(Some(model), |e| Ok(e.model_id().to_string()));
+    }
+    let settings = embed_settings(Some(model));
+    validate_model_name(&settings.model)?;
+    FILE_IDS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some((files, stamp, id)) = cache.get(&settings.model_dir) {
+            if stamp.iter().all(Option::is_some) && [file_stamp(&files[0]), file_stamp(&files[1])] == *stamp {
+                return Ok(id.clone());
+            }
+        }
+        let f = ModelFiles::resolve(&settings.model_dir)?;
+        let stamp = [file_stamp(&f.onnx), file_stamp(&f.tokenizer)];
+        cache.insert(settings.model_dir.clone(), ([f.onnx, f.tokenizer], stamp, f.model_id.clone()));
+        Ok(f.model_id)
+    })
 }
 
 /// `(model_id, dims)` of a named model.
 pub fn identity_of(model: &str) -> Result<(String, i32), SidecarError> {
-    with_model(Some(model), |e| Ok((e.model_id().to_string(), e.dims() as i32)))
+    if !service::usable() {
+        return with_model(Some(model), |e| Ok((e.model_id().to_string(), e.dims() as i32)));
+    }
+    let dims = service::embed(model, &["dimensions"], Priority::Interactive)?.pop().unwrap_or_default().len();
+    Ok((model_id_of(model)?, dims as i32))
 }
 
 pub fn texts_embedded() -> i64 {

@@ -39,8 +39,10 @@ def reference():
     return Reference()
 
 
-def test_parity_with_independent_reference(reference):
+@pytest.mark.parametrize("inference", ["shared", "local"])
+def test_parity_with_independent_reference(reference, inference):
     with connect() as c:
+        c.execute("SELECT set_config('pg_embed_sidecar.inference', %s, false)", (inference,))
         rows = c.execute("SELECT t, embed_text(t)::text FROM unnest(%s::text[]) AS t", (SENTENCES,)).fetchall()
         batched = one(c, "SELECT embed_texts(%s::text[])::text[]", (SENTENCES,))
     assert len(rows) == len(SENTENCES) >= 20

@@ -138,8 +138,8 @@ def test_a_database_can_opt_out():
 
 
 def test_no_free_worker_slot_is_logged_and_shown_in_status():
-    """A throwaway cluster with max_worker_processes = 3: the logical replication launcher, ours,
-    and one drain worker. The second database with the extension gets none, and says why."""
+    """A throwaway cluster with max_worker_processes = 4: the logical replication launcher, ours,
+    the inference worker and one drain worker. The second database with the extension gets none, and says why."""
     port = 5435
     data = tempfile.mkdtemp(prefix="pes_slots_", dir="/var/tmp")
     as_pg = ["sudo", "-u", "postgres"]
@@ -147,7 +147,7 @@ def test_no_free_worker_slot_is_logged_and_shown_in_status():
     subprocess.run(as_pg + [f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "-A", "trust"], check=True, capture_output=True)
     with open(os.path.join(data, "postgresql.conf"), "a") as conf:
         conf.write("listen_addresses = ''\nunix_socket_directories = '/tmp'\n"
-                   "shared_preload_libraries = 'pg_embed_sidecar'\nmax_worker_processes = 3\n")
+                   "shared_preload_libraries = 'pg_embed_sidecar'\nmax_worker_processes = 4\n")
     log = os.path.join(data, "server.log")
     subprocess.run(as_pg + [f"{PG_BIN}/pg_ctl", "-D", data, "-l", log, "-o", f"-p {port}", "-w", "start"],
                    check=True, capture_output=True)

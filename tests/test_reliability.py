@@ -230,8 +230,9 @@ def test_missing_model_keeps_jobs_waiting_then_recovers(db, model_copy):
 def test_search_path_hijack_has_no_effect(db):
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     db.execute("INSERT INTO docs VALUES (1, 'alpha'), (2, 'beta')")
-    watch(db, "docs")
-    one(db, "SELECT embed_sidecar.pause('docs')")
+    with db.transaction():  # paused before the worker can see the backfill
+        watch(db, "docs")
+        one(db, "SELECT embed_sidecar.pause('docs')")
     # a schema ahead of everything, shadowing what the drain and status use
     db.execute(f'CREATE FUNCTION "{db.schema}".sha256(bytea) RETURNS bytea LANGUAGE sql AS $$ SELECT \'\\x00\'::bytea $$')
     db.execute(f'CREATE FUNCTION "{db.schema}".count(anyelement) RETURNS bigint LANGUAGE sql AS $$ SELECT 42::bigint $$')
@@ -345,6 +346,7 @@ def hwm_kb(pid):
 def peak_after(threads, batch_tokens, texts):
     """Threads and peak RSS of a fresh backend after one embed_texts call."""
     with connect() as c:
+        c.execute("SET pg_embed_sidecar.inference = 'local'")  # these settings shape a session's own model
         c.execute(f"SET pg_embed_sidecar.intra_threads = {threads}")
         c.execute(f"SET pg_embed_sidecar.max_batch_tokens = {batch_tokens}")
         c.execute("SET pg_embed_sidecar.max_batch = 4096")
@@ -455,6 +457,8 @@ def test_dump_and_restore_keep_watching(db):
         for d in (src_db, dst_db):
             c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
         c.execute(f"CREATE DATABASE {src_db}")
+        # only this test's process() calls drain here, so the counts below are exact
+        c.execute(f"ALTER DATABASE {src_db} SET pg_embed_sidecar.drain_worker = off")
     try:
         with connect(dbname=src_db) as s:
             s.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
@@ -475,6 +479,7 @@ def test_dump_and_restore_keep_watching(db):
                         "-d", src_db, "-f", dump], check=True)
         with connect(dbname="postgres") as c:
             c.execute(f"CREATE DATABASE {dst_db}")
+            c.execute(f"ALTER DATABASE {dst_db} SET pg_embed_sidecar.drain_worker = off")
         r = subprocess.run([f"{pg_bin}/pg_restore", "-h", DSN["host"], "-p", str(DSN["port"]), "-U", "postgres",
                             "-d", dst_db, dump], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr

@@ -1,0 +1,175 @@
+//! The inference workers (`pg_embed_sidecar.inference_workers`, default 1): background workers
+//! connected to no database, each holding one embedder per model in use (src/model.rs)
+//! and serving the ring of src/service.rs. Each round takes what is waiting, interactive requests
+//! first (all of them) and otherwise at most `max_batch` drain texts, so a search waits behind at
+//! most one drain batch; the embedder sorts by length and cuts by the token budget. Restarted by
+//! the postmaster after 1 s if it dies; clients resubmit what it held.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgrx::bgworkers::*;
+use pgrx::prelude::*;
+
+use crate::error::SidecarError;
+use crate::gucs;
+use crate::service::{self, Header, Priority, Slot, DONE, FAILED, FILLING, FREE, SUBMITTED};
+
+pub fn register() {
+    // SAFETY: reading a flag the postmaster sets while loading shared_preload_libraries
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    for i in 0..gucs::inference_workers() {
+        BackgroundWorkerBuilder::new(&format!("pg_embed_sidecar inference {i}"))
+            .set_type("pg_embed_sidecar inference")
+            .set_library("pg_embed_sidecar")
+            .set_function("pg_embed_sidecar_inference_main")
+            .set_argument(Some(pg_sys::Datum::from(i)))
+            // connected to no database (like the launcher): listed in pg_stat_activity
+            .enable_spi_access()
+            // a hot standby serves embed_text and search too
+            .set_start_time(BgWorkerStartTime::ConsistentState)
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
+    let me = arg.value().min(service::WORKERS_MAX - 1);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    service::become_worker();
+    let Some(header) = service::header() else { return };
+    // SAFETY: this process's own pid and PGPROC number
+    let (pid, procno) = unsafe { (pg_sys::MyProcPid, (*pg_sys::MyProc).pgprocno) };
+    // what a predecessor in this place held goes back to the queue (its clients may be waiting)
+    for i in 0..header.slots as usize {
+        let s = service::slot(header, i);
+        let _ = s.state.compare_exchange(service::taken_by(me), SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = s.state.compare_exchange(service::abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
+    }
+    header.worker_procno[me].store(procno, Ordering::Release);
+    header.worker_pid[me].store(pid, Ordering::Release);
+    log!("pg_embed_sidecar: inference worker {me} started ({} threads)", gucs::embed_settings(None).intra_threads);
+    let mut nap = Duration::ZERO;
+    while BackgroundWorker::wait_latch(Some(nap)) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the documented way for a background worker to reload postgresql.conf
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        tidy(header);
+        let batch = take(header, me);
+        nap = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
+        serve(header, me, &batch);
+    }
+    header.worker_pid[me].store(0, Ordering::Release);
+    // exit code 1: the postmaster starts it again after its restart time (0 would retire it)
+    // SAFETY: ends this process through Postgres' normal exit path
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Free what nobody waits for any more: abandoned slots (the client gave up) and slots whose
+/// client died.
+fn tidy(header: &'static Header) {
+    for i in 0..header.slots as usize {
+        let s = service::slot(header, i);
+        let state = s.state.load(Ordering::Acquire);
+        let orphan = match state {
+            FILLING | SUBMITTED | DONE | FAILED => !service::owner_alive(s),
+            // abandoned while a worker that has since died held it
+            _ => service::abandoner(state).is_some_and(|w| !service::alive(header.worker_pid[w].load(Ordering::Acquire))),
+        };
+        if orphan {
+            let _ = s.state.compare_exchange(state, FREE, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Take this round's slots (SUBMITTED → TAKEN): every interactive request waiting, or else the
+/// oldest drain requests up to `max_batch`.
+fn take(header: &'static Header, me: usize) -> Vec<usize> {
+    let mut waiting: Vec<(u32, u64, usize)> = (0..header.slots as usize)
+        .filter_map(|i| {
+            let s = service::slot(header, i);
+            (s.state.load(Ordering::Acquire) == SUBMITTED).then(|| (s.priority, s.seq, i))
+        })
+        .collect();
+    waiting.sort_unstable();
+    let interactive = waiting.iter().take_while(|w| w.0 == Priority::Interactive as u32).count();
+    let limit = if interactive > 0 { interactive } else { gucs::embed_settings(None).max_batch };
+    let mut taken = Vec::new();
+    for (_, _, i) in waiting.into_iter().take(limit) {
+        let s = service::slot(header, i);
+        if s.state.compare_exchange(SUBMITTED, service::taken_by(me), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            taken.push(i);
+        }
+    }
+    taken
+}
+
+/// Embed the taken slots, one call per model, and hand each result back.
+fn serve(header: &'static Header, me: usize, taken: &[usize]) {
+    let mut by_model: BTreeMap<String, Vec<&'static mut Slot>> = BTreeMap::new();
+    for &i in taken {
+        let s = service::slot(header, i);
+        let model = String::from_utf8_lossy(&s.model[..s.model_len as usize]).into_owned();
+        by_model.entry(model).or_default().push(s);
+    }
+    for (model, mut slots) in by_model {
+        let texts: Vec<String> =
+            slots.iter().map(|s| String::from_utf8_lossy(&s.text[..s.text_len as usize]).into_owned()).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        match crate::model::embed_many_with(&model, &refs) {
+            Ok(vectors) => {
+                for (s, v) in slots.iter_mut().zip(vectors) {
+                    finish(s, me, Ok(v));
+                }
+            }
+            // one text may be the cause: each alone, so the others still get their vector
+            Err(_) if slots.len() > 1 => {
+                for (s, text) in slots.iter_mut().zip(&refs) {
+                    let one = crate::model::embed_many_with(&model, &[text]).map(|mut v| v.pop().unwrap_or_default());
+                    finish(s, me, one);
+                }
+            }
+            Err(e) => finish(&mut slots[0], me, Err(e)),
+        }
+    }
+}
+
+fn finish(s: &mut Slot, me: usize, result: Result<Vec<f32>, SidecarError>) {
+    let state = match result {
+        Ok(v) if v.len() <= service::DIMS_MAX => {
+            s.vector[..v.len()].copy_from_slice(&v);
+            s.dims = v.len() as u32;
+            DONE
+        }
+        Ok(v) => fail(s, &SidecarError::Sql(format!("{} dimensions exceed the service's {}", v.len(), service::DIMS_MAX))),
+        Err(e) => fail(s, &e),
+    };
+    if s.state.compare_exchange(service::taken_by(me), state, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        service::wake_owner(s);
+    } else {
+        // the client gave up meanwhile (or a client resubmitted it, taking us for dead)
+        let _ = s.state.compare_exchange(service::abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+fn fail(s: &mut Slot, e: &SidecarError) -> u32 {
+    let put = |buf: &mut [u8], text: &str| -> u32 {
+        let mut n = text.len().min(buf.len());
+        while !text.is_char_boundary(n) {
+            n -= 1;
+        }
+        buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+        n as u32
+    };
+    s.error_code = e.sqlstate() as i32;
+    s.message_len = put(&mut s.message, &e.to_string());
+    s.hint_len = put(&mut s.hint, e.hint().unwrap_or(""));
+    FAILED
+}
