@@ -92,7 +92,7 @@ def latency_during_backfill(dsn, mode, rows, samples=60):
             return out[len(out) // 2], out[int(len(out) * 0.95)]
 
         idle = sample(samples)
-        c.execute("DROP TABLE IF EXISTS bench_service_backfill CASCADE")
+        c.execute("DROP TABLE IF EXISTS bench_service_backfill_embeddings, bench_service_backfill CASCADE")
         c.execute("CREATE TABLE bench_service_backfill (id int PRIMARY KEY, body text)")
         c.execute(f"INSERT INTO bench_service_backfill SELECT i, 'backfill row ' || i || ' about ' || md5(i::text) "
                   f"FROM generate_series(1, {rows}) i")
@@ -112,12 +112,20 @@ def main():
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--sessions", default="1,4,16,64")
     ap.add_argument("--backfill-rows", type=int, default=20000)
+    ap.add_argument("--only", choices=["sessions", "latency"], help="run one table only")
     args = ap.parse_args()
     with connect(args.dsn) as c:
         setting = dict(c.execute("SELECT name, setting FROM pg_settings WHERE name LIKE 'pg_embed_sidecar.%'").fetchall())
     print(f"# inference service — {time.strftime('%Y-%m-%d')}, intra_threads (local) "
           f"{setting.get('pg_embed_sidecar.intra_threads')}, inference_threads (shared) "
           f"{setting.get('pg_embed_sidecar.inference_threads')} (0 = one per CPU), {args.seconds:.0f} s per run\n")
+    if args.only != "latency":
+        print_sessions(args)
+    if args.only != "sessions":
+        print_latency(args)
+
+
+def print_sessions(args):
     ceil = ceiling(args.dsn, args.seconds)
     print("| sessions | inference | calls/s | p50 | p95 | private memory, backends + inference worker |")
     print("|---:|---|---:|---:|---:|---:|")
@@ -126,6 +134,9 @@ def main():
             rate, p50, p95, mem = sessions_run(args.dsn, mode, n, args.seconds)
             print(f"| {n} | {mode} | {rate:.0f} | {p50 * 1000:.1f} ms | {p95 * 1000:.1f} ms | {mem:,.0f} MiB |", flush=True)
     print(f"| – | `embed_texts`, 256 per call (ceiling) | {ceil:.0f} | – | – | – |\n")
+
+
+def print_latency(args):
     print(f"| embed_text latency | idle p50 | idle p95 | during a {args.backfill_rows}-row backfill p50 | p95 | p95 ratio |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode in ("local", "shared"):

@@ -504,6 +504,10 @@ AS $$
 DECLARE
     s embed_sidecar.sources := embed_sidecar._owned_source(source);
 BEGIN
+    -- First wait for a drain writing this source, and keep the next one out: its write holds the
+    -- source's advisory lock (src/drain.rs, 0x656d6273 = "embs") and then the sidecar and source,
+    -- and ends by updating the registry row deleted here; in the other order the two deadlock.
+    PERFORM pg_advisory_xact_lock(1701667443, s.id);
     PERFORM embed_sidecar._forget(s, drop_sidecar);
 END
 $$;
