@@ -298,6 +298,7 @@ impl EmbedSettings {
             intra_threads: self.intra_threads,
             max_batch: self.max_batch,
             max_batch_tokens: self.max_batch_tokens,
+            ..LoadOptions::default()
         }
     }
 }

@@ -2,7 +2,9 @@
 //! on texts from a file, outside PostgreSQL. Same code path as the extension, nothing else.
 //!
 //! embed_ceiling <ort-lib> <model-dir> <texts.jsonl> [--threads N] [--batch N] [--batch-tokens N]
-//! Each line of the file is a JSON string. Prints one JSON object: rows, seconds, rows_per_s.
+//!               [--window N] [--arena 0|1] [--mem-pattern 0|1]
+//! Each line of the file is a JSON string. Prints one JSON object: rows, seconds, rows_per_s,
+//! peak_rss_kib.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,6 +33,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--batch" => opts.max_batch = n,
             "--batch-tokens" => opts.max_batch_tokens = n,
             "--window" => window = n,
+            "--arena" => opts.cpu_arena = n != 0,
+            "--mem-pattern" => opts.memory_pattern = n != 0,
             other => return Err(format!("unknown option {other}").into()),
         }
         i += 2;
@@ -47,6 +51,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         rows += embedder.embed(chunk)?.len();
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("{{\"rows\": {rows}, \"seconds\": {secs:.3}, \"rows_per_s\": {:.1}}}", rows as f64 / secs);
+    // peak resident memory of this process: model, arena and activations
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak_kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches(" kB").trim().to_string());
+    println!(
+        "{{\"rows\": {rows}, \"seconds\": {secs:.3}, \"rows_per_s\": {:.1}, \"peak_rss_kib\": {}}}",
+        rows as f64 / secs,
+        peak_kib.unwrap_or_else(|| "null".into())
+    );
     Ok(())
 }
