@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
+use crate::service::alive;
+
 /// Databases tracked at once. Entries of dropped databases are recycled, so this bounds the
 /// databases that have (or had, since the last restart) the extension at the same time.
 const SLOTS: usize = 256;
@@ -42,6 +44,12 @@ impl Entry {
     /// A worker found no extension and nothing asked for one since.
     pub fn known_absent(&self) -> bool {
         self.absent_at == Some(self.requested)
+    }
+    pub fn worker_alive(&self) -> bool {
+        alive(self.pid)
+    }
+    pub fn held(&self) -> bool {
+        self.held_since != 0 && now() - self.held_since < HOLD_EXPIRES_US
     }
 }
 
@@ -83,11 +91,6 @@ pub fn current_db() -> u32 {
     unsafe { pg_sys::MyDatabaseId.to_u32() }
 }
 
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists
-    pid != 0 && unsafe { libc::kill(pid, 0) } == 0
-}
-
 fn now() -> i64 {
     // SAFETY: reads the clock
     unsafe { pg_sys::GetCurrentTimestamp() }
@@ -117,15 +120,6 @@ pub fn get(db: u32) -> Entry {
         return Entry::FREE;
     }
     ROSTER.share().find(db).copied().unwrap_or(Entry { db, ..Entry::FREE })
-}
-
-impl Entry {
-    pub fn worker_alive(&self) -> bool {
-        alive(self.pid)
-    }
-    pub fn held(&self) -> bool {
-        self.held_since != 0 && now() - self.held_since < HOLD_EXPIRES_US
-    }
 }
 
 // ---- the drain worker of the current database ----

@@ -7,6 +7,8 @@ import subprocess
 import tempfile
 import time
 
+import pytest
+
 from conftest import connect, one
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
@@ -29,112 +31,95 @@ def eventually(check, what, timeout=30):
         time.sleep(0.1)
 
 
-def fresh_database(admin, name, *settings):
-    admin.execute(f"DROP DATABASE IF EXISTS {name}")
-    admin.execute(f"CREATE DATABASE {name}")
-    for s in settings:
-        admin.execute(f"ALTER DATABASE {name} SET {s}")
+@pytest.fixture
+def admin():
+    """A connection to database postgres; database pes_launch is fresh, and it and its renamed
+    or copied variants are dropped afterwards."""
+    conn = connect(dbname="postgres")
+    conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    conn.execute(f"CREATE DATABASE {DB}")
+    yield conn
+    for db in (DB, f"{DB}_renamed", f"{DB}_copy"):
+        conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    conn.close()
 
 
-def test_create_extension_starts_a_worker_and_drop_database_stops_it():
-    admin = connect(dbname="postgres")
-    fresh_database(admin, DB)
-    try:
-        assert workers(admin, DB) == []
-        c = connect(dbname=DB)
+def create_extension(admin):
+    """CREATE EXTENSION in pes_launch; returns the pid of the worker that starts for it."""
+    with connect(dbname=DB) as c:
         c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
-        first = eventually(lambda: workers(admin, DB), "no worker after CREATE EXTENSION")
-        assert len(first) == 1
+    pids = eventually(lambda: workers(admin, DB), "no worker after CREATE EXTENSION")
+    assert len(pids) == 1
+    return pids[0]
 
-        # it drains: a watched table's rows get their vectors with nobody calling process()
+
+def test_create_extension_starts_a_worker_and_drop_database_stops_it(admin):
+    assert workers(admin, DB) == []
+    create_extension(admin)
+    c = connect(dbname=DB)
+    # it drains: a watched table's rows get their vectors with nobody calling process()
+    c.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    c.execute("INSERT INTO docs SELECT i, 'launcher row ' || i FROM generate_series(1, 20) i")
+    c.execute("SELECT embed_sidecar.watch('docs', 'body')")
+    c.execute("INSERT INTO docs VALUES (21, 'a change made after watch')")
+    assert one(c, "SELECT embed_sidecar.wait('docs', '60 s')")
+    assert one(c, "SELECT count(*) FROM docs_embeddings") == 21
+    assert one(c, "SELECT worker FROM embed_sidecar.status") == "running"
+    assert one(c, "SELECT coverage FROM embed_sidecar.status") == 1
+
+    # DROP EXTENSION: the worker leaves; CREATE EXTENSION again: a worker comes back
+    c.execute("DROP EXTENSION pg_embed_sidecar CASCADE")
+    eventually(lambda: workers(admin, DB) == [], "worker still running after DROP EXTENSION")
+    c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
+    eventually(lambda: workers(admin, DB), "no worker after CREATE EXTENSION again")
+    c.close()
+
+    # DROP DATABASE without FORCE succeeds although a worker is connected, and nothing restarts
+    admin.execute(f"DROP DATABASE {DB}")
+    assert one(admin, "SELECT count(*) FROM pg_database WHERE datname = %s", (DB,)) == 0
+    time.sleep(6)  # longer than the launcher's restart delay
+    assert workers(admin, DB) == []
+
+
+def test_commands_that_need_the_database_alone_work_and_the_worker_returns(admin):
+    create_extension(admin)
+    # a template copy and a rename both need the database to themselves
+    admin.execute(f"CREATE DATABASE {DB}_copy TEMPLATE {DB}")
+    admin.execute(f"ALTER DATABASE {DB} RENAME TO {DB}_renamed")
+    eventually(lambda: workers(admin, f"{DB}_renamed"), "no worker after the rename")
+    # the copy has the extension too: the launcher finds it on its own (no CREATE EXTENSION ran)
+    eventually(lambda: workers(admin, f"{DB}_copy"), "no worker for the copied database")
+    for db in (f"{DB}_renamed", f"{DB}_copy"):
+        assert len(workers(admin, db)) == 1
+
+
+def test_a_worker_or_launcher_that_dies_comes_back_once(admin):
+    pid = create_extension(admin)
+    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    [pid2] = eventually(lambda: [p for p in workers(admin, DB) if p != pid], "the worker did not come back")
+    launcher = one(admin, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_embed_sidecar launcher'")
+    admin.execute("SELECT pg_terminate_backend(%s)", (launcher,))
+    eventually(lambda: one(admin, """SELECT pid FROM pg_stat_activity
+                                      WHERE backend_type = 'pg_embed_sidecar launcher' AND pid <> %s""", (launcher,)),
+               "the launcher did not come back")
+    time.sleep(2)  # the new launcher has looked at every database by now
+    assert workers(admin, DB) == [pid2]  # the running worker was kept, not doubled
+    assert one(admin, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_embed_sidecar launcher'") == 1
+
+
+def test_a_database_can_opt_out(admin):
+    admin.execute(f"ALTER DATABASE {DB} SET pg_embed_sidecar.drain_worker = off")
+    with connect(dbname=DB) as c:
+        c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
         c.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
-        c.execute("INSERT INTO docs SELECT i, 'launcher row ' || i FROM generate_series(1, 20) i")
+        c.execute("INSERT INTO docs VALUES (1, 'only process() drains here')")
         c.execute("SELECT embed_sidecar.watch('docs', 'body')")
-        c.execute("INSERT INTO docs VALUES (21, 'a change made after watch')")
-        assert one(c, "SELECT embed_sidecar.wait('docs', '60 s')")
-        assert one(c, "SELECT count(*) FROM docs_embeddings") == 21
-        assert one(c, "SELECT worker FROM embed_sidecar.status") == "running"
-        assert one(c, "SELECT coverage FROM embed_sidecar.status") == 1
-
-        # DROP EXTENSION: the worker leaves; CREATE EXTENSION again: a worker comes back
-        c.execute("DROP EXTENSION pg_embed_sidecar CASCADE")
-        eventually(lambda: workers(admin, DB) == [], "worker still running after DROP EXTENSION")
-        c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
-        eventually(lambda: workers(admin, DB), "no worker after CREATE EXTENSION again")
-        c.close()
-
-        # DROP DATABASE without FORCE succeeds although a worker is connected, and nothing restarts
-        admin.execute(f"DROP DATABASE {DB}")
-        assert one(admin, "SELECT count(*) FROM pg_database WHERE datname = %s", (DB,)) == 0
-        time.sleep(6)  # longer than the launcher's restart delay
+        time.sleep(2)
         assert workers(admin, DB) == []
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-        admin.close()
-
-
-def test_commands_that_need_the_database_alone_work_and_the_worker_returns():
-    admin = connect(dbname="postgres")
-    fresh_database(admin, DB)
-    try:
-        with connect(dbname=DB) as c:
-            c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
-        eventually(lambda: workers(admin, DB), "no worker after CREATE EXTENSION")
-        # a template copy and a rename both need the database to themselves
-        admin.execute(f"CREATE DATABASE {DB}_copy TEMPLATE {DB}")
-        admin.execute(f"ALTER DATABASE {DB} RENAME TO {DB}_renamed")
-        eventually(lambda: workers(admin, f"{DB}_renamed"), "no worker after the rename")
-        # the copy has the extension too: the launcher finds it on its own (no CREATE EXTENSION ran)
-        eventually(lambda: workers(admin, f"{DB}_copy"), "no worker for the copied database")
-        for db in (f"{DB}_renamed", f"{DB}_copy"):
-            assert len(workers(admin, db)) == 1
-    finally:
-        for db in (DB, f"{DB}_renamed", f"{DB}_copy"):
-            admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        admin.close()
-
-
-def test_a_worker_or_launcher_that_dies_comes_back_once():
-    admin = connect(dbname="postgres")
-    fresh_database(admin, DB)
-    try:
-        with connect(dbname=DB) as c:
-            c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
-        [pid] = eventually(lambda: workers(admin, DB), "no worker")
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        [pid2] = eventually(lambda: [p for p in workers(admin, DB) if p != pid], "the worker did not come back")
-        launcher = one(admin, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_embed_sidecar launcher'")
-        admin.execute("SELECT pg_terminate_backend(%s)", (launcher,))
-        eventually(lambda: one(admin, """SELECT pid FROM pg_stat_activity
-                                          WHERE backend_type = 'pg_embed_sidecar launcher' AND pid <> %s""", (launcher,)),
-                   "the launcher did not come back")
-        time.sleep(2)  # the new launcher has looked at every database by now
-        assert workers(admin, DB) == [pid2]  # the running worker was kept, not doubled
-        assert one(admin, """SELECT count(*) FROM pg_stat_activity
-                              WHERE backend_type = 'pg_embed_sidecar launcher'""") == 1
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-        admin.close()
-
-
-def test_a_database_can_opt_out():
-    admin = connect(dbname="postgres")
-    fresh_database(admin, DB, "pg_embed_sidecar.drain_worker = off")
-    try:
-        with connect(dbname=DB) as c:
-            c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
-            c.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
-            c.execute("INSERT INTO docs VALUES (1, 'only process() drains here')")
-            c.execute("SELECT embed_sidecar.watch('docs', 'body')")
-            time.sleep(2)
-            assert workers(admin, DB) == []
-            assert one(c, "SELECT bulk_pending FROM embed_sidecar.status") == 1
-            assert one(c, "SELECT worker FROM embed_sidecar.status").startswith("not running: pg_embed_sidecar.drain_worker is off")
-            assert one(c, "SELECT embed_sidecar.process('docs')") == 1
-            assert one(c, "SELECT count(*) FROM docs_embeddings") == 1
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-        admin.close()
+        assert one(c, "SELECT bulk_pending FROM embed_sidecar.status") == 1
+        assert one(c, "SELECT worker FROM embed_sidecar.status").startswith("not running: pg_embed_sidecar.drain_worker is off")
+        assert one(c, "SELECT embed_sidecar.process('docs')") == 1
+        assert one(c, "SELECT count(*) FROM docs_embeddings") == 1
 
 
 def test_no_free_worker_slot_is_logged_and_shown_in_status():

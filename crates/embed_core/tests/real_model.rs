@@ -36,7 +36,7 @@ fn vectors_have_model_dims_and_unit_length() {
 fn batching_and_order_do_not_change_results() {
     // texts of very different lengths land in different batches after sorting by length
     let texts: Vec<String> = (0..40).map(|i| "word ".repeat(1 + (i * 7) % 60) + &i.to_string()).collect();
-    let mut batched = load(LoadOptions { intra_threads: 2, max_batch: 8, max_batch_tokens: 300 });
+    let mut batched = load(LoadOptions { intra_threads: 2, max_batch: 8, max_batch_tokens: 300, ..LoadOptions::default() });
     let all = batched.embed(&texts).unwrap();
     let mut single = load(LoadOptions { max_batch: 1, ..LoadOptions::default() });
     for (t, v) in texts.iter().zip(&all) {
