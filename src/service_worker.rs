@@ -1,13 +1,14 @@
 //! The inference workers (`pg_embed_sidecar.inference_workers`, default 1): background workers
 //! connected to no database, each holding one embedder per model in use (src/model.rs)
 //! and serving the ring of src/service.rs. Each round takes what is waiting, interactive requests
-//! first (all of them) and otherwise at most 16 drain texts, so a search waits behind at most one
-//! small drain batch; the embedder sorts by length and cuts by the token budget. Restarted by
+//! first (all of them) and otherwise a few drain texts (16, or 4 while searches keep arriving), so
+//! a search waits behind at most one small drain batch; the embedder sorts by length and cuts by
+//! the token budget. Restarted by
 //! the postmaster after 1 s if it dies; clients resubmit what it held.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
@@ -17,9 +18,13 @@ use crate::gucs;
 use crate::service::{self, Header, Priority, Slot, DONE, FAILED, FILLING, FREE, SUBMITTED};
 
 /// Most drain texts in one round: a search that arrives meanwhile waits for at most this many.
-/// Rounds of 16 cost the drain nothing measurable (batch_size sweep in README: 16 and 64 texts per
-/// call drain at the same rate) while a round of 64 kept searches waiting ~0.25 s.
+/// Rounds of 16 embed as fast as rounds of 64 (`embed_ceiling --window`), while a round of 64
+/// kept searches waiting ~0.25 s during a backfill.
 const DRAIN_ROUND: usize = 16;
+/// While searches keep arriving (one served within `SEARCHES_RECENT`), rounds shrink to this:
+/// a search then waits ~15 ms of drain work instead of ~60, and the drain runs at ~0.76× meanwhile.
+const DRAIN_ROUND_BUSY: usize = 4;
+const SEARCHES_RECENT: Duration = Duration::from_secs(1);
 
 pub fn register() {
     // SAFETY: reading a flag the postmaster sets while loading shared_preload_libraries
@@ -61,13 +66,18 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
     header.worker_pid[me].store(pid, Ordering::Release);
     log!("pg_embed_sidecar: inference worker {me} started ({} threads)", gucs::embed_settings(None).intra_threads);
     let mut nap = Duration::ZERO;
+    let mut last_search: Option<Instant> = None;
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         tidy(header);
-        let batch = take(header, me);
+        let searching = last_search.is_some_and(|t| t.elapsed() < SEARCHES_RECENT);
+        let (batch, interactive) = take(header, me, if searching { DRAIN_ROUND_BUSY } else { DRAIN_ROUND });
+        if interactive {
+            last_search = Some(Instant::now());
+        }
         nap = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
         serve(header, me, &batch);
     }
@@ -95,8 +105,8 @@ fn tidy(header: &'static Header) {
 }
 
 /// Take this round's slots (SUBMITTED → TAKEN): every interactive request waiting, or else the
-/// oldest drain requests up to `max_batch`.
-fn take(header: &'static Header, me: usize) -> Vec<usize> {
+/// oldest `drain_round` drain requests. Also says whether they are interactive.
+fn take(header: &'static Header, me: usize, drain_round: usize) -> (Vec<usize>, bool) {
     let mut waiting: Vec<(u32, u64, usize)> = (0..header.slots as usize)
         .filter_map(|i| {
             let s = service::slot(header, i);
@@ -105,7 +115,7 @@ fn take(header: &'static Header, me: usize) -> Vec<usize> {
         .collect();
     waiting.sort_unstable();
     let interactive = waiting.iter().take_while(|w| w.0 == Priority::Interactive as u32).count();
-    let limit = if interactive > 0 { interactive } else { DRAIN_ROUND };
+    let limit = if interactive > 0 { interactive } else { drain_round };
     let mut taken = Vec::new();
     for (_, _, i) in waiting.into_iter().take(limit) {
         let s = service::slot(header, i);
@@ -113,7 +123,7 @@ fn take(header: &'static Header, me: usize) -> Vec<usize> {
             taken.push(i);
         }
     }
-    taken
+    (taken, interactive > 0)
 }
 
 /// Embed the taken slots, one call per model, and hand each result back.
