@@ -259,7 +259,6 @@ pub fn embed(model: &str, texts: &[&str], priority: Priority) -> Result<Vec<Vec<
         let results = collect(header, &held.slots)?;
         out.extend(results);
         next += n;
-        drop(held);
     }
     Ok(out)
 }
@@ -290,12 +289,9 @@ fn claim(header: &'static Header, n: usize) -> Vec<usize> {
 }
 
 fn fill(s: &mut Slot, model: &str, text: &str, priority: Priority, pid: i32, procno: i32, seq: u64) {
-    let mut cut = text.len().min(TEXT_MAX);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    s.text[..cut].copy_from_slice(&text.as_bytes()[..cut]);
-    s.text_len = cut as u32;
+    let text = embed_core::cut_at_char_boundary(text, TEXT_MAX);
+    s.text[..text.len()].copy_from_slice(text.as_bytes());
+    s.text_len = text.len() as u32;
     s.model[..model.len()].copy_from_slice(model.as_bytes());
     s.model_len = model.len() as u32;
     s.priority = priority as u32;

@@ -176,12 +176,9 @@ fn finish(s: &mut Slot, me: usize, result: Result<Vec<f32>, SidecarError>) {
 
 fn fail(s: &mut Slot, e: &SidecarError) -> u32 {
     let put = |buf: &mut [u8], text: &str| -> u32 {
-        let mut n = text.len().min(buf.len());
-        while !text.is_char_boundary(n) {
-            n -= 1;
-        }
-        buf[..n].copy_from_slice(&text.as_bytes()[..n]);
-        n as u32
+        let text = embed_core::cut_at_char_boundary(text, buf.len());
+        buf[..text.len()].copy_from_slice(text.as_bytes());
+        text.len() as u32
     };
     s.error_code = e.sqlstate() as i32;
     s.message_len = put(&mut s.message, &e.to_string());

@@ -39,11 +39,9 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         // ALTER DATABASE ... SET pg_embed_sidecar.drain_worker = off: treated like a database
         // without the extension (looked at again on CREATE EXTENSION or after a long while)
         roster::mark_absent(roster::get(db.to_u32()).requested);
-        // SAFETY: plain exit; the launcher is notified
-        unsafe { pg_sys::proc_exit(0) };
     }
-    if !roster::claim_worker() {
-        // another worker serves this database, or a DROP DATABASE is under way
+    // otherwise leave if another worker serves this database, or a DROP DATABASE is under way
+    if !gucs::drain_worker() || !roster::claim_worker() {
         // SAFETY: plain exit; the launcher is notified
         unsafe { pg_sys::proc_exit(0) };
     }

@@ -235,7 +235,7 @@ impl Embedder {
 }
 
 /// The longest prefix of `text` of at most `max_bytes` bytes that ends on a char boundary.
-fn cut_at_char_boundary(text: &str, max_bytes: usize) -> &str {
+pub fn cut_at_char_boundary(text: &str, max_bytes: usize) -> &str {
     if text.len() <= max_bytes {
         return text;
     }

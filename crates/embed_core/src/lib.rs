@@ -11,7 +11,7 @@ mod model_dir;
 mod pooling;
 mod runtime;
 
-pub use embedder::{Embedder, LoadOptions};
+pub use embedder::{cut_at_char_boundary, Embedder, LoadOptions};
 pub use error::EmbedError;
 pub use model_dir::ModelFiles;
 pub use pooling::{cosine, l2_normalize, mean_pool};
