@@ -49,6 +49,16 @@ def db(request):
         c.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def quiet_database(name):
+    """(Re)create database `name` with pg_embed_sidecar.drain_worker off: since the launcher
+    starts a drain worker in every database with the extension, a test that counts queued
+    messages or drains by hand needs its database kept out of it."""
+    with connect(dbname="postgres") as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        c.execute(f"CREATE DATABASE {name}")
+        c.execute(f"ALTER DATABASE {name} SET pg_embed_sidecar.drain_worker = off")
+
+
 def one(conn, sql, params=None):
     row = conn.execute(sql, params).fetchone()
     return row[0] if row else None

@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import watch, error_of, DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid
+from conftest import watch, error_of, DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid, quiet_database
 
 LONG = os.environ.get("PES_LONG") == "1"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -396,10 +396,8 @@ def test_upgrade_from_0_1_0():
     released = os.path.join(sharedir, "extension", "pg_embed_sidecar--0.1.0.sql")
     if not os.path.exists(released):  # the released install script, kept in sql/released/
         shutil.copy(os.path.join(REPO, "sql/released/pg_embed_sidecar--0.1.0.sql"), released)
-    with connect(dbname="postgres") as c:
-        for d in ("pes_upgrade", "pes_fresh"):
-            c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
-            c.execute(f"CREATE DATABASE {d}")
+    for d in ("pes_upgrade", "pes_fresh"):
+        quiet_database(d)  # the counts below are exact only if no worker drains
     try:
         with connect(dbname="pes_upgrade") as u:
             u.execute("CREATE EXTENSION pg_embed_sidecar VERSION '0.1.0' CASCADE")
@@ -454,11 +452,8 @@ def test_dump_and_restore_keep_watching(db):
     pg_bin = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
         or "/usr/lib/postgresql/15/bin"
     with connect(dbname="postgres") as c:
-        for d in (src_db, dst_db):
-            c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
-        c.execute(f"CREATE DATABASE {src_db}")
-        # only this test's process() calls drain here, so the counts below are exact
-        c.execute(f"ALTER DATABASE {src_db} SET pg_embed_sidecar.drain_worker = off")
+        c.execute(f"DROP DATABASE IF EXISTS {dst_db} WITH (FORCE)")
+    quiet_database(src_db)  # only this test's process() calls drain here, so the counts are exact
     try:
         with connect(dbname=src_db) as s:
             s.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
@@ -477,9 +472,7 @@ def test_dump_and_restore_keep_watching(db):
         dump = "/tmp/pes_dump.custom"
         subprocess.run([f"{pg_bin}/pg_dump", "-Fc", "-h", DSN["host"], "-p", str(DSN["port"]), "-U", "postgres",
                         "-d", src_db, "-f", dump], check=True)
-        with connect(dbname="postgres") as c:
-            c.execute(f"CREATE DATABASE {dst_db}")
-            c.execute(f"ALTER DATABASE {dst_db} SET pg_embed_sidecar.drain_worker = off")
+        quiet_database(dst_db)
         r = subprocess.run([f"{pg_bin}/pg_restore", "-h", DSN["host"], "-p", str(DSN["port"]), "-U", "postgres",
                             "-d", dst_db, dump], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
@@ -517,9 +510,7 @@ def assert_in_step_except(conn, table, missing_ok):
 def test_reinstalled_extension_starts_with_empty_queues():
     """DROP EXTENSION leaves pgmq's queue tables behind; a later watch() that gets the same
     registry id must not inherit their messages."""
-    with connect(dbname="postgres") as c:
-        c.execute("DROP DATABASE IF EXISTS pes_reinstall WITH (FORCE)")
-        c.execute("CREATE DATABASE pes_reinstall")
+    quiet_database("pes_reinstall")  # a worker would drain the queue this test counts
     try:
         with connect(dbname="pes_reinstall") as d:
             d.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
