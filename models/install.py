@@ -68,6 +68,8 @@ def main() -> None:
     onnx = next(f for f in manifest["files"] if f.endswith(".onnx"))
     model_manifest = {"name": manifest["name"], "onnx": onnx, "tokenizer": "tokenizer.json",
                       "max_length": manifest["max_length"],
+                      # which graph output to read and how to pool it (embed_core's manifest)
+                      **{k: manifest[k] for k in ("output", "pooling") if k in manifest},
                       "source": {f: s["pypi"] for f, s in manifest["files"].items()}}
     with open(os.path.join(target, "embed_model.json"), "w") as f:
         json.dump(model_manifest, f, indent=2)

@@ -80,13 +80,13 @@ else
 fi
 
 # --- Python venv: ONNX Runtime wheel (its shared library) and the reference implementation -----
-if "$VENV/bin/python" -c "import onnxruntime, tokenizers, numpy, psycopg, pytest; assert onnxruntime.__version__ == '$ORT_VERSION'" 2>/dev/null; then
+if "$VENV/bin/python" -c "import onnxruntime, onnx, tokenizers, numpy, psycopg, pytest; assert onnxruntime.__version__ == '$ORT_VERSION'" 2>/dev/null; then
   skip "venv $VENV"
 else
-  step "python venv $VENV (onnxruntime==$ORT_VERSION, tokenizers, numpy, psycopg, pytest)"
+  step "python venv $VENV (onnxruntime==$ORT_VERSION, onnx (test models), tokenizers, numpy, psycopg, pytest)"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "onnxruntime==$ORT_VERSION" "tokenizers==0.22.*" "numpy<3" "psycopg[binary]==3.*" "pytest==8.*"
+  "$VENV/bin/pip" install -q "onnxruntime==$ORT_VERSION" "onnx==1.19.*" "tokenizers==0.22.*" "numpy<3" "psycopg[binary]==3.*" "pytest==8.*"
 fi
 ort_src=$("$VENV/bin/python" -c "import onnxruntime,os; print(os.path.join(os.path.dirname(onnxruntime.__file__),'capi','libonnxruntime.so.$ORT_VERSION'))")
 if cmp -s "$ort_src" "$ORT_LIB"; then

@@ -18,4 +18,10 @@ END;
 COMMENT ON FUNCTION embed_texts(text[]) IS
     'Embeddings of many texts in one batched inference, in input order; NULL elements give NULL';
 
+-- What watch(model => ...) and set_model() can use: every directory under
+-- pg_embed_sidecar.model_path (models/install.sh puts the registry-verified ones there).
+CREATE VIEW embed_sidecar.models AS
+SELECT name, model_id, dims, max_length AS token_window, size_bytes, error FROM embed_sidecar._installed_models();
+COMMENT ON VIEW embed_sidecar.models IS 'Installed models: name, identity, dimensions, token window, size on disk (or why unusable)';
+
 GRANT USAGE ON SCHEMA embed_sidecar TO PUBLIC;

@@ -14,7 +14,7 @@ CREATE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources, OUT lookup_sql
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+    content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
     key_cols text;
 BEGIN

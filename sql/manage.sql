@@ -4,34 +4,32 @@
 -- (embed_sidecar._check_owner). They never read or write the source or sidecar rows themselves:
 -- that is the drain's and the backfill's job, done as the table's owner (src/authority.rs).
 
--- The statement triggers of a watched table (see triggers.sql).
+-- The statement triggers of one embedding (see triggers.sql), named by its registry id.
 CREATE FUNCTION embed_sidecar._create_triggers(s embed_sidecar.sources) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    args text := format('%s, %L, %L, %L', s.id, coalesce(s.content_attnum::text, ''), s.key_attnums, coalesce(s.template, ''));
 BEGIN
-    EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
-                   s.source, s.id, s.content_attnum, s.key_attnums);
-    EXECUTE format('CREATE TRIGGER embed_sidecar_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
-                   s.source, s.id, s.content_attnum, s.key_attnums);
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s)',
+                   'embed_sidecar_' || s.id || '_insert', s.source, args);
+    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s)',
+                   'embed_sidecar_' || s.id || '_update', s.source, args);
 END
 $$;
 
-CREATE FUNCTION embed_sidecar.watch(
-    source regclass,
-    content_column name,
-    sidecar_name name DEFAULT NULL,
-    model text DEFAULT NULL,
-    backfill boolean DEFAULT true,
-    fts_config regconfig DEFAULT 'english'
-) RETURNS regclass
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- One embedding of a table: its sidecar (keyed like the table, same owner and grants), registry
+-- row, two queues and triggers; then the existing rows go on the bulk lane. Shared by watch() and
+-- set_model() (a shadow). Without sidecar_name the sidecar is called <table>_embeddings_<id>.
+CREATE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text, role text, content_attnum smallint,
+    template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean)
+    RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    rel        pg_class;
-    content_at pg_attribute;
-    key_nums   smallint[];
+    rel        pg_class := (SELECT c FROM pg_class c WHERE c.oid = source);
     vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
     ident      record;
     s          embed_sidecar.sources;
@@ -40,41 +38,11 @@ DECLARE
     key_cols   text;
     g          record;
 BEGIN
-    IF source IS NULL OR content_column IS NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: source and content_column must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    PERFORM embed_sidecar._check_owner(source);
-    SELECT * INTO rel FROM pg_class WHERE oid = source;
-    IF rel.relkind NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: % is not a table', source USING ERRCODE = 'wrong_object_type';
-    END IF;
-    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source) THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: table % is already watched', source
-            USING ERRCODE = 'duplicate_object', HINT = 'Use embed_sidecar.unwatch() first to change how it is watched.';
-    END IF;
-    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = watch.source) THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: table % is a sidecar table', source USING ERRCODE = 'wrong_object_type';
-    END IF;
-    SELECT * INTO content_at FROM pg_attribute
-     WHERE attrelid = source AND attname = content_column AND attnum > 0 AND NOT attisdropped;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % does not exist', content_column, source
-            USING ERRCODE = 'undefined_column';
-    END IF;
-    IF content_at.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype) THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: column "%" is of type %, not text', content_column, content_at.atttypid::regtype
-            USING ERRCODE = 'datatype_mismatch', HINT = 'Watch a text or varchar column (a generated column can combine others).';
-    END IF;
-    SELECT i.indkey::smallint[] INTO key_nums FROM pg_index i WHERE i.indrelid = source AND i.indisprimary;
-    IF key_nums IS NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: table % has no primary key', source
-            USING ERRCODE = 'invalid_table_definition',
-                  HINT = 'The sidecar is keyed by the source''s primary key: add one (e.g. ALTER TABLE ... ADD PRIMARY KEY).';
-    END IF;
-    model := coalesce(model, current_setting('pg_embed_sidecar.model'));
     SELECT m.model_id, m.dims INTO ident FROM embed_sidecar._model_identity(model) m;
-
-    sidecar_name := coalesce(sidecar_name, left(rel.relname, 52) || '_embeddings');
+    -- the queue is named by the registry id: short (pgmq limits names) and free of user text.
+    -- Taking the id first means the row goes in whole, so concurrent watch() calls never collide.
+    s.id := nextval('embed_sidecar.sources_id_seq');
+    sidecar_name := coalesce(sidecar_name, left(rel.relname, 40) || '_embeddings_' || s.id);
     IF to_regclass(format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)) IS NOT NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in schema %', sidecar_name, rel.relnamespace::regnamespace
             USING ERRCODE = 'duplicate_table', HINT = 'Pass another name as sidecar_name.';
@@ -103,11 +71,10 @@ BEGIN
                        CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
     END LOOP;
 
-    -- the queue is named by the registry id: short (pgmq limits names) and free of user text.
-    -- Taking the id first means the row goes in whole, so concurrent watch() calls never collide.
-    s.id := nextval('embed_sidecar.sources_id_seq');
-    INSERT INTO embed_sidecar.sources (id, source, content_attnum, key_attnums, sidecar, queue_name, model, model_id, dims, fts_config)
-    VALUES (s.id, source, content_at.attnum, key_nums, side, 'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
+    INSERT INTO embed_sidecar.sources (id, source, embedding, role, content_attnum, template, key_attnums, sidecar,
+                                       queue_name, model, model_id, dims, fts_config)
+    VALUES (s.id, source, embedding, role, content_attnum, template, key_nums, side,
+            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
     RETURNING * INTO s;
     -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
@@ -120,23 +87,130 @@ BEGIN
     IF backfill THEN
         PERFORM embed_sidecar._backfill(s.id, false);
     END IF;
-    RETURN side;
+    RETURN s;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig) IS
-    'Create the sidecar table, queue and triggers for a source table, and enqueue its existing rows';
 
-CREATE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false) RETURNS void
+-- A text column of a table by name, checked.
+CREATE FUNCTION embed_sidecar._text_column(source regclass, column_name name) RETURNS smallint
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    a pg_attribute;
+BEGIN
+    SELECT * INTO a FROM pg_attribute
+     WHERE attrelid = source AND attname = column_name AND attnum > 0 AND NOT attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % does not exist', column_name, source
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    IF a.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" is of type %, not text', column_name, a.atttypid::regtype
+            USING ERRCODE = 'datatype_mismatch', HINT = 'Watch a text or varchar column (a generated column can combine others).';
+    END IF;
+    RETURN a.attnum;
+END
+$$;
+
+-- '{title}: {body}' -> '{2}: {3}': a template's columns by attribute number, so renames keep working.
+CREATE FUNCTION embed_sidecar._compile_template(source regclass, template text) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parts text[] := regexp_split_to_array(template, '\{[^{}]*\}');
+    names text[] := ARRAY(SELECT m[1] FROM regexp_matches(template, '\{([^{}]*)\}', 'g') AS m);
+    compiled text := parts[1];
+BEGIN
+    IF cardinality(names) = 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: template % names no column', quote_literal(template)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Name columns in braces, e.g. ''{title}: {body}''.';
+    END IF;
+    FOR i IN 1 .. cardinality(names) LOOP
+        compiled := compiled || '{' || embed_sidecar._text_column(source, names[i]) || '}' || parts[i + 1];
+    END LOOP;
+    RETURN compiled;
+END
+$$;
+
+CREATE FUNCTION embed_sidecar.watch(
+    source regclass,
+    content_column name DEFAULT NULL,
+    sidecar_name name DEFAULT NULL,
+    model text DEFAULT NULL,
+    backfill boolean DEFAULT true,
+    fts_config regconfig DEFAULT 'english',
+    embedding text DEFAULT NULL,
+    template text DEFAULT NULL
+) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._owned_source(source);
+    rel        pg_class;
+    key_nums   smallint[];
+    is_first   boolean;
 BEGIN
-    -- First wait for a drain writing this source, and keep the next one out: its write holds the
-    -- source's advisory lock (src/drain.rs, 0x656d6273 = "embs") and then the sidecar and source,
-    -- and ends by updating the registry row deleted here; in the other order the two deadlock.
-    PERFORM pg_advisory_xact_lock(1701667443, s.id);
-    PERFORM embed_sidecar._forget(s, drop_sidecar);
+    IF source IS NULL OR (content_column IS NULL) = (template IS NULL) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: watch() needs a source and either content_column or template'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'e.g. watch(''docs'', ''body'') or watch(''docs'', template => ''{title}: {body}'', embedding => ''title_body'').';
+    END IF;
+    PERFORM embed_sidecar._check_owner(source);
+    SELECT * INTO rel FROM pg_class WHERE oid = source;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is not a table', source USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = watch.source) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % is a sidecar table', source USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF template IS NOT NULL AND embedding IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: an embedding made from a template needs a name'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass embedding => ''...''.';
+    END IF;
+    embedding := coalesce(embedding, content_column);
+    -- serialise watch() calls on one table, so two cannot both take the same embedding name
+    -- (one bigint key: a lock space apart from the (class, source id) locks of the drain)
+    PERFORM pg_advisory_xact_lock((1701667443::bigint << 32) | source::oid::bigint);
+    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source AND x.embedding = watch.embedding) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % already has an embedding %', source, quote_literal(embedding)
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Name another one (embedding => ''...''), change its model with set_model(), or unwatch() it first.';
+    END IF;
+    SELECT i.indkey::smallint[] INTO key_nums FROM pg_index i WHERE i.indrelid = source AND i.indisprimary;
+    IF key_nums IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % has no primary key', source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'The sidecar is keyed by the source''s primary key: add one (e.g. ALTER TABLE ... ADD PRIMARY KEY).';
+    END IF;
+    is_first := NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source);
+    RETURN (embed_sidecar._create_embedding(
+        source, embedding, 'current',
+        CASE WHEN template IS NULL THEN embed_sidecar._text_column(source, content_column) END,
+        CASE WHEN template IS NOT NULL THEN embed_sidecar._compile_template(source, template) END,
+        key_nums,
+        -- the first embedding of a table gets the plain name
+        coalesce(sidecar_name, CASE WHEN is_first THEN left(rel.relname, 52) || '_embeddings' END),
+        coalesce(model, current_setting('pg_embed_sidecar.model')), fts_config, backfill)).sidecar;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text) IS
+    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template), and enqueue its existing rows';
+
+CREATE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    s embed_sidecar.sources;
+BEGIN
+    FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding ORDER BY x.id LOOP
+        -- First wait for a drain writing this source, and keep the next one out: its write holds
+        -- the source's advisory lock (src/drain.rs, 0x656d6273 = "embs") and then the sidecar and
+        -- source, and ends by updating the registry row deleted here; in the other order the two
+        -- deadlock.
+        PERFORM pg_advisory_xact_lock(1701667443, s.id);
+        -- a shadow or previous sidecar is the extension's own working copy: it goes
+        PERFORM embed_sidecar._forget(s, drop_sidecar OR s.role <> 'current');
+    END LOOP;
 END
 $$;
 
@@ -148,8 +222,8 @@ AS $$
 BEGIN
     DELETE FROM embed_sidecar.sources WHERE id = s.id;
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = s.source) THEN
-        EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_insert ON %s', s.source);
-        EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_update ON %s', s.source);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_insert', s.source);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
     END IF;
     PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
       WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
@@ -161,11 +235,11 @@ $$;
 
 -- Re-embed rows whose stored model or content hash is not current. Reloads the model identity
 -- first, so a replaced model file (new hash) is noticed. Returns the number of keys enqueued.
-CREATE FUNCTION embed_sidecar.reembed(source regclass) RETURNS bigint
+CREATE FUNCTION embed_sidecar.reembed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._owned_source(source);
+    s embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
 BEGIN
     UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
      WHERE id = s.id RETURNING * INTO s;
@@ -173,59 +247,149 @@ BEGIN
 END
 $$;
 
--- Switch a source to another model of the same dimension. Old vectors stay readable (and are
--- found by search) until each is replaced.
-CREATE FUNCTION embed_sidecar.set_model(source regclass, model text) RETURNS bigint
+-- Switch an embedding to another model, of any dimension, with no gap: a shadow sidecar is built
+-- in the bulk lane (live edits reach it through its own triggers) while searches keep using the
+-- current one with its own model; when the shadow's queues are empty it takes over in one
+-- transaction (_promote_if_ready, run by the drain) and the replaced one is kept, in step, for
+-- rollback_model() until drop_previous(). A switch in progress, and the previous one, make way for
+-- this one. Returns the number of rows the shadow has to embed.
+CREATE FUNCTION embed_sidecar.set_model(source regclass, model text, embedding text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._owned_source(source);
-    ident record;
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    old embed_sidecar.sources;
+    shadow embed_sidecar.sources;
 BEGIN
-    SELECT m.model_id, m.dims INTO ident FROM embed_sidecar._model_identity(model) m;
-    IF ident.dims <> s.dims THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: model "%" has % dimensions, the sidecar of % has %', model, ident.dims, source, s.dims
-            USING ERRCODE = 'datatype_mismatch',
-                  HINT = 'A new dimension needs a new sidecar: embed_sidecar.unwatch(source, drop_sidecar => true), then watch() with the new model.';
+    IF model IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: model must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    UPDATE embed_sidecar.sources SET model = set_model.model, model_id = ident.model_id WHERE id = s.id RETURNING * INTO s;
-    RETURN embed_sidecar._backfill(s.id, true);
+    FOR old IN SELECT * FROM embed_sidecar.sources x
+                WHERE x.source = cur.source AND x.embedding = cur.embedding AND x.role <> 'current' LOOP
+        PERFORM pg_advisory_xact_lock(1701667443, old.id);  -- as in unwatch()
+        PERFORM embed_sidecar._forget(old, true);
+    END LOOP;
+    shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
+                                              cur.key_attnums, NULL, model, cur.fts_config, true);
+    UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
+    -- nothing to embed (an empty table): it takes over now
+    PERFORM embed_sidecar._promote_if_ready(shadow.id);
+    RETURN (SELECT x.bulk_total FROM embed_sidecar.sources x WHERE x.id = shadow.id);
 END
 $$;
 
--- Put dead-lettered rows back on the queue. Returns how many.
-CREATE FUNCTION embed_sidecar.retry_failed(source regclass) RETURNS bigint
+-- Swap a complete shadow in (called by the drain when a pass finds its lanes empty, and by
+-- set_model): in one statement the current embedding becomes 'previous' and the shadow 'current'.
+-- Not while rows are dead-lettered: those would have no vector (status shows them; retry_failed()).
+CREATE FUNCTION embed_sidecar._promote_if_ready(source_id int) RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+    p embed_sidecar.sources;
+BEGIN
+    SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id AND role = 'shadow' FOR UPDATE;
+    IF NOT FOUND
+       OR EXISTS (SELECT 1 FROM embed_sidecar.failures f WHERE f.source_id = s.id)
+       OR (SELECT queue_length FROM pgmq.metrics(s.queue_name)) > 0
+       OR (SELECT queue_length FROM pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name))) > 0 THEN
+        RETURN false;
+    END IF;
+    -- a rollback during the build left a previous one: the new switch replaces it
+    FOR p IN SELECT * FROM embed_sidecar.sources x WHERE x.source = s.source AND x.embedding = s.embedding AND x.role = 'previous' LOOP
+        PERFORM embed_sidecar._forget(p, true);
+    END LOOP;
+    UPDATE embed_sidecar.sources SET role = CASE role WHEN 'shadow' THEN 'current' ELSE 'previous' END
+     WHERE source = s.source AND embedding = s.embedding AND role IN ('shadow', 'current');
+    RAISE LOG 'pg_embed_sidecar: % of % now uses model %', quote_literal(s.embedding), s.source, s.model_id;
+    RETURN true;
+END
+$$;
+
+-- Undo the last switch: the previous embedding becomes current again and the current one previous
+-- (both were kept in step, so either way round is complete). Returns the sidecar now in use.
+CREATE FUNCTION embed_sidecar.rollback_model(source regclass, embedding text DEFAULT NULL) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._owned_source(source);
-    keys jsonb[];
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    prev embed_sidecar.sources := embed_sidecar._source(source, cur.embedding, 'previous');
 BEGIN
-    WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
-    SELECT array_agg(key) INTO keys FROM d;
-    IF keys IS NULL THEN
-        RETURN 0;
-    END IF;
-    PERFORM pgmq.send_batch(s.queue_name, keys);
-    RETURN cardinality(keys);
+    UPDATE embed_sidecar.sources SET role = CASE role WHEN 'previous' THEN 'current' ELSE 'previous' END
+     WHERE id IN (cur.id, prev.id);
+    RETURN prev.sidecar;
+END
+$$;
+
+-- Drop what the last switch replaced (its sidecar, queues and triggers): no more rollback.
+CREATE FUNCTION embed_sidecar.drop_previous(source regclass, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    prev embed_sidecar.sources := embed_sidecar._source(source, cur.embedding, 'previous');
+BEGIN
+    PERFORM pg_advisory_xact_lock(1701667443, prev.id);  -- as in unwatch()
+    PERFORM embed_sidecar._forget(prev, true);
+END
+$$;
+
+-- Put dead-lettered rows of an embedding (all its versions) back on their queues. Returns how many.
+CREATE FUNCTION embed_sidecar.retry_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    s embed_sidecar.sources;
+    keys jsonb[];
+    total bigint := 0;
+BEGIN
+    FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding LOOP
+        WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
+        SELECT array_agg(key) INTO keys FROM d;
+        IF keys IS NOT NULL THEN
+            PERFORM pgmq.send_batch(s.queue_name, keys);
+            total := total + cardinality(keys);
+        END IF;
+    END LOOP;
+    RETURN total;
 END
 $$;
 
 -- Paused sources keep enqueueing; only draining stops. bulk_only pauses just the bulk lane
 -- (backfill, reembed, set_model): writers' changes keep being embedded, the backfill resumes where
--- it stopped.
-CREATE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false) RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
+-- it stopped. Applies to every version of the embedding (current, shadow, previous).
+CREATE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+BEGIN
     UPDATE embed_sidecar.sources SET state = CASE WHEN bulk_only THEN 'bulk_paused' ELSE 'paused' END
-     WHERE id = (embed_sidecar._owned_source(source)).id;
-END;
+     WHERE sources.source = cur.source AND sources.embedding = cur.embedding;
+END
+$$;
 
-CREATE FUNCTION embed_sidecar.resume(source regclass) RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    UPDATE embed_sidecar.sources SET state = 'active' WHERE id = (embed_sidecar._owned_source(source)).id;
-END;
+CREATE FUNCTION embed_sidecar.resume(source regclass, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+BEGIN
+    UPDATE embed_sidecar.sources SET state = 'active' WHERE sources.source = cur.source AND sources.embedding = cur.embedding;
+END
+$$;
+
+-- Raise 'not watched' unless the table has an embedding (for functions that act on all of them).
+CREATE FUNCTION embed_sidecar._check_watched(rel regclass) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = rel) THEN
+        PERFORM embed_sidecar._source(rel);
+    END IF;
+END
+$$;
 
 -- Drain queued changes in this session (no worker needed): the same code path the worker runs.
 -- Returns the number of queue messages handled.
@@ -240,7 +404,7 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: max_rows must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF source IS NOT NULL THEN
-        PERFORM embed_sidecar._source(source);
+        PERFORM embed_sidecar._check_watched(source);
     END IF;
     FOR s IN SELECT * FROM embed_sidecar.sources x
               WHERE (process.source IS NULL OR x.source = process.source) ORDER BY x.id LOOP

@@ -4,17 +4,18 @@
 REVOKE ALL ON ALL TABLES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
-GRANT SELECT ON embed_sidecar.status TO PUBLIC;
-GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass), embed_sidecar._readable_source(regclass),
+GRANT SELECT ON embed_sidecar.status, embed_sidecar.models TO PUBLIC;
+GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_sidecar._readable_source(regclass, text),
     embed_sidecar._widen_ef_search(int), embed_sidecar.any_words_tsquery(regconfig, text),
-    embed_sidecar.search(regclass, text, int),
-    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int),
-    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(regclass),
-    embed_sidecar._worker_state() TO PUBLIC;
+    embed_sidecar.search(regclass, text, int, text),
+    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text),
+    embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
+    embed_sidecar._worker_state(), embed_sidecar._installed_models() TO PUBLIC;
 -- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),
-    embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._is_blank(text),
+    embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
+    embed_sidecar._is_blank(text),
     embed_sidecar._enqueue(int, text[]) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.

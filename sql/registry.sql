@@ -13,9 +13,18 @@ CREATE SEQUENCE embed_sidecar.sources_id_seq AS int;
 
 CREATE TABLE embed_sidecar.sources (
     id               int PRIMARY KEY DEFAULT nextval('embed_sidecar.sources_id_seq'),
-    source           regclass NOT NULL UNIQUE,
-    -- attribute numbers, not names: a renamed column keeps working
-    content_attnum   smallint NOT NULL,
+    source           regclass NOT NULL,
+    -- A table can be watched several times (another column, a template, another model): each
+    -- watch is an embedding with a name, its own sidecar, queues and triggers; search names the
+    -- one it uses. role: 'current' is what search reads; 'shadow' is being built by set_model()
+    -- and takes over when complete; 'previous' is what the last switch replaced, kept in step
+    -- until drop_previous() so that rollback_model() can swap it back.
+    embedding        text NOT NULL,
+    role             text NOT NULL DEFAULT 'current' CHECK (role IN ('current', 'shadow', 'previous')),
+    -- the content: one column, or a template over several ('{3}: {4}', columns by attribute
+    -- number). Attribute numbers, not names: a renamed column keeps working.
+    content_attnum   smallint,
+    template         text,
     key_attnums      smallint[] NOT NULL,
     sidecar          regclass NOT NULL UNIQUE,
     -- two lanes: queue_name takes the changes the triggers enqueue, queue_name || '_bulk' the
@@ -37,10 +46,13 @@ CREATE TABLE embed_sidecar.sources (
     last_error_at    timestamptz,
     -- the current bulk run, for progress and ETA: keys enqueued since the bulk lane was last empty
     bulk_total       bigint NOT NULL DEFAULT 0,
-    bulk_started_at  timestamptz
+    bulk_started_at  timestamptz,
+    -- deferrable: checked at the end of a statement, so one UPDATE can swap two roles
+    UNIQUE (source, embedding, role) DEFERRABLE,
+    CHECK ((content_attnum IS NULL) <> (template IS NULL))
 );
 ALTER SEQUENCE embed_sidecar.sources_id_seq OWNED BY embed_sidecar.sources.id;
-COMMENT ON TABLE embed_sidecar.sources IS 'Tables watched by pg_embed_sidecar (one row per source)';
+COMMENT ON TABLE embed_sidecar.sources IS 'Embeddings kept by pg_embed_sidecar (one row per watched table, embedding and role)';
 
 CREATE TABLE embed_sidecar.failures (
     source_id     int NOT NULL REFERENCES embed_sidecar.sources (id) ON DELETE CASCADE,
@@ -122,6 +134,35 @@ BEGIN
 END
 $$;
 
+-- The content of a source as a text expression prefixed by alias: its column (attnum), or its
+-- template with each {attnum} replaced by that column (NULL as empty) and the rest kept literally.
+CREATE FUNCTION embed_sidecar._content_sql(rel regclass, attnum smallint, template text, alias text) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    literals text[];
+    nums smallint[];
+    expr text;
+BEGIN
+    IF template IS NULL THEN
+        RETURN embed_sidecar._content_expr(rel, attnum, alias);
+    END IF;
+    literals := regexp_split_to_array(template, '\{[0-9]+\}');
+    nums := ARRAY(SELECT m[1]::smallint FROM regexp_matches(template, '\{([0-9]+)\}', 'g') AS m);
+    expr := format('concat(%L', literals[1]);
+    FOR i IN 1 .. coalesce(cardinality(nums), 0) LOOP
+        expr := expr || format(', %s, %L', embed_sidecar._content_expr(rel, nums[i], alias), literals[i + 1]);
+    END LOOP;
+    RETURN expr || ')';
+END
+$$;
+
+-- The columns a source's content is made of.
+CREATE FUNCTION embed_sidecar._content_attnums(s embed_sidecar.sources) RETURNS smallint[]
+    LANGUAGE sql IMMUTABLE
+    RETURN CASE WHEN s.template IS NULL THEN ARRAY[s.content_attnum]
+                ELSE ARRAY(SELECT m[1]::smallint FROM regexp_matches(s.template, '\{([0-9]+)\}', 'g') AS m) END;
+
 -- Whether the calling role (after SET ROLE, before any SECURITY DEFINER function) may act as the
 -- table's owner. Management functions are SECURITY DEFINER (they write the registry and the pgmq
 -- schema), so they ask embed_sidecar._calling_role() instead of current_user or session_user.
@@ -137,37 +178,62 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION embed_sidecar._source(rel regclass) RETURNS embed_sidecar.sources
+-- The registry row of one embedding of a watched table: the one named (role 'current' unless
+-- asked otherwise), or, when none is named, the table's only one.
+CREATE FUNCTION embed_sidecar._source(rel regclass, embedding text DEFAULT NULL, role text DEFAULT 'current')
+    RETURNS embed_sidecar.sources
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     s embed_sidecar.sources;
+    names text;
 BEGIN
-    SELECT * INTO s FROM embed_sidecar.sources WHERE source = rel;
+    IF embedding IS NULL THEN
+        SELECT string_agg(format('%L', x.embedding), ', ' ORDER BY x.embedding) INTO names
+          FROM embed_sidecar.sources x WHERE x.source = rel AND x.role = 'current';
+        IF names LIKE '%,%' THEN
+            RAISE EXCEPTION 'pg_embed_sidecar: table % has several embeddings: %', rel, names
+                USING ERRCODE = 'ambiguous_parameter', HINT = 'Name one with embedding => ''...''.';
+        END IF;
+        SELECT x.embedding INTO embedding FROM embed_sidecar.sources x WHERE x.source = rel AND x.role = 'current';
+    END IF;
+    SELECT * INTO s FROM embed_sidecar.sources x
+     WHERE x.source = rel AND x.embedding = _source.embedding AND x.role = _source.role;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: table % is not watched', rel
-            USING ERRCODE = 'undefined_object', HINT = 'Watch it first with embed_sidecar.watch().';
+        IF NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = rel) THEN
+            RAISE EXCEPTION 'pg_embed_sidecar: table % is not watched', rel
+                USING ERRCODE = 'undefined_object', HINT = 'Watch it first with embed_sidecar.watch().';
+        ELSIF role = 'current' THEN
+            RAISE EXCEPTION 'pg_embed_sidecar: table % has no embedding %', rel, coalesce(quote_literal(embedding), 'NULL')
+                USING ERRCODE = 'undefined_object', HINT = 'See embed_sidecar.status for its embeddings.';
+        ELSE
+            RAISE EXCEPTION 'pg_embed_sidecar: embedding % of table % has no % version', quote_literal(embedding), rel, role
+                USING ERRCODE = 'undefined_object',
+                      HINT = CASE role WHEN 'previous' THEN 'There is one only after set_model() has completed a switch, until drop_previous().'
+                                       ELSE 'set_model() starts one.' END;
+        END IF;
     END IF;
     RETURN s;
 END
 $$;
 
--- The registry row of a watched table the calling role may manage.
-CREATE FUNCTION embed_sidecar._owned_source(rel regclass) RETURNS embed_sidecar.sources
+-- The registry row of a watched table's embedding the calling role may manage.
+CREATE FUNCTION embed_sidecar._owned_source(rel regclass, embedding text DEFAULT NULL) RETURNS embed_sidecar.sources
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM embed_sidecar._check_owner(rel);
-    RETURN embed_sidecar._source(rel);
+    RETURN embed_sidecar._source(rel, embedding);
 END
 $$;
 
--- The registry row of a watched table, for a caller who may read the table (search, verify).
-CREATE FUNCTION embed_sidecar._readable_source(rel regclass) RETURNS embed_sidecar.sources
+-- The registry row of a watched table's embedding, for a caller who may read the table (search,
+-- verify).
+CREATE FUNCTION embed_sidecar._readable_source(rel regclass, embedding text DEFAULT NULL) RETURNS embed_sidecar.sources
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._source(rel);
+    s embed_sidecar.sources := embed_sidecar._source(rel, embedding);
 BEGIN
     IF NOT has_table_privilege(embed_sidecar._calling_role(), s.sidecar, 'SELECT') THEN
         RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', s.sidecar USING ERRCODE = 'insufficient_privilege';

@@ -5,13 +5,13 @@
 -- A watched table's backlog in both lanes, for callers who may read the table. SECURITY DEFINER
 -- with a pinned search_path: readers may not read pgmq's tables, and pgmq.metrics() resolves names
 -- through whatever search_path it is called with.
-CREATE FUNCTION embed_sidecar._queue_backlog(source regclass,
+CREATE FUNCTION embed_sidecar._queue_backlog(source_id int,
     OUT pending bigint, OUT oldest_pending_age interval, OUT bulk_pending bigint)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     SELECT l.queue_length, make_interval(secs => coalesce(l.oldest_msg_age_sec, 0)), b.queue_length
       FROM embed_sidecar.sources s, pgmq.metrics(s.queue_name) l, pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name)) b
-     WHERE s.source = _queue_backlog.source
+     WHERE s.id = _queue_backlog.source_id
        AND has_table_privilege(embed_sidecar._calling_role(), s.source, 'SELECT');
 END;
 
@@ -22,7 +22,7 @@ END;
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
 CREATE VIEW embed_sidecar.status AS
-SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
+SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
                           / nullif(greatest(c.reltuples::numeric, pg_stat_get_live_tuples(s.source), s.bulk_total,
                                            q.pending + q.bulk_pending + f.failed), 0), 3),
@@ -36,21 +36,21 @@ SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        embed_sidecar._worker_state() AS worker
   FROM embed_sidecar.sources s
        JOIN pg_catalog.pg_class c ON c.oid = s.source,
-       LATERAL embed_sidecar._queue_backlog(s.source) q,
+       LATERAL embed_sidecar._queue_backlog(s.id) q,
        LATERAL (SELECT count(*) AS failed FROM embed_sidecar.failures x WHERE x.source_id = s.id) f
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched table (and per version while a model switch runs): backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
 -- orphaned. Runs with the caller's rights (it reads both tables).
-CREATE FUNCTION embed_sidecar.verify(source regclass,
+CREATE FUNCTION embed_sidecar.verify(source regclass, embedding text DEFAULT NULL,
     OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._readable_source(source);
-    content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+    s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
+    content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     key_join text := embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src');
 BEGIN
     EXECUTE format(
@@ -66,7 +66,7 @@ BEGIN
     embedded_rows := embedded_rows + orphans;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.verify(regclass) IS
+COMMENT ON FUNCTION embed_sidecar.verify(regclass, text) IS
     'Full consistency check of one watched table (hashes every row): missing, stale and orphaned vectors';
 
 -- Block until the source (or every source, if NULL) has empty queues: every change made so far
@@ -77,14 +77,14 @@ CREATE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interva
 AS $$
 DECLARE
     deadline timestamptz := clock_timestamp() + timeout;
-    sources regclass[];
+    ids int[];
 BEGIN
     IF source IS NOT NULL THEN
-        PERFORM embed_sidecar._source(source);
+        PERFORM embed_sidecar._check_watched(source);
     END IF;
-    SELECT array_agg(x.source) INTO sources FROM embed_sidecar.sources x WHERE wait.source IS NULL OR x.source = wait.source;
+    SELECT array_agg(x.id) INTO ids FROM embed_sidecar.sources x WHERE wait.source IS NULL OR x.source = wait.source;
     LOOP
-        IF NOT EXISTS (SELECT 1 FROM unnest(sources) r, embed_sidecar._queue_backlog(r) b
+        IF NOT EXISTS (SELECT 1 FROM unnest(ids) r, embed_sidecar._queue_backlog(r) b
                         WHERE b.pending > 0 OR b.bulk_pending > 0) THEN
             RETURN true;
         END IF;

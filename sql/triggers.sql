@@ -4,7 +4,8 @@
 -- putting keys on the queue, is embed_sidecar._enqueue (src/enqueue.rs), which checks that the
 -- writer may write the table.
 --
--- Arguments, fixed by watch(): source id, content attnum, key attnums ('{1,2}').
+-- Arguments, fixed by watch(): source id, content attnum ('' with a template), key attnums
+-- ('{1,2}'), template ('' without).
 -- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
 -- whose content is distinct from before (a row whose key changed has no OLD partner and counts
 -- as changed).
@@ -14,7 +15,9 @@ AS $$
 DECLARE
     key_nums smallint[] := TG_ARGV[2]::smallint[];
     keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
-    content_new text := embed_sidecar._content_expr(TG_RELID, TG_ARGV[1]::smallint, 'n');
+    attnum smallint := nullif(TG_ARGV[1], '')::smallint;
+    template text := nullif(TG_ARGV[3], '');
+    content_new text := embed_sidecar._content_sql(TG_RELID, attnum, template, 'n');
     batch text[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -25,7 +28,7 @@ BEGIN
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
                          WHERE %s IS DISTINCT FROM %s',
                        keys, embed_sidecar._key_join(TG_RELID, key_nums, 'o', 'n'),
-                       embed_sidecar._content_expr(TG_RELID, TG_ARGV[1]::smallint, 'o'), content_new)
+                       embed_sidecar._content_sql(TG_RELID, attnum, template, 'o'), content_new)
            INTO batch;
     END IF;
     IF batch IS NOT NULL THEN
@@ -48,6 +51,6 @@ BEGIN ATOMIC
                         OR sc.model IS DISTINCT FROM $2)',
         embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
         embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
-        embed_sidecar._content_expr(s.source, s.content_attnum, 'src'),
-        embed_sidecar._content_expr(s.source, s.content_attnum, 'src'));
+        embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
+        embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));
 END;

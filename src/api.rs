@@ -57,12 +57,54 @@ mod embed_sidecar {
         TableIterator::once(row)
     }
 
+    /// Every model directory under `pg_embed_sidecar.model_path` (the `embed_sidecar.models` view).
+    /// Dimensions come from loading the model (through the inference service when it runs); a
+    /// directory that does not hold a usable model is listed with its error instead.
+    #[pg_extern(volatile, parallel_restricted, name = "_installed_models")]
+    fn installed_models() -> TableIterator<
+        'static,
+        (
+            name!(name, String),
+            name!(model_id, Option<String>),
+            name!(dims, Option<i32>),
+            name!(max_length, Option<i32>),
+            name!(size_bytes, Option<i64>),
+            name!(error, Option<String>),
+        ),
+    > {
+        let root = crate::gucs::model_root();
+        let mut names: Vec<String> = std::fs::read_dir(&root)
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        let rows: Vec<_> = names
+            .into_iter()
+            .map(|name| {
+                let described = embed_core::ModelFiles::resolve(&root.join(&name)).map_err(crate::error::SidecarError::from).and_then(|f| {
+                    let size = [&f.onnx, &f.tokenizer].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len() as i64).sum();
+                    let (id, dims) = model::identity_of(&name)?;
+                    Ok((id, dims, f.max_length as i32, size))
+                });
+                match described {
+                    Ok((id, dims, window, size)) => (name, Some(id), Some(dims), Some(window), Some(size), None),
+                    Err(e) => (name, None, None, None, None, Some(e.to_string())),
+                }
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
     /// Texts this backend has run through the model so far.
     #[pg_extern(volatile, parallel_restricted)]
     fn texts_embedded() -> i64 {
         model::texts_embedded()
     }
 
-    extension_sql_file!("../sql/api.sql", name = "api", requires = [embed, embed_many]);
+    extension_sql_file!("../sql/api.sql", name = "api", requires = [embed, embed_many, installed_models]);
     extension_sql_file!("../sql/search.sql", name = "search", requires = [embed_with, "registry"]);
 }

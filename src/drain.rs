@@ -58,6 +58,8 @@ struct Source {
     clear_sql: String,
     /// `pause(source, bulk_only => true)`: the live lane drains, the bulk lane waits.
     bulk_paused: bool,
+    /// Being built by `set_model()`: takes over when a pass finds both lanes empty.
+    shadow: bool,
 }
 
 fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
@@ -71,7 +73,7 @@ fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, Sideca
     let rows = client.select(
         "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
                 d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
-                s.state = 'bulk_paused'
+                s.state = 'bulk_paused', s.role = 'shadow'
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
           WHERE s.id = $1",
@@ -94,6 +96,7 @@ fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, Sideca
         clear_sql: text(9)?,
         bulk_queue: text(10)?,
         bulk_paused: row.get::<bool>(11)?.unwrap_or(false),
+        shadow: row.get::<bool>(12)?.unwrap_or(false),
     }))
 }
 
@@ -299,6 +302,10 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             keys.sort_unstable();
             keys.dedup();
             let looked = if keys.is_empty() { Vec::new() } else { lookup(client, &src, keys)? };
+            if src.shadow && live.is_empty() && bulk.is_empty() {
+                // a complete shadow sidecar takes over (sql/manage.sql, set_model)
+                client.update("SELECT embed_sidecar._promote_if_ready($1)", None, &[id.into()])?;
+            }
             Ok(Some((src, live, bulk, looked)))
         })
     })?

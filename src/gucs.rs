@@ -308,12 +308,17 @@ pub fn embed_settings(model: Option<&str>) -> EmbedSettings {
     let model = model.map(str::to_string).unwrap_or_else(|| string(&MODEL));
     EmbedSettings {
         library: expand(&string(&ORT_LIBRARY)),
-        model_dir: expand(&string(&MODEL_PATH)).join(&model),
+        model_dir: model_root().join(&model),
         model,
         intra_threads: if crate::service::in_worker() { inference_threads() } else { INTRA_THREADS.get() as usize },
         max_batch: MAX_BATCH.get() as usize,
         max_batch_tokens: MAX_BATCH_TOKENS.get() as usize,
     }
+}
+
+/// The directory holding one subdirectory per installed model (`pg_embed_sidecar.model_path`).
+pub fn model_root() -> PathBuf {
+    expand(&string(&MODEL_PATH))
 }
 
 pub fn worker_databases() -> Vec<String> {

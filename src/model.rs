@@ -25,6 +25,9 @@ struct Loaded {
 
 type Stamp = [Option<(u64, SystemTime)>; 2];
 
+/// Models one process keeps loaded at most.
+const RESIDENT: usize = 3;
+
 fn file_stamp(path: &Path) -> Option<(u64, SystemTime)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.len(), meta.modified().ok()?))
@@ -36,7 +39,7 @@ fn files_stamp(embedder: &Embedder) -> Stamp {
 }
 
 thread_local! {
-    static LOADED: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+    static LOADED: RefCell<Vec<Loaded>> = const { RefCell::new(Vec::new()) };
     /// Texts run through the model by this process: lets tests prove a query is embedded once.
     static TEXTS_EMBEDDED: Cell<i64> = const { Cell::new(0) };
     /// The last single text embedded and its vector. `embed_text` is STABLE (it depends on
@@ -62,33 +65,42 @@ pub fn with_embedder<R>(f: impl FnOnce(&mut Embedder) -> Result<R, SidecarError>
     with_model(None, f)
 }
 
-/// Run `f` with the embedder of `model` (default: `pg_embed_sidecar.model`). One model is
-/// resident per process; asking for another replaces it.
+/// Run `f` with the embedder of `model` (default: `pg_embed_sidecar.model`), loading it if needed.
+/// Up to `RESIDENT` models stay loaded, the least recently used one making room: a model switch
+/// drains with two models at once (the current and the shadow sidecar's), and swapping one
+/// session for the other on every pass would cost a model load each time.
 fn with_model<R>(model: Option<&str>, f: impl FnOnce(&mut Embedder) -> Result<R, SidecarError>) -> Result<R, SidecarError> {
     let settings = embed_settings(model);
     validate_model_name(&settings.model)?;
     LOADED.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let stale = match slot.as_ref() {
-            Some(l) => l.settings != settings || files_stamp(&l.embedder) != l.stamp,
-            None => true,
-        };
-        if stale {
-            // drop the old session first so two models are never resident at once
-            *slot = None;
-            let embedder = Embedder::load(&settings.library, &settings.model_dir, settings.load_options())?;
-            let stamp = files_stamp(&embedder);
-            if stamp.iter().any(Option::is_none) {
-                // the files went away while they were being read: without a stamp the next
-                // call could not notice, so this is not a usable model
-                return Err(embed_core::EmbedError::ModelFileMissing(settings.model_dir).into());
+        let mut loaded = cell.borrow_mut();
+        let found = loaded.iter().position(|l| l.settings.model == settings.model);
+        let fresh = found.filter(|&i| loaded[i].settings == settings && files_stamp(&loaded[i].embedder) == loaded[i].stamp);
+        let at = match fresh {
+            Some(i) => i,
+            None => {
+                // drop what is replaced or evicted before loading, so memory never holds both
+                if let Some(i) = found {
+                    loaded.remove(i);
+                } else if loaded.len() >= RESIDENT {
+                    loaded.remove(0);
+                }
+                let embedder = Embedder::load(&settings.library, &settings.model_dir, settings.load_options())?;
+                let stamp = files_stamp(&embedder);
+                if stamp.iter().any(Option::is_none) {
+                    // the files went away while they were being read: without a stamp the next
+                    // call could not notice, so this is not a usable model
+                    return Err(embed_core::EmbedError::ModelFileMissing(settings.model_dir).into());
+                }
+                loaded.push(Loaded { settings, embedder, stamp });
+                loaded.len() - 1
             }
-            *slot = Some(Loaded { settings, embedder, stamp });
-        }
-        match slot.as_mut() {
-            Some(loaded) => f(&mut loaded.embedder),
-            None => unreachable!("embedder was just loaded"),
-        }
+        };
+        // most recently used last (moved before the call: a cancel unwinding out of `f` keeps it)
+        let entry = loaded.remove(at);
+        loaded.push(entry);
+        let last = loaded.len() - 1;
+        f(&mut loaded[last].embedder)
     })
 }
 

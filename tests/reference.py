@@ -1,5 +1,7 @@
 """An independent reference embedder: Python onnxruntime + tokenizers on the same model files,
-one text at a time (no padding, so nothing depends on our batching), numpy mean pooling."""
+one text at a time (no padding, so nothing depends on our batching), numpy mean pooling of token
+states. For a model whose manifest reads an already-pooled output (pooling "none"), the reference
+still pools the graph's token states itself, so it checks that output instead of repeating it."""
 import json
 import os
 
@@ -22,6 +24,11 @@ class Reference:
         self.sess = ort.InferenceSession(os.path.join(model_dir, manifest["onnx"]), opts,
                                          providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.sess.get_inputs()}
+        if manifest.get("pooling", "mean") == "mean" and "output" in manifest:
+            self.states = manifest["output"]
+        else:  # the graph's token states: [batch, seq, dims] floats
+            self.states = next(o.name for o in self.sess.get_outputs()
+                               if len(o.shape) == 3 and o.type == "tensor(float)")
 
     def embed(self, text: str) -> np.ndarray:
         enc = self.tok.encode(text)
@@ -29,6 +36,6 @@ class Reference:
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if "token_type_ids" in self.inputs:
             feed["token_type_ids"] = np.zeros_like(ids)
-        hidden = self.sess.run(None, feed)[0][0]  # [seq, dims]
+        hidden = self.sess.run([self.states], feed)[0][0]  # [seq, dims]
         v = hidden.mean(axis=0)
         return v / np.linalg.norm(v)

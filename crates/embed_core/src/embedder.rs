@@ -7,7 +7,7 @@ use ort::session::Session;
 use ort::value::Tensor;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::model_dir::ModelFiles;
+use crate::model_dir::{ModelFiles, Pooling};
 use crate::pooling::{l2_normalize, mean_pool};
 use crate::runtime::init_runtime;
 use crate::EmbedError;
@@ -102,17 +102,29 @@ impl Embedder {
             o.dtype().tensor_shape().map(|s| (s.len(), s.last().copied().unwrap_or(-1))).unwrap_or((0, -1))
         };
         let outputs = session.outputs();
-        let chosen = outputs
-            .iter()
-            .find(|o| o.name() == "last_hidden_state")
-            .or_else(|| outputs.iter().find(|o| rank_and_dims(o).0 == 3))
-            .or_else(|| outputs.iter().find(|o| rank_and_dims(o).0 == 2))
-            .ok_or_else(|| unsupported("no output of shape [batch, seq, dims] or [batch, dims]".into()))?;
+        let chosen = match &files.output {
+            Some(name) => outputs
+                .iter()
+                .find(|o| o.name() == name)
+                .ok_or_else(|| unsupported(format!("the manifest names output \"{name}\", which the graph does not have")))?,
+            None => outputs
+                .iter()
+                .find(|o| o.name() == "last_hidden_state")
+                .or_else(|| outputs.iter().find(|o| rank_and_dims(o).0 == 3))
+                .or_else(|| outputs.iter().find(|o| rank_and_dims(o).0 == 2))
+                .ok_or_else(|| unsupported("no output of shape [batch, seq, dims] or [batch, dims]".into()))?,
+        };
         let (rank, declared_dims) = rank_and_dims(chosen);
-        let output = if rank == 3 {
-            Output::TokenStates(chosen.name().to_string())
-        } else {
-            Output::Pooled(chosen.name().to_string())
+        let pooling = files.pooling.unwrap_or(if rank == 3 { Pooling::Mean } else { Pooling::None });
+        let output = match (pooling, rank) {
+            (Pooling::Mean, 3) => Output::TokenStates(chosen.name().to_string()),
+            (Pooling::None, 2) => Output::Pooled(chosen.name().to_string()),
+            _ => {
+                return Err(unsupported(format!(
+                    "output \"{}\" has rank {rank}: pooling \"mean\" needs [batch, seq, dims], \"none\" needs [batch, dims]",
+                    chosen.name()
+                )))
+            }
         };
 
         let mut embedder = Self { files, tokenizer, session, has_token_type_ids, output, dims: 0, opts };

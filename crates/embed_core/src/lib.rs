@@ -13,6 +13,6 @@ mod runtime;
 
 pub use embedder::{cut_at_char_boundary, Embedder, LoadOptions};
 pub use error::EmbedError;
-pub use model_dir::ModelFiles;
+pub use model_dir::{ModelFiles, Pooling};
 pub use pooling::{cosine, l2_normalize, mean_pool};
 pub use runtime::init_runtime;

@@ -24,9 +24,22 @@ struct Manifest {
     onnx: Option<String>,
     tokenizer: Option<String>,
     max_length: Option<usize>,
+    /// The graph output to read; default: `last_hidden_state`, else the first of rank 3 or 2.
+    output: Option<String>,
+    /// `mean` (token states `[batch, seq, dims]`, averaged over the attention mask) or `none`
+    /// (the output is already one vector per text, `[batch, dims]`). Default: by the output's rank.
+    pooling: Option<Pooling>,
     #[serde(default)]
     #[allow(dead_code)] // documentation fields the installer writes
     source: Option<serde_json::Value>,
+}
+
+/// How the chosen output becomes one vector per text (before L2 normalisation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    Mean,
+    None,
 }
 
 /// The resolved files of one model and the identity vectors made with it carry.
@@ -37,8 +50,11 @@ pub struct ModelFiles {
     pub onnx: PathBuf,
     pub tokenizer: PathBuf,
     pub max_length: usize,
+    /// What the manifest chose; `None` leaves the choice to the output's name and rank.
+    pub output: Option<String>,
+    pub pooling: Option<Pooling>,
     /// `name@` + the first 12 hex digits of a sha256 over everything that shapes a vector: the
-    /// ONNX file (graph, weights and so the pooling it outputs), the tokenizer and the window.
+    /// ONNX file (graph and weights), the tokenizer, the window, the output read and its pooling.
     /// Changing any of them is a new model, so every vector made with the old one is stale.
     pub model_id: String,
 }
@@ -82,8 +98,25 @@ impl ModelFiles {
         let name = manifest.name.clone().unwrap_or_else(|| {
             dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
         });
-        let model_id = format!("{name}@{}", &identity_digest(&onnx, &tokenizer, max_length)?[..12]);
-        Ok(Self { dir: dir.to_path_buf(), name, onnx, tokenizer, max_length, model_id })
+        // what the manifest does not set adds nothing, so ids of existing models stay as they were
+        let mut shaping = format!("max_length={max_length}");
+        if let Some(o) = &manifest.output {
+            shaping += &format!(";output={o}");
+        }
+        if let Some(p) = manifest.pooling {
+            shaping += &format!(";pooling={p:?}");
+        }
+        let model_id = format!("{name}@{}", &identity_digest(&onnx, &tokenizer, &shaping)?[..12]);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            name,
+            onnx,
+            tokenizer,
+            max_length,
+            output: manifest.output,
+            pooling: manifest.pooling,
+            model_id,
+        })
     }
 }
 
@@ -103,12 +136,12 @@ fn max_length_from_configs(dir: &Path) -> usize {
         .unwrap_or(DEFAULT_MAX_LENGTH)
 }
 
-fn identity_digest(onnx: &Path, tokenizer: &Path, max_length: usize) -> Result<String, EmbedError> {
+fn identity_digest(onnx: &Path, tokenizer: &Path, shaping: &str) -> Result<String, EmbedError> {
     let mut hasher = Sha256::new();
     for path in [onnx, tokenizer] {
         hash_file(&mut hasher, path)?;
     }
-    hasher.update(format!("max_length={max_length}").as_bytes());
+    hasher.update(shaping.as_bytes());
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -178,7 +211,7 @@ mod tests {
     }
 
     #[test]
-    fn identity_covers_onnx_tokenizer_and_window() {
+    fn identity_covers_onnx_tokenizer_window_and_pooling() {
         let dir = scratch("identity");
         fs::write(dir.join("model.onnx"), b"graph").unwrap();
         fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
@@ -188,10 +221,16 @@ mod tests {
         seen.push(id());
         fs::write(dir.join(MANIFEST), br#"{"max_length": 128}"#).unwrap();
         seen.push(id());
+        fs::write(dir.join(MANIFEST), br#"{"max_length": 128, "output": "pooled", "pooling": "none"}"#).unwrap();
+        seen.push(id());
+        fs::write(dir.join(MANIFEST), br#"{"max_length": 128, "output": "pooled", "pooling": "mean"}"#).unwrap();
+        seen.push(id());
         fs::write(dir.join("model.onnx"), b"graph2").unwrap();
         seen.push(id());
         let distinct: std::collections::HashSet<_> = seen.iter().collect();
-        assert_eq!(distinct.len(), 4, "{seen:?}");
-        assert_eq!(id(), seen[3], "the same files give the same identity");
+        assert_eq!(distinct.len(), 6, "{seen:?}");
+        assert_eq!(id(), seen[5], "the same files give the same identity");
+        fs::write(dir.join(MANIFEST), br#"{"pooling": "max"}"#).unwrap();
+        assert!(matches!(ModelFiles::resolve(&dir), Err(EmbedError::Manifest { .. })), "unknown pooling is refused");
     }
 }
