@@ -3,7 +3,10 @@
 -- security-restricted operation; statement triggers run with the writer's rights and enqueue
 -- through embed_sidecar._enqueue; owner checks use the calling role; the registry's id sequence is
 -- dumped; status no longer hashes every row (verify() does, on demand); wait() settles on empty
--- queues. Watched tables keep their sidecars, vectors, queues and pending messages.
+-- queues. Issue 11: a table can have several embeddings (a column or a template, each with its
+-- own sidecar, queues and triggers), set_model() switches through a shadow sidecar. Watched tables
+-- keep their sidecars, vectors, queues and pending messages; each becomes one embedding named after
+-- its content column.
 
 -- objects whose shape changed, or that are gone
 DROP VIEW embed_sidecar.status;
@@ -12,6 +15,12 @@ DROP FUNCTION embed_sidecar._enqueue_all(embed_sidecar.sources, boolean);
 DROP FUNCTION embed_sidecar._drain_sql(embed_sidecar.sources);
 DROP FUNCTION embed_sidecar._content_column(embed_sidecar.sources);
 DROP FUNCTION embed_sidecar.pause(regclass);
+-- (resume's SQL body depends on _owned_source(regclass): it goes first)
+DROP FUNCTION embed_sidecar.resume(regclass), embed_sidecar._owned_source(regclass), embed_sidecar._source(regclass),
+    embed_sidecar.watch(regclass, name, name, text, boolean, regconfig), embed_sidecar.unwatch(regclass, boolean),
+    embed_sidecar.reembed(regclass), embed_sidecar.set_model(regclass, text), embed_sidecar.retry_failed(regclass),
+    embed_sidecar._search_target(regclass), embed_sidecar.search(regclass, text, int),
+    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int);
 
 -- the registry's ids: an identity column's sequence is not carried by pg_dump for an extension's
 -- table, a plain sequence marked with pg_extension_config_dump is
@@ -26,7 +35,30 @@ ALTER TABLE embed_sidecar.sources ADD COLUMN bulk_total bigint NOT NULL DEFAULT 
 ALTER TABLE embed_sidecar.sources DROP CONSTRAINT sources_state_check,
     ADD CONSTRAINT sources_state_check CHECK (state IN ('active', 'paused', 'bulk_paused'));
 
+-- several embeddings per table (issue 11): the existing one of each table is named after its column
+ALTER TABLE embed_sidecar.sources DROP CONSTRAINT sources_source_key,
+    ADD COLUMN embedding text, ADD COLUMN template text,
+    ADD COLUMN role text NOT NULL DEFAULT 'current' CHECK (role IN ('current', 'shadow', 'previous')),
+    ALTER COLUMN content_attnum DROP NOT NULL;
+UPDATE embed_sidecar.sources s SET embedding = a.attname
+  FROM pg_catalog.pg_attribute a WHERE a.attrelid = s.source AND a.attnum = s.content_attnum;
+ALTER TABLE embed_sidecar.sources ALTER COLUMN embedding SET NOT NULL,
+    ADD CONSTRAINT sources_source_embedding_role_key UNIQUE (source, embedding, role) DEFERRABLE,
+    ADD CONSTRAINT sources_check CHECK ((content_attnum IS NULL) <> (template IS NULL));
+COMMENT ON TABLE embed_sidecar.sources IS 'Embeddings kept by pg_embed_sidecar (one row per watched table, embedding and role)';
+
 -- new Rust functions
+CREATE FUNCTION embed_sidecar."_installed_models"() RETURNS TABLE (
+	"name" TEXT,  /* String */
+	"model_id" TEXT,  /* Option < String > */
+	"dims" INT,  /* Option < i32 > */
+	"max_length" INT,  /* Option < i32 > */
+	"size_bytes" bigint,  /* Option < i64 > */
+	"error" TEXT  /* Option < String > */
+)
+STRICT VOLATILE PARALLEL RESTRICTED 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'installed_models_wrapper';
 CREATE FUNCTION embed_sidecar."_calling_role"() RETURNS oid /* pg_sys :: Oid */
 STRICT STABLE PARALLEL SAFE 
 LANGUAGE c /* Rust */
@@ -124,6 +156,35 @@ BEGIN
 END
 $$;
 
+-- The content of a source as a text expression prefixed by alias: its column (attnum), or its
+-- template with each {attnum} replaced by that column (NULL as empty) and the rest kept literally.
+CREATE OR REPLACE FUNCTION embed_sidecar._content_sql(rel regclass, attnum smallint, template text, alias text) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    literals text[];
+    nums smallint[];
+    expr text;
+BEGIN
+    IF template IS NULL THEN
+        RETURN embed_sidecar._content_expr(rel, attnum, alias);
+    END IF;
+    literals := regexp_split_to_array(template, '\{[0-9]+\}');
+    nums := ARRAY(SELECT m[1]::smallint FROM regexp_matches(template, '\{([0-9]+)\}', 'g') AS m);
+    expr := format('concat(%L', literals[1]);
+    FOR i IN 1 .. coalesce(cardinality(nums), 0) LOOP
+        expr := expr || format(', %s, %L', embed_sidecar._content_expr(rel, nums[i], alias), literals[i + 1]);
+    END LOOP;
+    RETURN expr || ')';
+END
+$$;
+
+-- The columns a source's content is made of.
+CREATE OR REPLACE FUNCTION embed_sidecar._content_attnums(s embed_sidecar.sources) RETURNS smallint[]
+    LANGUAGE sql IMMUTABLE
+    RETURN CASE WHEN s.template IS NULL THEN ARRAY[s.content_attnum]
+                ELSE ARRAY(SELECT m[1]::smallint FROM regexp_matches(s.template, '\{([0-9]+)\}', 'g') AS m) END;
+
 -- Whether the calling role (after SET ROLE, before any SECURITY DEFINER function) may act as the
 -- table's owner. Management functions are SECURITY DEFINER (they write the registry and the pgmq
 -- schema), so they ask embed_sidecar._calling_role() instead of current_user or session_user.
@@ -139,37 +200,62 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION embed_sidecar._source(rel regclass) RETURNS embed_sidecar.sources
+-- The registry row of one embedding of a watched table: the one named (role 'current' unless
+-- asked otherwise), or, when none is named, the table's only one.
+CREATE OR REPLACE FUNCTION embed_sidecar._source(rel regclass, embedding text DEFAULT NULL, role text DEFAULT 'current')
+    RETURNS embed_sidecar.sources
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     s embed_sidecar.sources;
+    names text;
 BEGIN
-    SELECT * INTO s FROM embed_sidecar.sources WHERE source = rel;
+    IF embedding IS NULL THEN
+        SELECT string_agg(format('%L', x.embedding), ', ' ORDER BY x.embedding) INTO names
+          FROM embed_sidecar.sources x WHERE x.source = rel AND x.role = 'current';
+        IF names LIKE '%,%' THEN
+            RAISE EXCEPTION 'pg_embed_sidecar: table % has several embeddings: %', rel, names
+                USING ERRCODE = 'ambiguous_parameter', HINT = 'Name one with embedding => ''...''.';
+        END IF;
+        SELECT x.embedding INTO embedding FROM embed_sidecar.sources x WHERE x.source = rel AND x.role = 'current';
+    END IF;
+    SELECT * INTO s FROM embed_sidecar.sources x
+     WHERE x.source = rel AND x.embedding = _source.embedding AND x.role = _source.role;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: table % is not watched', rel
-            USING ERRCODE = 'undefined_object', HINT = 'Watch it first with embed_sidecar.watch().';
+        IF NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = rel) THEN
+            RAISE EXCEPTION 'pg_embed_sidecar: table % is not watched', rel
+                USING ERRCODE = 'undefined_object', HINT = 'Watch it first with embed_sidecar.watch().';
+        ELSIF role = 'current' THEN
+            RAISE EXCEPTION 'pg_embed_sidecar: table % has no embedding %', rel, coalesce(quote_literal(embedding), 'NULL')
+                USING ERRCODE = 'undefined_object', HINT = 'See embed_sidecar.status for its embeddings.';
+        ELSE
+            RAISE EXCEPTION 'pg_embed_sidecar: embedding % of table % has no % version', quote_literal(embedding), rel, role
+                USING ERRCODE = 'undefined_object',
+                      HINT = CASE role WHEN 'previous' THEN 'There is one only after set_model() has completed a switch, until drop_previous().'
+                                       ELSE 'set_model() starts one.' END;
+        END IF;
     END IF;
     RETURN s;
 END
 $$;
 
--- The registry row of a watched table the calling role may manage.
-CREATE OR REPLACE FUNCTION embed_sidecar._owned_source(rel regclass) RETURNS embed_sidecar.sources
+-- The registry row of a watched table's embedding the calling role may manage.
+CREATE OR REPLACE FUNCTION embed_sidecar._owned_source(rel regclass, embedding text DEFAULT NULL) RETURNS embed_sidecar.sources
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM embed_sidecar._check_owner(rel);
-    RETURN embed_sidecar._source(rel);
+    RETURN embed_sidecar._source(rel, embedding);
 END
 $$;
 
--- The registry row of a watched table, for a caller who may read the table (search, verify).
-CREATE OR REPLACE FUNCTION embed_sidecar._readable_source(rel regclass) RETURNS embed_sidecar.sources
+-- The registry row of a watched table's embedding, for a caller who may read the table (search,
+-- verify).
+CREATE OR REPLACE FUNCTION embed_sidecar._readable_source(rel regclass, embedding text DEFAULT NULL) RETURNS embed_sidecar.sources
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._source(rel);
+    s embed_sidecar.sources := embed_sidecar._source(rel, embedding);
 BEGIN
     IF NOT has_table_privilege(embed_sidecar._calling_role(), s.sidecar, 'SELECT') THEN
         RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', s.sidecar USING ERRCODE = 'insufficient_privilege';
@@ -185,7 +271,8 @@ $$;
 -- putting keys on the queue, is embed_sidecar._enqueue (src/enqueue.rs), which checks that the
 -- writer may write the table.
 --
--- Arguments, fixed by watch(): source id, content attnum, key attnums ('{1,2}').
+-- Arguments, fixed by watch(): source id, content attnum ('' with a template), key attnums
+-- ('{1,2}'), template ('' without).
 -- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
 -- whose content is distinct from before (a row whose key changed has no OLD partner and counts
 -- as changed).
@@ -195,7 +282,9 @@ AS $$
 DECLARE
     key_nums smallint[] := TG_ARGV[2]::smallint[];
     keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
-    content_new text := embed_sidecar._content_expr(TG_RELID, TG_ARGV[1]::smallint, 'n');
+    attnum smallint := nullif(TG_ARGV[1], '')::smallint;
+    template text := nullif(TG_ARGV[3], '');
+    content_new text := embed_sidecar._content_sql(TG_RELID, attnum, template, 'n');
     batch text[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -206,7 +295,7 @@ BEGIN
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
                          WHERE %s IS DISTINCT FROM %s',
                        keys, embed_sidecar._key_join(TG_RELID, key_nums, 'o', 'n'),
-                       embed_sidecar._content_expr(TG_RELID, TG_ARGV[1]::smallint, 'o'), content_new)
+                       embed_sidecar._content_sql(TG_RELID, attnum, template, 'o'), content_new)
            INTO batch;
     END IF;
     IF batch IS NOT NULL THEN
@@ -229,8 +318,8 @@ BEGIN ATOMIC
                         OR sc.model IS DISTINCT FROM $2)',
         embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
         embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
-        embed_sidecar._content_expr(s.source, s.content_attnum, 'src'),
-        embed_sidecar._content_expr(s.source, s.content_attnum, 'src'));
+        embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
+        embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));
 END;
 
 -- ---- from sql/drain.sql ----
@@ -250,7 +339,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources, OUT
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+    content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
     key_cols text;
 BEGIN
@@ -376,34 +465,32 @@ $$;
 -- (embed_sidecar._check_owner). They never read or write the source or sidecar rows themselves:
 -- that is the drain's and the backfill's job, done as the table's owner (src/authority.rs).
 
--- The statement triggers of a watched table (see triggers.sql).
+-- The statement triggers of one embedding (see triggers.sql), named by its registry id.
 CREATE OR REPLACE FUNCTION embed_sidecar._create_triggers(s embed_sidecar.sources) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    args text := format('%s, %L, %L, %L', s.id, coalesce(s.content_attnum::text, ''), s.key_attnums, coalesce(s.template, ''));
 BEGIN
-    EXECUTE format('CREATE TRIGGER embed_sidecar_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
-                   s.source, s.id, s.content_attnum, s.key_attnums);
-    EXECUTE format('CREATE TRIGGER embed_sidecar_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s, %s, %L)',
-                   s.source, s.id, s.content_attnum, s.key_attnums);
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s)',
+                   'embed_sidecar_' || s.id || '_insert', s.source, args);
+    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s)',
+                   'embed_sidecar_' || s.id || '_update', s.source, args);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION embed_sidecar.watch(
-    source regclass,
-    content_column name,
-    sidecar_name name DEFAULT NULL,
-    model text DEFAULT NULL,
-    backfill boolean DEFAULT true,
-    fts_config regconfig DEFAULT 'english'
-) RETURNS regclass
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- One embedding of a table: its sidecar (keyed like the table, same owner and grants), registry
+-- row, two queues and triggers; then the existing rows go on the bulk lane. Shared by watch() and
+-- set_model() (a shadow). Without sidecar_name the sidecar is called <table>_embeddings_<id>.
+CREATE OR REPLACE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text, role text, content_attnum smallint,
+    template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean)
+    RETURNS embed_sidecar.sources
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    rel        pg_class;
-    content_at pg_attribute;
-    key_nums   smallint[];
+    rel        pg_class := (SELECT c FROM pg_class c WHERE c.oid = source);
     vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
     ident      record;
     s          embed_sidecar.sources;
@@ -412,41 +499,11 @@ DECLARE
     key_cols   text;
     g          record;
 BEGIN
-    IF source IS NULL OR content_column IS NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: source and content_column must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    PERFORM embed_sidecar._check_owner(source);
-    SELECT * INTO rel FROM pg_class WHERE oid = source;
-    IF rel.relkind NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: % is not a table', source USING ERRCODE = 'wrong_object_type';
-    END IF;
-    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source) THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: table % is already watched', source
-            USING ERRCODE = 'duplicate_object', HINT = 'Use embed_sidecar.unwatch() first to change how it is watched.';
-    END IF;
-    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = watch.source) THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: table % is a sidecar table', source USING ERRCODE = 'wrong_object_type';
-    END IF;
-    SELECT * INTO content_at FROM pg_attribute
-     WHERE attrelid = source AND attname = content_column AND attnum > 0 AND NOT attisdropped;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % does not exist', content_column, source
-            USING ERRCODE = 'undefined_column';
-    END IF;
-    IF content_at.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype) THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: column "%" is of type %, not text', content_column, content_at.atttypid::regtype
-            USING ERRCODE = 'datatype_mismatch', HINT = 'Watch a text or varchar column (a generated column can combine others).';
-    END IF;
-    SELECT i.indkey::smallint[] INTO key_nums FROM pg_index i WHERE i.indrelid = source AND i.indisprimary;
-    IF key_nums IS NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: table % has no primary key', source
-            USING ERRCODE = 'invalid_table_definition',
-                  HINT = 'The sidecar is keyed by the source''s primary key: add one (e.g. ALTER TABLE ... ADD PRIMARY KEY).';
-    END IF;
-    model := coalesce(model, current_setting('pg_embed_sidecar.model'));
     SELECT m.model_id, m.dims INTO ident FROM embed_sidecar._model_identity(model) m;
-
-    sidecar_name := coalesce(sidecar_name, left(rel.relname, 52) || '_embeddings');
+    -- the queue is named by the registry id: short (pgmq limits names) and free of user text.
+    -- Taking the id first means the row goes in whole, so concurrent watch() calls never collide.
+    s.id := nextval('embed_sidecar.sources_id_seq');
+    sidecar_name := coalesce(sidecar_name, left(rel.relname, 40) || '_embeddings_' || s.id);
     IF to_regclass(format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)) IS NOT NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in schema %', sidecar_name, rel.relnamespace::regnamespace
             USING ERRCODE = 'duplicate_table', HINT = 'Pass another name as sidecar_name.';
@@ -475,11 +532,10 @@ BEGIN
                        CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
     END LOOP;
 
-    -- the queue is named by the registry id: short (pgmq limits names) and free of user text.
-    -- Taking the id first means the row goes in whole, so concurrent watch() calls never collide.
-    s.id := nextval('embed_sidecar.sources_id_seq');
-    INSERT INTO embed_sidecar.sources (id, source, content_attnum, key_attnums, sidecar, queue_name, model, model_id, dims, fts_config)
-    VALUES (s.id, source, content_at.attnum, key_nums, side, 'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
+    INSERT INTO embed_sidecar.sources (id, source, embedding, role, content_attnum, template, key_attnums, sidecar,
+                                       queue_name, model, model_id, dims, fts_config)
+    VALUES (s.id, source, embedding, role, content_attnum, template, key_nums, side,
+            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
     RETURNING * INTO s;
     -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
@@ -492,23 +548,130 @@ BEGIN
     IF backfill THEN
         PERFORM embed_sidecar._backfill(s.id, false);
     END IF;
-    RETURN side;
+    RETURN s;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig) IS
-    'Create the sidecar table, queue and triggers for a source table, and enqueue its existing rows';
 
-CREATE OR REPLACE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false) RETURNS void
+-- A text column of a table by name, checked.
+CREATE OR REPLACE FUNCTION embed_sidecar._text_column(source regclass, column_name name) RETURNS smallint
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    a pg_attribute;
+BEGIN
+    SELECT * INTO a FROM pg_attribute
+     WHERE attrelid = source AND attname = column_name AND attnum > 0 AND NOT attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % does not exist', column_name, source
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    IF a.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" is of type %, not text', column_name, a.atttypid::regtype
+            USING ERRCODE = 'datatype_mismatch', HINT = 'Watch a text or varchar column (a generated column can combine others).';
+    END IF;
+    RETURN a.attnum;
+END
+$$;
+
+-- '{title}: {body}' -> '{2}: {3}': a template's columns by attribute number, so renames keep working.
+CREATE OR REPLACE FUNCTION embed_sidecar._compile_template(source regclass, template text) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parts text[] := regexp_split_to_array(template, '\{[^{}]*\}');
+    names text[] := ARRAY(SELECT m[1] FROM regexp_matches(template, '\{([^{}]*)\}', 'g') AS m);
+    compiled text := parts[1];
+BEGIN
+    IF cardinality(names) = 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: template % names no column', quote_literal(template)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Name columns in braces, e.g. ''{title}: {body}''.';
+    END IF;
+    FOR i IN 1 .. cardinality(names) LOOP
+        compiled := compiled || '{' || embed_sidecar._text_column(source, names[i]) || '}' || parts[i + 1];
+    END LOOP;
+    RETURN compiled;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION embed_sidecar.watch(
+    source regclass,
+    content_column name DEFAULT NULL,
+    sidecar_name name DEFAULT NULL,
+    model text DEFAULT NULL,
+    backfill boolean DEFAULT true,
+    fts_config regconfig DEFAULT 'english',
+    embedding text DEFAULT NULL,
+    template text DEFAULT NULL
+) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._owned_source(source);
+    rel        pg_class;
+    key_nums   smallint[];
+    is_first   boolean;
 BEGIN
-    -- First wait for a drain writing this source, and keep the next one out: its write holds the
-    -- source's advisory lock (src/drain.rs, 0x656d6273 = "embs") and then the sidecar and source,
-    -- and ends by updating the registry row deleted here; in the other order the two deadlock.
-    PERFORM pg_advisory_xact_lock(1701667443, s.id);
-    PERFORM embed_sidecar._forget(s, drop_sidecar);
+    IF source IS NULL OR (content_column IS NULL) = (template IS NULL) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: watch() needs a source and either content_column or template'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'e.g. watch(''docs'', ''body'') or watch(''docs'', template => ''{title}: {body}'', embedding => ''title_body'').';
+    END IF;
+    PERFORM embed_sidecar._check_owner(source);
+    SELECT * INTO rel FROM pg_class WHERE oid = source;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is not a table', source USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = watch.source) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % is a sidecar table', source USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF template IS NOT NULL AND embedding IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: an embedding made from a template needs a name'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass embedding => ''...''.';
+    END IF;
+    embedding := coalesce(embedding, content_column);
+    -- serialise watch() calls on one table, so two cannot both take the same embedding name
+    -- (one bigint key: a lock space apart from the (class, source id) locks of the drain)
+    PERFORM pg_advisory_xact_lock((1701667443::bigint << 32) | source::oid::bigint);
+    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source AND x.embedding = watch.embedding) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % already has an embedding %', source, quote_literal(embedding)
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Name another one (embedding => ''...''), change its model with set_model(), or unwatch() it first.';
+    END IF;
+    SELECT i.indkey::smallint[] INTO key_nums FROM pg_index i WHERE i.indrelid = source AND i.indisprimary;
+    IF key_nums IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: table % has no primary key', source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'The sidecar is keyed by the source''s primary key: add one (e.g. ALTER TABLE ... ADD PRIMARY KEY).';
+    END IF;
+    is_first := NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source);
+    RETURN (embed_sidecar._create_embedding(
+        source, embedding, 'current',
+        CASE WHEN template IS NULL THEN embed_sidecar._text_column(source, content_column) END,
+        CASE WHEN template IS NOT NULL THEN embed_sidecar._compile_template(source, template) END,
+        key_nums,
+        -- the first embedding of a table gets the plain name
+        coalesce(sidecar_name, CASE WHEN is_first THEN left(rel.relname, 52) || '_embeddings' END),
+        coalesce(model, current_setting('pg_embed_sidecar.model')), fts_config, backfill)).sidecar;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text) IS
+    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template), and enqueue its existing rows';
+
+CREATE OR REPLACE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    s embed_sidecar.sources;
+BEGIN
+    FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding ORDER BY x.id LOOP
+        -- First wait for a drain writing this source, and keep the next one out: its write holds
+        -- the source's advisory lock (src/drain.rs, 0x656d6273 = "embs") and then the sidecar and
+        -- source, and ends by updating the registry row deleted here; in the other order the two
+        -- deadlock.
+        PERFORM pg_advisory_xact_lock(1701667443, s.id);
+        -- a shadow or previous sidecar is the extension's own working copy: it goes
+        PERFORM embed_sidecar._forget(s, drop_sidecar OR s.role <> 'current');
+    END LOOP;
 END
 $$;
 
@@ -520,8 +683,8 @@ AS $$
 BEGIN
     DELETE FROM embed_sidecar.sources WHERE id = s.id;
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = s.source) THEN
-        EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_insert ON %s', s.source);
-        EXECUTE format('DROP TRIGGER IF EXISTS embed_sidecar_update ON %s', s.source);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_insert', s.source);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
     END IF;
     PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
       WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
@@ -533,11 +696,11 @@ $$;
 
 -- Re-embed rows whose stored model or content hash is not current. Reloads the model identity
 -- first, so a replaced model file (new hash) is noticed. Returns the number of keys enqueued.
-CREATE OR REPLACE FUNCTION embed_sidecar.reembed(source regclass) RETURNS bigint
+CREATE OR REPLACE FUNCTION embed_sidecar.reembed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._owned_source(source);
+    s embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
 BEGIN
     UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
      WHERE id = s.id RETURNING * INTO s;
@@ -545,59 +708,149 @@ BEGIN
 END
 $$;
 
--- Switch a source to another model of the same dimension. Old vectors stay readable (and are
--- found by search) until each is replaced.
-CREATE OR REPLACE FUNCTION embed_sidecar.set_model(source regclass, model text) RETURNS bigint
+-- Switch an embedding to another model, of any dimension, with no gap: a shadow sidecar is built
+-- in the bulk lane (live edits reach it through its own triggers) while searches keep using the
+-- current one with its own model; when the shadow's queues are empty it takes over in one
+-- transaction (_promote_if_ready, run by the drain) and the replaced one is kept, in step, for
+-- rollback_model() until drop_previous(). A switch in progress, and the previous one, make way for
+-- this one. Returns the number of rows the shadow has to embed.
+CREATE OR REPLACE FUNCTION embed_sidecar.set_model(source regclass, model text, embedding text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._owned_source(source);
-    ident record;
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    old embed_sidecar.sources;
+    shadow embed_sidecar.sources;
 BEGIN
-    SELECT m.model_id, m.dims INTO ident FROM embed_sidecar._model_identity(model) m;
-    IF ident.dims <> s.dims THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: model "%" has % dimensions, the sidecar of % has %', model, ident.dims, source, s.dims
-            USING ERRCODE = 'datatype_mismatch',
-                  HINT = 'A new dimension needs a new sidecar: embed_sidecar.unwatch(source, drop_sidecar => true), then watch() with the new model.';
+    IF model IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: model must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    UPDATE embed_sidecar.sources SET model = set_model.model, model_id = ident.model_id WHERE id = s.id RETURNING * INTO s;
-    RETURN embed_sidecar._backfill(s.id, true);
+    FOR old IN SELECT * FROM embed_sidecar.sources x
+                WHERE x.source = cur.source AND x.embedding = cur.embedding AND x.role <> 'current' LOOP
+        PERFORM pg_advisory_xact_lock(1701667443, old.id);  -- as in unwatch()
+        PERFORM embed_sidecar._forget(old, true);
+    END LOOP;
+    shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
+                                              cur.key_attnums, NULL, model, cur.fts_config, true);
+    UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
+    -- nothing to embed (an empty table): it takes over now
+    PERFORM embed_sidecar._promote_if_ready(shadow.id);
+    RETURN (SELECT x.bulk_total FROM embed_sidecar.sources x WHERE x.id = shadow.id);
 END
 $$;
 
--- Put dead-lettered rows back on the queue. Returns how many.
-CREATE OR REPLACE FUNCTION embed_sidecar.retry_failed(source regclass) RETURNS bigint
+-- Swap a complete shadow in (called by the drain when a pass finds its lanes empty, and by
+-- set_model): in one statement the current embedding becomes 'previous' and the shadow 'current'.
+-- Not while rows are dead-lettered: those would have no vector (status shows them; retry_failed()).
+CREATE OR REPLACE FUNCTION embed_sidecar._promote_if_ready(source_id int) RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+    p embed_sidecar.sources;
+BEGIN
+    SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id AND role = 'shadow' FOR UPDATE;
+    IF NOT FOUND
+       OR EXISTS (SELECT 1 FROM embed_sidecar.failures f WHERE f.source_id = s.id)
+       OR (SELECT queue_length FROM pgmq.metrics(s.queue_name)) > 0
+       OR (SELECT queue_length FROM pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name))) > 0 THEN
+        RETURN false;
+    END IF;
+    -- a rollback during the build left a previous one: the new switch replaces it
+    FOR p IN SELECT * FROM embed_sidecar.sources x WHERE x.source = s.source AND x.embedding = s.embedding AND x.role = 'previous' LOOP
+        PERFORM embed_sidecar._forget(p, true);
+    END LOOP;
+    UPDATE embed_sidecar.sources SET role = CASE role WHEN 'shadow' THEN 'current' ELSE 'previous' END
+     WHERE source = s.source AND embedding = s.embedding AND role IN ('shadow', 'current');
+    RAISE LOG 'pg_embed_sidecar: % of % now uses model %', quote_literal(s.embedding), s.source, s.model_id;
+    RETURN true;
+END
+$$;
+
+-- Undo the last switch: the previous embedding becomes current again and the current one previous
+-- (both were kept in step, so either way round is complete). Returns the sidecar now in use.
+CREATE OR REPLACE FUNCTION embed_sidecar.rollback_model(source regclass, embedding text DEFAULT NULL) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._owned_source(source);
-    keys jsonb[];
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    prev embed_sidecar.sources := embed_sidecar._source(source, cur.embedding, 'previous');
 BEGIN
-    WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
-    SELECT array_agg(key) INTO keys FROM d;
-    IF keys IS NULL THEN
-        RETURN 0;
-    END IF;
-    PERFORM pgmq.send_batch(s.queue_name, keys);
-    RETURN cardinality(keys);
+    UPDATE embed_sidecar.sources SET role = CASE role WHEN 'previous' THEN 'current' ELSE 'previous' END
+     WHERE id IN (cur.id, prev.id);
+    RETURN prev.sidecar;
+END
+$$;
+
+-- Drop what the last switch replaced (its sidecar, queues and triggers): no more rollback.
+CREATE OR REPLACE FUNCTION embed_sidecar.drop_previous(source regclass, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    prev embed_sidecar.sources := embed_sidecar._source(source, cur.embedding, 'previous');
+BEGIN
+    PERFORM pg_advisory_xact_lock(1701667443, prev.id);  -- as in unwatch()
+    PERFORM embed_sidecar._forget(prev, true);
+END
+$$;
+
+-- Put dead-lettered rows of an embedding (all its versions) back on their queues. Returns how many.
+CREATE OR REPLACE FUNCTION embed_sidecar.retry_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    s embed_sidecar.sources;
+    keys jsonb[];
+    total bigint := 0;
+BEGIN
+    FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding LOOP
+        WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
+        SELECT array_agg(key) INTO keys FROM d;
+        IF keys IS NOT NULL THEN
+            PERFORM pgmq.send_batch(s.queue_name, keys);
+            total := total + cardinality(keys);
+        END IF;
+    END LOOP;
+    RETURN total;
 END
 $$;
 
 -- Paused sources keep enqueueing; only draining stops. bulk_only pauses just the bulk lane
 -- (backfill, reembed, set_model): writers' changes keep being embedded, the backfill resumes where
--- it stopped.
-CREATE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false) RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
+-- it stopped. Applies to every version of the embedding (current, shadow, previous).
+CREATE OR REPLACE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+BEGIN
     UPDATE embed_sidecar.sources SET state = CASE WHEN bulk_only THEN 'bulk_paused' ELSE 'paused' END
-     WHERE id = (embed_sidecar._owned_source(source)).id;
-END;
+     WHERE sources.source = cur.source AND sources.embedding = cur.embedding;
+END
+$$;
 
-CREATE OR REPLACE FUNCTION embed_sidecar.resume(source regclass) RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    UPDATE embed_sidecar.sources SET state = 'active' WHERE id = (embed_sidecar._owned_source(source)).id;
-END;
+CREATE OR REPLACE FUNCTION embed_sidecar.resume(source regclass, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+BEGIN
+    UPDATE embed_sidecar.sources SET state = 'active' WHERE sources.source = cur.source AND sources.embedding = cur.embedding;
+END
+$$;
+
+-- Raise 'not watched' unless the table has an embedding (for functions that act on all of them).
+CREATE OR REPLACE FUNCTION embed_sidecar._check_watched(rel regclass) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = rel) THEN
+        PERFORM embed_sidecar._source(rel);
+    END IF;
+END
+$$;
 
 -- Drain queued changes in this session (no worker needed): the same code path the worker runs.
 -- Returns the number of queue messages handled.
@@ -612,7 +865,7 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: max_rows must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF source IS NOT NULL THEN
-        PERFORM embed_sidecar._source(source);
+        PERFORM embed_sidecar._check_watched(source);
     END IF;
     FOR s IN SELECT * FROM embed_sidecar.sources x
               WHERE (process.source IS NULL OR x.source = process.source) ORDER BY x.id LOOP
@@ -634,13 +887,13 @@ $$;
 -- A watched table's backlog in both lanes, for callers who may read the table. SECURITY DEFINER
 -- with a pinned search_path: readers may not read pgmq's tables, and pgmq.metrics() resolves names
 -- through whatever search_path it is called with.
-CREATE OR REPLACE FUNCTION embed_sidecar._queue_backlog(source regclass,
+CREATE OR REPLACE FUNCTION embed_sidecar._queue_backlog(source_id int,
     OUT pending bigint, OUT oldest_pending_age interval, OUT bulk_pending bigint)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     SELECT l.queue_length, make_interval(secs => coalesce(l.oldest_msg_age_sec, 0)), b.queue_length
       FROM embed_sidecar.sources s, pgmq.metrics(s.queue_name) l, pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name)) b
-     WHERE s.source = _queue_backlog.source
+     WHERE s.id = _queue_backlog.source_id
        AND has_table_privilege(embed_sidecar._calling_role(), s.source, 'SELECT');
 END;
 
@@ -651,7 +904,7 @@ END;
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
 CREATE VIEW embed_sidecar.status AS
-SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
+SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
                           / nullif(greatest(c.reltuples::numeric, pg_stat_get_live_tuples(s.source), s.bulk_total,
                                            q.pending + q.bulk_pending + f.failed), 0), 3),
@@ -665,21 +918,21 @@ SELECT s.source, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        embed_sidecar._worker_state() AS worker
   FROM embed_sidecar.sources s
        JOIN pg_catalog.pg_class c ON c.oid = s.source,
-       LATERAL embed_sidecar._queue_backlog(s.source) q,
+       LATERAL embed_sidecar._queue_backlog(s.id) q,
        LATERAL (SELECT count(*) AS failed FROM embed_sidecar.failures x WHERE x.source_id = s.id) f
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per watched table: backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched table (and per version while a model switch runs): backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
 -- orphaned. Runs with the caller's rights (it reads both tables).
-CREATE OR REPLACE FUNCTION embed_sidecar.verify(source regclass,
+CREATE OR REPLACE FUNCTION embed_sidecar.verify(source regclass, embedding text DEFAULT NULL,
     OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._readable_source(source);
-    content text := embed_sidecar._content_expr(s.source, s.content_attnum, 'src');
+    s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
+    content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     key_join text := embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src');
 BEGIN
     EXECUTE format(
@@ -695,7 +948,7 @@ BEGIN
     embedded_rows := embedded_rows + orphans;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.verify(regclass) IS
+COMMENT ON FUNCTION embed_sidecar.verify(regclass, text) IS
     'Full consistency check of one watched table (hashes every row): missing, stale and orphaned vectors';
 
 -- Block until the source (or every source, if NULL) has empty queues: every change made so far
@@ -706,14 +959,14 @@ CREATE OR REPLACE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, time
 AS $$
 DECLARE
     deadline timestamptz := clock_timestamp() + timeout;
-    sources regclass[];
+    ids int[];
 BEGIN
     IF source IS NOT NULL THEN
-        PERFORM embed_sidecar._source(source);
+        PERFORM embed_sidecar._check_watched(source);
     END IF;
-    SELECT array_agg(x.source) INTO sources FROM embed_sidecar.sources x WHERE wait.source IS NULL OR x.source = wait.source;
+    SELECT array_agg(x.id) INTO ids FROM embed_sidecar.sources x WHERE wait.source IS NULL OR x.source = wait.source;
     LOOP
-        IF NOT EXISTS (SELECT 1 FROM unnest(sources) r, embed_sidecar._queue_backlog(r) b
+        IF NOT EXISTS (SELECT 1 FROM unnest(ids) r, embed_sidecar._queue_backlog(r) b
                         WHERE b.pending > 0 OR b.bulk_pending > 0) THEN
             RETURN true;
         END IF;
@@ -731,17 +984,21 @@ $$;
 -- the query once, with the source's model, and return the source key as a JSON array
 -- (join back with e.g. `ON p.name = r.key->>0`).
 
--- What a search needs to know about a source; readable for callers who may read its sidecar.
-CREATE OR REPLACE FUNCTION embed_sidecar._search_target(source regclass,
-    OUT sidecar regclass, OUT model text, OUT key_json text, OUT vec_type text, OUT dist_op text,
+-- What a search needs to know about one embedding of a source, read from one registry row: the
+-- sidecar and the model that made its vectors always come as a pair, so a model switch committing
+-- meanwhile leaves this search on the old pair (kept until drop_previous()). The searches also keep
+-- to vectors whose model id is the pair's, so a query never meets vectors of another model.
+CREATE OR REPLACE FUNCTION embed_sidecar._search_target(source regclass, embedding text,
+    OUT sidecar regclass, OUT model text, OUT model_id text, OUT key_json text, OUT vec_type text, OUT dist_op text,
     OUT fts_config regconfig)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._readable_source(source);
+    s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
 BEGIN
     sidecar := s.sidecar;
     model := s.model;
+    model_id := s.model_id;
     key_json := format('jsonb_build_array(%s)', embed_sidecar._columns(s.sidecar, s.key_attnums, 'sc'));
     SELECT format('%I.vector', n), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
       FROM (SELECT extnamespace::regnamespace::name AS n FROM pg_extension WHERE extname = 'vector') x;
@@ -763,23 +1020,23 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10)
+CREATE OR REPLACE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10, embedding text DEFAULT NULL)
     RETURNS TABLE (key jsonb, distance float8)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    t record := embed_sidecar._search_target(source);
+    t record := embed_sidecar._search_target(source, embedding);
     q real[] := embed_sidecar._embed_with(t.model, query);
     old text := embed_sidecar._widen_ef_search(k);
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT %1$s, (sc.embedding %4$s $1::%2$s)::float8
-           FROM %3$s sc ORDER BY sc.embedding %4$s $1::%2$s LIMIT $2',
-        t.key_json, t.vec_type, t.sidecar, t.dist_op) USING q, k;
+           FROM %3$s sc WHERE sc.model = $3 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $2',
+        t.key_json, t.vec_type, t.sidecar, t.dist_op) USING q, k, t.model_id;
     PERFORM set_config('hnsw.ef_search', old, true);
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int) IS
+COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int, text) IS
     'k nearest rows of a watched table by cosine distance to the query''s embedding (HNSW index)';
 
 -- Full-text query with OR semantics: a long natural-language query should rank documents that
@@ -791,12 +1048,12 @@ CREATE OR REPLACE FUNCTION embed_sidecar.any_words_tsquery(config regconfig, que
 CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search(
     source regclass, query text, k int DEFAULT 10,
     candidates int DEFAULT 100, vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0,
-    rrf_k int DEFAULT 60)
+    rrf_k int DEFAULT 60, embedding text DEFAULT NULL)
     RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    t record := embed_sidecar._search_target(source);
+    t record := embed_sidecar._search_target(source, embedding);
     q real[] := embed_sidecar._embed_with(t.model, query);
     old text := embed_sidecar._widen_ef_search(candidates);
 BEGIN
@@ -805,24 +1062,56 @@ BEGIN
         -- subquery's order by accident of the plan
         'WITH v AS (SELECT %1$s AS key, row_number() OVER (ORDER BY sc.d, %1$s)::int AS r
                       FROM (SELECT sc.*, sc.embedding %4$s $1::%2$s AS d
-                              FROM %3$s sc ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3) sc),
+                              FROM %3$s sc WHERE sc.model = $9 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3) sc),
               f AS (SELECT %1$s AS key, row_number() OVER (ORDER BY ts_rank(sc.fts, tq, 1) DESC)::int AS r
                       FROM %3$s sc, embed_sidecar.any_words_tsquery($4, $5) tq
-                     WHERE sc.fts @@ tq ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3)
+                     WHERE sc.fts @@ tq AND sc.model = $9 ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3)
          SELECT coalesce(v.key, f.key),
                 coalesce($6 / ($8 + v.r), 0) + coalesce($7 / ($8 + f.r), 0),
                 v.r, f.r
            FROM v FULL JOIN f ON v.key = f.key
           ORDER BY 2 DESC, 1 LIMIT $2',
         t.key_json, t.vec_type, t.sidecar, t.dist_op)
-    USING q, k, candidates, t.fts_config, query, vector_weight, text_weight, rrf_k::float8;
+    USING q, k, candidates, t.fts_config, query, vector_weight, text_weight, rrf_k::float8, t.model_id;
     PERFORM set_config('hnsw.ef_search', old, true);
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int) IS
+COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text) IS
     'Vector and full-text candidates fused by reciprocal rank fusion: score = vector_weight/(rrf_k + vector_rank) + text_weight/(rrf_k + text_rank)';
 
--- ---- every watched table: its bulk lane, and its statement triggers with 0.2.0's arguments ----
+-- ---- from sql/events.sql ----
+CREATE OR REPLACE FUNCTION embed_sidecar._on_sql_drop() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d record;
+    s embed_sidecar.sources;
+BEGIN
+    FOR d IN SELECT * FROM pg_event_trigger_dropped_objects() WHERE object_type IN ('table', 'table column') LOOP
+        FOR s IN SELECT * FROM embed_sidecar.sources x
+                  WHERE (d.object_type = 'table' AND d.objid IN (x.source, x.sidecar))
+                     OR (d.object_type = 'table column' AND d.objid = x.source
+                         AND d.objsubid = ANY (embed_sidecar._content_attnums(x))) LOOP
+            IF d.objid = s.source AND d.object_type = 'table' THEN
+                -- derived data of a table that no longer exists
+                PERFORM embed_sidecar._forget(s, true);
+                RAISE NOTICE 'pg_embed_sidecar: % dropped; its sidecar and queue were dropped too', d.object_identity;
+            ELSE
+                PERFORM embed_sidecar._forget(s, false);
+                RAISE WARNING 'pg_embed_sidecar: % dropped; stopped watching %', d.object_identity, s.source;
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+-- ---- from sql/api.sql ----
+-- What watch(model => ...) and set_model() can use: every directory under
+-- pg_embed_sidecar.model_path (models/install.sh puts the registry-verified ones there).
+CREATE VIEW embed_sidecar.models AS
+SELECT name, model_id, dims, max_length AS token_window, size_bytes, error FROM embed_sidecar._installed_models();
+COMMENT ON VIEW embed_sidecar.models IS 'Installed models: name, identity, dimensions, token window, size on disk (or why unusable)';
+
+-- ---- every watched table: its bulk lane, and its statement triggers with 0.2.0's names and arguments ----
 DO $$
 DECLARE
     s embed_sidecar.sources;
@@ -848,17 +1137,18 @@ $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
-GRANT SELECT ON embed_sidecar.status TO PUBLIC;
-GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass), embed_sidecar._readable_source(regclass),
+GRANT SELECT ON embed_sidecar.status, embed_sidecar.models TO PUBLIC;
+GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_sidecar._readable_source(regclass, text),
     embed_sidecar._widen_ef_search(int), embed_sidecar.any_words_tsquery(regconfig, text),
-    embed_sidecar.search(regclass, text, int),
-    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int),
-    embed_sidecar.verify(regclass), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(regclass),
-    embed_sidecar._worker_state() TO PUBLIC;
+    embed_sidecar.search(regclass, text, int, text),
+    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text),
+    embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
+    embed_sidecar._worker_state(), embed_sidecar._installed_models() TO PUBLIC;
 -- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),
-    embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._is_blank(text),
+    embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
+    embed_sidecar._is_blank(text),
     embed_sidecar._enqueue(int, text[]) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.

@@ -44,8 +44,9 @@ def db(request):
         pass
     with connect() as c:
         # unwatch first so the worker stops touching the tables, then drop everything
-        c.execute("""SELECT embed_sidecar.unwatch(source) FROM embed_sidecar.sources s
-                      JOIN pg_class r ON r.oid = s.source WHERE r.relnamespace = %s::regnamespace""", (schema,))
+        c.execute("""SELECT embed_sidecar.unwatch(source, embedding => embedding) FROM embed_sidecar.sources s
+                      JOIN pg_class r ON r.oid = s.source WHERE r.relnamespace = %s::regnamespace AND s.role = 'current'""",
+                  (schema,))
         c.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
@@ -64,17 +65,21 @@ def one(conn, sql, params=None):
     return row[0] if row else None
 
 
-def assert_in_step(conn, table, keys="id", content="body"):
-    """The consistency invariant, computed independently of the extension's status view."""
-    model = one(conn, "SELECT model_id FROM embed_sidecar.sources WHERE source = %s::regclass", (table,))
-    side = one(conn, "SELECT sidecar::text FROM embed_sidecar.sources WHERE source = %s::regclass", (table,))
+def assert_in_step(conn, table, keys="id", content="body", embedding=None, role="current"):
+    """The consistency invariant, computed independently of the extension's status view.
+    `content` is a column of the table, or an SQL expression over its alias s (a template)."""
+    model, side = conn.execute(
+        """SELECT model_id, sidecar::text FROM embed_sidecar.sources
+            WHERE source = %s::regclass AND role = %s AND (%s::text IS NULL OR embedding = %s)""",
+        (table, role, embedding, embedding)).fetchone()
+    content = content if "(" in content else f"s.{content}"
     bad = one(conn, f"""
         SELECT count(*) FROM {table} s LEFT JOIN {side} e USING ({keys})
-         WHERE NOT embed_sidecar._is_blank(s.{content})
-           AND (e.embedding IS NULL OR e.content_hash <> sha256(convert_to(s.{content}, 'UTF8')) OR e.model <> %s)""",
+         WHERE NOT embed_sidecar._is_blank({content})
+           AND (e.embedding IS NULL OR e.content_hash <> sha256(convert_to({content}, 'UTF8')) OR e.model <> %s)""",
               (model,))
     blank_with_vector = one(conn, f"""
-        SELECT count(*) FROM {table} s JOIN {side} e USING ({keys}) WHERE embed_sidecar._is_blank(s.{content})""")
+        SELECT count(*) FROM {table} s JOIN {side} e USING ({keys}) WHERE embed_sidecar._is_blank({content})""")
     cols = [k.strip() for k in keys.split(",")]
     match = "(" + ", ".join("s." + k for k in cols) + ") = (" + ", ".join("e." + k for k in cols) + ")"
     orphans = one(conn, f"SELECT count(*) FROM {side} e WHERE NOT EXISTS (SELECT 1 FROM {table} s WHERE {match})")

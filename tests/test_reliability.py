@@ -131,7 +131,7 @@ def test_bad_calls_are_clean_errors(db):
     assert error_of(db, "SELECT embed_sidecar.watch('missing_table', 'body')")[0] == "42P01"
     watch(db, "docs")
     state, msg, hint = error_of(db, "SELECT embed_sidecar.watch('docs', 'body')")
-    assert state == "42710" and "already watched" in msg and "unwatch" in hint
+    assert state == "42710" and "already has an embedding" in msg and "unwatch" in hint
     assert error_of(db, "SELECT embed_sidecar.watch('docs_embeddings', 'model')")[0] == "42809"
     assert error_of(db, "SELECT embed_sidecar.process('nopk')")[0] == "42704"
     assert error_of(db, "SELECT embed_sidecar.process('docs', 0)")[0] == "22023"
@@ -142,11 +142,12 @@ def test_bad_calls_are_clean_errors(db):
     wait(db, "docs")
     assert_in_step(db, "docs")
     assert error_of(db, "SELECT embed_sidecar.set_model('docs', 'no-such-model')")[0] == "58P01"
-    # a model of another dimension cannot be swapped in under a sidecar (only one model is
-    # installed here, so make the registry claim the sidecar has 768 dimensions)
-    db.execute("UPDATE embed_sidecar.sources SET dims = 768 WHERE source = 'docs'::regclass")
-    state, msg, hint = error_of(db, "SELECT embed_sidecar.set_model('docs', 'all-MiniLM-L6-v2')")
-    assert state == "42804" and "384 dimensions" in msg and "drop_sidecar" in hint
+    assert error_of(db, "SELECT embed_sidecar.watch('docs', template => '{body}')")[0] == "22004"  # unnamed template
+    assert error_of(db, "SELECT embed_sidecar.watch('docs', template => 'no columns', embedding => 'x')")[0] == "22023"
+    assert error_of(db, "SELECT embed_sidecar.watch('docs', template => '{nope}', embedding => 'x')")[0] == "42703"
+    assert error_of(db, "SELECT * FROM embed_sidecar.search('docs', 'q', embedding => 'nope')")[0] == "42704"
+    state, _, hint = error_of(db, "SELECT embed_sidecar.rollback_model('docs')")
+    assert state == "42704" and "set_model()" in hint
 
 
 def test_huge_and_odd_texts(db):
@@ -255,12 +256,13 @@ def test_privileges(db):
         db.execute("ALTER TABLE docs OWNER TO pes_owner")
         db.execute("GRANT SELECT ON docs TO pes_reader")
         # management functions are not PUBLIC
-        for f in ("watch(regclass,name,name,text,boolean,regconfig)", "unwatch(regclass,boolean)",
-                  "process(regclass,integer)", "reembed(regclass)", "retry_failed(regclass)", "set_model(regclass,text)"):
+        for f in ("watch(regclass,name,name,text,boolean,regconfig,text,text)", "unwatch(regclass,boolean,text)",
+                  "process(regclass,integer)", "reembed(regclass,text)", "retry_failed(regclass,text)",
+                  "set_model(regclass,text,text)", "rollback_model(regclass,text)", "drop_previous(regclass,text)"):
             assert not one(db, f"SELECT has_function_privilege('pes_other', 'embed_sidecar.{f}', 'EXECUTE')"), f
         # embed_text is, until revoked
         assert one(db, "SELECT has_function_privilege('pes_other', 'embed_text(text)', 'EXECUTE')")
-        db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig) TO pes_other, pes_owner")
+        db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig,text,text) TO pes_other, pes_owner")
         other = psycopg.connect(**{**DSN, "user": "pes_other"}, autocommit=True)
         other.execute(f'SET search_path = "{db.schema}", public')
         state, msg, _ = error_of(other, "SELECT embed_sidecar.watch('docs', 'body')")
@@ -291,7 +293,7 @@ def test_privileges(db):
         one(db, "SELECT embed_sidecar.unwatch('docs', true)")
     finally:
         db.execute(f'DROP TABLE IF EXISTS "{db.schema}".docs CASCADE')
-        db.execute("REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig) FROM pes_other, pes_owner")
+        db.execute("REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig,text,text) FROM pes_other, pes_owner")
         db.execute(f'REVOKE ALL ON SCHEMA "{db.schema}" FROM pes_owner, pes_other, pes_reader')
         db.execute("DROP ROLE pes_owner; DROP ROLE pes_other; DROP ROLE pes_reader")
 

@@ -169,28 +169,31 @@ def test_poison_row_is_isolated_dead_lettered_and_replayable(db):
     assert_in_step(db, "docs")
 
 
-def test_model_change_reembeds_and_old_vectors_stay_readable(db, tmp_path):
+def test_model_change_builds_a_shadow_while_the_old_vectors_serve(db, model_copy):
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     db.execute("INSERT INTO docs SELECT i, 'model test ' || i FROM generate_series(1, 50) i")
     watch(db, "docs")
     wait(db, "docs")
     # a second model directory with the same files under another name is another model
-    src = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2"
-    alt = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/minilm-copy"
-    os.makedirs(alt, exist_ok=True)
-    for f in ("model.onnx", "tokenizer.json"):
-        if not os.path.exists(os.path.join(alt, f)):
-            os.symlink(os.path.join(src, f), os.path.join(alt, f))
+    model_copy("minilm-switch")
     one(db, "SELECT embed_sidecar.pause('docs')")
-    assert one(db, "SELECT embed_sidecar.set_model('docs', 'minilm-copy')") == 50
-    # until re-embedded, the old vectors are still there and searchable
-    assert one(db, "SELECT count(*) FROM docs_embeddings") == 50
-    assert one(db, "SELECT stale FROM embed_sidecar.verify('docs')") == 50
+    assert one(db, "SELECT embed_sidecar.set_model('docs', 'minilm-switch')") == 50
+    # until the shadow is complete, search reads the old sidecar, which is untouched
+    assert one(db, "SELECT sidecar::text FROM embed_sidecar.sources WHERE source = 'docs'::regclass AND role = 'current'") \
+        == "docs_embeddings"
+    assert one(db, "SELECT stale + missing FROM embed_sidecar.verify('docs')") == 0
+    assert len(db.execute("SELECT * FROM embed_sidecar.search('docs', 'model test 7', 5)").fetchall()) == 5
+    assert one(db, "SELECT bulk_pending FROM embed_sidecar.status WHERE source = 'docs'::regclass AND role = 'shadow'") == 50
     one(db, "SELECT embed_sidecar.resume('docs')")
     wait(db, "docs")
+    one(db, "SELECT embed_sidecar.process('docs')")  # the pass that finds the shadow's lanes empty swaps it in
+    roles = dict(db.execute("SELECT role, model FROM embed_sidecar.sources WHERE source = 'docs'::regclass").fetchall())
+    assert roles == {"current": "minilm-switch", "previous": "all-MiniLM-L6-v2"}
     assert_in_step(db, "docs")
-    assert one(db, "SELECT count(DISTINCT model) FROM docs_embeddings") == 1
-    assert one(db, "SELECT min(model) FROM docs_embeddings").startswith("minilm-copy@")
+    assert_in_step(db, "docs", role="previous")
+    one(db, "SELECT embed_sidecar.drop_previous('docs')")
+    assert one(db, "SELECT count(*) FROM embed_sidecar.sources WHERE source = 'docs'::regclass") == 1
+    assert one(db, "SELECT to_regclass('docs_embeddings')") is None
 
 
 def test_worker_restart_mid_drain_loses_nothing(db):
