@@ -5,9 +5,16 @@
 Query = a package's synopsis; relevant document = that package's long description (the embedded
 content). Packages whose long descriptions are identical (e.g. a library and its -dev package)
 cannot be told apart by content, so any of them counts as the hit. A fixed sample of queries
-(md5 order of the name) is run through full text alone, vectors alone and hybrid (RRF)."""
+(md5 order of the name) is run through full text alone, vectors alone and hybrid (RRF).
+
+--ab MODEL compares the watched model with MODEL on the same corpus (issue 11): it switches the
+packages' embedding to MODEL with set_model() while a reader keeps searching (switch time, search
+latency and errors during the switch), evaluates, rolls back to the first model, evaluates again,
+and drops MODEL's sidecar, so the demo's table ends as it started."""
 import argparse
 import hashlib
+import statistics
+import threading
 import time
 from collections import defaultdict
 
@@ -15,7 +22,7 @@ import psycopg
 
 METHODS = {
     "full text (ts_rank, OR of words)": """
-        SELECT sc.name FROM packages_embeddings sc, embed_sidecar.any_words_tsquery('english', %s) tq
+        SELECT sc.name FROM {sidecar} sc, embed_sidecar.any_words_tsquery('english', %s) tq
          WHERE sc.fts @@ tq ORDER BY ts_rank(sc.fts, tq, 1) DESC, sc.name LIMIT 10""",
     "vector (HNSW, cosine)": "SELECT key->>0 FROM embed_sidecar.search('packages', %s, 10) ORDER BY distance",
     "hybrid (RRF, k=60, 100 candidates each)":
@@ -23,26 +30,8 @@ METHODS = {
 }
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--queries", type=int, default=2000)
-    ap.add_argument("--dsn", default="dbname=postgres")
-    args = ap.parse_args()
-    conn = psycopg.connect(args.dsn, autocommit=True)
-    docs, embedded = conn.execute("SELECT count(*), (SELECT count(*) FROM packages_embeddings) FROM packages").fetchone()
-    by_text = defaultdict(set)
-    desc_of = {}
-    for name, desc in conn.execute("SELECT name, description FROM packages"):
-        h = hashlib.sha256((desc or "").encode()).hexdigest()
-        by_text[h].add(name)
-        desc_of[name] = h
-    sample = conn.execute("""SELECT p.name, p.synopsis FROM packages p JOIN packages_embeddings e USING (name)
-                              WHERE p.synopsis <> '' ORDER BY md5(p.name) LIMIT %s""", (args.queries,)).fetchall()
-    print(f"# search quality — {time.strftime('%Y-%m-%d')}: {len(sample)} queries over {embedded} embedded of "
-          f"{docs} Debian packages (query = synopsis, relevant = the package's long description)\n")
-    print("| method | recall@1 | recall@10 | MRR@10 | ms/query |")
-    print("|---|---:|---:|---:|---:|")
-    for label, sql in METHODS.items():
+def evaluate(conn, sample, by_text, desc_of, methods, tag=""):
+    for label, sql in methods.items():
         r1 = r10 = mrr = 0.0
         t0 = time.time()
         for name, synopsis in sample:
@@ -55,7 +44,83 @@ def main():
                 mrr += 1 / rank
         n = len(sample)
         ms = (time.time() - t0) / n * 1000
-        print(f"| {label} | {r1 / n:.3f} | {r10 / n:.3f} | {mrr / n:.3f} | {ms:.1f} |", flush=True)
+        print(f"| {label}{tag} | {r1 / n:.3f} | {r10 / n:.3f} | {mrr / n:.3f} | {ms:.1f} |", flush=True)
+
+
+def searching(dsn, queries, stop, out):
+    """A reader during the switch: latency of each search, and how many failed or came back short."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        i = 0
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                n = len(c.execute("SELECT * FROM embed_sidecar.search('packages', %s, 10)", (queries[i % len(queries)],)).fetchall())
+                out["ms"].append((time.perf_counter() - t0) * 1000)
+                out["short"] += n < 10
+            except psycopg.Error:
+                out["errors"] += 1
+            i += 1
+
+
+def current_model(conn):
+    return conn.execute("SELECT model FROM embed_sidecar.sources WHERE source = 'packages'::regclass AND role = 'current'").fetchone()[0]
+
+
+def switch(conn, dsn, model, queries):
+    stats = {"ms": [], "short": 0, "errors": 0}
+    stop = threading.Event()
+    reader = threading.Thread(target=searching, args=(dsn, queries, stop, stats))
+    reader.start()
+    time.sleep(2)
+    idle = list(stats["ms"])
+    t0 = time.time()
+    rows = conn.execute("SELECT embed_sidecar.set_model('packages', %s)", (model,)).fetchone()[0]
+    while conn.execute("SELECT 1 FROM embed_sidecar.sources WHERE source = 'packages'::regclass AND role = 'shadow'").fetchone():
+        time.sleep(0.2)
+    took = time.time() - t0
+    stop.set()
+    reader.join()
+    during = stats["ms"][len(idle):]
+    p = lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] if len(xs) >= 2 else float("nan")
+    print(f"switch to {model}: {rows} rows in {took:.1f} s ({rows / took:.0f} rows/s); searches meanwhile: "
+          f"{len(during)}, errors {stats['errors']}, short or empty {stats['short']}, "
+          f"p50 {p(during, 50):.1f} ms / p95 {p(during, 95):.1f} ms (idle p50 {p(idle, 50):.1f} / p95 {p(idle, 95):.1f})\n",
+          flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--dsn", default="dbname=postgres")
+    ap.add_argument("--ab", metavar="MODEL", help="also evaluate MODEL, switched in and rolled back (see above)")
+    args = ap.parse_args()
+    conn = psycopg.connect(args.dsn, autocommit=True)
+    sidecar = conn.execute("""SELECT sidecar::text FROM embed_sidecar.sources
+                               WHERE source = 'packages'::regclass AND role = 'current'""").fetchone()[0]
+    methods = {label: sql.replace("{sidecar}", sidecar) for label, sql in METHODS.items()}
+    docs, embedded = conn.execute(f"SELECT count(*), (SELECT count(*) FROM {sidecar}) FROM packages").fetchone()
+    by_text = defaultdict(set)
+    desc_of = {}
+    for name, desc in conn.execute("SELECT name, description FROM packages"):
+        h = hashlib.sha256((desc or "").encode()).hexdigest()
+        by_text[h].add(name)
+        desc_of[name] = h
+    sample = conn.execute(f"""SELECT p.name, p.synopsis FROM packages p JOIN {sidecar} e USING (name)
+                              WHERE p.synopsis <> '' ORDER BY md5(p.name) LIMIT %s""", (args.queries,)).fetchall()
+    print(f"# search quality — {time.strftime('%Y-%m-%d')}: {len(sample)} queries over {embedded} embedded of "
+          f"{docs} Debian packages (query = synopsis, relevant = the package's long description)\n")
+    first = current_model(conn)
+    if args.ab:
+        switch(conn, args.dsn, args.ab, [q for _, q in sample[:200]])
+    print("| method | recall@1 | recall@10 | MRR@10 | ms/query |")
+    print("|---|---:|---:|---:|---:|")
+    full_text, *by_vector = methods.items()
+    evaluate(conn, sample, by_text, desc_of, dict([full_text]))
+    evaluate(conn, sample, by_text, desc_of, dict(by_vector), f" — {current_model(conn)}")
+    if args.ab:
+        conn.execute("SELECT embed_sidecar.rollback_model('packages')")
+        evaluate(conn, sample, by_text, desc_of, dict(by_vector), f" — {first}")
+        conn.execute("SELECT embed_sidecar.drop_previous('packages')")
 
 
 if __name__ == "__main__":
