@@ -10,7 +10,7 @@ BEGIN
         FOR s IN SELECT * FROM embed_sidecar.sources x
                   WHERE (d.object_type = 'table' AND d.objid IN (x.source, x.sidecar))
                      OR (d.object_type = 'table column' AND d.objid = x.source
-                         AND d.objsubid = ANY (embed_sidecar._content_attnums(x))) LOOP
+                         AND (d.objsubid = x.content_attnum OR d.objsubid = ANY (embed_sidecar._template_attnums(x.template)))) LOOP
             IF d.objid = s.source AND d.object_type = 'table' THEN
                 -- derived data of a table that no longer exists
                 PERFORM embed_sidecar._forget(s, true);

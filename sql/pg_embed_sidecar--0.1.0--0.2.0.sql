@@ -156,6 +156,11 @@ BEGIN
 END
 $$;
 
+-- The columns of a compiled template ('{3}: {4}' -> {3,4}).
+CREATE OR REPLACE FUNCTION embed_sidecar._template_attnums(template text) RETURNS smallint[]
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN ARRAY(SELECT m[1]::smallint FROM regexp_matches(template, '\{([0-9]+)\}', 'g') AS m);
+
 -- The content of a source as a text expression prefixed by alias: its column (attnum), or its
 -- template with each {attnum} replaced by that column (NULL as empty) and the rest kept literally.
 CREATE OR REPLACE FUNCTION embed_sidecar._content_sql(rel regclass, attnum smallint, template text, alias text) RETURNS text
@@ -170,7 +175,7 @@ BEGIN
         RETURN embed_sidecar._content_expr(rel, attnum, alias);
     END IF;
     literals := regexp_split_to_array(template, '\{[0-9]+\}');
-    nums := ARRAY(SELECT m[1]::smallint FROM regexp_matches(template, '\{([0-9]+)\}', 'g') AS m);
+    nums := embed_sidecar._template_attnums(template);
     expr := format('concat(%L', literals[1]);
     FOR i IN 1 .. coalesce(cardinality(nums), 0) LOOP
         expr := expr || format(', %s, %L', embed_sidecar._content_expr(rel, nums[i], alias), literals[i + 1]);
@@ -178,12 +183,6 @@ BEGIN
     RETURN expr || ')';
 END
 $$;
-
--- The columns a source's content is made of.
-CREATE OR REPLACE FUNCTION embed_sidecar._content_attnums(s embed_sidecar.sources) RETURNS smallint[]
-    LANGUAGE sql IMMUTABLE
-    RETURN CASE WHEN s.template IS NULL THEN ARRAY[s.content_attnum]
-                ELSE ARRAY(SELECT m[1]::smallint FROM regexp_matches(s.template, '\{([0-9]+)\}', 'g') AS m) END;
 
 -- Whether the calling role (after SET ROLE, before any SECURITY DEFINER function) may act as the
 -- table's owner. Management functions are SECURITY DEFINER (they write the registry and the pgmq
@@ -208,12 +207,13 @@ CREATE OR REPLACE FUNCTION embed_sidecar._source(rel regclass, embedding text DE
 AS $$
 DECLARE
     s embed_sidecar.sources;
+    n int;
     names text;
 BEGIN
     IF embedding IS NULL THEN
-        SELECT string_agg(format('%L', x.embedding), ', ' ORDER BY x.embedding) INTO names
+        SELECT count(*), string_agg(format('%L', x.embedding), ', ' ORDER BY x.embedding) INTO n, names
           FROM embed_sidecar.sources x WHERE x.source = rel AND x.role = 'current';
-        IF names LIKE '%,%' THEN
+        IF n > 1 THEN
             RAISE EXCEPTION 'pg_embed_sidecar: table % has several embeddings: %', rel, names
                 USING ERRCODE = 'ambiguous_parameter', HINT = 'Name one with embedding => ''...''.';
         END IF;
@@ -1091,7 +1091,7 @@ BEGIN
         FOR s IN SELECT * FROM embed_sidecar.sources x
                   WHERE (d.object_type = 'table' AND d.objid IN (x.source, x.sidecar))
                      OR (d.object_type = 'table column' AND d.objid = x.source
-                         AND d.objsubid = ANY (embed_sidecar._content_attnums(x))) LOOP
+                         AND (d.objsubid = x.content_attnum OR d.objsubid = ANY (embed_sidecar._template_attnums(x.template)))) LOOP
             IF d.objid = s.source AND d.object_type = 'table' THEN
                 -- derived data of a table that no longer exists
                 PERFORM embed_sidecar._forget(s, true);
@@ -1148,7 +1148,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_si
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),
     embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
-    embed_sidecar._is_blank(text),
+    embed_sidecar._template_attnums(text), embed_sidecar._is_blank(text),
     embed_sidecar._enqueue(int, text[]) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.

@@ -134,6 +134,11 @@ BEGIN
 END
 $$;
 
+-- The columns of a compiled template ('{3}: {4}' -> {3,4}).
+CREATE FUNCTION embed_sidecar._template_attnums(template text) RETURNS smallint[]
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN ARRAY(SELECT m[1]::smallint FROM regexp_matches(template, '\{([0-9]+)\}', 'g') AS m);
+
 -- The content of a source as a text expression prefixed by alias: its column (attnum), or its
 -- template with each {attnum} replaced by that column (NULL as empty) and the rest kept literally.
 CREATE FUNCTION embed_sidecar._content_sql(rel regclass, attnum smallint, template text, alias text) RETURNS text
@@ -148,7 +153,7 @@ BEGIN
         RETURN embed_sidecar._content_expr(rel, attnum, alias);
     END IF;
     literals := regexp_split_to_array(template, '\{[0-9]+\}');
-    nums := ARRAY(SELECT m[1]::smallint FROM regexp_matches(template, '\{([0-9]+)\}', 'g') AS m);
+    nums := embed_sidecar._template_attnums(template);
     expr := format('concat(%L', literals[1]);
     FOR i IN 1 .. coalesce(cardinality(nums), 0) LOOP
         expr := expr || format(', %s, %L', embed_sidecar._content_expr(rel, nums[i], alias), literals[i + 1]);
@@ -156,12 +161,6 @@ BEGIN
     RETURN expr || ')';
 END
 $$;
-
--- The columns a source's content is made of.
-CREATE FUNCTION embed_sidecar._content_attnums(s embed_sidecar.sources) RETURNS smallint[]
-    LANGUAGE sql IMMUTABLE
-    RETURN CASE WHEN s.template IS NULL THEN ARRAY[s.content_attnum]
-                ELSE ARRAY(SELECT m[1]::smallint FROM regexp_matches(s.template, '\{([0-9]+)\}', 'g') AS m) END;
 
 -- Whether the calling role (after SET ROLE, before any SECURITY DEFINER function) may act as the
 -- table's owner. Management functions are SECURITY DEFINER (they write the registry and the pgmq
@@ -186,12 +185,13 @@ CREATE FUNCTION embed_sidecar._source(rel regclass, embedding text DEFAULT NULL,
 AS $$
 DECLARE
     s embed_sidecar.sources;
+    n int;
     names text;
 BEGIN
     IF embedding IS NULL THEN
-        SELECT string_agg(format('%L', x.embedding), ', ' ORDER BY x.embedding) INTO names
+        SELECT count(*), string_agg(format('%L', x.embedding), ', ' ORDER BY x.embedding) INTO n, names
           FROM embed_sidecar.sources x WHERE x.source = rel AND x.role = 'current';
-        IF names LIKE '%,%' THEN
+        IF n > 1 THEN
             RAISE EXCEPTION 'pg_embed_sidecar: table % has several embeddings: %', rel, names
                 USING ERRCODE = 'ambiguous_parameter', HINT = 'Name one with embedding => ''...''.';
         END IF;
