@@ -241,7 +241,7 @@ def main():
     ap.add_argument("--latency-samples", type=int, default=100)
     ap.add_argument("--sweep-rows", type=int, default=10000, help="short rows for the batch_size sweep")
     ap.add_argument("--dsn", default="dbname=postgres")
-    ap.add_argument("--only", choices=["latency", "lanes"], help="run one table only")
+    ap.add_argument("--only", choices=["ceiling", "latency", "lanes"], help="run one table only")
     ap.add_argument("--lanes-rows", type=int, default=60000, help="backfill size for the lanes table")
     args = ap.parse_args()
     if args.only == "latency":
@@ -271,6 +271,8 @@ def main():
         base = results["ceiling: embed_core, no PostgreSQL"]
         s, l = results[label]
         print(f"| {label} | {s:.1f} | {s / base[0]:.2f} | {l:.1f} | {l / base[1]:.2f} |", flush=True)
+    if args.only == "ceiling":
+        return
     sup = SUPABASE_DOCS_PER_MIN / 60
     w = results["worker: watch → in step, end to end"]
     print(f"| Supabase pipeline (published: {SUPABASE_DOCS_PER_MIN} docs/min) | {sup:.2f} | — | {sup:.2f} | — |")

@@ -79,7 +79,11 @@ def main():
     done = 0
     t0 = time.time()
     while True:
-        msgs = conn.execute("SELECT msg_id, message->>0 FROM pgmq.read(%s, 60, %s)", (queue, args.window)).fetchall()
+        # both lanes: writers' changes first, then the backfill (reembed() fills the bulk lane)
+        for lane in (queue, queue + "_bulk"):
+            msgs = conn.execute("SELECT msg_id, message->>0 FROM pgmq.read(%s, 60, %s)", (lane, args.window)).fetchall()
+            if msgs:
+                break
         conn.commit()
         if not msgs:
             break
@@ -96,7 +100,7 @@ def main():
                             SELECT k, v::vector, %s, h, now() FROM incoming
                             ON CONFLICT ({args.key}) DO UPDATE SET embedding = EXCLUDED.embedding, model = EXCLUDED.model,
                                content_hash = EXCLUDED.content_hash, embedded_at = EXCLUDED.embedded_at""", (model,))
-            cur.execute("SELECT pgmq.delete(%s, %s::bigint[])", (queue, [m for m, _ in msgs]))
+            cur.execute("SELECT pgmq.delete(%s, %s::bigint[])", (lane, [m for m, _ in msgs]))
         conn.commit()
         done += len(msgs)
     print(json.dumps({"rows": done, "seconds": round(time.time() - t0, 3)}))

@@ -231,6 +231,12 @@ pub fn embed(model: &str, texts: &[&str], priority: Priority) -> Result<Vec<Vec<
     if model.len() > MODEL_MAX {
         return Err(SidecarError::BadModelName(model.to_string()));
     }
+    // Submitted shortest first: a worker's round takes consecutive requests and pads each batch to
+    // its longest text, so neighbours of similar length waste the least compute (byte length
+    // stands in for token count, which only the worker can know). Results go back to input order.
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].len());
+    let texts: Vec<&str> = order.iter().map(|&i| texts[i]).collect();
     let mut out = Vec::with_capacity(texts.len());
     let mut next = 0;
     while next < texts.len() {
@@ -260,7 +266,11 @@ pub fn embed(model: &str, texts: &[&str], priority: Priority) -> Result<Vec<Vec<
         out.extend(results);
         next += n;
     }
-    Ok(out)
+    let mut in_order = vec![Vec::new(); out.len()];
+    for (&i, v) in order.iter().zip(out) {
+        in_order[i] = v;
+    }
+    Ok(in_order)
 }
 
 fn no_worker() -> SidecarError {
