@@ -91,24 +91,20 @@ BEGIN
 END
 $$;
 
--- A text column of a table by name, checked.
+-- A text column of a table by name (_content_expr checks the type).
 CREATE FUNCTION embed_sidecar._text_column(source regclass, column_name name) RETURNS smallint
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    a pg_attribute;
+    num smallint := (SELECT attnum FROM pg_attribute
+                      WHERE attrelid = source AND attname = column_name AND attnum > 0 AND NOT attisdropped);
 BEGIN
-    SELECT * INTO a FROM pg_attribute
-     WHERE attrelid = source AND attname = column_name AND attnum > 0 AND NOT attisdropped;
-    IF NOT FOUND THEN
+    IF num IS NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % does not exist', column_name, source
             USING ERRCODE = 'undefined_column';
     END IF;
-    IF a.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype) THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: column "%" is of type %, not text', column_name, a.atttypid::regtype
-            USING ERRCODE = 'datatype_mismatch', HINT = 'Watch a text or varchar column (a generated column can combine others).';
-    END IF;
-    RETURN a.attnum;
+    PERFORM embed_sidecar._content_expr(source, num, 'x');
+    RETURN num;
 END
 $$;
 
