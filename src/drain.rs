@@ -60,6 +60,8 @@ struct Source {
     bulk_paused: bool,
     /// Being built by `set_model()`: takes over when a pass finds both lanes empty.
     shadow: bool,
+    /// `pause(source)`: the worker leaves both lanes alone; `process()` still drains them.
+    paused: bool,
 }
 
 fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
@@ -69,14 +71,19 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
     }
 }
 
-fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, SidecarError> {
-    let rows = client.select(
+/// The row is share-locked until the pass' first transaction ends: a `pause()` either waits for
+/// that transaction (whose reads then saw none of the rows written after the pause) or commits
+/// first and is seen here. Without the lock a worker that listed the source just before a pause
+/// could still take the messages of rows inserted just after it.
+fn load_source(client: &mut SpiClient<'_>, id: i32) -> Result<Option<Source>, SidecarError> {
+    let rows = client.update(
         "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
                 d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
-                s.state = 'bulk_paused', s.role = 'shadow'
+                s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused'
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
-          WHERE s.id = $1",
+          WHERE s.id = $1
+            FOR SHARE OF s",
         None,
         &[id.into()],
     )?;
@@ -97,6 +104,7 @@ fn load_source(client: &SpiClient<'_>, id: i32) -> Result<Option<Source>, Sideca
         bulk_queue: text(10)?,
         bulk_paused: row.get::<bool>(11)?.unwrap_or(false),
         shadow: row.get::<bool>(12)?.unwrap_or(false),
+        paused: row.get::<bool>(13)?.unwrap_or(false),
     }))
 }
 
@@ -282,6 +290,9 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             let Some(mut src) = load_source(client, id)? else {
                 return Ok(None);
             };
+            if mode == Mode::Worker && src.paused {
+                return Ok(Some((src, Vec::new(), Vec::new(), Vec::new())));
+            }
             let current = model::model_id_of(&src.model)?;
             if current != src.model_id {
                 // the model's files changed under the same name: every vector is stale now
