@@ -5,12 +5,14 @@
 //! `embedder` tokenises, batches by length, runs the session → `pooling` turns token states into
 //! one unit-length vector.
 
+mod chunker;
 mod embedder;
 mod error;
 mod model_dir;
 mod pooling;
 mod runtime;
 
+pub use chunker::{content_hash, Chunk, Chunker};
 pub use embedder::{cut_at_char_boundary, Embedder, LoadOptions};
 pub use error::EmbedError;
 pub use model_dir::{ModelFiles, Pooling};

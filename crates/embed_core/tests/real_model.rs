@@ -86,3 +86,86 @@ fn errors_name_what_is_missing() {
     std::fs::write(bad.join("tokenizer.json"), b"{ broken").unwrap();
     assert!(matches!(Embedder::load(&lib, &bad, LoadOptions::default()), Err(EmbedError::Tokenizer { .. })));
 }
+
+fn chunker(max_tokens: usize, overlap: usize) -> (embed_core::Chunker, tokenizers::Tokenizer) {
+    let (_, dir) = paths();
+    let path = dir.join("tokenizer.json");
+    let mut plain = tokenizers::Tokenizer::from_file(&path).unwrap();
+    plain.with_truncation(None).unwrap();
+    plain.with_padding(None);
+    (embed_core::Chunker::load(&path, max_tokens, overlap).unwrap(), plain)
+}
+
+/// Properties every chunking must have, checked against the real tokenizer: chunks in order,
+/// each within the budget (re-tokenised on its own), offsets on character boundaries that agree
+/// with the byte offsets, consecutive chunks moving forward, and every
+/// token of the text inside some chunk.
+fn check_chunks(text: &str, max_tokens: usize, overlap: usize) -> Vec<embed_core::Chunk> {
+    let (c, plain) = chunker(max_tokens, overlap);
+    let chunks = c.chunks(text).unwrap();
+    assert_eq!(c.chunks(text).unwrap(), chunks, "same text, same chunks");
+    for ch in &chunks {
+        assert!(ch.tokens <= max_tokens);
+        let own = plain.encode(ch.text(text), false).unwrap().get_ids().len();
+        assert!(own <= max_tokens, "chunk re-tokenises to {own} > {max_tokens}");
+        assert_eq!(text.chars().take(ch.char_start).map(char::len_utf8).sum::<usize>(), ch.start);
+        assert_eq!(text.chars().take(ch.char_end).map(char::len_utf8).sum::<usize>(), ch.end);
+    }
+    for pair in chunks.windows(2) {
+        assert!(pair[1].start > pair[0].start && pair[1].end > pair[0].end);
+    }
+    let enc = plain.encode(text, false).unwrap();
+    for (a, b) in enc.get_offsets() {
+        assert!(chunks.iter().any(|ch| ch.start <= *a && *b <= ch.end), "token at {a}..{b} in no chunk");
+    }
+    chunks
+}
+
+#[test]
+fn chunks_of_real_text_respect_paragraphs_and_the_budget() {
+    let para = |i: usize| format!("Paragraph {i} talks about topic {i}. It has a second sentence with more words in it. ");
+    let text: String = (0..40).map(|i| para(i).repeat(3) + "\n\n").collect();
+    let chunks = check_chunks(&text, 126, 16);
+    assert!(chunks.len() > 5);
+    // a paragraph break lies in the back half of every window here: no chunk ends mid-paragraph
+    for ch in &chunks[..chunks.len() - 1] {
+        assert!(text[ch.end..].trim_start_matches(' ').starts_with("\n\n"), "{:?}", &text[ch.end - 10..ch.end]);
+    }
+}
+
+#[test]
+fn chunks_of_text_without_whitespace_and_mixed_scripts() {
+    // Japanese has no spaces; every character is a token of its own
+    check_chunks(&"日本語の文章には空白がありません。".repeat(60), 50, 8);
+    // one very long paragraph of words joined by punctuation only
+    check_chunks(&(0..600).map(|i| format!("part{i}")).collect::<Vec<_>>().join("-"), 64, 10);
+    // emoji, combining accents, right-to-left script, control characters, in one huge paragraph
+    let mixed = "Caf\u{0065}\u{0301} 🎉 مرحبا بالعالم \u{0007} naïve résumé ".repeat(200);
+    let chunks = check_chunks(&mixed, 40, 0);
+    assert!(chunks.len() > 10);
+    // nothing to tokenise: one chunk covering the text
+    let c = check_chunks("\u{0007}\u{0007}", 40, 0);
+    assert_eq!((c.len(), c[0].char_end), (1, 2));
+}
+
+#[test]
+fn an_edit_changes_only_the_chunks_around_it() {
+    let doc: Vec<String> = (0..30)
+        .map(|i| format!("Section {i}. The fox number {i} jumps over the lazy dog number {i} again and again. ").repeat(4))
+        .collect();
+    let before = doc.join("\n\n");
+    let mut edited = doc.clone();
+    edited[15] = "A short replacement paragraph.".into();
+    let after = edited.join("\n\n");
+    let (c, _) = chunker(126, 16);
+    let old: std::collections::HashSet<_> = c.chunks(&before).unwrap().iter().map(|ch| ch.text(&before).to_string()).collect();
+    let new = c.chunks(&after).unwrap();
+    let changed = new.iter().filter(|ch| !old.contains(ch.text(&after))).count();
+    assert!(changed <= 3, "{changed} of {} chunks changed", new.len());
+}
+
+#[test]
+fn room_leaves_space_for_special_tokens() {
+    let (_, dir) = paths();
+    assert_eq!(embed_core::Chunker::room(&dir.join("tokenizer.json"), 256).unwrap(), 254);
+}
