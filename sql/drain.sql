@@ -4,18 +4,25 @@
 -- whatever that owner attached to either table (triggers, index expressions, CHECKs, domain
 -- checks, defaults, policies) runs with the owner's rights and nobody else's.
 
--- The three statements for one source, built once per pass. The unnested key is called _pes_key
+-- The statements for one source, built once per pass. The unnested key is called _pes_key
 -- because _key_from_json refers to it unqualified and a source may well have a column "key".
---   lookup: $1 keys jsonb[], $2 current model_id → key, blank, unchanged, content, hash
+--   lookup: $1 keys jsonb[], $2 current model_id → key, blank, unchanged, content, hash, known
+--           (chunked: hashes, in hex, of the passages the row has vectors for with that model)
 --   upsert: $1 keys jsonb[], $2 content hashes bytea[], $3 vectors real[] (flattened), $4 dims,
---           $5 model_id, $6 text search config → rows written
+--           $5 model_id, $6 text search config, $7 (chunked) passages per key as jsonb
+--           [[char_start, char_end, vector], ...], vector a 1-based index into $3 or 0 for "keep
+--           the row's vector of the same passage" → rows written
+--   trim:   (chunked) same parameters: a row's passages past its new last one go
 --   clear:  $1 keys jsonb[] whose content turned blank
-CREATE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources, OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text)
+CREATE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources,
+    OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text, OUT trim_sql text)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
+    key_src text := embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key');
+    src_cols text := embed_sidecar._columns(s.source, s.key_attnums, 'src');
     key_cols text;
 BEGIN
     -- sidecar key columns are named like the source's; strip the alias for the INSERT column list
@@ -25,42 +32,83 @@ BEGIN
     lookup_sql := format(
         'SELECT v._pes_key::text, embed_sidecar._is_blank(%1$s) AS blank,
                 coalesce(sc.content_hash = embed_sidecar._content_hash(%1$s) AND sc.model = $2, false) AS unchanged,
-                %1$s AS content, embed_sidecar._content_hash(%1$s) AS hash
+                %1$s AS content, embed_sidecar._content_hash(%1$s) AS hash, %6$s AS known
            FROM unnest($1::jsonb[]) AS v(_pes_key)
                 LEFT JOIN %2$s src ON %3$s
-                LEFT JOIN %4$s sc ON %5$s',
-        content, s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
-        s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'));
+                LEFT JOIN %4$s sc ON %5$s%7$s',
+        content, s.source, key_src, s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
+        CASE WHEN s.chunk_tokens IS NULL THEN 'NULL::text[]'
+             ELSE format('ARRAY(SELECT encode(k.chunk_hash, ''hex'') FROM %s k WHERE %s AND k.model = $2)',
+                         s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'k', 'src')) END,
+        embed_sidecar._row_filter(s, 'sc'));
     -- Locks are taken in the key's own order (not the JSON text's, where [10] sorts before [9]),
     -- the order in which a multi-row DELETE or UPDATE by key locks the same rows.
-    upsert_sql := format(
-        'WITH w AS (
-           INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
-           SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$I.vector, $5, v.hash,
-                  to_tsvector($6::regconfig, left(%5$s, 100000)), now()
-             FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
-             JOIN %6$s src ON %7$s
-            WHERE embed_sidecar._content_hash(%5$s) = v.hash
-            ORDER BY %3$s
-              -- a row deleted (or re-written) by a concurrent transaction is skipped, not an
-              -- FK error: the lock waits for it, then re-checks the row and the hash
-              FOR KEY SHARE OF src
-           ON CONFLICT (%2$s) DO UPDATE
-              SET embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
-                  fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
-           RETURNING 1)
-         SELECT count(*) FROM w',
-        s.sidecar, key_cols, embed_sidecar._columns(s.source, s.key_attnums, 'src'), vec_schema, content,
-        s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'));
+    IF s.chunk_tokens IS NULL THEN
+        upsert_sql := format(
+            'WITH w AS (
+               INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
+               SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$I.vector, $5, v.hash,
+                      to_tsvector($6::regconfig, left(%5$s, 100000)), now()
+                 FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
+                 JOIN %6$s src ON %7$s
+                WHERE embed_sidecar._content_hash(%5$s) = v.hash
+                ORDER BY %3$s
+                  -- a row deleted (or re-written) by a concurrent transaction is skipped, not an
+                  -- FK error: the lock waits for it, then re-checks the row and the hash
+                  FOR KEY SHARE OF src
+               ON CONFLICT (%2$s) DO UPDATE
+                  SET embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
+                      fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
+               RETURNING 1)
+             SELECT count(*) FROM w',
+            s.sidecar, key_cols, src_cols, vec_schema, content, s.source, key_src);
+    ELSE
+        -- A passage the row already has a vector for (same text, same model) keeps that vector and
+        -- the time it was made, whatever its position now. If it is gone meanwhile (another drain
+        -- rewrote the row) the vector is NULL, the NOT NULL constraint fails the row, and it is
+        -- retried: never a passage without its vector.
+        upsert_sql := format(
+            'WITH w AS (
+               INSERT INTO %1$s AS sc (%2$s, chunk, char_start, char_end, chunk_hash, embedding, model, content_hash,
+                                       fts, embedded_at)
+               SELECT %3$s, c.n - 1, c.s, c.e, embed_sidecar._content_hash(c.txt),
+                      CASE WHEN c.vi > 0 THEN ($3[((c.vi - 1) * $4 + 1):(c.vi * $4)])::%4$I.vector ELSE o.embedding END,
+                      $5, v.hash, to_tsvector($6::regconfig, c.txt), coalesce(o.embedded_at, now())
+                 FROM unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks)
+                 JOIN %6$s src ON %7$s
+                 CROSS JOIN LATERAL (
+                      SELECT (x->>0)::int AS s, (x->>1)::int AS e, (x->>2)::int AS vi, j.n,
+                             substr(%5$s, (x->>0)::int + 1, (x->>1)::int - (x->>0)::int) AS txt
+                        FROM jsonb_array_elements(v.chunks) WITH ORDINALITY AS j(x, n)) c
+                 LEFT JOIN LATERAL (
+                      SELECT o.embedding, o.embedded_at FROM %1$s o
+                       WHERE c.vi = 0 AND %8$s AND o.model = $5 AND o.chunk_hash = embed_sidecar._content_hash(c.txt)
+                       LIMIT 1) o ON true
+                WHERE embed_sidecar._content_hash(%5$s) = v.hash
+                ORDER BY %3$s, c.n
+                  FOR KEY SHARE OF src
+               ON CONFLICT (%2$s, chunk) DO UPDATE
+                  SET char_start = EXCLUDED.char_start, char_end = EXCLUDED.char_end, chunk_hash = EXCLUDED.chunk_hash,
+                      embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
+                      fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
+               RETURNING 1)
+             SELECT count(*) FROM w',
+            s.sidecar, key_cols, src_cols, vec_schema, content, s.source, key_src,
+            embed_sidecar._key_join(s.source, s.key_attnums, 'o', 'src'));
+        trim_sql := format(
+            'DELETE FROM %1$s sc USING unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks), %2$s src
+              WHERE %3$s AND %4$s AND sc.chunk >= jsonb_array_length(v.chunks)
+                AND embed_sidecar._content_hash(%5$s) = v.hash',
+            s.sidecar, s.source, key_src, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
+    END IF;
     clear_sql := format(
         'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key), %2$s src
           WHERE %3$s AND %4$s AND embed_sidecar._is_blank(%5$s)',
-        s.sidecar, s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
-        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
+        s.sidecar, s.source, key_src, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
 END
 $$;
 
-CREATE TYPE embed_sidecar._looked_up AS (key text, blank boolean, unchanged boolean, content text, hash bytea, error text);
+CREATE TYPE embed_sidecar._looked_up AS (key text, blank boolean, unchanged boolean, content text, hash bytea, known text[], error text);
 
 -- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
 -- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
@@ -84,16 +132,19 @@ BEGIN
             EXECUTE wrapped INTO found USING keys[i:i], model_id;
             RETURN QUERY SELECT * FROM unnest(found);
         EXCEPTION WHEN OTHERS THEN
-            RETURN QUERY SELECT keys[i]::text, false, false, NULL::text, NULL::bytea, SQLERRM;
+            RETURN QUERY SELECT keys[i]::text, false, false, NULL::text, NULL::bytea, NULL::text[], SQLERRM;
         END;
     END LOOP;
 END
 $$;
 
 -- Write vectors and clear blanks; a batch that fails is retried one row at a time, each in its own
--- subtransaction, so only the failing rows are reported (failed_keys/failed_errors).
+-- subtransaction, so only the failing rows are reported (failed_keys/failed_errors). A chunked
+-- source (chunks not NULL) also drops each written row's passages past its new last one; its
+-- passages index into the whole vectors array, so a retried row gets all of it.
 CREATE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text, keys jsonb[], hashes bytea[], vectors real[],
                                      dims int, model_id text, fts regconfig, clear_keys jsonb[],
+                                     trim_sql text, chunks jsonb[],
                                      OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -116,14 +167,22 @@ BEGIN
         RETURN;
     END IF;
     BEGIN
-        EXECUTE upsert_sql INTO written USING keys, hashes, vectors, dims, model_id, fts;
+        EXECUTE upsert_sql INTO written USING keys, hashes, vectors, dims, model_id, fts, chunks;
+        IF trim_sql IS NOT NULL THEN
+            EXECUTE trim_sql USING keys, hashes, vectors, dims, model_id, fts, chunks;
+        END IF;
         RETURN;
     EXCEPTION WHEN OTHERS THEN
         written := 0;
     END;
     FOR i IN 1 .. n LOOP
         BEGIN
-            EXECUTE upsert_sql INTO w USING keys[i:i], hashes[i:i], vectors[(i - 1) * dims + 1 : i * dims], dims, model_id, fts;
+            EXECUTE upsert_sql INTO w
+              USING keys[i:i], hashes[i:i], CASE WHEN chunks IS NULL THEN vectors[(i - 1) * dims + 1 : i * dims] ELSE vectors END,
+                    dims, model_id, fts, chunks[i:i];
+            IF trim_sql IS NOT NULL THEN
+                EXECUTE trim_sql USING keys[i:i], hashes[i:i], vectors, dims, model_id, fts, chunks[i:i];
+            END IF;
             written := written + w;
         EXCEPTION WHEN OTHERS THEN
             failed_keys := failed_keys || keys[i];

@@ -24,7 +24,8 @@ $$;
 -- row, two queues and triggers; then the existing rows go on the bulk lane. Shared by watch() and
 -- set_model() (a shadow). Without sidecar_name the sidecar is called <table>_embeddings_<id>.
 CREATE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text, role text, content_attnum smallint,
-    template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean)
+    template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean,
+    chunk_tokens int, chunk_overlap int)
     RETURNS embed_sidecar.sources
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -53,13 +54,18 @@ BEGIN
       FROM unnest(key_nums) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = source AND a.attnum = k.attnum;
 
+    -- chunked: one row per passage, keyed (source key, chunk number), with the passage's
+    -- character offsets in the content and its own hash; content_hash stays the whole row's
     EXECUTE format(
-        'CREATE TABLE %I.%I (%s, embedding %I.vector(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
-                             fts tsvector, embedded_at timestamptz NOT NULL DEFAULT now(),
-                             PRIMARY KEY (%s),
+        'CREATE TABLE %I.%I (%s, %s embedding %I.vector(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
+                             %s fts tsvector, embedded_at timestamptz NOT NULL DEFAULT now(),
+                             PRIMARY KEY (%s%s),
                              FOREIGN KEY (%s) REFERENCES %s (%s) ON DELETE CASCADE ON UPDATE CASCADE)',
-        rel.relnamespace::regnamespace, sidecar_name, key_defs, vec_schema, ident.dims,
-        key_cols, key_cols, source, key_cols);
+        rel.relnamespace::regnamespace, sidecar_name, key_defs,
+        CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk int NOT NULL, char_start int NOT NULL, char_end int NOT NULL,' ELSE '' END,
+        vec_schema, ident.dims,
+        CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk_hash bytea NOT NULL,' ELSE '' END,
+        key_cols, CASE WHEN chunk_tokens IS NOT NULL THEN ', chunk' ELSE '' END, key_cols, source, key_cols);
     side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
     EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.vector_cosine_ops)', side, vec_schema);
     EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
@@ -72,9 +78,9 @@ BEGIN
     END LOOP;
 
     INSERT INTO embed_sidecar.sources (id, source, embedding, role, content_attnum, template, key_attnums, sidecar,
-                                       queue_name, model, model_id, dims, fts_config)
+                                       queue_name, model, model_id, dims, fts_config, chunk_tokens, chunk_overlap)
     VALUES (s.id, source, embedding, role, content_attnum, template, key_nums, side,
-            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
+            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config, chunk_tokens, chunk_overlap)
     RETURNING * INTO s;
     -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
@@ -136,7 +142,10 @@ CREATE FUNCTION embed_sidecar.watch(
     backfill boolean DEFAULT true,
     fts_config regconfig DEFAULT 'english',
     embedding text DEFAULT NULL,
-    template text DEFAULT NULL
+    template text DEFAULT NULL,
+    chunking boolean DEFAULT false,
+    chunk_tokens int DEFAULT NULL,
+    chunk_overlap int DEFAULT NULL
 ) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -144,6 +153,7 @@ DECLARE
     rel        pg_class;
     key_nums   smallint[];
     is_first   boolean;
+    chunk      int[];
 BEGIN
     IF source IS NULL OR (content_column IS NULL) = (template IS NULL) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: watch() needs a source and either content_column or template'
@@ -178,6 +188,13 @@ BEGIN
                   HINT = 'The sidecar is keyed by the source''s primary key: add one (e.g. ALTER TABLE ... ADD PRIMARY KEY).';
     END IF;
     is_first := NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source);
+    model := coalesce(model, current_setting('pg_embed_sidecar.model'));
+    IF coalesce(chunking, false) THEN
+        chunk := embed_sidecar._chunking(model, chunk_tokens, chunk_overlap, false);
+    ELSIF chunk_tokens IS NOT NULL OR chunk_overlap IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: chunk_tokens and chunk_overlap apply to chunked embeddings only'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Add chunking => true.';
+    END IF;
     RETURN (embed_sidecar._create_embedding(
         source, embedding, 'current',
         CASE WHEN template IS NULL THEN embed_sidecar._text_column(source, content_column) END,
@@ -185,11 +202,11 @@ BEGIN
         key_nums,
         -- the first embedding of a table gets the plain name
         coalesce(sidecar_name, CASE WHEN is_first THEN left(rel.relname, 52) || '_embeddings' END),
-        coalesce(model, current_setting('pg_embed_sidecar.model')), fts_config, backfill)).sidecar;
+        model, fts_config, backfill, chunk[1], chunk[2])).sidecar;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text) IS
-    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template), and enqueue its existing rows';
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int) IS
+    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row), and enqueue its existing rows';
 
 CREATE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -256,6 +273,7 @@ DECLARE
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
     old embed_sidecar.sources;
     shadow embed_sidecar.sources;
+    chunk int[];
 BEGIN
     IF model IS NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: model must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -265,8 +283,11 @@ BEGIN
         PERFORM pg_advisory_xact_lock(1701667443, old.id);  -- as in unwatch()
         PERFORM embed_sidecar._forget(old, true);
     END LOOP;
+    -- a chunked embedding stays chunked, its passages cut to the new model's window if smaller
+    chunk := CASE WHEN cur.chunk_tokens IS NOT NULL
+                  THEN embed_sidecar._chunking(model, cur.chunk_tokens, cur.chunk_overlap, true) END;
     shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
-                                              cur.key_attnums, NULL, model, cur.fts_config, true);
+                                              cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2]);
     UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
     -- nothing to embed (an empty table): it takes over now
     PERFORM embed_sidecar._promote_if_ready(shadow.id);

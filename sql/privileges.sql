@@ -6,7 +6,7 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
 GRANT SELECT ON embed_sidecar.status, embed_sidecar.models TO PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_sidecar._readable_source(regclass, text),
-    embed_sidecar._widen_ef_search(int), embed_sidecar.any_words_tsquery(regconfig, text),
+    embed_sidecar._widen_ef_search(int), embed_sidecar._candidates(boolean, int), embed_sidecar.any_words_tsquery(regconfig, text),
     embed_sidecar.search(regclass, text, int, text),
     embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text),
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
@@ -21,11 +21,11 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),
     embed_sidecar._lookup(text, jsonb[], text),
-    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, regconfig, jsonb[]) TO PUBLIC;
+    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, regconfig, jsonb[], text, jsonb[]) TO PUBLIC;
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
-    embed_sidecar.model_info(), embed_sidecar.texts_embedded() TO PUBLIC;
+    embed_sidecar.model_info(), embed_sidecar.texts_embedded(), embed_sidecar.chunk_text(text, text, int, int) TO PUBLIC;
 
 -- The install script's last step: once it commits, the launcher starts this database's drain
 -- worker (when the library is preloaded; src/launcher.rs).

@@ -47,9 +47,15 @@ CREATE TABLE embed_sidecar.sources (
     -- the current bulk run, for progress and ETA: keys enqueued since the bulk lane was last empty
     bulk_total       bigint NOT NULL DEFAULT 0,
     bulk_started_at  timestamptz,
+    -- chunked (watch(..., chunking => true)): the sidecar holds one vector per passage of at most
+    -- chunk_tokens of the model's tokens, consecutive passages sharing up to chunk_overlap tokens
+    -- (src/chunking.rs); NULL: one vector per row
+    chunk_tokens     int CHECK (chunk_tokens > 0),
+    chunk_overlap    int CHECK (chunk_overlap >= 0),
     -- deferrable: checked at the end of a statement, so one UPDATE can swap two roles
     UNIQUE (source, embedding, role) DEFERRABLE,
-    CHECK ((content_attnum IS NULL) <> (template IS NULL))
+    CHECK ((content_attnum IS NULL) <> (template IS NULL)),
+    CHECK ((chunk_tokens IS NULL) = (chunk_overlap IS NULL))
 );
 ALTER SEQUENCE embed_sidecar.sources_id_seq OWNED BY embed_sidecar.sources.id;
 COMMENT ON TABLE embed_sidecar.sources IS 'Embeddings kept by pg_embed_sidecar (one row per watched table, embedding and role)';
@@ -78,6 +84,13 @@ CREATE FUNCTION embed_sidecar._bulk_queue(queue_name text) RETURNS text
 CREATE FUNCTION embed_sidecar._is_blank(content text) RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN content IS NULL OR content ~ '^[[:space:]]*$';
+
+-- ' AND sc.chunk = 0' for a chunked sidecar, so a join by key meets one row per source row: every
+-- passage of a row carries the row's content_hash and model (all are written by one statement),
+-- so the first stands for the row.
+CREATE FUNCTION embed_sidecar._row_filter(s embed_sidecar.sources, alias text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    RETURN CASE WHEN s.chunk_tokens IS NULL THEN '' ELSE format(' AND %I.chunk = 0', alias) END;
 
 -- The content hash stored next to each vector. The only place it is defined: the drain reads it
 -- with the text, hands it back with the vector, and the write re-checks it against the row.

@@ -21,6 +21,7 @@ END;
 -- dead-lettered, against the statistics' row count (live tuples, the planner's estimate or the
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
+-- chunks: passages in a chunked sidecar (from the statistics, like coverage; verify() counts).
 CREATE VIEW embed_sidecar.status AS
 SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
@@ -33,7 +34,10 @@ SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q
        CASE WHEN q.bulk_pending > 0 AND s.bulk_total > q.bulk_pending
             THEN (now() - s.bulk_started_at) * q.bulk_pending / (s.bulk_total - q.bulk_pending) END AS bulk_eta,
        s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at,
-       embed_sidecar._worker_state() AS worker
+       embed_sidecar._worker_state() AS worker,
+       CASE WHEN s.chunk_tokens IS NOT NULL
+            THEN greatest(pg_stat_get_live_tuples(s.sidecar), (SELECT reltuples::bigint FROM pg_class WHERE oid = s.sidecar), 0) END
+           AS chunks
   FROM embed_sidecar.sources s
        JOIN pg_catalog.pg_class c ON c.oid = s.source,
        LATERAL embed_sidecar._queue_backlog(s.id) q,
@@ -43,9 +47,13 @@ COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched tabl
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
--- orphaned. Runs with the caller's rights (it reads both tables).
+-- orphaned. For a chunked source a row is stale unless its passages are exactly what chunking its
+-- current text gives (same hashes, in order, numbered from 0, all with the current model): this
+-- re-tokenises every row. chunks: rows of the sidecar (passages, for a chunked source). Runs with
+-- the caller's rights (it reads both tables).
 CREATE FUNCTION embed_sidecar.verify(source regclass, embedding text DEFAULT NULL,
-    OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint)
+    OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint,
+    OUT chunks bigint)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -53,21 +61,42 @@ DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     key_join text := embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src');
 BEGIN
-    EXECUTE format(
-        'SELECT count(*), count(sc.content_hash),
-                count(*) FILTER (WHERE sc.content_hash IS NULL AND NOT embed_sidecar._is_blank(%1$s)),
-                count(*) FILTER (WHERE sc.content_hash IS NOT NULL AND (embed_sidecar._is_blank(%1$s)
-                                   OR sc.content_hash <> embed_sidecar._content_hash(%1$s) OR sc.model <> $1))
-           FROM %2$s src LEFT JOIN %3$s sc ON %4$s',
-        content, s.source, s.sidecar, key_join)
-    INTO source_rows, embedded_rows, missing, stale USING s.model_id;
+    IF s.chunk_tokens IS NULL THEN
+        EXECUTE format(
+            'SELECT count(*), count(sc.content_hash),
+                    count(*) FILTER (WHERE sc.content_hash IS NULL AND NOT embed_sidecar._is_blank(%1$s)),
+                    count(*) FILTER (WHERE sc.content_hash IS NOT NULL AND (embed_sidecar._is_blank(%1$s)
+                                       OR sc.content_hash <> embed_sidecar._content_hash(%1$s) OR sc.model <> $1))
+               FROM %2$s src LEFT JOIN %3$s sc ON %4$s',
+            content, s.source, s.sidecar, key_join)
+        INTO source_rows, embedded_rows, missing, stale USING s.model_id;
+        chunks := embedded_rows;
+    ELSE
+        EXECUTE format(
+            'SELECT count(*), count(*) FILTER (WHERE st.n > 0),
+                    count(*) FILTER (WHERE st.n = 0 AND NOT embed_sidecar._is_blank(x.content)),
+                    count(*) FILTER (WHERE st.n > 0 AND (embed_sidecar._is_blank(x.content) OR NOT st.ok OR st.last <> st.n - 1
+                                       OR st.h IS DISTINCT FROM ARRAY(
+                                            SELECT embed_sidecar._content_hash(p.passage)
+                                              FROM embed_sidecar.chunk_text(x.content, $2, $3, $4) p ORDER BY p.chunk))),
+                    coalesce(sum(st.n), 0)
+               FROM %2$s src
+                    CROSS JOIN LATERAL (SELECT %1$s AS content) x
+                    CROSS JOIN LATERAL (
+                        SELECT count(*) AS n, max(sc.chunk) AS last, array_agg(sc.chunk_hash ORDER BY sc.chunk) AS h,
+                               bool_and(sc.model = $1 AND sc.content_hash = embed_sidecar._content_hash(x.content)) AS ok
+                          FROM %3$s sc WHERE %4$s) st',
+            content, s.source, s.sidecar, key_join)
+        INTO source_rows, embedded_rows, missing, stale, chunks USING s.model_id, s.model, s.chunk_tokens, s.chunk_overlap;
+    END IF;
     EXECUTE format('SELECT count(*) FROM %s sc WHERE NOT EXISTS (SELECT 1 FROM %s src WHERE %s)', s.sidecar, s.source, key_join)
     INTO orphans;
     embedded_rows := embedded_rows + orphans;
+    chunks := chunks + orphans;
 END
 $$;
 COMMENT ON FUNCTION embed_sidecar.verify(regclass, text) IS
-    'Full consistency check of one watched table (hashes every row): missing, stale and orphaned vectors';
+    'Full consistency check of one watched table (hashes every row; re-chunks a chunked one): missing, stale and orphaned vectors';
 
 -- Block until the source (or every source, if NULL) has empty queues: every change made so far
 -- has been embedded, cleared or dead-lettered (see status.failed). Returns false if the timeout

@@ -45,12 +45,12 @@ CREATE FUNCTION embed_sidecar._backfill_sql(s embed_sidecar.sources) RETURNS tex
 BEGIN ATOMIC
     SELECT format(
         'SELECT jsonb_build_array(%s)::text
-           FROM %s src LEFT JOIN %s sc ON %s
+           FROM %s src LEFT JOIN %s sc ON %s%s
           WHERE NOT embed_sidecar._is_blank(%s)
             AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
                         OR sc.model IS DISTINCT FROM $2)',
         embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
-        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
+        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), embed_sidecar._row_filter(s, 'sc'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));
 END;

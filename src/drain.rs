@@ -11,12 +11,13 @@
 //! by row) → settle every message (`settle::settle`) and apply that to the queue, the dead-letter
 //! table and the registry's counters (as the worker).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use crate::authority::as_table_owner;
+use crate::chunking;
 use crate::enqueue::backfill;
 use crate::error::SidecarError;
 use crate::gucs;
@@ -26,6 +27,10 @@ use crate::xact::run_in_transaction;
 
 /// Namespace of our advisory locks (ASCII "embs"); the second key is the source id.
 const LOCK_CLASS: i32 = 0x656d_6273;
+
+/// Most rows one pass takes from a chunked source's lanes: a long row is dozens of passages, and
+/// a pass must end well within the visibility timeout (60 s) at ~70 passages/s on two cores.
+const CHUNKED_ROWS_PER_PASS: i32 = 16;
 
 /// How a pass maps onto transactions.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -56,6 +61,10 @@ struct Source {
     lookup_sql: String,
     upsert_sql: String,
     clear_sql: String,
+    /// Chunked sources: drops a row's passages past its new last one (sql/drain.sql).
+    trim_sql: Option<String>,
+    /// Chunked sources: (tokens per passage, overlap).
+    chunking: Option<(usize, usize)>,
     /// `pause(source, bulk_only => true)`: the live lane drains, the bulk lane waits.
     bulk_paused: bool,
     /// Being built by `set_model()`: takes over when a pass finds both lanes empty.
@@ -79,7 +88,8 @@ fn load_source(client: &mut SpiClient<'_>, id: i32) -> Result<Option<Source>, Si
     let rows = client.update(
         "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
                 d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
-                s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused'
+                s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused', d.trim_sql,
+                s.chunk_tokens, s.chunk_overlap
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
           WHERE s.id = $1
@@ -105,6 +115,11 @@ fn load_source(client: &mut SpiClient<'_>, id: i32) -> Result<Option<Source>, Si
         bulk_paused: row.get::<bool>(11)?.unwrap_or(false),
         shadow: row.get::<bool>(12)?.unwrap_or(false),
         paused: row.get::<bool>(13)?.unwrap_or(false),
+        trim_sql: row.get::<String>(14)?,
+        chunking: match (row.get::<i32>(15)?, row.get::<i32>(16)?) {
+            (Some(t), Some(o)) => Some((t as usize, o as usize)),
+            _ => None,
+        },
     }))
 }
 
@@ -125,16 +140,25 @@ fn read_messages(client: &mut SpiClient<'_>, queue: &str, limit: i32) -> Result<
     Ok(messages)
 }
 
-/// Current text, hash and state of each key, read as the table's owner.
-fn lookup(client: &mut SpiClient<'_>, src: &Source, keys: Vec<String>) -> Result<Vec<Looked>, SidecarError> {
+/// Hashes (hex) of the passages each key of a chunked source has vectors for (with the current model).
+type Known = HashMap<String, HashSet<String>>;
+
+/// Current text, hash and state of each key, read as the table's owner; for a chunked source
+/// also the passages it has vectors for.
+fn lookup(client: &mut SpiClient<'_>, src: &Source, keys: Vec<String>) -> Result<(Vec<Looked>, Known), SidecarError> {
     as_table_owner(src.owner, || {
         let rows = client.update(
-            "SELECT key, blank, unchanged, content, hash, error FROM embed_sidecar._lookup($1, $2::text[]::jsonb[], $3)",
+            "SELECT key, blank, unchanged, content, hash, error, known FROM embed_sidecar._lookup($1, $2::text[]::jsonb[], $3)",
             None,
             &[src.lookup_sql.as_str().into(), keys.into(), src.model_id.as_str().into()],
         )?;
         let mut looked = Vec::new();
+        let mut known = Known::new();
         for row in rows {
+            if let Some(hashes) = row.get::<Vec<String>>(7)? {
+                let key = row.get::<String>(1)?.unwrap_or_default();
+                known.insert(key, hashes.into_iter().collect());
+            }
             looked.push(Looked {
                 key: row.get::<String>(1)?.unwrap_or_default(),
                 blank: row.get::<bool>(2)?.unwrap_or(true),
@@ -144,7 +168,7 @@ fn lookup(client: &mut SpiClient<'_>, src: &Source, keys: Vec<String>) -> Result
                 error: row.get::<String>(6)?,
             });
         }
-        Ok(looked)
+        Ok((looked, known))
     })
 }
 
@@ -154,6 +178,9 @@ struct Embedded {
     keys: Vec<String>,
     hashes: Vec<Vec<u8>>,
     flat: Vec<f32>,
+    /// Chunked sources: per key, its passages as JSON `[[char_start, char_end, vector], ...]`,
+    /// `vector` a 1-based index into `flat`, or 0 to keep the row's vector of the same passage.
+    layouts: Vec<String>,
 }
 
 /// Write vectors and clear blanks as the table's owner. Returns rows written and the keys whose
@@ -171,7 +198,8 @@ fn write(
         let row = client
             .update(
                 "SELECT written, failed_keys::text[], failed_errors
-                   FROM embed_sidecar._write($1, $2, $3::text[]::jsonb[], $4, $5, $6, $7, $8::regconfig, $9::text[]::jsonb[])",
+                   FROM embed_sidecar._write($1, $2, $3::text[]::jsonb[], $4, $5, $6, $7, $8::regconfig, $9::text[]::jsonb[],
+                                             $10, $11::text[]::jsonb[])",
                 None,
                 &[
                     src.upsert_sql.as_str().into(),
@@ -183,6 +211,8 @@ fn write(
                     src.model_id.as_str().into(),
                     src.fts_config.as_str().into(),
                     clear.into(),
+                    src.trim_sql.as_deref().into(),
+                    src.chunking.map(|_| embedded.layouts).into(),
                 ],
             )?
             .first();
@@ -278,7 +308,7 @@ pub fn record_error(id: i32, error: &SidecarError) -> Result<(), SidecarError> {
 pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarError> {
     // Phase 1 (short transaction): make sure the model loads before touching the queue, so an
     // outage (missing file) costs no attempts; notice a replaced model; read messages; look up.
-    let (src, live, bulk, looked) = in_tx(mode, || {
+    let (src, live, bulk, looked, known, more) = in_tx(mode, || {
         Spi::connect_mut(|client| {
             if mode == Mode::Caller {
                 // The caller's transaction keeps every lock until it ends, so it must take the
@@ -291,7 +321,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                 return Ok(None);
             };
             if mode == Mode::Worker && src.paused {
-                return Ok(Some((src, Vec::new(), Vec::new(), Vec::new())));
+                return Ok(Some((src, Vec::new(), Vec::new(), Vec::new(), Known::new(), false)));
             }
             let current = model::model_id_of(&src.model)?;
             if current != src.model_id {
@@ -306,44 +336,37 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                 src.model_id = current;
             }
             // the live lane first; the bulk lane only fills what room is left, in small windows
+            let (limit, bulk_window) = match src.chunking {
+                None => (limit, gucs::bulk_batch_size()),
+                Some(_) => (limit.min(CHUNKED_ROWS_PER_PASS), gucs::bulk_batch_size().min(CHUNKED_ROWS_PER_PASS)),
+            };
             let live = read_messages(client, &src.queue, limit)?;
-            let bulk_room = if src.bulk_paused { 0 } else { (limit - live.len() as i32).min(gucs::bulk_batch_size()) };
+            let bulk_room = if src.bulk_paused { 0 } else { (limit - live.len() as i32).min(bulk_window) };
             let bulk = if bulk_room > 0 { read_messages(client, &src.bulk_queue, bulk_room)? } else { Vec::new() };
+            let more = live.len() >= limit as usize || bulk.len() >= bulk_window as usize;
             let mut keys: Vec<String> = live.iter().chain(&bulk).map(|m| m.key.clone()).collect();
             keys.sort_unstable();
             keys.dedup();
-            let looked = if keys.is_empty() { Vec::new() } else { lookup(client, &src, keys)? };
+            let (looked, known) = if keys.is_empty() { Default::default() } else { lookup(client, &src, keys)? };
             if src.shadow && live.is_empty() && bulk.is_empty() {
                 // a complete shadow sidecar takes over (sql/manage.sql, set_model)
                 client.update("SELECT embed_sidecar._promote_if_ready($1)", None, &[id.into()])?;
             }
-            Ok(Some((src, live, bulk, looked)))
+            Ok(Some((src, live, bulk, looked, known, more)))
         })
     })?
     .ok_or_else(|| SidecarError::Sql(format!("source {id} is no longer watched")))?;
     if live.is_empty() && bulk.is_empty() {
         return Ok(PassStats::default());
     }
-    let more = live.len() >= limit as usize || bulk.len() >= gucs::bulk_batch_size() as usize;
 
     // Phase 2 (no transaction in the worker): decide and embed.
     let plan = settle::plan(looked);
     let mut failed = plan.failed;
-    let texts: Vec<&str> = plan.embed.iter().map(|(_, text, _)| text.as_str()).collect();
-    let results = embed_isolating(&src.model, &texts);
-    let mut embedded = Embedded { flat: Vec::with_capacity(texts.len() * src.dims as usize), ..Default::default() };
-    for ((key, _, hash), result) in plan.embed.into_iter().zip(results) {
-        match result {
-            Ok(v) => {
-                embedded.keys.push(key);
-                embedded.hashes.push(hash);
-                embedded.flat.extend(v);
-            }
-            Err(e) => {
-                failed.insert(key, e);
-            }
-        }
-    }
+    let embedded = match src.chunking {
+        None => embed_rows(&src.model, src.dims, plan.embed, &mut failed),
+        Some(budget) => embed_passages(&src.model, budget, plan.embed, &known, &mut failed),
+    };
 
     // Phase 3 (short transaction): write under the source's advisory lock. Each statement takes
     // a fresh snapshot after the lock, and the upsert re-checks the content hash, so a vector is
@@ -364,6 +387,72 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
         })
     })?;
     Ok(PassStats { messages: batch_len, embedded: written as usize, more })
+}
+
+/// One vector per changed row (`failed` gets the rows whose inference failed).
+fn embed_rows(model: &str, dims: i32, rows: Vec<(String, String, Vec<u8>)>, failed: &mut HashMap<String, String>) -> Embedded {
+    let texts: Vec<&str> = rows.iter().map(|(_, text, _)| text.as_str()).collect();
+    let results = embed_isolating(model, &texts);
+    let mut out = Embedded { flat: Vec::with_capacity(texts.len() * dims as usize), ..Default::default() };
+    for ((key, _, hash), result) in rows.into_iter().zip(results) {
+        match result {
+            Ok(v) => {
+                out.keys.push(key);
+                out.hashes.push(hash);
+                out.flat.extend(v);
+            }
+            Err(e) => {
+                failed.insert(key, e);
+            }
+        }
+    }
+    out
+}
+
+/// A chunked source: each changed row cut into passages, and only passages the row has no vector
+/// for yet embedded. A row is written whole or not at all: one failed passage fails the row.
+fn embed_passages(
+    model: &str,
+    budget: (usize, usize),
+    rows: Vec<(String, String, Vec<u8>)>,
+    known: &Known,
+    failed: &mut HashMap<String, String>,
+) -> Embedded {
+    let split = chunking::split(model, budget, rows, known);
+    failed.extend(split.failed);
+    let texts: Vec<&str> = split.texts.iter().map(String::as_str).collect();
+    let results = embed_isolating(model, &texts);
+    let mut out = Embedded::default();
+    // position (1-based) in `flat` of each embedded text, once it is used by a row
+    let mut index: HashMap<usize, usize> = HashMap::new();
+    for row in split.rows {
+        if let Some(e) = row.slots.iter().flatten().find_map(|&t| results[t].as_ref().err()) {
+            failed.insert(row.key, e.clone());
+            continue;
+        }
+        let mut layout = Vec::with_capacity(row.spans.len());
+        for (&(start, end), slot) in row.spans.iter().zip(&row.slots) {
+            let vector = match slot {
+                None => 0,
+                Some(t) => match index.get(t) {
+                    Some(&i) => i,
+                    None => {
+                        // every slot of this row succeeded (checked above): one vector per entry
+                        if let Ok(v) = &results[*t] {
+                            out.flat.extend_from_slice(v);
+                        }
+                        index.insert(*t, index.len() + 1);
+                        index.len()
+                    }
+                },
+            };
+            layout.push(format!("[{start},{end},{vector}]"));
+        }
+        out.keys.push(row.key);
+        out.hashes.push(row.hash);
+        out.layouts.push(format!("[{}]", layout.join(",")));
+    }
+    out
 }
 
 /// Serialise writers of one source until the end of the transaction.

@@ -15,6 +15,9 @@ pub enum SidecarError {
     Sql(String),
     #[error("permission denied: {0}")]
     NotAllowed(String),
+    /// chunk_tokens / chunk_overlap out of range for the model.
+    #[error("{0}")]
+    Chunking(String),
     /// An error the inference service raised for this request (src/service.rs), carried back
     /// with its SQLSTATE and hint.
     #[error("{message}")]
@@ -41,7 +44,7 @@ impl SidecarError {
                 PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR
             }
             SidecarError::Embed(UnsupportedModel { .. }) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            SidecarError::BadModelName(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            SidecarError::BadModelName(_) | SidecarError::Chunking(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             SidecarError::NotAllowed(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             SidecarError::Remote { code, .. } => PgSqlErrorCode::from(*code),
             _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
@@ -67,6 +70,10 @@ impl SidecarError {
                  (token_type_ids optional) and a last_hidden_state or pooled output."
             }
             SidecarError::BadModelName(_) => "A model name is a directory name under pg_embed_sidecar.model_path.",
+            SidecarError::Chunking(_) => {
+                "chunk_tokens counts the model's tokens per passage (default and most: its window less the \
+                 special tokens); chunk_overlap defaults to an eighth of it. Try embed_sidecar.chunk_text() first."
+            }
             SidecarError::NotAllowed(_) => "Only roles that may insert into or update a watched table can put its keys on its queue.",
             SidecarError::Remote { hint, .. } => return hint.as_deref(),
             _ => return None,

@@ -4,7 +4,8 @@
 //! `embed_core` crate) → `api` (SQL functions) → sql/registry.sql (what is watched) →
 //! sql/manage.sql (watch & co.) → sql/triggers.sql + `enqueue` (changed keys onto pgmq) →
 //! `drain` (queue → vectors, shared by `process()` and the worker; its decisions in `settle`,
-//! its SQL in sql/drain.sql) → `authority` (whose rights each step runs with) → `xact` →
+//! its SQL in sql/drain.sql, long texts cut into passages by `chunking`) → `authority` (whose
+//! rights each step runs with) → `xact` →
 //! `roster` (which worker serves which database) → `launcher` → `worker` → `wake` (commit →
 //! worker latch, CREATE EXTENSION → launcher) → `db_guard` (DROP DATABASE with a worker) →
 //! sql/status.sql → `error` (how failures reach the user).
@@ -13,6 +14,7 @@ use pgrx::prelude::*;
 
 mod api;
 mod authority;
+mod chunking;
 mod db_guard;
 mod drain;
 mod enqueue;

@@ -46,9 +46,9 @@ thread_local! {
     /// settings), so a plan that evaluates `embed_text('query')` per row hits this memo instead
     /// of the model.
     static LAST: RefCell<Option<(String, String, Vec<f32>)>> = const { RefCell::new(None) };
-    /// Model ids computed from the files alone (with the service, where no embedder is loaded
-    /// here), per model directory, with the files' stamps they were computed from.
-    static FILE_IDS: RefCell<HashMap<PathBuf, ([PathBuf; 2], Stamp, String)>> = RefCell::new(HashMap::new());
+    /// Model files resolved without loading the model (the service's model ids, the chunker's
+    /// tokenizer), per model directory, with the files' stamps they were resolved from.
+    static FILES: RefCell<HashMap<PathBuf, (Stamp, ModelFiles)>> = RefCell::new(HashMap::new());
 }
 
 fn validate_model_name(name: &str) -> Result<(), SidecarError> {
@@ -160,19 +160,24 @@ pub fn model_id_of(model: &str) -> Result<String, SidecarError> {
     if !service::usable() {
         return with_model(Some(model), |e| Ok(e.model_id().to_string()));
     }
+    Ok(model_files(model)?.model_id)
+}
+
+/// A named model's files, resolved again (and the model id hashed again) only when they change.
+pub fn model_files(model: &str) -> Result<ModelFiles, SidecarError> {
     let settings = embed_settings(Some(model));
     validate_model_name(&settings.model)?;
-    FILE_IDS.with(|cache| {
+    FILES.with(|cache| {
         let mut cache = cache.borrow_mut();
-        if let Some((files, stamp, id)) = cache.get(&settings.model_dir) {
-            if stamp.iter().all(Option::is_some) && [file_stamp(&files[0]), file_stamp(&files[1])] == *stamp {
-                return Ok(id.clone());
+        if let Some((stamp, files)) = cache.get(&settings.model_dir) {
+            if stamp.iter().all(Option::is_some) && [file_stamp(&files.onnx), file_stamp(&files.tokenizer)] == *stamp {
+                return Ok(files.clone());
             }
         }
         let f = ModelFiles::resolve(&settings.model_dir)?;
         let stamp = [file_stamp(&f.onnx), file_stamp(&f.tokenizer)];
-        cache.insert(settings.model_dir.clone(), ([f.onnx, f.tokenizer], stamp, f.model_id.clone()));
-        Ok(f.model_id)
+        cache.insert(settings.model_dir.clone(), (stamp, f.clone()));
+        Ok(f)
     })
 }
 
