@@ -4,7 +4,8 @@
 -- through embed_sidecar._enqueue; owner checks use the calling role; the registry's id sequence is
 -- dumped; status no longer hashes every row (verify() does, on demand); wait() settles on empty
 -- queues. Issue 11: a table can have several embeddings (a column or a template, each with its
--- own sidecar, queues and triggers), set_model() switches through a shadow sidecar. Watched tables
+-- own sidecar, queues and triggers), set_model() switches through a shadow sidecar. Issue 12: chunked
+-- embeddings, one vector per passage (watch(..., chunking => true)). Watched tables
 -- keep their sidecars, vectors, queues and pending messages; each becomes one embedding named after
 -- its content column.
 
@@ -47,7 +48,36 @@ ALTER TABLE embed_sidecar.sources ALTER COLUMN embedding SET NOT NULL,
     ADD CONSTRAINT sources_check CHECK ((content_attnum IS NULL) <> (template IS NULL));
 COMMENT ON TABLE embed_sidecar.sources IS 'Embeddings kept by pg_embed_sidecar (one row per watched table, embedding and role)';
 
+-- chunked embeddings (issue 12): passages of at most chunk_tokens model tokens, overlapping by chunk_overlap
+ALTER TABLE embed_sidecar.sources ADD COLUMN chunk_tokens int CHECK (chunk_tokens > 0),
+    ADD COLUMN chunk_overlap int CHECK (chunk_overlap >= 0),
+    ADD CONSTRAINT sources_check1 CHECK ((chunk_tokens IS NULL) = (chunk_overlap IS NULL));
+
 -- new Rust functions
+CREATE FUNCTION embed_sidecar."chunk_text"(
+	"content" TEXT, /* Option < & str > */
+	"model" TEXT DEFAULT NULL, /* Option < & str > */
+	"chunk_tokens" INT DEFAULT NULL, /* Option < i32 > */
+	"chunk_overlap" INT DEFAULT NULL /* Option < i32 > */
+) RETURNS TABLE (
+	"chunk" INT,  /* i32 */
+	"char_start" INT,  /* i32 */
+	"char_end" INT,  /* i32 */
+	"tokens" INT,  /* i32 */
+	"passage" TEXT  /* String */
+)
+STABLE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'chunk_text_wrapper';
+CREATE FUNCTION embed_sidecar."_chunking"(
+	"model" TEXT, /* & str */
+	"chunk_tokens" INT, /* Option < i32 > */
+	"chunk_overlap" INT, /* Option < i32 > */
+	"fit" bool /* bool */
+) RETURNS INT[] /* Vec < i32 > */
+STABLE PARALLEL RESTRICTED 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'chunking_wrapper';
 CREATE FUNCTION embed_sidecar."_installed_models"() RETURNS TABLE (
 	"name" TEXT,  /* String */
 	"model_id" TEXT,  /* Option < String > */
@@ -100,6 +130,13 @@ CREATE OR REPLACE FUNCTION embed_sidecar._bulk_queue(queue_name text) RETURNS te
 CREATE OR REPLACE FUNCTION embed_sidecar._is_blank(content text) RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN content IS NULL OR content ~ '^[[:space:]]*$';
+
+-- ' AND sc.chunk = 0' for a chunked sidecar, so a join by key meets one row per source row: every
+-- passage of a row carries the row's content_hash and model (all are written by one statement),
+-- so the first stands for the row.
+CREATE OR REPLACE FUNCTION embed_sidecar._row_filter(s embed_sidecar.sources, alias text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    RETURN CASE WHEN s.chunk_tokens IS NULL THEN '' ELSE format(' AND %I.chunk = 0', alias) END;
 
 -- The content hash stored next to each vector. The only place it is defined: the drain reads it
 -- with the text, hands it back with the vector, and the write re-checks it against the row.
@@ -312,12 +349,12 @@ CREATE OR REPLACE FUNCTION embed_sidecar._backfill_sql(s embed_sidecar.sources) 
 BEGIN ATOMIC
     SELECT format(
         'SELECT jsonb_build_array(%s)::text
-           FROM %s src LEFT JOIN %s sc ON %s
+           FROM %s src LEFT JOIN %s sc ON %s%s
           WHERE NOT embed_sidecar._is_blank(%s)
             AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
                         OR sc.model IS DISTINCT FROM $2)',
         embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
-        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
+        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), embed_sidecar._row_filter(s, 'sc'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));
 END;
@@ -329,18 +366,25 @@ END;
 -- whatever that owner attached to either table (triggers, index expressions, CHECKs, domain
 -- checks, defaults, policies) runs with the owner's rights and nobody else's.
 
--- The three statements for one source, built once per pass. The unnested key is called _pes_key
+-- The statements for one source, built once per pass. The unnested key is called _pes_key
 -- because _key_from_json refers to it unqualified and a source may well have a column "key".
---   lookup: $1 keys jsonb[], $2 current model_id → key, blank, unchanged, content, hash
+--   lookup: $1 keys jsonb[], $2 current model_id → key, blank, unchanged, content, hash, known
+--           (chunked: hashes, in hex, of the passages the row has vectors for with that model)
 --   upsert: $1 keys jsonb[], $2 content hashes bytea[], $3 vectors real[] (flattened), $4 dims,
---           $5 model_id, $6 text search config → rows written
+--           $5 model_id, $6 text search config, $7 (chunked) passages per key as jsonb
+--           [[char_start, char_end, vector], ...], vector a 1-based index into $3 or 0 for "keep
+--           the row's vector of the same passage" → rows written
+--   trim:   (chunked) same parameters: a row's passages past its new last one go
 --   clear:  $1 keys jsonb[] whose content turned blank
-CREATE OR REPLACE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources, OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text)
+CREATE OR REPLACE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources,
+    OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text, OUT trim_sql text)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
+    key_src text := embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key');
+    src_cols text := embed_sidecar._columns(s.source, s.key_attnums, 'src');
     key_cols text;
 BEGIN
     -- sidecar key columns are named like the source's; strip the alias for the INSERT column list
@@ -350,42 +394,83 @@ BEGIN
     lookup_sql := format(
         'SELECT v._pes_key::text, embed_sidecar._is_blank(%1$s) AS blank,
                 coalesce(sc.content_hash = embed_sidecar._content_hash(%1$s) AND sc.model = $2, false) AS unchanged,
-                %1$s AS content, embed_sidecar._content_hash(%1$s) AS hash
+                %1$s AS content, embed_sidecar._content_hash(%1$s) AS hash, %6$s AS known
            FROM unnest($1::jsonb[]) AS v(_pes_key)
                 LEFT JOIN %2$s src ON %3$s
-                LEFT JOIN %4$s sc ON %5$s',
-        content, s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
-        s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'));
+                LEFT JOIN %4$s sc ON %5$s%7$s',
+        content, s.source, key_src, s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
+        CASE WHEN s.chunk_tokens IS NULL THEN 'NULL::text[]'
+             ELSE format('ARRAY(SELECT encode(k.chunk_hash, ''hex'') FROM %s k WHERE %s AND k.model = $2)',
+                         s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'k', 'src')) END,
+        embed_sidecar._row_filter(s, 'sc'));
     -- Locks are taken in the key's own order (not the JSON text's, where [10] sorts before [9]),
     -- the order in which a multi-row DELETE or UPDATE by key locks the same rows.
-    upsert_sql := format(
-        'WITH w AS (
-           INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
-           SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$I.vector, $5, v.hash,
-                  to_tsvector($6::regconfig, left(%5$s, 100000)), now()
-             FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
-             JOIN %6$s src ON %7$s
-            WHERE embed_sidecar._content_hash(%5$s) = v.hash
-            ORDER BY %3$s
-              -- a row deleted (or re-written) by a concurrent transaction is skipped, not an
-              -- FK error: the lock waits for it, then re-checks the row and the hash
-              FOR KEY SHARE OF src
-           ON CONFLICT (%2$s) DO UPDATE
-              SET embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
-                  fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
-           RETURNING 1)
-         SELECT count(*) FROM w',
-        s.sidecar, key_cols, embed_sidecar._columns(s.source, s.key_attnums, 'src'), vec_schema, content,
-        s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'));
+    IF s.chunk_tokens IS NULL THEN
+        upsert_sql := format(
+            'WITH w AS (
+               INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
+               SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$I.vector, $5, v.hash,
+                      to_tsvector($6::regconfig, left(%5$s, 100000)), now()
+                 FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
+                 JOIN %6$s src ON %7$s
+                WHERE embed_sidecar._content_hash(%5$s) = v.hash
+                ORDER BY %3$s
+                  -- a row deleted (or re-written) by a concurrent transaction is skipped, not an
+                  -- FK error: the lock waits for it, then re-checks the row and the hash
+                  FOR KEY SHARE OF src
+               ON CONFLICT (%2$s) DO UPDATE
+                  SET embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
+                      fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
+               RETURNING 1)
+             SELECT count(*) FROM w',
+            s.sidecar, key_cols, src_cols, vec_schema, content, s.source, key_src);
+    ELSE
+        -- A passage the row already has a vector for (same text, same model) keeps that vector and
+        -- the time it was made, whatever its position now. If it is gone meanwhile (another drain
+        -- rewrote the row) the vector is NULL, the NOT NULL constraint fails the row, and it is
+        -- retried: never a passage without its vector.
+        upsert_sql := format(
+            'WITH w AS (
+               INSERT INTO %1$s AS sc (%2$s, chunk, char_start, char_end, chunk_hash, embedding, model, content_hash,
+                                       fts, embedded_at)
+               SELECT %3$s, c.n - 1, c.s, c.e, embed_sidecar._content_hash(c.txt),
+                      CASE WHEN c.vi > 0 THEN ($3[((c.vi - 1) * $4 + 1):(c.vi * $4)])::%4$I.vector ELSE o.embedding END,
+                      $5, v.hash, to_tsvector($6::regconfig, c.txt), coalesce(o.embedded_at, now())
+                 FROM unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks)
+                 JOIN %6$s src ON %7$s
+                 CROSS JOIN LATERAL (
+                      SELECT (x->>0)::int AS s, (x->>1)::int AS e, (x->>2)::int AS vi, j.n,
+                             substr(%5$s, (x->>0)::int + 1, (x->>1)::int - (x->>0)::int) AS txt
+                        FROM jsonb_array_elements(v.chunks) WITH ORDINALITY AS j(x, n)) c
+                 LEFT JOIN LATERAL (
+                      SELECT o.embedding, o.embedded_at FROM %1$s o
+                       WHERE c.vi = 0 AND %8$s AND o.model = $5 AND o.chunk_hash = embed_sidecar._content_hash(c.txt)
+                       LIMIT 1) o ON true
+                WHERE embed_sidecar._content_hash(%5$s) = v.hash
+                ORDER BY %3$s, c.n
+                  FOR KEY SHARE OF src
+               ON CONFLICT (%2$s, chunk) DO UPDATE
+                  SET char_start = EXCLUDED.char_start, char_end = EXCLUDED.char_end, chunk_hash = EXCLUDED.chunk_hash,
+                      embedding = EXCLUDED.embedding, model = EXCLUDED.model, content_hash = EXCLUDED.content_hash,
+                      fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
+               RETURNING 1)
+             SELECT count(*) FROM w',
+            s.sidecar, key_cols, src_cols, vec_schema, content, s.source, key_src,
+            embed_sidecar._key_join(s.source, s.key_attnums, 'o', 'src'));
+        trim_sql := format(
+            'DELETE FROM %1$s sc USING unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks), %2$s src
+              WHERE %3$s AND %4$s AND sc.chunk >= jsonb_array_length(v.chunks)
+                AND embed_sidecar._content_hash(%5$s) = v.hash',
+            s.sidecar, s.source, key_src, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
+    END IF;
     clear_sql := format(
         'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key), %2$s src
           WHERE %3$s AND %4$s AND embed_sidecar._is_blank(%5$s)',
-        s.sidecar, s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
-        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
+        s.sidecar, s.source, key_src, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
 END
 $$;
 
-CREATE TYPE embed_sidecar._looked_up AS (key text, blank boolean, unchanged boolean, content text, hash bytea, error text);
+CREATE TYPE embed_sidecar._looked_up AS (key text, blank boolean, unchanged boolean, content text, hash bytea, known text[], error text);
 
 -- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
 -- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
@@ -409,16 +494,19 @@ BEGIN
             EXECUTE wrapped INTO found USING keys[i:i], model_id;
             RETURN QUERY SELECT * FROM unnest(found);
         EXCEPTION WHEN OTHERS THEN
-            RETURN QUERY SELECT keys[i]::text, false, false, NULL::text, NULL::bytea, SQLERRM;
+            RETURN QUERY SELECT keys[i]::text, false, false, NULL::text, NULL::bytea, NULL::text[], SQLERRM;
         END;
     END LOOP;
 END
 $$;
 
 -- Write vectors and clear blanks; a batch that fails is retried one row at a time, each in its own
--- subtransaction, so only the failing rows are reported (failed_keys/failed_errors).
+-- subtransaction, so only the failing rows are reported (failed_keys/failed_errors). A chunked
+-- source (chunks not NULL) also drops each written row's passages past its new last one; its
+-- passages index into the whole vectors array, so a retried row gets all of it.
 CREATE OR REPLACE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text, keys jsonb[], hashes bytea[], vectors real[],
                                      dims int, model_id text, fts regconfig, clear_keys jsonb[],
+                                     trim_sql text, chunks jsonb[],
                                      OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -441,14 +529,22 @@ BEGIN
         RETURN;
     END IF;
     BEGIN
-        EXECUTE upsert_sql INTO written USING keys, hashes, vectors, dims, model_id, fts;
+        EXECUTE upsert_sql INTO written USING keys, hashes, vectors, dims, model_id, fts, chunks;
+        IF trim_sql IS NOT NULL THEN
+            EXECUTE trim_sql USING keys, hashes, vectors, dims, model_id, fts, chunks;
+        END IF;
         RETURN;
     EXCEPTION WHEN OTHERS THEN
         written := 0;
     END;
     FOR i IN 1 .. n LOOP
         BEGIN
-            EXECUTE upsert_sql INTO w USING keys[i:i], hashes[i:i], vectors[(i - 1) * dims + 1 : i * dims], dims, model_id, fts;
+            EXECUTE upsert_sql INTO w
+              USING keys[i:i], hashes[i:i], CASE WHEN chunks IS NULL THEN vectors[(i - 1) * dims + 1 : i * dims] ELSE vectors END,
+                    dims, model_id, fts, chunks[i:i];
+            IF trim_sql IS NOT NULL THEN
+                EXECUTE trim_sql USING keys[i:i], hashes[i:i], vectors, dims, model_id, fts, chunks[i:i];
+            END IF;
             written := written + w;
         EXCEPTION WHEN OTHERS THEN
             failed_keys := failed_keys || keys[i];
@@ -485,7 +581,8 @@ $$;
 -- row, two queues and triggers; then the existing rows go on the bulk lane. Shared by watch() and
 -- set_model() (a shadow). Without sidecar_name the sidecar is called <table>_embeddings_<id>.
 CREATE OR REPLACE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text, role text, content_attnum smallint,
-    template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean)
+    template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean,
+    chunk_tokens int, chunk_overlap int)
     RETURNS embed_sidecar.sources
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -514,13 +611,18 @@ BEGIN
       FROM unnest(key_nums) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = source AND a.attnum = k.attnum;
 
+    -- chunked: one row per passage, keyed (source key, chunk number), with the passage's
+    -- character offsets in the content and its own hash; content_hash stays the whole row's
     EXECUTE format(
-        'CREATE TABLE %I.%I (%s, embedding %I.vector(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
-                             fts tsvector, embedded_at timestamptz NOT NULL DEFAULT now(),
-                             PRIMARY KEY (%s),
+        'CREATE TABLE %I.%I (%s, %s embedding %I.vector(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
+                             %s fts tsvector, embedded_at timestamptz NOT NULL DEFAULT now(),
+                             PRIMARY KEY (%s%s),
                              FOREIGN KEY (%s) REFERENCES %s (%s) ON DELETE CASCADE ON UPDATE CASCADE)',
-        rel.relnamespace::regnamespace, sidecar_name, key_defs, vec_schema, ident.dims,
-        key_cols, key_cols, source, key_cols);
+        rel.relnamespace::regnamespace, sidecar_name, key_defs,
+        CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk int NOT NULL, char_start int NOT NULL, char_end int NOT NULL,' ELSE '' END,
+        vec_schema, ident.dims,
+        CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk_hash bytea NOT NULL,' ELSE '' END,
+        key_cols, CASE WHEN chunk_tokens IS NOT NULL THEN ', chunk' ELSE '' END, key_cols, source, key_cols);
     side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
     EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.vector_cosine_ops)', side, vec_schema);
     EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
@@ -533,9 +635,9 @@ BEGIN
     END LOOP;
 
     INSERT INTO embed_sidecar.sources (id, source, embedding, role, content_attnum, template, key_attnums, sidecar,
-                                       queue_name, model, model_id, dims, fts_config)
+                                       queue_name, model, model_id, dims, fts_config, chunk_tokens, chunk_overlap)
     VALUES (s.id, source, embedding, role, content_attnum, template, key_nums, side,
-            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config)
+            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config, chunk_tokens, chunk_overlap)
     RETURNING * INTO s;
     -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
@@ -597,7 +699,10 @@ CREATE OR REPLACE FUNCTION embed_sidecar.watch(
     backfill boolean DEFAULT true,
     fts_config regconfig DEFAULT 'english',
     embedding text DEFAULT NULL,
-    template text DEFAULT NULL
+    template text DEFAULT NULL,
+    chunking boolean DEFAULT false,
+    chunk_tokens int DEFAULT NULL,
+    chunk_overlap int DEFAULT NULL
 ) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -605,6 +710,7 @@ DECLARE
     rel        pg_class;
     key_nums   smallint[];
     is_first   boolean;
+    chunk      int[];
 BEGIN
     IF source IS NULL OR (content_column IS NULL) = (template IS NULL) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: watch() needs a source and either content_column or template'
@@ -639,6 +745,13 @@ BEGIN
                   HINT = 'The sidecar is keyed by the source''s primary key: add one (e.g. ALTER TABLE ... ADD PRIMARY KEY).';
     END IF;
     is_first := NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source);
+    model := coalesce(model, current_setting('pg_embed_sidecar.model'));
+    IF coalesce(chunking, false) THEN
+        chunk := embed_sidecar._chunking(model, chunk_tokens, chunk_overlap, false);
+    ELSIF chunk_tokens IS NOT NULL OR chunk_overlap IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: chunk_tokens and chunk_overlap apply to chunked embeddings only'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Add chunking => true.';
+    END IF;
     RETURN (embed_sidecar._create_embedding(
         source, embedding, 'current',
         CASE WHEN template IS NULL THEN embed_sidecar._text_column(source, content_column) END,
@@ -646,11 +759,11 @@ BEGIN
         key_nums,
         -- the first embedding of a table gets the plain name
         coalesce(sidecar_name, CASE WHEN is_first THEN left(rel.relname, 52) || '_embeddings' END),
-        coalesce(model, current_setting('pg_embed_sidecar.model')), fts_config, backfill)).sidecar;
+        model, fts_config, backfill, chunk[1], chunk[2])).sidecar;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text) IS
-    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template), and enqueue its existing rows';
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int) IS
+    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row), and enqueue its existing rows';
 
 CREATE OR REPLACE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -717,6 +830,7 @@ DECLARE
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
     old embed_sidecar.sources;
     shadow embed_sidecar.sources;
+    chunk int[];
 BEGIN
     IF model IS NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: model must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -726,8 +840,11 @@ BEGIN
         PERFORM pg_advisory_xact_lock(1701667443, old.id);  -- as in unwatch()
         PERFORM embed_sidecar._forget(old, true);
     END LOOP;
+    -- a chunked embedding stays chunked, its passages cut to the new model's window if smaller
+    chunk := CASE WHEN cur.chunk_tokens IS NOT NULL
+                  THEN embed_sidecar._chunking(model, cur.chunk_tokens, cur.chunk_overlap, true) END;
     shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
-                                              cur.key_attnums, NULL, model, cur.fts_config, true);
+                                              cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2]);
     UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
     -- nothing to embed (an empty table): it takes over now
     PERFORM embed_sidecar._promote_if_ready(shadow.id);
@@ -899,6 +1016,7 @@ END;
 -- dead-lettered, against the statistics' row count (live tuples, the planner's estimate or the
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
+-- chunks: passages in a chunked sidecar (from the statistics, like coverage; verify() counts).
 CREATE VIEW embed_sidecar.status AS
 SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
@@ -911,7 +1029,10 @@ SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q
        CASE WHEN q.bulk_pending > 0 AND s.bulk_total > q.bulk_pending
             THEN (now() - s.bulk_started_at) * q.bulk_pending / (s.bulk_total - q.bulk_pending) END AS bulk_eta,
        s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at,
-       embed_sidecar._worker_state() AS worker
+       embed_sidecar._worker_state() AS worker,
+       CASE WHEN s.chunk_tokens IS NOT NULL
+            THEN greatest(pg_stat_get_live_tuples(s.sidecar), (SELECT reltuples::bigint FROM pg_class WHERE oid = s.sidecar), 0) END
+           AS chunks
   FROM embed_sidecar.sources s
        JOIN pg_catalog.pg_class c ON c.oid = s.source,
        LATERAL embed_sidecar._queue_backlog(s.id) q,
@@ -921,9 +1042,13 @@ COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched tabl
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
--- orphaned. Runs with the caller's rights (it reads both tables).
+-- orphaned. For a chunked source a row is stale unless its passages are exactly what chunking its
+-- current text gives (same hashes, in order, numbered from 0, all with the current model): this
+-- re-tokenises every row. chunks: rows of the sidecar (passages, for a chunked source). Runs with
+-- the caller's rights (it reads both tables).
 CREATE OR REPLACE FUNCTION embed_sidecar.verify(source regclass, embedding text DEFAULT NULL,
-    OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint)
+    OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint,
+    OUT chunks bigint)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -931,21 +1056,42 @@ DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     key_join text := embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src');
 BEGIN
-    EXECUTE format(
-        'SELECT count(*), count(sc.content_hash),
-                count(*) FILTER (WHERE sc.content_hash IS NULL AND NOT embed_sidecar._is_blank(%1$s)),
-                count(*) FILTER (WHERE sc.content_hash IS NOT NULL AND (embed_sidecar._is_blank(%1$s)
-                                   OR sc.content_hash <> embed_sidecar._content_hash(%1$s) OR sc.model <> $1))
-           FROM %2$s src LEFT JOIN %3$s sc ON %4$s',
-        content, s.source, s.sidecar, key_join)
-    INTO source_rows, embedded_rows, missing, stale USING s.model_id;
+    IF s.chunk_tokens IS NULL THEN
+        EXECUTE format(
+            'SELECT count(*), count(sc.content_hash),
+                    count(*) FILTER (WHERE sc.content_hash IS NULL AND NOT embed_sidecar._is_blank(%1$s)),
+                    count(*) FILTER (WHERE sc.content_hash IS NOT NULL AND (embed_sidecar._is_blank(%1$s)
+                                       OR sc.content_hash <> embed_sidecar._content_hash(%1$s) OR sc.model <> $1))
+               FROM %2$s src LEFT JOIN %3$s sc ON %4$s',
+            content, s.source, s.sidecar, key_join)
+        INTO source_rows, embedded_rows, missing, stale USING s.model_id;
+        chunks := embedded_rows;
+    ELSE
+        EXECUTE format(
+            'SELECT count(*), count(*) FILTER (WHERE st.n > 0),
+                    count(*) FILTER (WHERE st.n = 0 AND NOT embed_sidecar._is_blank(x.content)),
+                    count(*) FILTER (WHERE st.n > 0 AND (embed_sidecar._is_blank(x.content) OR NOT st.ok OR st.last <> st.n - 1
+                                       OR st.h IS DISTINCT FROM ARRAY(
+                                            SELECT embed_sidecar._content_hash(p.passage)
+                                              FROM embed_sidecar.chunk_text(x.content, $2, $3, $4) p ORDER BY p.chunk))),
+                    coalesce(sum(st.n), 0)
+               FROM %2$s src
+                    CROSS JOIN LATERAL (SELECT %1$s AS content) x
+                    CROSS JOIN LATERAL (
+                        SELECT count(*) AS n, max(sc.chunk) AS last, array_agg(sc.chunk_hash ORDER BY sc.chunk) AS h,
+                               bool_and(sc.model = $1 AND sc.content_hash = embed_sidecar._content_hash(x.content)) AS ok
+                          FROM %3$s sc WHERE %4$s) st',
+            content, s.source, s.sidecar, key_join)
+        INTO source_rows, embedded_rows, missing, stale, chunks USING s.model_id, s.model, s.chunk_tokens, s.chunk_overlap;
+    END IF;
     EXECUTE format('SELECT count(*) FROM %s sc WHERE NOT EXISTS (SELECT 1 FROM %s src WHERE %s)', s.sidecar, s.source, key_join)
     INTO orphans;
     embedded_rows := embedded_rows + orphans;
+    chunks := chunks + orphans;
 END
 $$;
 COMMENT ON FUNCTION embed_sidecar.verify(regclass, text) IS
-    'Full consistency check of one watched table (hashes every row): missing, stale and orphaned vectors';
+    'Full consistency check of one watched table (hashes every row; re-chunks a chunked one): missing, stale and orphaned vectors';
 
 -- Block until the source (or every source, if NULL) has empty queues: every change made so far
 -- has been embedded, cleared or dead-lettered (see status.failed). Returns false if the timeout
@@ -978,7 +1124,10 @@ $$;
 -- Search over a watched table's sidecar: semantic (HNSW, cosine) and hybrid (HNSW + full text,
 -- fused by reciprocal rank fusion). Both run with the caller's privileges on the sidecar, embed
 -- the query once, with the source's model, and return the source key as a JSON array
--- (join back with e.g. `ON p.name = r.key->>0`).
+-- (join back with e.g. `ON p.name = r.key->>0`). Over a chunked sidecar they rank rows by their
+-- best passage and say which passage that was (chunk number and character offsets into the
+-- content, for a snippet: substr(content, char_start + 1, char_end - char_start)); over an
+-- unchunked one those columns are NULL.
 
 -- What a search needs to know about one embedding of a source, read from one registry row: the
 -- sidecar and the model that made its vectors always come as a pair, so a model switch committing
@@ -986,7 +1135,7 @@ $$;
 -- to vectors whose model id is the pair's, so a query never meets vectors of another model.
 CREATE OR REPLACE FUNCTION embed_sidecar._search_target(source regclass, embedding text,
     OUT sidecar regclass, OUT model text, OUT model_id text, OUT key_json text, OUT vec_type text, OUT dist_op text,
-    OUT fts_config regconfig)
+    OUT fts_config regconfig, OUT passage_cols text, OUT chunked boolean)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -999,6 +1148,9 @@ BEGIN
     SELECT format('%I.vector', n), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
       FROM (SELECT extnamespace::regnamespace::name AS n FROM pg_extension WHERE extname = 'vector') x;
     fts_config := s.fts_config;
+    chunked := s.chunk_tokens IS NOT NULL;
+    passage_cols := CASE WHEN chunked THEN 'sc.chunk, sc.char_start, sc.char_end'
+                         ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END;
 END
 $$;
 
@@ -1016,24 +1168,35 @@ BEGIN
 END
 $$;
 
+-- Passages fetched per row asked for, when a chunked row may fill several of the nearest places.
+CREATE OR REPLACE FUNCTION embed_sidecar._candidates(chunked boolean, k int) RETURNS int
+    LANGUAGE sql IMMUTABLE
+    RETURN CASE WHEN chunked THEN greatest(k * 5, 50) ELSE k END;
+
 CREATE OR REPLACE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10, embedding text DEFAULT NULL)
-    RETURNS TABLE (key jsonb, distance float8)
+    RETURNS TABLE (key jsonb, distance float8, chunk int, char_start int, char_end int)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     t record := embed_sidecar._search_target(source, embedding);
     q real[] := embed_sidecar._embed_with(t.model, query);
-    old text := embed_sidecar._widen_ef_search(k);
+    n int := embed_sidecar._candidates(t.chunked, k);
+    old text := embed_sidecar._widen_ef_search(n);
 BEGIN
+    -- the nearest n vectors (HNSW), each row's nearest of them, the k nearest rows
     RETURN QUERY EXECUTE format(
-        'SELECT %1$s, (sc.embedding %4$s $1::%2$s)::float8
-           FROM %3$s sc WHERE sc.model = $3 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $2',
-        t.key_json, t.vec_type, t.sidecar, t.dist_op) USING q, k, t.model_id;
+        'SELECT b.key, b.d, b.chunk, b.char_start, b.char_end
+           FROM (SELECT DISTINCT ON (c.key) c.*
+                   FROM (SELECT %1$s AS key, (sc.embedding %4$s $1::%2$s)::float8 AS d, %5$s
+                           FROM %3$s sc WHERE sc.model = $3 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $4) c
+                  ORDER BY c.key, c.d) b
+          ORDER BY b.d, b.key LIMIT $2',
+        t.key_json, t.vec_type, t.sidecar, t.dist_op, t.passage_cols) USING q, k, t.model_id, n;
     PERFORM set_config('hnsw.ef_search', old, true);
 END
 $$;
 COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int, text) IS
-    'k nearest rows of a watched table by cosine distance to the query''s embedding (HNSW index)';
+    'k nearest rows of a watched table by cosine distance to the query''s embedding (HNSW index); chunked: by each row''s nearest passage among the nearest max(5k, 50), with its offsets';
 
 -- Full-text query with OR semantics: a long natural-language query should rank documents that
 -- share many of its words, not only those that contain all of them.
@@ -1045,7 +1208,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search(
     source regclass, query text, k int DEFAULT 10,
     candidates int DEFAULT 100, vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0,
     rrf_k int DEFAULT 60, embedding text DEFAULT NULL)
-    RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int)
+    RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int, chunk int, char_start int, char_end int)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1053,21 +1216,29 @@ DECLARE
     q real[] := embed_sidecar._embed_with(t.model, query);
     old text := embed_sidecar._widen_ef_search(candidates);
 BEGIN
+    -- candidates are vectors (passages, when chunked) from each side; a row ranks by its best one
+    -- on each side, and shows the passage of its vector side (else of its text side)
     RETURN QUERY EXECUTE format(
         -- ranks come from an explicit ORDER BY: row_number() OVER () would only follow the
         -- subquery's order by accident of the plan
-        'WITH v AS (SELECT %1$s AS key, row_number() OVER (ORDER BY sc.d, %1$s)::int AS r
-                      FROM (SELECT sc.*, sc.embedding %4$s $1::%2$s AS d
-                              FROM %3$s sc WHERE sc.model = $9 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3) sc),
-              f AS (SELECT %1$s AS key, row_number() OVER (ORDER BY ts_rank(sc.fts, tq, 1) DESC)::int AS r
-                      FROM %3$s sc, embed_sidecar.any_words_tsquery($4, $5) tq
-                     WHERE sc.fts @@ tq AND sc.model = $9 ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3)
+        'WITH vc AS (SELECT %1$s AS key, sc.embedding %4$s $1::%2$s AS d, %5$s
+                       FROM %3$s sc WHERE sc.model = $9 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3),
+              v AS (SELECT b.*, row_number() OVER (ORDER BY b.d, b.key)::int AS r
+                      FROM (SELECT DISTINCT ON (vc.key) vc.* FROM vc ORDER BY vc.key, vc.d) b),
+              fc AS (SELECT %1$s AS key, ts_rank(sc.fts, tq, 1) AS rank, %5$s
+                       FROM %3$s sc, embed_sidecar.any_words_tsquery($4, $5) tq
+                      WHERE sc.fts @@ tq AND sc.model = $9 ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3),
+              f AS (SELECT b.*, row_number() OVER (ORDER BY b.rank DESC, b.key)::int AS r
+                      FROM (SELECT DISTINCT ON (fc.key) fc.* FROM fc ORDER BY fc.key, fc.rank DESC) b)
          SELECT coalesce(v.key, f.key),
                 coalesce($6 / ($8 + v.r), 0) + coalesce($7 / ($8 + f.r), 0),
-                v.r, f.r
+                v.r, f.r,
+                CASE WHEN v.key IS NOT NULL THEN v.chunk ELSE f.chunk END,
+                CASE WHEN v.key IS NOT NULL THEN v.char_start ELSE f.char_start END,
+                CASE WHEN v.key IS NOT NULL THEN v.char_end ELSE f.char_end END
            FROM v FULL JOIN f ON v.key = f.key
           ORDER BY 2 DESC, 1 LIMIT $2',
-        t.key_json, t.vec_type, t.sidecar, t.dist_op)
+        t.key_json, t.vec_type, t.sidecar, t.dist_op, t.passage_cols)
     USING q, k, candidates, t.fts_config, query, vector_weight, text_weight, rrf_k::float8, t.model_id;
     PERFORM set_config('hnsw.ef_search', old, true);
 END
@@ -1135,7 +1306,7 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
 GRANT SELECT ON embed_sidecar.status, embed_sidecar.models TO PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_sidecar._readable_source(regclass, text),
-    embed_sidecar._widen_ef_search(int), embed_sidecar.any_words_tsquery(regconfig, text),
+    embed_sidecar._widen_ef_search(int), embed_sidecar._candidates(boolean, int), embed_sidecar.any_words_tsquery(regconfig, text),
     embed_sidecar.search(regclass, text, int, text),
     embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text),
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
@@ -1150,11 +1321,11 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),
     embed_sidecar._lookup(text, jsonb[], text),
-    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, regconfig, jsonb[]) TO PUBLIC;
+    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, regconfig, jsonb[], text, jsonb[]) TO PUBLIC;
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
-    embed_sidecar.model_info(), embed_sidecar.texts_embedded() TO PUBLIC;
+    embed_sidecar.model_info(), embed_sidecar.texts_embedded(), embed_sidecar.chunk_text(text, text, int, int) TO PUBLIC;
 
 -- The install script's last step: once it commits, the launcher starts this database's drain
 -- worker (when the library is preloaded; src/launcher.rs).
