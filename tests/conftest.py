@@ -86,6 +86,49 @@ def assert_in_step(conn, table, keys="id", content="body", embedding=None, role=
     assert (bad, blank_with_vector, orphans) == (0, 0, 0), f"missing/stale={bad} blank_with_vector={blank_with_vector} orphans={orphans}"
 
 
+def assert_chunks_in_step(conn, table, keys="id", content="body", embedding=None, role="current", sample=8):
+    """The invariant of a chunked sidecar, checked here from the rows: every row with content has
+    passages numbered 0..n-1 whose offsets, applied to the row's current text in Python, give
+    texts with the stored hashes; each passage carries the row's hash and the current model; the
+    passages cover every non-space character; blank rows have none; no orphans. A sample of
+    vectors is compared with embed_text() of the passage text. Returns the number of passages."""
+    import hashlib
+    model, side, model_name = conn.execute(
+        """SELECT model_id, sidecar::text, model FROM embed_sidecar.sources
+            WHERE source = %s::regclass AND role = %s AND (%s::text IS NULL OR embedding = %s)""",
+        (table, role, embedding, embedding)).fetchone()
+    content = content if "(" in content else f"s.{content}"
+    rows = {r[0]: r[1] for r in conn.execute(f"SELECT ({keys})::text, {content} FROM {table} s")}
+    chunks = {}
+    for key, n, start, end, chunk_hash, row_hash, m in conn.execute(
+            f"SELECT ({keys})::text, chunk, char_start, char_end, chunk_hash, content_hash, model FROM {side} ORDER BY 1, 2"):
+        chunks.setdefault(key, []).append((n, start, end, bytes(chunk_hash), bytes(row_hash), m))
+    assert not set(chunks) - set(rows), f"orphans: {sorted(set(chunks) - set(rows))[:5]}"
+    sha = lambda t: hashlib.sha256(t.encode()).digest()
+    total = 0
+    for key, text in rows.items():
+        got = chunks.get(key, [])
+        if text is None or not text.strip():
+            assert got == [], f"blank row {key} has passages"
+            continue
+        assert got, f"row {key} has no passages"
+        assert [c[0] for c in got] == list(range(len(got))), f"row {key}: chunk numbers {[c[0] for c in got]}"
+        covered = [False] * len(text)
+        for n, start, end, chunk_hash, row_hash, m in got:
+            assert sha(text[start:end]) == chunk_hash, f"row {key} chunk {n}: hash of text[{start}:{end}] differs"
+            assert (row_hash, m) == (sha(text), model), f"row {key} chunk {n}: stale row hash or model"
+            covered[start:end] = [True] * (end - start)
+        gaps = [i for i, c in enumerate(covered) if not c and not text[i].isspace()]
+        assert len(gaps) == 0 or all(ord(text[i]) < 32 for i in gaps), f"row {key}: uncovered characters at {gaps[:5]}"
+        total += len(got)
+    cos = conn.execute(
+        f"""SELECT min(1 - (e.embedding <=> embed_sidecar._embed_with(%s, substr({content}, e.char_start + 1, e.char_end - e.char_start))::vector))
+              FROM (SELECT * FROM {side} ORDER BY md5(chunk_hash::text) LIMIT %s) e JOIN {table} s USING ({keys})""",
+        (model_name, sample)).fetchone()[0]
+    assert cos is None or cos > 0.9999, f"a stored passage vector differs from embedding its text: cosine {cos}"
+    return total
+
+
 def wait(conn, table, seconds=120):
     assert one(conn, "SELECT embed_sidecar.wait(%s::regclass, make_interval(secs => %s))", (table, seconds)), \
         f"{table} not in step after {seconds}s: " + str(conn.execute(

@@ -6,7 +6,7 @@
 //! its window: a paragraph break, else a sentence end, else a line break, else a space, else any
 //! token boundary (a text without spaces, CJK). The next chunk starts up to `overlap` tokens before
 //! the previous end, at the best boundary found there, so a sentence cut by one chunk is whole in
-//! the next. Everything is a function of the text alone: the same text always gives the same
+//! the next (after a paragraph break it starts at the break: nothing was cut). Everything is a function of the text alone: the same text always gives the same
 //! chunks, and an edit leaves the chunks before it untouched (the drain re-embeds only chunks
 //! whose text changed; the ones after an edit realign at the next paragraph break they share).
 
@@ -119,13 +119,15 @@ impl<'a> CharCounter<'a> {
     }
 }
 
+const PARAGRAPH: u8 = 4;
+
 /// How good a place the gap before token `i` is to cut: higher is better.
 fn boundary(text: &str, offsets: &[(usize, usize)], i: usize) -> u8 {
     let gap = &text[offsets[i - 1].1..offsets[i].0];
     let prev = &text[offsets[i - 1].0..offsets[i - 1].1];
     let ends_sentence = prev.ends_with(['.', '!', '?', ';', ':']) || prev.ends_with(['。', '！', '？', '；']);
     if gap.matches('\n').count() >= 2 {
-        4
+        PARAGRAPH
     } else if ends_sentence && (!gap.is_empty() || prev.ends_with(['。', '！', '？', '；'])) {
         3
     } else if gap.contains('\n') {
@@ -139,7 +141,8 @@ fn boundary(text: &str, offsets: &[(usize, usize)], i: usize) -> u8 {
 
 /// Token spans `[first, last)` of the chunks. Each ends at the best boundary in the back half of
 /// its window (ties: the latest); the next starts at the best boundary within `overlap` tokens
-/// before that end (ties: the earliest, the longest overlap), or at the end when overlap is 0.
+/// before that end (ties: the earliest, the longest overlap), or at the end when overlap is 0 or
+/// the end is a paragraph break.
 fn plan(text: &str, offsets: &[(usize, usize)], max_tokens: usize, overlap: usize) -> Vec<(usize, usize)> {
     let n = offsets.len();
     let mut spans = Vec::new();
@@ -161,7 +164,8 @@ fn plan(text: &str, offsets: &[(usize, usize)], max_tokens: usize, overlap: usiz
         }
         spans.push((first, last));
         let mut next = last;
-        if overlap > 0 {
+        // a paragraph break cuts nothing, so the next passage starts right there
+        if overlap > 0 && best < PARAGRAPH {
             let mut best = 0;
             for i in last - overlap..last {
                 let b = boundary(text, offsets, i);
@@ -211,8 +215,8 @@ mod tests {
     #[test]
     fn chunks_end_at_paragraph_breaks_when_one_is_in_the_back_half() {
         let t = "a b c d e f g.\n\nh i j k l m n o p q r s t";
-        let spans = plan(t, &words(t), 10, 0);
-        // tokens: a..g (7) '.' (8): the paragraph break is before token 8 ("h")
+        let spans = plan(t, &words(t), 10, 3);
+        // tokens: a..g (7) '.' (8): the paragraph break is before token 8 ("h"); no overlap across it
         assert_eq!(spans[0], (0, 8));
         assert_eq!(spans[1].0, 8);
     }
