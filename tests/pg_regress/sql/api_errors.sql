@@ -21,6 +21,13 @@ SELECT pg_temp.err($$SELECT embed_sidecar.watch('docs', 'n')$$);
 SELECT pg_temp.err($$SELECT embed_sidecar.watch(NULL, 'body')$$);
 SELECT pg_temp.err($$SELECT embed_sidecar.watch('docs', 'body', model => 'no-such-model')$$);
 SELECT pg_temp.err($$SELECT embed_sidecar.watch('docs', 'body', model => '../etc')$$);
+-- chunking settings out of range for the model
+SELECT pg_temp.err($$SELECT embed_sidecar.watch('docs', 'body', chunking => true, chunk_tokens => 8)$$);
+SELECT pg_temp.err($$SELECT embed_sidecar.watch('docs', 'body', chunking => true, chunk_overlap => 200)$$);
+SELECT pg_temp.err($$SELECT embed_sidecar.watch('docs', 'body', chunk_overlap => 4)$$);
+SELECT chunk, char_start, char_end, tokens, passage
+  FROM embed_sidecar.chunk_text(E'The first paragraph holds about ten tokens here.\n\nThe second one is longer: it goes on past the budget of sixteen tokens, so it is cut.',
+                                chunk_tokens => 16);
 SELECT embed_sidecar.watch('docs', 'body');
 SELECT pg_temp.err($$SELECT embed_sidecar.watch('docs', 'body')$$);
 SELECT pg_temp.err($$SELECT embed_sidecar.watch('docs_embeddings', 'model')$$);
@@ -32,7 +39,7 @@ SELECT pg_temp.err($$SELECT * FROM embed_sidecar.search('nopk', 'query')$$);
 
 -- settings that decide CPU, memory and which files the server opens are not for ordinary roles
 CREATE ROLE regress_mallory;
-GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text),
+GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int),
                           embed_sidecar.process(regclass, int) TO regress_mallory;
 SELECT id AS docs_id FROM embed_sidecar.sources WHERE source = 'docs'::regclass \gset
 SET ROLE regress_mallory;
@@ -53,6 +60,6 @@ SELECT pg_temp.err($$INSERT INTO docs VALUES (1, 5, 0)$$);
 
 SELECT embed_sidecar.unwatch('docs', drop_sidecar => true);
 DROP TABLE docs, nopk;
-REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text),
+REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int),
                        embed_sidecar.process(regclass, int) FROM regress_mallory;
 DROP ROLE regress_mallory;
