@@ -8,6 +8,7 @@
 //! The tokenizer is loaded in this process even when the inference service embeds: it is small,
 //! and the passage offsets must be known here to write them.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
@@ -22,8 +23,9 @@ const MIN_CHUNK_TOKENS: i32 = 16;
 
 thread_local! {
     /// Chunkers by (model id, budget, overlap): the model id changes with the tokenizer file.
-    static CHUNKERS: std::cell::RefCell<Vec<((String, usize, usize), Rc<Chunker>)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static CHUNKERS: RefCell<Vec<((String, usize, usize), Rc<Chunker>)>> = const { RefCell::new(Vec::new()) };
+    /// Tokens a passage may take, by model id (verify() asks once per row).
+    static ROOM: RefCell<HashMap<String, i32>> = RefCell::new(HashMap::new());
 }
 
 /// `(chunk_tokens, chunk_overlap)` for `model`: the defaults filled in (the model's window less its
@@ -31,7 +33,14 @@ thread_local! {
 /// large for the new model shrink to fit instead of failing.
 pub fn settings(model: &str, tokens: Option<i32>, overlap: Option<i32>, fit: bool) -> Result<(i32, i32), SidecarError> {
     let files = model::model_files(model)?;
-    let room = Chunker::room(&files.tokenizer, files.max_length)? as i32;
+    let room = match ROOM.with(|r| r.borrow().get(&files.model_id).copied()) {
+        Some(room) => room,
+        None => {
+            let room = Chunker::room(&files.tokenizer, files.max_length)? as i32;
+            ROOM.with(|r| r.borrow_mut().insert(files.model_id.clone(), room));
+            room
+        }
+    };
     let mut tokens = tokens.unwrap_or(room);
     if fit {
         tokens = tokens.min(room);

@@ -29,8 +29,9 @@ use crate::xact::run_in_transaction;
 const LOCK_CLASS: i32 = 0x656d_6273;
 
 /// Most rows one pass takes from a chunked source's lanes: a long row is dozens of passages, and
-/// a pass must end well within the visibility timeout (60 s) at ~70 passages/s on two cores.
-const CHUNKED_ROWS_PER_PASS: i32 = 16;
+/// a pass should end well within the visibility timeout (60 s). Measured on two cores: ~23 full
+/// passages/s; 8 GNU info nodes, 55 passages at most each, take under 20 s.
+const CHUNKED_ROWS_PER_PASS: i32 = 8;
 
 /// How a pass maps onto transactions.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -80,25 +81,28 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
     }
 }
 
-/// The row is share-locked until the pass' first transaction ends: a `pause()` either waits for
-/// that transaction (whose reads then saw none of the rows written after the pause) or commits
-/// first and is seen here. Without the lock a worker that listed the source just before a pause
-/// could still take the messages of rows inserted just after it.
-fn load_source(client: &mut SpiClient<'_>, id: i32) -> Result<Option<Source>, SidecarError> {
-    let rows = client.update(
+/// The worker share-locks the row until the pass' first transaction ends: a `pause()` either
+/// waits for that transaction (whose reads then saw none of the rows written after the pause) or
+/// commits first and is seen here. Without the lock a worker that listed the source just before a
+/// pause could still take the messages of rows inserted just after it. A row locked by someone
+/// else (a `pause()` under way, a `process()` caller's open transaction) is skipped for this round
+/// (`None`) rather than waited for: the worker serves every source in turn.
+fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option<Source>, SidecarError> {
+    let lock = if mode == Mode::Worker { "FOR SHARE OF s SKIP LOCKED" } else { "" };
+    let rows = client.update(&format!(
         "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
                 d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
                 s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused', d.trim_sql,
                 s.chunk_tokens, s.chunk_overlap
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
-          WHERE s.id = $1
-            FOR SHARE OF s",
+          WHERE s.id = $1 {lock}"),
         None,
         &[id.into()],
     )?;
     let Some(row) = rows.into_iter().next() else {
-        return Ok(None);
+        let exists = client.select("SELECT 1 FROM embed_sidecar.sources WHERE id = $1", None, &[id.into()])?.len() > 0;
+        return if exists { Ok(None) } else { Err(SidecarError::Sql(format!("source {id} is no longer watched"))) };
     };
     let text = |i: usize| -> Result<String, SidecarError> { Ok(row.get::<String>(i)?.unwrap_or_default()) };
     Ok(Some(Source {
@@ -308,7 +312,7 @@ pub fn record_error(id: i32, error: &SidecarError) -> Result<(), SidecarError> {
 pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarError> {
     // Phase 1 (short transaction): make sure the model loads before touching the queue, so an
     // outage (missing file) costs no attempts; notice a replaced model; read messages; look up.
-    let (src, live, bulk, looked, known, more) = in_tx(mode, || {
+    let Some((src, live, bulk, looked, known, more)) = in_tx(mode, || {
         Spi::connect_mut(|client| {
             if mode == Mode::Caller {
                 // The caller's transaction keeps every lock until it ends, so it must take the
@@ -317,11 +321,11 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
                 // those messages. Lock first, and two process() calls simply take turns.
                 lock_source(client, id)?;
             }
-            let Some(mut src) = load_source(client, id)? else {
+            let Some(mut src) = load_source(client, id, mode)? else {
                 return Ok(None);
             };
             if mode == Mode::Worker && src.paused {
-                return Ok(Some((src, Vec::new(), Vec::new(), Vec::new(), Known::new(), false)));
+                return Ok(None);
             }
             let current = model::model_id_of(&src.model)?;
             if current != src.model_id {
@@ -355,7 +359,9 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             Ok(Some((src, live, bulk, looked, known, more)))
         })
     })?
-    .ok_or_else(|| SidecarError::Sql(format!("source {id} is no longer watched")))?;
+    else {
+        return Ok(PassStats::default());
+    };
     if live.is_empty() && bulk.is_empty() {
         return Ok(PassStats::default());
     }
