@@ -70,10 +70,11 @@ def test_one_paragraph_edit_reembeds_only_the_passages_around_it(db):
     """Drained in this session (process()), so texts_embedded() counts exactly what this session
     ran through the model."""
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
-    paragraphs = [paragraph(i) for i in range(40)]
-    db.execute("INSERT INTO docs VALUES (1, %s), (2, %s)", ("\n\n".join(paragraphs), document(5, 7)))
+    # paused before any row is enqueued, so the worker never holds one of these messages
     watch(db, "docs", chunking=True, chunk_tokens=128)
     one(db, "SELECT embed_sidecar.pause('docs')")
+    paragraphs = [paragraph(i) for i in range(40)]
+    db.execute("INSERT INTO docs VALUES (1, %s), (2, %s)", ("\n\n".join(paragraphs), document(5, 7)))
     one(db, "SELECT embed_sidecar.process('docs')")
     total = assert_chunks_in_step(db, "docs")
     per_row = dict(db.execute("SELECT id, count(*) FROM docs_embeddings GROUP BY id").fetchall())
