@@ -20,7 +20,9 @@ CREATE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources,
 AS $$
 DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
-    vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
+    -- the sidecar's vector type, schema-qualified: vectors arrive as real[] and are cast to it
+    vec_type text := format('%I.%I', (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector'),
+                            s.vector_type);
     key_src text := embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key');
     src_cols text := embed_sidecar._columns(s.source, s.key_attnums, 'src');
     key_cols text;
@@ -47,7 +49,7 @@ BEGIN
         upsert_sql := format(
             'WITH w AS (
                INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
-               SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$I.vector, $5, v.hash,
+               SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$s, $5, v.hash,
                       to_tsvector($6::regconfig, left(%5$s, 100000)), now()
                  FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
                  JOIN %6$s src ON %7$s
@@ -61,7 +63,7 @@ BEGIN
                       fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
                RETURNING 1)
              SELECT count(*) FROM w',
-            s.sidecar, key_cols, src_cols, vec_schema, content, s.source, key_src);
+            s.sidecar, key_cols, src_cols, vec_type, content, s.source, key_src);
     ELSE
         -- A passage the row already has a vector for (same text, same model) keeps that vector and
         -- the time it was made, whatever its position now. If it is gone meanwhile (another drain
@@ -72,7 +74,7 @@ BEGIN
                INSERT INTO %1$s AS sc (%2$s, chunk, char_start, char_end, chunk_hash, embedding, model, content_hash,
                                        fts, embedded_at)
                SELECT %3$s, c.n - 1, c.s, c.e, embed_sidecar._content_hash(c.txt),
-                      CASE WHEN c.vi > 0 THEN ($3[((c.vi - 1) * $4 + 1):(c.vi * $4)])::%4$I.vector ELSE o.embedding END,
+                      CASE WHEN c.vi > 0 THEN ($3[((c.vi - 1) * $4 + 1):(c.vi * $4)])::%4$s ELSE o.embedding END,
                       $5, v.hash, to_tsvector($6::regconfig, c.txt), coalesce(o.embedded_at, now())
                  FROM unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks)
                  JOIN %6$s src ON %7$s
@@ -93,7 +95,7 @@ BEGIN
                       fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
                RETURNING 1)
              SELECT count(*) FROM w',
-            s.sidecar, key_cols, src_cols, vec_schema, content, s.source, key_src,
+            s.sidecar, key_cols, src_cols, vec_type, content, s.source, key_src,
             embed_sidecar._key_join(s.source, s.key_attnums, 'o', 'src'));
         trim_sql := format(
             'DELETE FROM %1$s sc USING unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks), %2$s src

@@ -25,7 +25,7 @@ $$;
 -- set_model() (a shadow). Without sidecar_name the sidecar is called <table>_embeddings_<id>.
 CREATE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text, role text, content_attnum smallint,
     template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean,
-    chunk_tokens int, chunk_overlap int)
+    chunk_tokens int, chunk_overlap int, vector_type text)
     RETURNS embed_sidecar.sources
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -57,17 +57,17 @@ BEGIN
     -- chunked: one row per passage, keyed (source key, chunk number), with the passage's
     -- character offsets in the content and its own hash; content_hash stays the whole row's
     EXECUTE format(
-        'CREATE TABLE %I.%I (%s, %s embedding %I.vector(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
+        'CREATE TABLE %I.%I (%s, %s embedding %I.%I(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
                              %s fts tsvector, embedded_at timestamptz NOT NULL DEFAULT now(),
                              PRIMARY KEY (%s%s),
                              FOREIGN KEY (%s) REFERENCES %s (%s) ON DELETE CASCADE ON UPDATE CASCADE)',
         rel.relnamespace::regnamespace, sidecar_name, key_defs,
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk int NOT NULL, char_start int NOT NULL, char_end int NOT NULL,' ELSE '' END,
-        vec_schema, ident.dims,
+        vec_schema, vector_type, ident.dims,
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk_hash bytea NOT NULL,' ELSE '' END,
         key_cols, CASE WHEN chunk_tokens IS NOT NULL THEN ', chunk' ELSE '' END, key_cols, source, key_cols);
     side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
-    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.vector_cosine_ops)', side, vec_schema);
+    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.%I)', side, vec_schema, vector_type || '_cosine_ops');
     EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
     -- same owner and grants as the source
     -- (regrole's output is already a quoted identifier: %s, never %I or quote_ident on it)
@@ -78,9 +78,11 @@ BEGIN
     END LOOP;
 
     INSERT INTO embed_sidecar.sources (id, source, embedding, role, content_attnum, template, key_attnums, sidecar,
-                                       queue_name, model, model_id, dims, fts_config, chunk_tokens, chunk_overlap)
+                                       queue_name, model, model_id, dims, fts_config, chunk_tokens, chunk_overlap,
+                                       vector_type)
     VALUES (s.id, source, embedding, role, content_attnum, template, key_nums, side,
-            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config, chunk_tokens, chunk_overlap)
+            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config, chunk_tokens, chunk_overlap,
+            vector_type)
     RETURNING * INTO s;
     -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
@@ -145,7 +147,8 @@ CREATE FUNCTION embed_sidecar.watch(
     template text DEFAULT NULL,
     chunking boolean DEFAULT false,
     chunk_tokens int DEFAULT NULL,
-    chunk_overlap int DEFAULT NULL
+    chunk_overlap int DEFAULT NULL,
+    vector_type text DEFAULT 'vector'
 ) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -195,6 +198,11 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: chunk_tokens and chunk_overlap apply to chunked embeddings only'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Add chunking => true.';
     END IF;
+    IF vector_type IS NULL OR vector_type NOT IN ('vector', 'halfvec') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: vector_type must be ''vector'' or ''halfvec'', not %', coalesce(quote_literal(vector_type), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'halfvec stores each dimension in 2 bytes instead of 4 (README: "Performance" measures what it costs in recall).';
+    END IF;
     RETURN (embed_sidecar._create_embedding(
         source, embedding, 'current',
         CASE WHEN template IS NULL THEN embed_sidecar._text_column(source, content_column) END,
@@ -202,11 +210,11 @@ BEGIN
         key_nums,
         -- the first embedding of a table gets the plain name
         coalesce(sidecar_name, CASE WHEN is_first THEN left(rel.relname, 52) || '_embeddings' END),
-        model, fts_config, backfill, chunk[1], chunk[2])).sidecar;
+        model, fts_config, backfill, chunk[1], chunk[2], vector_type)).sidecar;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int) IS
-    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row), and enqueue its existing rows';
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text) IS
+    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row; vector or halfvec), and enqueue its existing rows';
 
 CREATE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -287,7 +295,8 @@ BEGIN
     chunk := CASE WHEN cur.chunk_tokens IS NOT NULL
                   THEN embed_sidecar._chunking(model, cur.chunk_tokens, cur.chunk_overlap, true) END;
     shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
-                                              cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2]);
+                                              cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2],
+                                              cur.vector_type);
     UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
     -- nothing to embed (an empty table): it takes over now
     PERFORM embed_sidecar._promote_if_ready(shadow.id);

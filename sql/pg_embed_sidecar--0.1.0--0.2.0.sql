@@ -52,6 +52,9 @@ COMMENT ON TABLE embed_sidecar.sources IS 'Embeddings kept by pg_embed_sidecar (
 ALTER TABLE embed_sidecar.sources ADD COLUMN chunk_tokens int CHECK (chunk_tokens > 0),
     ADD COLUMN chunk_overlap int CHECK (chunk_overlap >= 0),
     ADD CONSTRAINT sources_check1 CHECK ((chunk_tokens IS NULL) = (chunk_overlap IS NULL));
+-- halfvec storage (issue 13)
+ALTER TABLE embed_sidecar.sources
+    ADD COLUMN vector_type text NOT NULL DEFAULT 'vector' CHECK (vector_type IN ('vector', 'halfvec'));
 
 -- new Rust functions
 CREATE FUNCTION embed_sidecar."chunk_text"(
@@ -382,7 +385,9 @@ CREATE OR REPLACE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources,
 AS $$
 DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
-    vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
+    -- the sidecar's vector type, schema-qualified: vectors arrive as real[] and are cast to it
+    vec_type text := format('%I.%I', (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector'),
+                            s.vector_type);
     key_src text := embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key');
     src_cols text := embed_sidecar._columns(s.source, s.key_attnums, 'src');
     key_cols text;
@@ -409,7 +414,7 @@ BEGIN
         upsert_sql := format(
             'WITH w AS (
                INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
-               SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$I.vector, $5, v.hash,
+               SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$s, $5, v.hash,
                       to_tsvector($6::regconfig, left(%5$s, 100000)), now()
                  FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
                  JOIN %6$s src ON %7$s
@@ -423,7 +428,7 @@ BEGIN
                       fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
                RETURNING 1)
              SELECT count(*) FROM w',
-            s.sidecar, key_cols, src_cols, vec_schema, content, s.source, key_src);
+            s.sidecar, key_cols, src_cols, vec_type, content, s.source, key_src);
     ELSE
         -- A passage the row already has a vector for (same text, same model) keeps that vector and
         -- the time it was made, whatever its position now. If it is gone meanwhile (another drain
@@ -434,7 +439,7 @@ BEGIN
                INSERT INTO %1$s AS sc (%2$s, chunk, char_start, char_end, chunk_hash, embedding, model, content_hash,
                                        fts, embedded_at)
                SELECT %3$s, c.n - 1, c.s, c.e, embed_sidecar._content_hash(c.txt),
-                      CASE WHEN c.vi > 0 THEN ($3[((c.vi - 1) * $4 + 1):(c.vi * $4)])::%4$I.vector ELSE o.embedding END,
+                      CASE WHEN c.vi > 0 THEN ($3[((c.vi - 1) * $4 + 1):(c.vi * $4)])::%4$s ELSE o.embedding END,
                       $5, v.hash, to_tsvector($6::regconfig, c.txt), coalesce(o.embedded_at, now())
                  FROM unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks)
                  JOIN %6$s src ON %7$s
@@ -455,7 +460,7 @@ BEGIN
                       fts = EXCLUDED.fts, embedded_at = EXCLUDED.embedded_at
                RETURNING 1)
              SELECT count(*) FROM w',
-            s.sidecar, key_cols, src_cols, vec_schema, content, s.source, key_src,
+            s.sidecar, key_cols, src_cols, vec_type, content, s.source, key_src,
             embed_sidecar._key_join(s.source, s.key_attnums, 'o', 'src'));
         trim_sql := format(
             'DELETE FROM %1$s sc USING unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks), %2$s src
@@ -582,7 +587,7 @@ $$;
 -- set_model() (a shadow). Without sidecar_name the sidecar is called <table>_embeddings_<id>.
 CREATE OR REPLACE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text, role text, content_attnum smallint,
     template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean,
-    chunk_tokens int, chunk_overlap int)
+    chunk_tokens int, chunk_overlap int, vector_type text)
     RETURNS embed_sidecar.sources
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -614,17 +619,17 @@ BEGIN
     -- chunked: one row per passage, keyed (source key, chunk number), with the passage's
     -- character offsets in the content and its own hash; content_hash stays the whole row's
     EXECUTE format(
-        'CREATE TABLE %I.%I (%s, %s embedding %I.vector(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
+        'CREATE TABLE %I.%I (%s, %s embedding %I.%I(%s) NOT NULL, model text NOT NULL, content_hash bytea NOT NULL,
                              %s fts tsvector, embedded_at timestamptz NOT NULL DEFAULT now(),
                              PRIMARY KEY (%s%s),
                              FOREIGN KEY (%s) REFERENCES %s (%s) ON DELETE CASCADE ON UPDATE CASCADE)',
         rel.relnamespace::regnamespace, sidecar_name, key_defs,
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk int NOT NULL, char_start int NOT NULL, char_end int NOT NULL,' ELSE '' END,
-        vec_schema, ident.dims,
+        vec_schema, vector_type, ident.dims,
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk_hash bytea NOT NULL,' ELSE '' END,
         key_cols, CASE WHEN chunk_tokens IS NOT NULL THEN ', chunk' ELSE '' END, key_cols, source, key_cols);
     side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
-    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.vector_cosine_ops)', side, vec_schema);
+    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.%I)', side, vec_schema, vector_type || '_cosine_ops');
     EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
     -- same owner and grants as the source
     -- (regrole's output is already a quoted identifier: %s, never %I or quote_ident on it)
@@ -635,9 +640,11 @@ BEGIN
     END LOOP;
 
     INSERT INTO embed_sidecar.sources (id, source, embedding, role, content_attnum, template, key_attnums, sidecar,
-                                       queue_name, model, model_id, dims, fts_config, chunk_tokens, chunk_overlap)
+                                       queue_name, model, model_id, dims, fts_config, chunk_tokens, chunk_overlap,
+                                       vector_type)
     VALUES (s.id, source, embedding, role, content_attnum, template, key_nums, side,
-            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config, chunk_tokens, chunk_overlap)
+            'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config, chunk_tokens, chunk_overlap,
+            vector_type)
     RETURNING * INTO s;
     -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
@@ -702,7 +709,8 @@ CREATE OR REPLACE FUNCTION embed_sidecar.watch(
     template text DEFAULT NULL,
     chunking boolean DEFAULT false,
     chunk_tokens int DEFAULT NULL,
-    chunk_overlap int DEFAULT NULL
+    chunk_overlap int DEFAULT NULL,
+    vector_type text DEFAULT 'vector'
 ) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -752,6 +760,11 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: chunk_tokens and chunk_overlap apply to chunked embeddings only'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Add chunking => true.';
     END IF;
+    IF vector_type IS NULL OR vector_type NOT IN ('vector', 'halfvec') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: vector_type must be ''vector'' or ''halfvec'', not %', coalesce(quote_literal(vector_type), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'halfvec stores each dimension in 2 bytes instead of 4 (README: "Performance" measures what it costs in recall).';
+    END IF;
     RETURN (embed_sidecar._create_embedding(
         source, embedding, 'current',
         CASE WHEN template IS NULL THEN embed_sidecar._text_column(source, content_column) END,
@@ -759,11 +772,11 @@ BEGIN
         key_nums,
         -- the first embedding of a table gets the plain name
         coalesce(sidecar_name, CASE WHEN is_first THEN left(rel.relname, 52) || '_embeddings' END),
-        model, fts_config, backfill, chunk[1], chunk[2])).sidecar;
+        model, fts_config, backfill, chunk[1], chunk[2], vector_type)).sidecar;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int) IS
-    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row), and enqueue its existing rows';
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text) IS
+    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row; vector or halfvec), and enqueue its existing rows';
 
 CREATE OR REPLACE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -844,7 +857,8 @@ BEGIN
     chunk := CASE WHEN cur.chunk_tokens IS NOT NULL
                   THEN embed_sidecar._chunking(model, cur.chunk_tokens, cur.chunk_overlap, true) END;
     shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
-                                              cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2]);
+                                              cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2],
+                                              cur.vector_type);
     UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
     -- nothing to embed (an empty table): it takes over now
     PERFORM embed_sidecar._promote_if_ready(shadow.id);
@@ -1145,7 +1159,7 @@ BEGIN
     model := s.model;
     model_id := s.model_id;
     key_json := format('jsonb_build_array(%s)', embed_sidecar._columns(s.sidecar, s.key_attnums, 'sc'));
-    SELECT format('%I.vector', n), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
+    SELECT format('%I.%I', n, s.vector_type), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
       FROM (SELECT extnamespace::regnamespace::name AS n FROM pg_extension WHERE extname = 'vector') x;
     fts_config := s.fts_config;
     chunked := s.chunk_tokens IS NOT NULL;

@@ -52,6 +52,8 @@ CREATE TABLE embed_sidecar.sources (
     -- (src/chunking.rs); NULL: one vector per row
     chunk_tokens     int CHECK (chunk_tokens > 0),
     chunk_overlap    int CHECK (chunk_overlap >= 0),
+    -- pgvector type of the sidecar's vectors: halfvec stores 2 bytes per dimension instead of 4
+    vector_type      text NOT NULL DEFAULT 'vector' CHECK (vector_type IN ('vector', 'halfvec')),
     -- deferrable: checked at the end of a statement, so one UPDATE can swap two roles
     UNIQUE (source, embedding, role) DEFERRABLE,
     CHECK ((content_attnum IS NULL) <> (template IS NULL)),

@@ -22,7 +22,7 @@ BEGIN
     model := s.model;
     model_id := s.model_id;
     key_json := format('jsonb_build_array(%s)', embed_sidecar._columns(s.sidecar, s.key_attnums, 'sc'));
-    SELECT format('%I.vector', n), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
+    SELECT format('%I.%I', n, s.vector_type), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
       FROM (SELECT extnamespace::regnamespace::name AS n FROM pg_extension WHERE extname = 'vector') x;
     fts_config := s.fts_config;
     chunked := s.chunk_tokens IS NOT NULL;

@@ -112,3 +112,33 @@ def test_hybrid_vector_ranks_follow_distance(db):
             "SELECT (key->>0)::int, vector_rank FROM embed_sidecar.hybrid_search('docs', %s, 8, candidates => 8)",
             (query,)).fetchall())
         assert [ranks[k] for k in by_distance] == list(range(1, 9)), (query, by_distance, ranks)
+
+
+def test_halfvec_storage_halves_the_vectors_and_finds_the_same_rows(db):
+    """watch(..., vector_type => 'halfvec') (issue 13): the same vectors to half precision in half
+    the bytes, a halfvec HNSW index, the same search results; chunked sidecars take it too."""
+    from conftest import assert_chunks_in_step, assert_in_step, error_of, watch
+    fixture(db)
+    watch(db, "docs", embedding="half", vector_type="halfvec")
+    watch(db, "docs", embedding="half_passages", vector_type="halfvec", chunking=True, chunk_tokens=16)
+    wait(db, "docs")
+    assert_in_step(db, "docs", embedding="half")
+    assert assert_chunks_in_step(db, "docs", embedding="half_passages") > len(DOCS)
+    half = one(db, "SELECT sidecar::text FROM embed_sidecar.sources WHERE embedding = 'half'")
+    assert one(db, f"SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = '{half}'::regclass "
+                   "AND attname = 'embedding'") == "halfvec(384)"
+    assert one(db, f"SELECT count(*) FROM pg_indexes WHERE tablename = '{half}' AND indexdef LIKE '%hnsw%halfvec_cosine_ops%'") == 1
+    # each stored vector is the float32 one rounded to half precision
+    worst, full_bytes, half_bytes = db.execute(
+        f"""SELECT max(h.embedding::vector <=> f.embedding), avg(pg_column_size(f.embedding)), avg(pg_column_size(h.embedding))
+              FROM docs_embeddings f JOIN {half} h USING (id)""").fetchone()
+    assert worst < 1e-5
+    assert half_bytes < 0.51 * float(full_bytes)
+    for query in ("play a game of chess with the computer", "shrink my photos", "what will the temperature be tomorrow"):
+        ranked = {e: [r[0] for r in db.execute("SELECT (key->>0)::int FROM embed_sidecar.search('docs', %s, 3, embedding => %s)",
+                                              (query, e))] for e in ("body", "half")}
+        assert ranked["half"] == ranked["body"], query
+        assert one(db, "SELECT (key->>0)::int FROM embed_sidecar.hybrid_search('docs', %s, 1, embedding => 'half')",
+                   (query,)) == ranked["body"][0]
+    code, _, hint = error_of(db, "SELECT embed_sidecar.watch('docs', 'title', vector_type => 'float8')")
+    assert code == "22023" and "halfvec" in hint
