@@ -33,6 +33,7 @@ DECLARE
     rel        pg_class := (SELECT c FROM pg_class c WHERE c.oid = source);
     vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
     ident      record;
+    queued     bigint := 0;
     s          embed_sidecar.sources;
     side       regclass;
     key_defs   text;
@@ -67,7 +68,6 @@ BEGIN
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk_hash bytea NOT NULL,' ELSE '' END,
         key_cols, CASE WHEN chunk_tokens IS NOT NULL THEN ', chunk' ELSE '' END, key_cols, source, key_cols);
     side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
-    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.%I)', side, vec_schema, vector_type || '_cosine_ops');
     EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
     -- same owner and grants as the source
     -- (regrole's output is already a quoted identifier: %s, never %I or quote_ident on it)
@@ -93,9 +93,52 @@ BEGIN
 
     PERFORM embed_sidecar._create_triggers(s);
     IF backfill THEN
-        PERFORM embed_sidecar._backfill(s.id, false);
+        queued := embed_sidecar._backfill(s.id, false);
+    END IF;
+    -- a large backfill goes faster without per-row index maintenance: the drain builds the index
+    -- once the bulk lane is empty (_build_index_if_ready)
+    IF current_setting('pg_embed_sidecar.bulk_index_rows')::int BETWEEN 1 AND queued THEN
+        UPDATE embed_sidecar.sources SET index_pending = true WHERE id = s.id RETURNING * INTO s;
+    ELSE
+        PERFORM embed_sidecar._create_hnsw(s);
     END IF;
     RETURN s;
+END
+$$;
+
+-- The sidecar's HNSW index (cosine, on its vector type).
+CREATE FUNCTION embed_sidecar._create_hnsw(s embed_sidecar.sources) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.%I)', s.sidecar,
+                   (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector'),
+                   s.vector_type || '_cosine_ops');
+END
+$$;
+
+-- Build a deferred HNSW index once the bulk lane is empty (called by the drain; a shadow is
+-- promoted only after). One CREATE INDEX in the drain's transaction: searches see no index, then
+-- the whole one. maintenance_work_mem is raised for the build, so the graph fits in memory (64k
+-- vectors of 384 dimensions: ~120 MB), and put back after.
+CREATE FUNCTION embed_sidecar._build_index_if_ready(source_id int) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+    mem text := current_setting('maintenance_work_mem');
+BEGIN
+    SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id AND index_pending FOR UPDATE;
+    IF NOT FOUND OR (SELECT queue_length FROM pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name))) > 0 THEN
+        RETURN false;
+    END IF;
+    IF pg_size_bytes(mem) < pg_size_bytes('512MB') THEN
+        PERFORM set_config('maintenance_work_mem', '512MB', true);
+    END IF;
+    PERFORM embed_sidecar._create_hnsw(s);
+    PERFORM set_config('maintenance_work_mem', mem, true);
+    UPDATE embed_sidecar.sources SET index_pending = false WHERE id = s.id;
+    RETURN true;
 END
 $$;
 
@@ -315,7 +358,7 @@ DECLARE
     p embed_sidecar.sources;
 BEGIN
     SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id AND role = 'shadow' FOR UPDATE;
-    IF NOT FOUND
+    IF NOT FOUND OR s.index_pending
        OR EXISTS (SELECT 1 FROM embed_sidecar.failures f WHERE f.source_id = s.id)
        OR (SELECT queue_length FROM pgmq.metrics(s.queue_name)) > 0
        OR (SELECT queue_length FROM pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name))) > 0 THEN

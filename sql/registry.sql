@@ -54,6 +54,9 @@ CREATE TABLE embed_sidecar.sources (
     chunk_overlap    int CHECK (chunk_overlap >= 0),
     -- pgvector type of the sidecar's vectors: halfvec stores 2 bytes per dimension instead of 4
     vector_type      text NOT NULL DEFAULT 'vector' CHECK (vector_type IN ('vector', 'halfvec')),
+    -- a large backfill writes without the HNSW index, built once when the bulk lane is empty
+    -- (pg_embed_sidecar.bulk_index_rows; _build_index_if_ready); searches meanwhile scan exactly
+    index_pending    boolean NOT NULL DEFAULT false,
     -- deferrable: checked at the end of a statement, so one UPDATE can swap two roles
     UNIQUE (source, embedding, role) DEFERRABLE,
     CHECK ((content_attnum IS NULL) <> (template IS NULL)),

@@ -72,6 +72,8 @@ struct Source {
     shadow: bool,
     /// `pause(source)`: the worker leaves both lanes alone; `process()` still drains them.
     paused: bool,
+    /// A large backfill runs without the HNSW index; it is built once the bulk lane is empty.
+    index_pending: bool,
 }
 
 fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
@@ -93,7 +95,7 @@ fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option
         "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
                 d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
                 s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused', d.trim_sql,
-                s.chunk_tokens, s.chunk_overlap
+                s.chunk_tokens, s.chunk_overlap, s.index_pending
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
           WHERE s.id = $1 {lock}"),
@@ -124,6 +126,7 @@ fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option
             (Some(t), Some(o)) => Some((t as usize, o as usize)),
             _ => None,
         },
+        index_pending: row.get::<bool>(17)?.unwrap_or(false),
     }))
 }
 
@@ -352,6 +355,10 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
             keys.sort_unstable();
             keys.dedup();
             let (looked, known) = if keys.is_empty() { Default::default() } else { lookup(client, &src, keys)? };
+            if src.index_pending && bulk.is_empty() {
+                // the backfill is done: its index, built once (sql/manage.sql)
+                client.update("SELECT embed_sidecar._build_index_if_ready($1)", None, &[id.into()])?;
+            }
             if src.shadow && live.is_empty() && bulk.is_empty() {
                 // a complete shadow sidecar takes over (sql/manage.sql, set_model)
                 client.update("SELECT embed_sidecar._promote_if_ready($1)", None, &[id.into()])?;

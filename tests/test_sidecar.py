@@ -316,3 +316,41 @@ def test_writers_changes_go_before_the_backfill(db):
     assert_in_step(db, "docs")
     assert db.execute("SELECT bulk_pending, bulk_progress FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone() \
         == (0, 1)
+
+
+def test_large_backfill_builds_its_index_once_at_the_end(db, model_copy):
+    """Issue 13's bulk path: a backfill of at least bulk_index_rows rows writes without the HNSW
+    index, which the pass that finds the bulk lane empty builds in one statement; searches before
+    that scan exactly. A small backfill gets the index up front; a model switch's shadow gets its
+    index before it takes over."""
+    db.execute("SET pg_embed_sidecar.bulk_index_rows = 30")
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs SELECT i, 'bulk index row ' || i FROM generate_series(1, 40) i")
+    with db.transaction():  # paused before the worker can see the backfill
+        watch(db, "docs")
+        one(db, "SELECT embed_sidecar.pause('docs')")
+    hnsw = "SELECT count(*) FROM pg_indexes WHERE tablename = %s AND schemaname = current_schema() AND indexdef LIKE '%%USING hnsw%%'"
+    pending = "SELECT index_pending FROM embed_sidecar.sources WHERE source = 'docs'::regclass AND role = 'current'"
+    assert one(db, hnsw, ("docs_embeddings",)) == 0 and one(db, pending) is True
+    assert one(db, "SELECT embed_sidecar.process('docs', 20)") == 20
+    assert one(db, hnsw, ("docs_embeddings",)) == 0  # the bulk lane is not empty yet
+    assert [r[0] for r in db.execute("SELECT key FROM embed_sidecar.search('docs', 'bulk index row 7', 3)")][0] == [7]
+    assert one(db, "SELECT embed_sidecar.process('docs')") == 20  # the rest; then the index
+    assert one(db, hnsw, ("docs_embeddings",)) == 1 and one(db, pending) is False
+    assert_in_step(db, "docs")
+    # a backfill below the threshold: the index comes with the sidecar
+    db.execute("CREATE TABLE small (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO small SELECT i, 'small row ' || i FROM generate_series(1, 5) i")
+    watch(db, "small")
+    assert one(db, hnsw, ("small_embeddings",)) == 1
+    # a switch: the shadow's index exists before it is current
+    model_copy("minilm-bulk-index")
+    one(db, "SELECT embed_sidecar.resume('docs')")
+    assert one(db, "SELECT embed_sidecar.set_model('docs', 'minilm-bulk-index')") == 40
+    deadline = time.time() + 60
+    while time.time() < deadline and one(db, "SELECT model FROM embed_sidecar.sources "
+                                              "WHERE source = 'docs'::regclass AND role = 'current'") != "minilm-bulk-index":
+        time.sleep(0.2)
+    side = one(db, "SELECT sidecar::text FROM embed_sidecar.sources WHERE source = 'docs'::regclass AND role = 'current'")
+    assert side != "docs_embeddings" and one(db, hnsw, (side,)) == 1 and one(db, pending) is False
+    assert_in_step(db, "docs")
