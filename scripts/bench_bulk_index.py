@@ -5,7 +5,7 @@ synthetic short rows ('backfill row N about <md5>', ~35 tokens) drained by the w
 from watch() until every row has its vector and the index exists. Also: embed_texts() on the same
 texts, the inference ceiling through SQL.
 
-Usage: scripts/bench_bulk_index.py [--rows N] [--dsn DSN]"""
+Usage: scripts/bench_bulk_index.py [--rows N] (in a database pes_bench_bulk, created afresh)"""
 import argparse
 import time
 
@@ -35,9 +35,12 @@ def run(c, rows, threshold):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=64000)
-    ap.add_argument("--dsn", default="dbname=postgres")
     args = ap.parse_args()
-    with psycopg.connect(args.dsn, autocommit=True) as c:
+    with psycopg.connect(dbname="postgres", autocommit=True) as c:
+        c.execute("DROP DATABASE IF EXISTS pes_bench_bulk WITH (FORCE)")
+        c.execute("CREATE DATABASE pes_bench_bulk")
+    with psycopg.connect(dbname="pes_bench_bulk", autocommit=True) as c:
+        c.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
         texts = [r[0] for r in c.execute("SELECT 'backfill row ' || i || ' about ' || md5(i::text) FROM generate_series(1, 4096) i")]
         t0 = time.time()
         for i in range(0, len(texts), 256):
@@ -51,7 +54,8 @@ def main():
             print(f"| {label} | {drained:.1f} s | {took:.1f} s | {args.rows / took:.1f} | {args.rows / took / ceiling:.2f}× | "
                   f"{index / 2**20:.1f} MiB | {bad} wrong |", flush=True)
         print(f"\nceiling: embed_texts() over 4,096 of the same texts, 256 per call: {ceiling:.1f} rows/s")
-        c.execute("DROP TABLE bench_bulk")
+    with psycopg.connect(dbname="postgres", autocommit=True) as c:
+        c.execute("DROP DATABASE pes_bench_bulk WITH (FORCE)")
 
 
 if __name__ == "__main__":
