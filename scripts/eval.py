@@ -30,6 +30,20 @@ METHODS = {
 }
 
 
+def queries(conn, sidecar, n):
+    """The query sample (name, synopsis) and the relevance sets: packages grouped by identical long
+    description (`by_text`, keyed by its hash, and `desc_of` each package's hash)."""
+    by_text = defaultdict(set)
+    desc_of = {}
+    for name, desc in conn.execute("SELECT name, description FROM packages"):
+        h = hashlib.sha256((desc or "").encode()).hexdigest()
+        by_text[h].add(name)
+        desc_of[name] = h
+    sample = conn.execute(f"""SELECT p.name, p.synopsis FROM packages p JOIN {sidecar} e USING (name)
+                              WHERE p.synopsis <> '' ORDER BY md5(p.name) LIMIT %s""", (n,)).fetchall()
+    return by_text, desc_of, sample
+
+
 def evaluate(conn, sample, by_text, desc_of, methods, tag=""):
     for label, sql in methods.items():
         r1 = r10 = mrr = 0.0
@@ -99,14 +113,7 @@ def main():
                                WHERE source = 'packages'::regclass AND role = 'current'""").fetchone()[0]
     methods = {label: sql.replace("{sidecar}", sidecar) for label, sql in METHODS.items()}
     docs, embedded = conn.execute(f"SELECT count(*), (SELECT count(*) FROM {sidecar}) FROM packages").fetchone()
-    by_text = defaultdict(set)
-    desc_of = {}
-    for name, desc in conn.execute("SELECT name, description FROM packages"):
-        h = hashlib.sha256((desc or "").encode()).hexdigest()
-        by_text[h].add(name)
-        desc_of[name] = h
-    sample = conn.execute(f"""SELECT p.name, p.synopsis FROM packages p JOIN {sidecar} e USING (name)
-                              WHERE p.synopsis <> '' ORDER BY md5(p.name) LIMIT %s""", (args.queries,)).fetchall()
+    by_text, desc_of, sample = queries(conn, sidecar, args.queries)
     print(f"# search quality — {time.strftime('%Y-%m-%d')}: {len(sample)} queries over {embedded} embedded of "
           f"{docs} Debian packages (query = synopsis, relevant = the package's long description)\n")
     first = current_model(conn)

@@ -5,11 +5,11 @@ of the sidecar built side by side: build time and size of each HNSW index, size 
 and search quality with the same query vectors (query = a package's synopsis, relevant = every
 package with that long description, as scripts/eval.py), plus how many of the 10 results agree."""
 import argparse
-import hashlib
 import time
-from collections import defaultdict
 
 import psycopg
+
+from eval import queries  # scripts/eval.py: the same queries and relevance
 
 
 def main():
@@ -32,13 +32,7 @@ def main():
         rows, data = conn.execute(f"SELECT count(*), sum(pg_column_size(embedding)) FROM eval_{kind}").fetchone()
         stats[kind] = (rows, build, data, conn.execute(f"SELECT pg_relation_size('eval_{kind}_hnsw')").fetchone()[0])
 
-    by_text, desc_of = defaultdict(set), {}
-    for name, desc in conn.execute("SELECT name, description FROM packages"):
-        h = hashlib.sha256((desc or "").encode()).hexdigest()
-        by_text[h].add(name)
-        desc_of[name] = h
-    sample = conn.execute(f"""SELECT p.name, p.synopsis FROM packages p JOIN {sidecar} e USING (name)
-                              WHERE p.synopsis <> '' ORDER BY md5(p.name) LIMIT %s""", (args.queries,)).fetchall()
+    by_text, desc_of, sample = queries(conn, sidecar, args.queries)
     score = {k: [0.0, 0.0, 0.0] for k in stats}
     agree = 0
     for name, synopsis in sample:
