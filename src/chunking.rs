@@ -62,9 +62,14 @@ pub fn settings(model: &str, tokens: Option<i32>, overlap: Option<i32>, fit: boo
 
 /// The passages of `text` for `model`, as a chunked sidecar stores them.
 pub fn chunks(model: &str, tokens: usize, overlap: usize, text: &str) -> Result<Vec<Chunk>, SidecarError> {
+    Ok(chunker(model, tokens, overlap)?.chunks(text)?)
+}
+
+/// The chunker for a model and budget, loaded once per process (and again if its files change).
+fn chunker(model: &str, tokens: usize, overlap: usize) -> Result<Rc<Chunker>, SidecarError> {
     let files = model::model_files(model)?;
     let key = (files.model_id.clone(), tokens, overlap);
-    let chunker = CHUNKERS.with(|cell| -> Result<Rc<Chunker>, SidecarError> {
+    CHUNKERS.with(|cell| {
         let mut cached = cell.borrow_mut();
         if let Some((_, c)) = cached.iter().find(|(k, _)| *k == key) {
             return Ok(c.clone());
@@ -75,8 +80,7 @@ pub fn chunks(model: &str, tokens: usize, overlap: usize, text: &str) -> Result<
         }
         cached.push((key, c.clone()));
         Ok(c)
-    })?;
-    Ok(chunker.chunks(text)?)
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -113,11 +117,19 @@ pub fn split(
     known: &HashMap<String, HashSet<String>>,
 ) -> Split {
     let mut out = Split::default();
+    // looked up once per pass, not per row
+    let chunker = match chunker(model, tokens, overlap) {
+        Ok(c) => c,
+        Err(e) => {
+            out.failed = rows.into_iter().map(|(key, _, _)| (key, e.to_string())).collect();
+            return out;
+        }
+    };
     // a passage repeated within the pass (boilerplate paragraphs) is embedded once
     let mut slot_of: HashMap<String, usize> = HashMap::new();
     let none = HashSet::new();
     for (key, text, hash) in rows {
-        let chunks = match chunks(model, tokens, overlap, &text) {
+        let chunks = match chunker.chunks(&text) {
             Ok(c) => c,
             Err(e) => {
                 out.failed.push((key, e.to_string()));
