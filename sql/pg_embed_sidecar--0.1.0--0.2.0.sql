@@ -58,6 +58,14 @@ ALTER TABLE embed_sidecar.sources
     ADD COLUMN index_pending boolean NOT NULL DEFAULT false;
 
 -- new Rust functions
+CREATE FUNCTION embed_sidecar."inference_service"() RETURNS TABLE (
+	"workers" INT,  /* Option < i32 > */
+	"texts" bigint,  /* Option < i64 > */
+	"busy_seconds" double precision  /* Option < f64 > */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'inference_service_wrapper';
 CREATE FUNCTION embed_sidecar."chunk_text"(
 	"content" TEXT, /* Option < & str > */
 	"model" TEXT DEFAULT NULL, /* Option < & str > */
@@ -1383,7 +1391,8 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
-    embed_sidecar.model_info(), embed_sidecar.texts_embedded(), embed_sidecar.chunk_text(text, text, int, int) TO PUBLIC;
+    embed_sidecar.model_info(), embed_sidecar.texts_embedded(), embed_sidecar.chunk_text(text, text, int, int),
+    embed_sidecar.inference_service() TO PUBLIC;
 
 -- The install script's last step: once it commits, the launcher starts this database's drain
 -- worker (when the library is preloaded; src/launcher.rs).

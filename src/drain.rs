@@ -9,7 +9,9 @@
 //! owner) → decide (`settle::plan`) → embed what changed, a failing batch bisected so good rows
 //! proceed → write vectors and clear blanks (as the table's owner; a failing write is retried row
 //! by row) → settle every message (`settle::settle`) and apply that to the queue, the dead-letter
-//! table and the registry's counters (as the worker).
+//! table and the registry's counters (as the worker). The worker begins its next pass (read, look
+//! up, hand the texts to the inference service) before it writes the previous one, so its SQL runs
+//! while the service embeds (`Pass` → `Ready`, src/worker.rs).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -21,7 +23,7 @@ use crate::chunking;
 use crate::enqueue::backfill;
 use crate::error::SidecarError;
 use crate::gucs;
-use crate::model;
+use crate::model::{self, Started};
 use crate::settle::{self, Looked, Message, Settlement};
 use crate::xact::run_in_transaction;
 
@@ -46,8 +48,6 @@ pub enum Mode {
 pub struct PassStats {
     pub messages: usize,
     pub embedded: usize,
-    /// A lane filled its window: more is probably waiting.
-    pub more: bool,
 }
 
 /// A registry row with what a pass needs, and the statements built for it (sql/drain.sql).
@@ -311,102 +311,201 @@ pub fn record_error(id: i32, error: &SidecarError) -> Result<(), SidecarError> {
     })
 }
 
-/// One pass over source `id`, handling at most `limit` messages.
+/// One pass over source `id`, handling at most `limit` messages, start to end.
 pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarError> {
-    // Phase 1 (short transaction): make sure the model loads before touching the queue, so an
-    // outage (missing file) costs no attempts; notice a replaced model; read messages; look up.
-    let Some((src, live, bulk, looked, known, more)) = in_tx(mode, || {
-        Spi::connect_mut(|client| {
-            if mode == Mode::Caller {
-                // The caller's transaction keeps every lock until it ends, so it must take the
-                // source lock before it holds any row lock (the messages it reads): otherwise it
-                // could hold messages while waiting for the lock held by a writer that waits for
-                // those messages. Lock first, and two process() calls simply take turns.
-                lock_source(client, id)?;
+    match Pass::begin(id, limit, mode)? {
+        Some(pass) => pass.wait().write(mode),
+        None => Ok(PassStats::default()),
+    }
+}
+
+/// A pass whose messages are read and whose changed rows are on their way through the model.
+/// Through the inference service they are embedded by another process, so the worker can write
+/// its previous pass meanwhile (src/worker.rs): SQL and inference overlap.
+pub struct Pass {
+    id: i32,
+    src: Source,
+    live: Vec<Message>,
+    bulk: Vec<Message>,
+    more: bool,
+    /// Keys whose content turned blank.
+    clear: Vec<String>,
+    /// Keys that failed so far, with the error.
+    failed: HashMap<String, String>,
+    work: Work,
+}
+
+/// What a pass sent to the model, and the texts (kept to isolate a failing one).
+enum Work {
+    /// One text per changed row: (key, text, content hash).
+    Rows(Vec<(String, String, Vec<u8>)>, Started),
+    /// A chunked source: the passages of each changed row that have no vector yet.
+    Passages(chunking::Split, Started),
+}
+
+/// A pass whose vectors are back, ready to write.
+pub struct Ready {
+    id: i32,
+    src: Source,
+    live: Vec<Message>,
+    bulk: Vec<Message>,
+    clear: Vec<String>,
+    failed: HashMap<String, String>,
+    embedded: Embedded,
+}
+
+impl Pass {
+    /// Phase 1 (short transaction): make sure the model loads before touching the queue, so an
+    /// outage (missing file) costs no attempts; notice a replaced model; read messages; look up;
+    /// decide (`settle::plan`); then hand the changed texts to the model. `None`: nothing to do.
+    pub fn begin(id: i32, limit: i32, mode: Mode) -> Result<Option<Pass>, SidecarError> {
+        let Some((src, live, bulk, looked, known, more)) = in_tx(mode, || {
+            Spi::connect_mut(|client| {
+                if mode == Mode::Caller {
+                    // The caller's transaction keeps every lock until it ends, so it must take the
+                    // source lock before it holds any row lock (the messages it reads): otherwise it
+                    // could hold messages while waiting for the lock held by a writer that waits for
+                    // those messages. Lock first, and two process() calls simply take turns.
+                    lock_source(client, id)?;
+                }
+                let Some(mut src) = load_source(client, id, mode)? else {
+                    return Ok(None);
+                };
+                if mode == Mode::Worker && src.paused {
+                    return Ok(None);
+                }
+                let current = model::model_id_of(&src.model)?;
+                if current != src.model_id {
+                    // the model's files changed under the same name: every vector is stale now
+                    client.update(
+                        "UPDATE embed_sidecar.sources SET model_id = $2 WHERE id = $1",
+                        None,
+                        &[id.into(), current.as_str().into()],
+                    )?;
+                    backfill(client, id, true)?;
+                    log!("pg_embed_sidecar: model {} changed to {current}; re-embedding", src.model_id);
+                    src.model_id = current;
+                }
+                // the live lane first; the bulk lane only fills what room is left, in small windows
+                let (limit, bulk_window) = match src.chunking {
+                    None => (limit, gucs::bulk_batch_size()),
+                    Some(_) => (limit.min(CHUNKED_ROWS_PER_PASS), gucs::bulk_batch_size().min(CHUNKED_ROWS_PER_PASS)),
+                };
+                let live = read_messages(client, &src.queue, limit)?;
+                let bulk_room = if src.bulk_paused { 0 } else { (limit - live.len() as i32).min(bulk_window) };
+                let bulk = if bulk_room > 0 { read_messages(client, &src.bulk_queue, bulk_room)? } else { Vec::new() };
+                let more = live.len() >= limit as usize || bulk.len() >= bulk_window as usize;
+                let mut keys: Vec<String> = live.iter().chain(&bulk).map(|m| m.key.clone()).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                let (looked, known) = if keys.is_empty() { Default::default() } else { lookup(client, &src, keys)? };
+                // (a pass read but not yet written keeps its messages in the queue, invisible: both
+                // checks below count them, so neither runs ahead of a pass still in flight)
+                if src.index_pending && bulk.is_empty() {
+                    // the backfill is done: its index, built once (sql/manage.sql)
+                    client.update("SELECT embed_sidecar._build_index_if_ready($1)", None, &[id.into()])?;
+                }
+                if src.shadow && live.is_empty() && bulk.is_empty() {
+                    // a complete shadow sidecar takes over (sql/manage.sql, set_model)
+                    client.update("SELECT embed_sidecar._promote_if_ready($1)", None, &[id.into()])?;
+                }
+                Ok(Some((src, live, bulk, looked, known, more)))
+            })
+        })?
+        else {
+            return Ok(None);
+        };
+        if live.is_empty() && bulk.is_empty() {
+            return Ok(None);
+        }
+        // decide, then start embedding (no transaction in the worker)
+        let plan = settle::plan(looked);
+        let mut failed = plan.failed;
+        let work = match src.chunking {
+            None => {
+                let texts: Vec<&str> = plan.embed.iter().map(|(_, text, _)| text.as_str()).collect();
+                let started = start_embed(&src.model, &texts);
+                Work::Rows(plan.embed, started)
             }
-            let Some(mut src) = load_source(client, id, mode)? else {
-                return Ok(None);
-            };
-            if mode == Mode::Worker && src.paused {
-                return Ok(None);
+            Some(budget) => {
+                let split = chunking::split(&src.model, budget, plan.embed, &known);
+                failed.extend(split.failed.iter().cloned());
+                let texts: Vec<&str> = split.texts.iter().map(String::as_str).collect();
+                let started = start_embed(&src.model, &texts);
+                Work::Passages(split, started)
             }
-            let current = model::model_id_of(&src.model)?;
-            if current != src.model_id {
-                // the model's files changed under the same name: every vector is stale now
-                client.update(
-                    "UPDATE embed_sidecar.sources SET model_id = $2 WHERE id = $1",
-                    None,
-                    &[id.into(), current.as_str().into()],
-                )?;
-                backfill(client, id, true)?;
-                log!("pg_embed_sidecar: model {} changed to {current}; re-embedding", src.model_id);
-                src.model_id = current;
-            }
-            // the live lane first; the bulk lane only fills what room is left, in small windows
-            let (limit, bulk_window) = match src.chunking {
-                None => (limit, gucs::bulk_batch_size()),
-                Some(_) => (limit.min(CHUNKED_ROWS_PER_PASS), gucs::bulk_batch_size().min(CHUNKED_ROWS_PER_PASS)),
-            };
-            let live = read_messages(client, &src.queue, limit)?;
-            let bulk_room = if src.bulk_paused { 0 } else { (limit - live.len() as i32).min(bulk_window) };
-            let bulk = if bulk_room > 0 { read_messages(client, &src.bulk_queue, bulk_room)? } else { Vec::new() };
-            let more = live.len() >= limit as usize || bulk.len() >= bulk_window as usize;
-            let mut keys: Vec<String> = live.iter().chain(&bulk).map(|m| m.key.clone()).collect();
-            keys.sort_unstable();
-            keys.dedup();
-            let (looked, known) = if keys.is_empty() { Default::default() } else { lookup(client, &src, keys)? };
-            if src.index_pending && bulk.is_empty() {
-                // the backfill is done: its index, built once (sql/manage.sql)
-                client.update("SELECT embed_sidecar._build_index_if_ready($1)", None, &[id.into()])?;
-            }
-            if src.shadow && live.is_empty() && bulk.is_empty() {
-                // a complete shadow sidecar takes over (sql/manage.sql, set_model)
-                client.update("SELECT embed_sidecar._promote_if_ready($1)", None, &[id.into()])?;
-            }
-            Ok(Some((src, live, bulk, looked, known, more)))
-        })
-    })?
-    else {
-        return Ok(PassStats::default());
-    };
-    if live.is_empty() && bulk.is_empty() {
-        return Ok(PassStats::default());
+        };
+        Ok(Some(Pass { id, src, live, bulk, more, clear: plan.clear, failed, work }))
     }
 
-    // Phase 2 (no transaction in the worker): decide and embed.
-    let plan = settle::plan(looked);
-    let mut failed = plan.failed;
-    let embedded = match src.chunking {
-        None => embed_rows(&src.model, src.dims, plan.embed, &mut failed),
-        Some(budget) => embed_passages(&src.model, budget, plan.embed, &known, &mut failed),
-    };
+    /// A lane filled its window: more is probably waiting.
+    pub fn more(&self) -> bool {
+        self.more
+    }
 
-    // Phase 3 (short transaction): write under the source's advisory lock. Each statement takes
-    // a fresh snapshot after the lock, and the upsert re-checks the content hash, so a vector is
-    // only written for content that is still current: a stale vector never overwrites a newer one.
-    let batch_len = live.len() + bulk.len();
-    let written = in_tx(mode, move || {
-        Spi::connect_mut(|client| {
-            lock_source(client, id)?;
-            let (written, write_failures) = write(client, &src, embedded, plan.clear)?;
-            failed.extend(write_failures);
-            let max_attempts = gucs::max_attempts();
-            let lanes = [
-                (src.queue.as_str(), settle::settle(&live, &failed, max_attempts)),
-                (src.bulk_queue.as_str(), settle::settle(&bulk, &failed, max_attempts)),
-            ];
-            apply(client, id, lanes, written)?;
-            Ok(written)
-        })
-    })?;
-    Ok(PassStats { messages: batch_len, embedded: written as usize, more })
+    /// Phase 2: wait for the vectors; a failing batch is bisected so the good rows proceed.
+    pub fn wait(self) -> Ready {
+        let Pass { id, src, live, bulk, clear, mut failed, work, .. } = self;
+        let embedded = match work {
+            Work::Rows(rows, started) => {
+                let texts: Vec<&str> = rows.iter().map(|(_, text, _)| text.as_str()).collect();
+                let results = isolate(&src.model, &texts, started);
+                assemble_rows(src.dims, rows, results, &mut failed)
+            }
+            Work::Passages(split, started) => {
+                let texts: Vec<&str> = split.texts.iter().map(String::as_str).collect();
+                let results = isolate(&src.model, &texts, started);
+                assemble_passages(split.rows, results, &mut failed)
+            }
+        };
+        Ready { id, src, live, bulk, clear, failed, embedded }
+    }
+}
+
+impl Ready {
+    /// Phase 3 (short transaction): write under the source's advisory lock, then settle every
+    /// message. Each statement takes a fresh snapshot after the lock, and the upsert re-checks the
+    /// content hash, so a vector is only written for content that is still current: a stale
+    /// vector never overwrites a newer one.
+    pub fn write(self, mode: Mode) -> Result<PassStats, SidecarError> {
+        let Ready { id, src, live, bulk, clear, mut failed, embedded } = self;
+        let messages = live.len() + bulk.len();
+        let written = in_tx(mode, move || {
+            Spi::connect_mut(|client| {
+                lock_source(client, id)?;
+                let (written, write_failures) = write(client, &src, embedded, clear)?;
+                failed.extend(write_failures);
+                let max_attempts = gucs::max_attempts();
+                let lanes = [
+                    (src.queue.as_str(), settle::settle(&live, &failed, max_attempts)),
+                    (src.bulk_queue.as_str(), settle::settle(&bulk, &failed, max_attempts)),
+                ];
+                apply(client, id, lanes, written)?;
+                Ok(written)
+            })
+        })?;
+        Ok(PassStats { messages, embedded: written as usize })
+    }
+
+    pub fn source_id(&self) -> i32 {
+        self.id
+    }
+
+    /// A chunked source's next pass must not be read before this one is written: what it looks up
+    /// (the passages each row has vectors for) would miss this pass's.
+    pub fn chunked(&self) -> bool {
+        self.src.chunking.is_some()
+    }
 }
 
 /// One vector per changed row (`failed` gets the rows whose inference failed).
-fn embed_rows(model: &str, dims: i32, rows: Vec<(String, String, Vec<u8>)>, failed: &mut HashMap<String, String>) -> Embedded {
-    let texts: Vec<&str> = rows.iter().map(|(_, text, _)| text.as_str()).collect();
-    let results = embed_isolating(model, &texts);
-    let mut out = Embedded { flat: Vec::with_capacity(texts.len() * dims as usize), ..Default::default() };
+fn assemble_rows(
+    dims: i32,
+    rows: Vec<(String, String, Vec<u8>)>,
+    results: Vec<Result<Vec<f32>, String>>,
+    failed: &mut HashMap<String, String>,
+) -> Embedded {
+    let mut out = Embedded { flat: Vec::with_capacity(rows.len() * dims as usize), ..Default::default() };
     for ((key, _, hash), result) in rows.into_iter().zip(results) {
         match result {
             Ok(v) => {
@@ -422,23 +521,18 @@ fn embed_rows(model: &str, dims: i32, rows: Vec<(String, String, Vec<u8>)>, fail
     out
 }
 
-/// A chunked source: each changed row cut into passages, and only passages the row has no vector
-/// for yet embedded. A row is written whole or not at all: one failed passage fails the row.
-fn embed_passages(
-    model: &str,
-    budget: (usize, usize),
-    rows: Vec<(String, String, Vec<u8>)>,
-    known: &Known,
+/// A chunked source: each changed row with its passages, new vectors from `results` (one per text
+/// of the split), known ones kept. A row is written whole or not at all: one failed passage fails
+/// the row.
+fn assemble_passages(
+    rows: Vec<chunking::RowChunks>,
+    results: Vec<Result<Vec<f32>, String>>,
     failed: &mut HashMap<String, String>,
 ) -> Embedded {
-    let split = chunking::split(model, budget, rows, known);
-    failed.extend(split.failed);
-    let texts: Vec<&str> = split.texts.iter().map(String::as_str).collect();
-    let results = embed_isolating(model, &texts);
     let mut out = Embedded::default();
     // position (1-based) in `flat` of each embedded text, once it is used by a row
     let mut index: HashMap<usize, usize> = HashMap::new();
-    for row in split.rows {
+    for row in rows {
         if let Some(e) = row.slots.iter().flatten().find_map(|&t| results[t].as_ref().err()) {
             failed.insert(row.key, e.clone());
             continue;
@@ -474,34 +568,34 @@ fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> 
     Ok(())
 }
 
-/// Embed texts; when a batch fails, split it in halves until the failing texts are alone, so one
-/// bad row never blocks the rows around it.
-fn embed_isolating(model_name: &str, texts: &[&str]) -> Vec<Result<Vec<f32>, String>> {
-    if texts.is_empty() {
-        return Vec::new();
-    }
-    match try_embed(model_name, texts) {
+/// The results of `started` (the whole of `texts`); when the batch failed, split it in halves
+/// until the failing texts are alone, so one bad row never blocks the rows around it.
+fn isolate(model_name: &str, texts: &[&str], started: Started) -> Vec<Result<Vec<f32>, String>> {
+    match started.wait() {
         Ok(vectors) => vectors.into_iter().map(Ok).collect(),
-        Err(e) if texts.len() == 1 => vec![Err(e.to_string())],
+        Err(e) if texts.len() <= 1 => texts.iter().map(|_| Err(e.to_string())).collect(),
         Err(_) => {
             let (a, b) = texts.split_at(texts.len() / 2);
-            let mut out = embed_isolating(model_name, a);
-            out.extend(embed_isolating(model_name, b));
+            let mut out = isolate(model_name, a, start_embed(model_name, a));
+            out.extend(isolate(model_name, b, start_embed(model_name, b)));
             out
         }
     }
 }
 
-fn try_embed(model_name: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
+fn start_embed(model_name: &str, texts: &[&str]) -> Started {
+    if texts.is_empty() {
+        return Started::Done(Ok(Vec::new()));
+    }
     // a cancel or SIGTERM is honoured before each inference call, not only between passes
     pg_sys::check_for_interrupts!();
     #[cfg(feature = "fault_injection")]
     if let Some(marker) = gucs::fail_marker() {
         if texts.iter().any(|t| t.contains(&marker)) {
-            return Err(SidecarError::Injected);
+            return Started::Done(Err(SidecarError::Injected));
         }
     }
-    model::embed_many_with(model_name, texts)
+    model::start_many_with(model_name, texts)
 }
 
 /// Registry ids of the sources a drain should visit, oldest first.

@@ -111,7 +111,7 @@ pub fn embed_many(texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
 
 /// Embed many texts with a named model for a drain (the service serves searches first).
 pub fn embed_many_with(model: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
-    embed_many_inner(Some(model), texts, Priority::Drain)
+    start_many_with(model, texts).wait()
 }
 
 fn model_name(model: Option<&str>) -> Result<String, SidecarError> {
@@ -121,17 +121,46 @@ fn model_name(model: Option<&str>) -> Result<String, SidecarError> {
 }
 
 fn embed_many_inner(model: Option<&str>, texts: &[&str], priority: Priority) -> Result<Vec<Vec<f32>>, SidecarError> {
-    let vectors = if service::usable() {
-        service::embed(&model_name(model)?, texts, priority)?
-    } else {
-        // the interrupt check may raise (cancel, statement_timeout): that unwinds out of the
-        // embedder between two batches, which leaves it intact for the next call
-        with_model(model, |e| Ok(e.embed_checked(texts, &mut || {
+    start(model, texts, priority).wait()
+}
+
+/// Texts on their way through the model: with the service they are embedded by another process
+/// while this one goes on until `wait()`; without it they were embedded by `start` itself.
+pub enum Started {
+    Service(service::Pending),
+    Done(Result<Vec<Vec<f32>>, SidecarError>),
+}
+
+impl Started {
+    pub fn wait(self) -> Result<Vec<Vec<f32>>, SidecarError> {
+        let vectors = match self {
+            Started::Service(pending) => pending.collect()?,
+            Started::Done(result) => result?,
+        };
+        TEXTS_EMBEDDED.with(|c| c.set(c.get() + vectors.len() as i64));
+        Ok(vectors)
+    }
+}
+
+/// Start embedding texts with a named model for a drain (the service serves searches first).
+pub fn start_many_with(model: &str, texts: &[&str]) -> Started {
+    start(Some(model), texts, Priority::Drain)
+}
+
+fn start(model: Option<&str>, texts: &[&str], priority: Priority) -> Started {
+    if service::usable() {
+        return match model_name(model).and_then(|name| service::submit(&name, texts, priority)) {
+            Ok(pending) => Started::Service(pending),
+            Err(e) => Started::Done(Err(e)),
+        };
+    }
+    // the interrupt check may raise (cancel, statement_timeout): that unwinds out of the
+    // embedder between two batches, which leaves it intact for the next call
+    Started::Done(with_model(model, |e| {
+        Ok(e.embed_checked(texts, &mut || {
             pgrx::check_for_interrupts!();
-        })?))?
-    };
-    TEXTS_EMBEDDED.with(|c| c.set(c.get() + texts.len() as i64));
-    Ok(vectors)
+        })?)
+    }))
 }
 
 /// Embed one text with `model` (default: the session's), answering a repeat of the previous

@@ -70,6 +70,10 @@ pub struct Header {
     pub worker_pid: [AtomicI32; WORKERS_MAX],
     pub worker_procno: [AtomicI32; WORKERS_MAX],
     next_seq: AtomicU64,
+    /// Texts embedded and microseconds spent embedding them, all workers together, since start:
+    /// `inference_service()` shows how busy the service is (a drain at its ceiling keeps it busy).
+    pub texts_served: AtomicU64,
+    pub busy_us: AtomicU64,
     pub slots: u32,
 }
 
@@ -227,6 +231,24 @@ impl Drop for Held {
 
 /// Embed `texts` with `model` through the service, in input order.
 pub fn embed(model: &str, texts: &[&str], priority: Priority) -> Result<Vec<Vec<f32>>, SidecarError> {
+    submit(model, texts, priority)?.collect()
+}
+
+/// Texts handed to the service whose vectors are not collected yet: the caller does other work
+/// (a drain writes its previous pass) while a worker embeds them.
+pub struct Pending {
+    header: &'static Header,
+    model: String,
+    priority: Priority,
+    /// Shortest first (see `submit`); `order[i]` is the input position of `texts[i]`.
+    texts: Vec<String>,
+    order: Vec<usize>,
+    /// The first slots' worth, submitted by `submit`; the rest go as slots come back.
+    first: Option<Held>,
+}
+
+/// Submit the first slots' worth of `texts` (at most half the ring) and return without waiting.
+pub fn submit(model: &str, texts: &[&str], priority: Priority) -> Result<Pending, SidecarError> {
     let header = header().ok_or_else(|| SidecarError::Sql("the inference service is not running".into()))?;
     if model.len() > MODEL_MAX {
         return Err(SidecarError::BadModelName(model.to_string()));
@@ -236,15 +258,23 @@ pub fn embed(model: &str, texts: &[&str], priority: Priority) -> Result<Vec<Vec<
     // stands in for token count, which only the worker can know). Results go back to input order.
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| texts[i].len());
-    let texts: Vec<&str> = order.iter().map(|&i| texts[i]).collect();
-    let mut out = Vec::with_capacity(texts.len());
-    let mut next = 0;
-    while next < texts.len() {
-        // take as many slots as are free (at least one), fill them, wait for all of them
+    let texts = order.iter().map(|&i| texts[i].to_string()).collect();
+    let mut pending = Pending { header, model: model.to_string(), priority, texts, order, first: None };
+    if !pending.texts.is_empty() {
+        pending.first = Some(pending.send(0)?);
+    }
+    Ok(pending)
+}
+
+impl Pending {
+    /// Claim as many slots as are free (at least one) for the texts from `next` on, fill them and
+    /// wake the workers.
+    fn send(&self, next: usize) -> Result<Held, SidecarError> {
+        let header = self.header;
         let mut held = Held { header, slots: Vec::new() };
         let started = Instant::now();
         while held.slots.is_empty() {
-            held.slots = claim(header, (texts.len() - next).min(header.slots as usize / 2).max(1));
+            held.slots = claim(header, (self.texts.len() - next).min(header.slots as usize / 2).max(1));
             if held.slots.is_empty() {
                 // the ring is full: back-pressure, not unbounded memory
                 wait(Duration::from_millis(10));
@@ -255,22 +285,31 @@ pub fn embed(model: &str, texts: &[&str], priority: Priority) -> Result<Vec<Vec<
             }
         }
         let (pid, procno) = my_ids();
-        for (&i, text) in held.slots.iter().zip(&texts[next..]) {
+        for (&i, text) in held.slots.iter().zip(&self.texts[next..]) {
             let s = slot(header, i);
-            fill(s, model, text, priority, pid, procno, header.next_seq.fetch_add(1, Ordering::Relaxed));
+            fill(s, &self.model, text, self.priority, pid, procno, header.next_seq.fetch_add(1, Ordering::Relaxed));
             s.state.store(SUBMITTED, Ordering::Release);
         }
         wake_workers(header);
-        let n = held.slots.len();
-        let results = collect(header, &held.slots)?;
-        out.extend(results);
-        next += n;
+        Ok(held)
     }
-    let mut in_order = vec![Vec::new(); out.len()];
-    for (&i, v) in order.iter().zip(out) {
-        in_order[i] = v;
+
+    /// Wait for every vector, submitting the rest of the texts as slots come back.
+    pub fn collect(mut self) -> Result<Vec<Vec<f32>>, SidecarError> {
+        let mut out = Vec::with_capacity(self.texts.len());
+        let mut held = self.first.take();
+        while let Some(h) = held {
+            out.extend(collect(self.header, &h.slots)?);
+            // the slots go back before the next ones are claimed
+            drop(h);
+            held = if out.len() < self.texts.len() { Some(self.send(out.len())?) } else { None };
+        }
+        let mut in_order = vec![Vec::new(); out.len()];
+        for (&i, v) in self.order.iter().zip(out) {
+            in_order[i] = v;
+        }
+        Ok(in_order)
     }
-    Ok(in_order)
 }
 
 fn no_worker() -> SidecarError {
@@ -380,4 +419,28 @@ pub fn wake_owner(s: &Slot) {
 /// For the worker: a finished or abandoned slot whose client is gone is freed.
 pub fn owner_alive(s: &Slot) -> bool {
     alive(s.owner_pid.load(Ordering::Relaxed))
+}
+
+#[pgrx::pg_schema]
+mod embed_sidecar {
+    use std::sync::atomic::Ordering;
+
+    use pgrx::prelude::*;
+
+    /// The instance's inference service: workers running, texts embedded and seconds spent
+    /// embedding since the server started. Busy seconds that grow as fast as the clock mean the
+    /// service is the bottleneck; NULLs when the library is not preloaded.
+    #[pg_extern(volatile, parallel_safe)]
+    fn inference_service(
+    ) -> TableIterator<'static, (name!(workers, Option<i32>), name!(texts, Option<i64>), name!(busy_seconds, Option<f64>))> {
+        let row = match super::header() {
+            Some(h) => (
+                Some((0..super::WORKERS_MAX).filter(|&i| super::alive(h.worker_pid[i].load(Ordering::Acquire))).count() as i32),
+                Some(h.texts_served.load(Ordering::Relaxed) as i64),
+                Some(h.busy_us.load(Ordering::Relaxed) as f64 / 1e6),
+            ),
+            None => (None, None, None),
+        };
+        TableIterator::once(row)
+    }
 }

@@ -79,7 +79,10 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
             last_search = Some(Instant::now());
         }
         nap = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
+        let busy = Instant::now();
         serve(header, me, &batch);
+        header.busy_us.fetch_add(busy.elapsed().as_micros() as u64, Ordering::Relaxed);
+        header.texts_served.fetch_add(batch.len() as u64, Ordering::Relaxed);
     }
     header.worker_pid[me].store(0, Ordering::Release);
     // exit code 1: the postmaster starts it again after its restart time (0 would retire it)

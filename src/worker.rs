@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
-use crate::drain::{active_sources, drain_pass, record_error, Mode};
+use crate::drain::{active_sources, record_error, Mode, Pass, Ready};
 use crate::error::SidecarError;
 use crate::gucs;
 use crate::roster;
@@ -48,8 +48,13 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
     // SAFETY: registers a callback that runs on every exit path, FATAL included
     unsafe { pg_sys::before_shmem_exit(Some(release), pg_sys::Datum::from(0usize)) };
     // Nothing a user creates in a writable schema may shadow what the drain calls.
+    // The drain's commits need not wait for their WAL flush: a pass's write and its queue deletes
+    // commit together, so a crash that loses the last few commits (at most wal_writer_delay times
+    // three) only puts their messages back in the queue, to be embedded again; nothing is lost and
+    // the sidecar never disagrees with the queue. Waiting for the flush cost two fsyncs a pass.
     let name = run_in_transaction(|| {
         Spi::run("SET search_path TO pg_catalog, pg_temp")?;
+        Spi::run("SET synchronous_commit TO off")?;
         Ok(Spi::get_one::<String>("SELECT current_database()::text")?.unwrap_or_default())
     })
     .unwrap_or_else(|e| {
@@ -60,6 +65,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
 
     let mut nap = Duration::ZERO;
     let mut benched = HashMap::new();
+    let mut carried = None;
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
@@ -67,7 +73,12 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         }
         // read before looking, so a CREATE EXTENSION committed meanwhile is not taken for absent
         let requested = roster::get(db.to_u32()).requested;
-        nap = match round(&mut benched) {
+        let result = round(&mut benched, &mut carried);
+        if !matches!(result, Ok(Some(true))) {
+            // no round follows at once: what was embedded is written before any nap
+            flush(&mut carried, &mut benched);
+        }
+        nap = match result {
             Ok(None) => {
                 roster::mark_absent(requested);
                 log!("pg_embed_sidecar: extension not installed in database \"{name}\"; worker exiting");
@@ -100,10 +111,15 @@ unsafe extern "C-unwind" fn release(_code: std::ffi::c_int, _arg: pg_sys::Datum)
 /// One round over all active sources. `None` when the extension is absent; otherwise whether any
 /// source filled a whole batch (then the next round starts at once).
 ///
+/// Passes are pipelined: a pass is begun (read, looked up, its texts handed to the inference
+/// service) before the previous pass, whose vectors are back (`carried`), is written; so the
+/// worker's SQL runs while the service embeds, instead of the service waiting for it. Without the
+/// service the model runs in this process and nothing would overlap: each pass is written first.
+///
 /// A source whose pass fails (model missing, table broken, queue dropped) is logged, its error is
 /// stored in `status.last_error`, and it is skipped for `ERROR_NAP`; the other sources go on at
 /// their own pace.
-fn round(benched: &mut HashMap<i32, Instant>) -> Result<Option<bool>, SidecarError> {
+fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Result<Option<bool>, SidecarError> {
     let sources = run_in_transaction(|| {
         Spi::connect(|client| {
             // to_regclass cannot raise, so a missing extension is not an error in the log
@@ -123,6 +139,7 @@ fn round(benched: &mut HashMap<i32, Instant>) -> Result<Option<bool>, SidecarErr
         return Ok(None);
     };
     let batch = gucs::batch_size();
+    let overlap = crate::service::usable();
     let mut full = false;
     let now = Instant::now();
     benched.retain(|_, until| *until > now);
@@ -132,26 +149,40 @@ fn round(benched: &mut HashMap<i32, Instant>) -> Result<Option<bool>, SidecarErr
         if benched.contains_key(&id) {
             continue;
         }
+        if !overlap || carried.as_ref().is_some_and(|r| r.source_id() == id && r.chunked()) {
+            flush(carried, benched);
+        }
         report_activity(&format!("pg_embed_sidecar: draining source {id}"));
-        match drain_pass(id, batch, Mode::Worker) {
-            Ok(stats) => {
-                debug1!(
-                    "pg_embed_sidecar: source {id}: {} messages, {} vectors written",
-                    stats.messages,
-                    stats.embedded
-                );
-                full |= stats.more
+        match Pass::begin(id, batch, Mode::Worker) {
+            Ok(Some(pass)) => {
+                full |= pass.more();
+                flush(carried, benched);
+                *carried = Some(pass.wait());
             }
-            Err(e) => {
-                warning!("pg_embed_sidecar: source {id}: {e}");
-                benched.insert(id, Instant::now() + ERROR_NAP);
-                if let Err(e2) = run_in_transaction(|| record_error(id, &e)) {
-                    warning!("pg_embed_sidecar: source {id}: could not record the error: {e2}");
-                }
-            }
+            Ok(None) => {}
+            Err(e) => bench(benched, id, e),
         }
     }
     Ok(Some(full))
+}
+
+/// Write the carried pass, if any.
+fn flush(carried: &mut Option<Ready>, benched: &mut HashMap<i32, Instant>) {
+    let Some(ready) = carried.take() else { return };
+    let id = ready.source_id();
+    match ready.write(Mode::Worker) {
+        Ok(stats) => debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded),
+        Err(e) => bench(benched, id, e),
+    }
+}
+
+/// Log a source's failed pass, show it in `status.last_error`, and leave the source alone a while.
+fn bench(benched: &mut HashMap<i32, Instant>, id: i32, e: SidecarError) {
+    warning!("pg_embed_sidecar: source {id}: {e}");
+    benched.insert(id, Instant::now() + ERROR_NAP);
+    if let Err(e2) = run_in_transaction(|| record_error(id, &e)) {
+        warning!("pg_embed_sidecar: source {id}: could not record the error: {e2}");
+    }
 }
 
 fn report_activity(what: &str) {

@@ -48,6 +48,21 @@ def test_shared_equals_local_and_loads_no_model_in_the_session():
     assert local_grown > 50 * 1024, f"local session grew by only {local_grown} KiB"
 
 
+def test_inference_service_counts_what_it_embeds_and_how_long_it_was_busy():
+    texts = [f"counted text {i} {time.time()}" for i in range(40)]
+    with connect() as c:
+        workers, texts0, busy0 = c.execute("SELECT * FROM embed_sidecar.inference_service()").fetchone()
+        t0 = time.time()
+        assert len(vectors(c, texts, "shared")) == 40
+        wall = time.time() - t0
+        _, texts1, busy1 = c.execute("SELECT * FROM embed_sidecar.inference_service()").fetchone()
+        c.execute("SET pg_embed_sidecar.inference = 'local'")
+    assert workers == 1
+    # a drain elsewhere may add its own texts meanwhile, never fewer than ours
+    assert texts1 - texts0 >= 40
+    assert 0 < busy1 - busy0 <= wall + 0.05
+
+
 def test_many_sessions_at_once_get_their_own_vectors():
     with connect() as c:
         expected = vectors(c, TEXTS, "local")
