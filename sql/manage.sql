@@ -68,7 +68,9 @@ BEGIN
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk_hash bytea NOT NULL,' ELSE '' END,
         key_cols, CASE WHEN chunk_tokens IS NOT NULL THEN ', chunk' ELSE '' END, key_cols, source, key_cols);
     side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
-    EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
+    IF fts_config IS NOT NULL THEN
+        EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
+    END IF;
     -- same owner and grants as the source
     -- (regrole's output is already a quoted identifier: %s, never %I or quote_ident on it)
     EXECUTE format('ALTER TABLE %s OWNER TO %s', side, rel.relowner::regrole);

@@ -56,6 +56,8 @@ ALTER TABLE embed_sidecar.sources ADD COLUMN chunk_tokens int CHECK (chunk_token
 ALTER TABLE embed_sidecar.sources
     ADD COLUMN vector_type text NOT NULL DEFAULT 'vector' CHECK (vector_type IN ('vector', 'halfvec')),
     ADD COLUMN index_pending boolean NOT NULL DEFAULT false;
+-- an embedding without full text (issue 13: watch(..., fts_config => NULL))
+ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config DROP NOT NULL;
 
 -- new Rust functions
 CREATE FUNCTION embed_sidecar."inference_service"() RETURNS TABLE (
@@ -639,7 +641,9 @@ BEGIN
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk_hash bytea NOT NULL,' ELSE '' END,
         key_cols, CASE WHEN chunk_tokens IS NOT NULL THEN ', chunk' ELSE '' END, key_cols, source, key_cols);
     side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
-    EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
+    IF fts_config IS NOT NULL THEN
+        EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
+    END IF;
     -- same owner and grants as the source
     -- (regrole's output is already a quoted identifier: %s, never %I or quote_ident on it)
     EXECUTE format('ALTER TABLE %s OWNER TO %s', side, rel.relowner::regrole);
@@ -1279,9 +1283,16 @@ CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search(
 AS $$
 DECLARE
     t record := embed_sidecar._search_target(source, embedding);
-    q real[] := embed_sidecar._embed_with(t.model, query);
-    old text := embed_sidecar._widen_ef_search(candidates);
+    q real[];
+    old text;
 BEGIN
+    IF t.fts_config IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: the sidecar of % keeps no full text for hybrid_search', source
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'It was watched with fts_config => NULL: use search(), or unwatch() and watch() it again with a text search configuration.';
+    END IF;
+    q := embed_sidecar._embed_with(t.model, query);
+    old := embed_sidecar._widen_ef_search(candidates);
     -- candidates are vectors (passages, when chunked) from each side; a row ranks by its best one
     -- on each side, and shows the passage of its vector side (else of its text side)
     RETURN QUERY EXECUTE format(

@@ -33,7 +33,7 @@ CREATE TABLE embed_sidecar.sources (
     model            text NOT NULL,             -- model directory name
     model_id         text NOT NULL,             -- name@sha256-prefix of the model's files
     dims             int NOT NULL,
-    fts_config       regconfig NOT NULL DEFAULT 'english',
+    fts_config       regconfig DEFAULT 'english',  -- NULL: no full text (no tsvector, no GIN index)
     -- bulk_paused: the live lane drains, the bulk lane waits (pause(source, bulk_only => true))
     state            text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused', 'bulk_paused')),
     created_at       timestamptz NOT NULL DEFAULT now(),

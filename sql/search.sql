@@ -90,9 +90,16 @@ CREATE FUNCTION embed_sidecar.hybrid_search(
 AS $$
 DECLARE
     t record := embed_sidecar._search_target(source, embedding);
-    q real[] := embed_sidecar._embed_with(t.model, query);
-    old text := embed_sidecar._widen_ef_search(candidates);
+    q real[];
+    old text;
 BEGIN
+    IF t.fts_config IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: the sidecar of % keeps no full text for hybrid_search', source
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'It was watched with fts_config => NULL: use search(), or unwatch() and watch() it again with a text search configuration.';
+    END IF;
+    q := embed_sidecar._embed_with(t.model, query);
+    old := embed_sidecar._widen_ef_search(candidates);
     -- candidates are vectors (passages, when chunked) from each side; a row ranks by its best one
     -- on each side, and shows the passage of its vector side (else of its text side)
     RETURN QUERY EXECUTE format(

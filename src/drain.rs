@@ -57,7 +57,8 @@ struct Source {
     model: String,
     model_id: String,
     dims: i32,
-    fts_config: String,
+    /// NULL (`watch(..., fts_config => NULL)`): no full text, `fts` stays NULL at no cost.
+    fts_config: Option<String>,
     owner: pg_sys::Oid,
     lookup_sql: String,
     upsert_sql: String,
@@ -112,7 +113,7 @@ fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option
         model: text(2)?,
         model_id: text(3)?,
         dims: row.get::<i32>(4)?.unwrap_or(0),
-        fts_config: text(5)?,
+        fts_config: row.get::<String>(5)?,
         owner: row.get::<pg_sys::Oid>(6)?.unwrap_or(pg_sys::InvalidOid),
         lookup_sql: text(7)?,
         upsert_sql: text(8)?,
@@ -216,7 +217,7 @@ fn write(
                     embedded.flat.into(),
                     src.dims.into(),
                     src.model_id.as_str().into(),
-                    src.fts_config.as_str().into(),
+                    src.fts_config.as_deref().into(),
                     clear.into(),
                     src.trim_sql.as_deref().into(),
                     src.chunking.map(|_| embedded.layouts).into(),
@@ -443,6 +444,16 @@ impl Pass {
         self.more
     }
 
+    pub fn source_id(&self) -> i32 {
+        self.id
+    }
+
+    /// A chunked source's next pass must not be read before this one is written: what it looks up
+    /// (the passages each row has vectors for) would miss this pass's.
+    pub fn chunked(&self) -> bool {
+        self.src.chunking.is_some()
+    }
+
     /// Phase 2: wait for the vectors; a failing batch is bisected so the good rows proceed.
     pub fn wait(self) -> Ready {
         let Pass { id, src, live, bulk, clear, mut failed, work, .. } = self;
@@ -485,16 +496,6 @@ impl Ready {
             })
         })?;
         Ok(PassStats { messages, embedded: written as usize })
-    }
-
-    pub fn source_id(&self) -> i32 {
-        self.id
-    }
-
-    /// A chunked source's next pass must not be read before this one is written: what it looks up
-    /// (the passages each row has vectors for) would miss this pass's.
-    pub fn chunked(&self) -> bool {
-        self.src.chunking.is_some()
     }
 }
 

@@ -1,6 +1,6 @@
 """Issue 4: semantic and hybrid search on a small fixture."""
 
-from conftest import one, wait
+from conftest import error_of, one, wait
 
 DOCS = [
     (1, "Chess engine", "A strong chess engine that calculates moves and plays chess against you."),
@@ -142,3 +142,18 @@ def test_halfvec_storage_halves_the_vectors_and_finds_the_same_rows(db):
                    (query,)) == ranked["body"][0]
     code, _, hint = error_of(db, "SELECT embed_sidecar.watch('docs', 'title', vector_type => 'float8')")
     assert code == "22023" and "halfvec" in hint
+
+
+def test_without_full_text_no_tsvector_no_gin_and_hybrid_search_says_why(db):
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, title text, body text)")
+    db.cursor().executemany("INSERT INTO docs VALUES (%s, %s, %s)", DOCS)
+    one(db, "SELECT embed_sidecar.watch('docs', 'body', fts_config => NULL)")
+    wait(db, "docs")
+    assert one(db, "SELECT count(*) FROM docs_embeddings") == len(DOCS)
+    assert one(db, "SELECT count(fts) FROM docs_embeddings") == 0
+    assert one(db, "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'docs_embeddings' AND indexdef LIKE '%USING gin%'") == 0
+    assert one(db, "SELECT (key->>0)::int FROM embed_sidecar.search('docs', 'play a game of chess with the computer', 1)") == 1
+    code, message, hint = error_of(db, "SELECT * FROM embed_sidecar.hybrid_search('docs', 'chess')")
+    assert code == "55000" and "keeps no full text" in message and "fts_config => NULL" in hint
+    # the registry keeps the choice (set_model() copies it to the shadow)
+    assert one(db, "SELECT fts_config IS NULL FROM embed_sidecar.sources WHERE source = 'docs'::regclass") is True
