@@ -444,16 +444,6 @@ impl Pass {
         self.more
     }
 
-    pub fn source_id(&self) -> i32 {
-        self.id
-    }
-
-    /// A chunked source's next pass must not be read before this one is written: what it looks up
-    /// (the passages each row has vectors for) would miss this pass's.
-    pub fn chunked(&self) -> bool {
-        self.src.chunking.is_some()
-    }
-
     /// Phase 2: wait for the vectors; a failing batch is bisected so the good rows proceed.
     pub fn wait(self) -> Ready {
         let Pass { id, src, live, bulk, clear, mut failed, work, .. } = self;
@@ -496,6 +486,16 @@ impl Ready {
             })
         })?;
         Ok(PassStats { messages, embedded: written as usize })
+    }
+
+    pub fn source_id(&self) -> i32 {
+        self.id
+    }
+
+    /// A chunked source's next pass must not be read before this one is written: what it looks up
+    /// (the passages each row has vectors for) would miss this pass's.
+    pub fn chunked(&self) -> bool {
+        self.src.chunking.is_some()
     }
 }
 

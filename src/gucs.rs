@@ -38,10 +38,9 @@ static INFERENCE_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// ONNX Runtime threads of each inference worker (postmaster); 0: one per CPU.
 static INFERENCE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Texts in flight at once through the service (postmaster; sizes shared memory, 74 KiB each).
-/// One call uses at most half of them per round trip (a drain a quarter), so two sessions always
-/// make progress.
+/// One call uses at most half of them per round trip, so two sessions always make progress.
 /// A full ring makes clients wait: back-pressure instead of unbounded memory.
-static INFERENCE_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(256);
+static INFERENCE_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(128);
 /// Optional allow-list of databases that get a drain worker (comma-separated); empty: every
 /// database that has the extension (the launcher finds them).
 static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);

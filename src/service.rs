@@ -247,7 +247,7 @@ pub struct Pending {
     first: Option<Held>,
 }
 
-/// Submit the first slots' worth of `texts` and return without waiting.
+/// Submit the first slots' worth of `texts` (at most half the ring) and return without waiting.
 pub fn submit(model: &str, texts: &[&str], priority: Priority) -> Result<Pending, SidecarError> {
     let header = header().ok_or_else(|| SidecarError::Sql("the inference service is not running".into()))?;
     if model.len() > MODEL_MAX {
@@ -273,14 +273,8 @@ impl Pending {
         let header = self.header;
         let mut held = Held { header, slots: Vec::new() };
         let started = Instant::now();
-        // A call holds at most half the ring; a drain, which keeps two passes in flight, a quarter
-        // each: sessions always find free slots, and two callers always make progress.
-        let share = match self.priority {
-            Priority::Interactive => 2,
-            Priority::Drain => 4,
-        };
         while held.slots.is_empty() {
-            held.slots = claim(header, (self.texts.len() - next).min(header.slots as usize / share).max(1));
+            held.slots = claim(header, (self.texts.len() - next).min(header.slots as usize / 2).max(1));
             if held.slots.is_empty() {
                 // the ring is full: back-pressure, not unbounded memory
                 wait(Duration::from_millis(10));

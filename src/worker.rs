@@ -3,14 +3,14 @@
 //! back-to-back while there is work, on its latch (set when a commit enqueues, src/wake.rs) or a
 //! slow heartbeat when idle. It exits when its database no longer has the extension.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
-use crate::drain::{active_sources, record_error, Mode, Pass};
+use crate::drain::{active_sources, record_error, Mode, Pass, Ready};
 use crate::error::SidecarError;
 use crate::gucs;
 use crate::roster;
@@ -20,12 +20,6 @@ use crate::xact::run_in_transaction;
 /// to spin, short enough that work resumes soon after the cause is fixed. A failed round (the
 /// registry itself unreadable) naps as long.
 const ERROR_NAP: Duration = Duration::from_secs(5);
-
-/// Passes begun (their texts handed to the inference service) and not yet written. With two, the
-/// service always has the next pass's texts while this worker writes the previous pass and reads
-/// the one after: measured on short rows, one in flight kept the service busy 0.91 of the time
-/// (it waited while the next pass was read and looked up).
-const IN_FLIGHT: usize = 2;
 
 /// Main function of a drain worker; the argument is its database's oid, `bgw_extra` the role's oid
 /// (empty: the bootstrap superuser).
@@ -71,7 +65,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
 
     let mut nap = Duration::ZERO;
     let mut benched = HashMap::new();
-    let mut in_flight = VecDeque::new();
+    let mut carried = None;
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
@@ -79,10 +73,10 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         }
         // read before looking, so a CREATE EXTENSION committed meanwhile is not taken for absent
         let requested = roster::get(db.to_u32()).requested;
-        let result = round(&mut benched, &mut in_flight);
+        let result = round(&mut benched, &mut carried);
         if !matches!(result, Ok(Some(true))) {
-            // no round follows at once: every pass begun is written before any nap
-            finish(&mut in_flight, 0, &mut benched);
+            // no round follows at once: what was embedded is written before any nap
+            flush(&mut carried, &mut benched);
         }
         nap = match result {
             Ok(None) => {
@@ -118,15 +112,14 @@ unsafe extern "C-unwind" fn release(_code: std::ffi::c_int, _arg: pg_sys::Datum)
 /// source filled a whole batch (then the next round starts at once).
 ///
 /// Passes are pipelined: a pass is begun (read, looked up, its texts handed to the inference
-/// service) while earlier ones are still being embedded, and written once its vectors are back
-/// (`IN_FLIGHT`); so the worker's SQL runs while the service embeds, instead of the service waiting
-/// for it. Without the service the model runs in this process and nothing would overlap: each pass
-/// is written before the next begins.
+/// service) before the previous pass, whose vectors are back (`carried`), is written; so the
+/// worker's SQL runs while the service embeds, instead of the service waiting for it. Without the
+/// service the model runs in this process and nothing would overlap: each pass is written first.
 ///
 /// A source whose pass fails (model missing, table broken, queue dropped) is logged, its error is
 /// stored in `status.last_error`, and it is skipped for `ERROR_NAP`; the other sources go on at
 /// their own pace.
-fn round(benched: &mut HashMap<i32, Instant>, in_flight: &mut VecDeque<Pass>) -> Result<Option<bool>, SidecarError> {
+fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Result<Option<bool>, SidecarError> {
     let sources = run_in_transaction(|| {
         Spi::connect(|client| {
             // to_regclass cannot raise, so a missing extension is not an error in the log
@@ -156,15 +149,15 @@ fn round(benched: &mut HashMap<i32, Instant>, in_flight: &mut VecDeque<Pass>) ->
         if benched.contains_key(&id) {
             continue;
         }
-        if !overlap || in_flight.iter().any(|p| p.source_id() == id && p.chunked()) {
-            finish(in_flight, 0, benched);
+        if !overlap || carried.as_ref().is_some_and(|r| r.source_id() == id && r.chunked()) {
+            flush(carried, benched);
         }
         report_activity(&format!("pg_embed_sidecar: draining source {id}"));
         match Pass::begin(id, batch, Mode::Worker) {
             Ok(Some(pass)) => {
                 full |= pass.more();
-                in_flight.push_back(pass);
-                finish(in_flight, if overlap { IN_FLIGHT - 1 } else { 0 }, benched);
+                flush(carried, benched);
+                *carried = Some(pass.wait());
             }
             Ok(None) => {}
             Err(e) => bench(benched, id, e),
@@ -173,15 +166,13 @@ fn round(benched: &mut HashMap<i32, Instant>, in_flight: &mut VecDeque<Pass>) ->
     Ok(Some(full))
 }
 
-/// Wait for and write the oldest passes until at most `keep` are in flight.
-fn finish(in_flight: &mut VecDeque<Pass>, keep: usize, benched: &mut HashMap<i32, Instant>) {
-    while in_flight.len() > keep {
-        let Some(pass) = in_flight.pop_front() else { return };
-        let id = pass.source_id();
-        match pass.wait().write(Mode::Worker) {
-            Ok(stats) => debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded),
-            Err(e) => bench(benched, id, e),
-        }
+/// Write the carried pass, if any.
+fn flush(carried: &mut Option<Ready>, benched: &mut HashMap<i32, Instant>) {
+    let Some(ready) = carried.take() else { return };
+    let id = ready.source_id();
+    match ready.write(Mode::Worker) {
+        Ok(stats) => debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded),
+        Err(e) => bench(benched, id, e),
     }
 }
 
