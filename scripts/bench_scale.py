@@ -6,22 +6,23 @@
                row has its vector and the HNSW index exists, against two ceilings on the same texts
                measured in the same run — embed_core with no PostgreSQL (scripts/bench.sh's
                ceiling) and embed_texts() through the inference service — plus how busy the
-               service was, what it embedded per busy second, and the memory of both workers
+               service was, what it embedded per busy second, the memory of both workers, and
+               the CPU each kind of server process spent per row; the largest size of each
+               workload again with wider bulk windows (--wide)
   grown index  10k more short rows written by a client into the 64k-row sidecar, whose HNSW index
                is then maintained row by row
-  steady load  short rows inserted at a fixed rate (a share of the service ceiling) for a minute:
-               whether the queue's backlog grows
+  steady load  short rows inserted at fixed rates (shares of the embed_texts ceiling) for a minute
+               each: whether the queue's backlog grows
 
 Needs the demo's `packages` table in database postgres (scripts/demo.sh); works in a database
 pes_bench_scale, created afresh and dropped after; `cargo build --release -p embed_core --bin embed_ceiling`
 first (scripts/bench.sh does).
-Usage: scripts/bench_scale.py [--short 1000,10000,64000] [--long 1000,10000] [--steady-share 0.8]"""
+Usage: scripts/bench_scale.py [--short 1000,10000,64000] [--long 1000,10000] [--wide 256] [--grown 10000]
+                              [--steady-share 0.5,0.65,0.8] [--steady-seconds 60]"""
 import argparse
 import os
 import threading
 import time
-
-import psycopg
 
 from bench import ceiling, connect, rss_kb
 
@@ -53,6 +54,51 @@ def worker_pids(c):
     return drain, inference
 
 
+def cpu_by_process(c):
+    """CPU seconds used so far by the server's processes, by kind: each live child of the
+    postmaster by its title, and the children that have exited (autovacuum workers, mostly), which
+    the kernel adds to the postmaster's children's time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open(os.path.join(c.execute("SHOW data_directory").fetchone()[0], "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                title = f.read().replace("\0", " ").strip()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            kind = kind_of(title)
+            out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        elif int(pid) == postmaster:
+            out[EXITED] = (int(fields[13]) + int(fields[14])) / tick
+    return out
+
+
+EXITED = "exited processes (autovacuum and index build workers, closed sessions)"
+KINDS = ["inference service", "drain worker", "autovacuum", "checkpointer, WAL and background writers", EXITED,
+         "other backends (the benchmark's session, ...)"]
+
+
+def cpu_delta(before, after):
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in KINDS}
+
+
+def kind_of(title):
+    for key, kind in [("pg_embed_sidecar inference", "inference service"), ("pg_embed_sidecar worker", "drain worker"),
+                      ("autovacuum", "autovacuum"), ("checkpointer", "checkpointer, WAL and background writers"),
+                      ("walwriter", "checkpointer, WAL and background writers"),
+                      ("background writer", "checkpointer, WAL and background writers")]:
+        if key in title:
+            return kind
+    return "other backends (the benchmark's session, ...)"
+
+
 def make_table(c, name, rows):
     c.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
     c.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, body text)")
@@ -70,23 +116,31 @@ def until_in_step(c, name):
 def backfill(c, name, rows):
     """watch() a table of `rows` and wait until it is in step with its index; the measurements."""
     make_table(c, name, rows)
-    s0, t0 = service(c), time.time()
+    cpu0, s0, t0 = cpu_by_process(c), service(c), time.time()
     c.execute("SELECT embed_sidecar.watch(%s, 'body')", (name,))
     until_in_step(c, name)
     took = time.time() - t0
-    s1 = service(c)
+    s1, cpu = service(c), cpu_delta(cpu0, cpu_by_process(c))
     bad = c.execute("SELECT missing + stale + orphans FROM embed_sidecar.verify(%s)", (name,)).fetchone()[0]
     assert bad == 0, f"{name}: verify found {bad} wrong"
     drain, inference = worker_pids(c)
     return {"rate": len(rows) / took, "busy": (s1[1] - s0[1]) / took, "per_busy_s": (s1[0] - s0[0]) / max(1e-9, s1[1] - s0[1]),
-            "drain_rss": rss_kb(drain), "inference_rss": rss_kb(inference)}
+            "drain_rss": rss_kb(drain), "inference_rss": rss_kb(inference), "cpu": cpu, "seconds": took}
 
 
-def scale_curve(c, workloads):
+def set_bulk_window(c, window):
+    """Bulk lane window of the worker (it reloads on SIGHUP between rounds); None: the default."""
+    c.execute(f"ALTER SYSTEM SET pg_embed_sidecar.bulk_batch_size = {int(window)}" if window else
+              "ALTER SYSTEM RESET pg_embed_sidecar.bulk_batch_size")
+    c.execute("SELECT pg_reload_conf()")
+    time.sleep(1.0)
+
+
+def scale_curve(c, workloads, wide):
     print("| workload | rows | rows/s | × embed_core ceiling | × embed_texts ceiling | service busy | "
           "service texts per busy s | drain worker RSS (own) | inference worker RSS (own) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    ceilings = {}
+    ceilings, breakdown = {}, []
     for label, column, sizes in workloads:
         if not sizes:
             continue
@@ -94,15 +148,27 @@ def scale_curve(c, workloads):
         sample = rows[:4096 if column == "synopsis" else 1024]
         raw, through_sql = ceiling(sample, os.cpu_count(), 256), sql_ceiling(c, sample)
         ceilings[label] = (raw, through_sql)
-        for n in sizes:
+        runs = [(n, None) for n in sizes] + [(n, w) for n in sizes[-1:] for w in wide]
+        for n, window in runs:
             part = rows[:n]
             name = f"bench_{label}"
+            if window:
+                set_bulk_window(c, window)
             m = backfill(c, name, part)
-            if n != max(sizes) or label != "short":
+            if window:
+                set_bulk_window(c, None)
+            if n != max(sizes) or label != "short" or window:
                 c.execute("SELECT embed_sidecar.unwatch(%s, true)", (name,))
-            print(f"| {label} | {len(part):,} | {m['rate']:.1f} | {m['rate'] / raw:.2f} | {m['rate'] / through_sql:.2f} | "
+            print(f"| {label}{f', bulk_batch_size {window}' if window else ''} | {len(part):,} | {m['rate']:.1f} | {m['rate'] / raw:.2f} | {m['rate'] / through_sql:.2f} | "
                   f"{m['busy']:.2f} | {m['per_busy_s']:.1f} | {m['drain_rss'][0] / 1024:.0f} ({m['drain_rss'][1] / 1024:.0f}) MiB | "
                   f"{m['inference_rss'][0] / 1024:.0f} ({m['inference_rss'][1] / 1024:.0f}) MiB |", flush=True)
+            breakdown.append((f"{label}{f' (bulk_batch_size {window})' if window else ''}", len(part), m))
+    print("\n| CPU ms per row, by process | " + " | ".join(KINDS) + " | total | cores busy |")
+    print("|---|" + "---:|" * (len(KINDS) + 2))
+    for label, n, m in breakdown:
+        total = sum(m["cpu"].values())
+        print(f"| {label}, {n:,} rows | " + " | ".join(f"{m['cpu'][k] * 1000 / n:.2f}" for k in KINDS) +
+              f" | {total * 1000 / n:.2f} | {total / m['seconds']:.2f} |")
     print()
     for label, (raw, through_sql) in ceilings.items():
         print(f"ceilings, {label}: embed_core {raw:.1f} rows/s, embed_texts() {through_sql:.1f} rows/s "
@@ -154,13 +220,14 @@ def steady(c, rate, seconds):
             sent = due
         time.sleep(max(0.0, t0 + (sent / rate) - time.time()))
     t_end = time.time()
+    during = list(depths)  # samples taken while rows arrived
     until_in_step(c, "bench_steady")
     after = time.time() - t_end
     done.set()
     sampler.join()
     c.execute("SELECT embed_sidecar.unwatch('bench_steady', true)")
-    half = depths[len(depths) // 2:]
-    return sent / (t_end - t0), max(depths), sum(half) / max(1, len(half)), depths[-1] if depths else 0, after
+    half = during[len(during) // 2:]
+    return sent / (t_end - t0), max(during), sum(half) / max(1, len(half)), during[-1], after
 
 
 def main():
@@ -168,8 +235,10 @@ def main():
     sizes = lambda s: [int(x) for x in s.split(",") if x]
     ap.add_argument("--short", type=sizes, default=[1000, 10000, 64000])
     ap.add_argument("--long", type=sizes, default=[1000, 10000])
+    ap.add_argument("--wide", type=sizes, default=[256], help="the largest size of each workload again with these bulk windows")
     ap.add_argument("--grown", type=int, default=10000, help="rows added to the 64k-row sidecar (0: skip)")
-    ap.add_argument("--steady-share", type=float, default=0.8, help="steady load as a share of the embed_texts ceiling")
+    ap.add_argument("--steady-share", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.5, 0.65, 0.8],
+                    help="steady loads, as shares of the embed_texts ceiling")
     ap.add_argument("--steady-seconds", type=int, default=60)
     args = ap.parse_args()
     with connect("dbname=postgres") as c:
@@ -181,17 +250,18 @@ def main():
         print(f"# drain throughput — {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, backfills by the worker "
               f"(bulk lane windows of {c.execute('SHOW pg_embed_sidecar.bulk_batch_size').fetchone()[0]}, "
               f"HNSW built once at or above {c.execute('SHOW pg_embed_sidecar.bulk_index_rows').fetchone()[0]} rows)\n")
-        ceilings = scale_curve(c, [("short", "synopsis", args.short), ("long", "description", args.long)])
+        ceilings = scale_curve(c, [("short", "synopsis", args.short), ("long", "description", args.long)], args.wide)
         if args.grown and args.short and max(args.short) >= 10000:
             grown_index(c, args.grown)
-        if args.steady_share > 0:
+        if args.steady_share:
             through_sql = ceilings.get("short", (0, sql_ceiling(c, texts("synopsis", 4096))))[1]
-            rate = args.steady_share * through_sql
-            got, peak, mean_late, last, after = steady(c, rate, args.steady_seconds)
             print("| steady load, short rows | arrival rows/s | × embed_texts ceiling | backlog max | backlog mean, 2nd half | "
                   "backlog at end | in step after the last insert |")
             print("|---|---:|---:|---:|---:|---:|---:|")
-            print(f"| {args.steady_seconds} s | {got:.1f} | {got / through_sql:.2f} | {peak} | {mean_late:.0f} | {last} | {after:.2f} s |")
+            for share in args.steady_share:
+                got, peak, mean_late, last, after = steady(c, share * through_sql, args.steady_seconds)
+                print(f"| {args.steady_seconds} s | {got:.1f} | {got / through_sql:.2f} | {peak} | {mean_late:.0f} | {last} | "
+                      f"{after:.2f} s |", flush=True)
     with connect("dbname=postgres") as c:
         c.execute(f"DROP DATABASE {DB} WITH (FORCE)")
 
