@@ -157,7 +157,8 @@ def scale_curve(c, workloads, wide):
             m = backfill(c, name, part)
             if window:
                 set_bulk_window(c, None)
-            if n != max(sizes) or label != "short" or window:
+            if label != "short" or (n, window) != runs[-1]:
+                # the last short run's sidecar stays for grown_index()
                 c.execute("SELECT embed_sidecar.unwatch(%s, true)", (name,))
             print(f"| {label}{f', bulk_batch_size {window}' if window else ''} | {len(part):,} | {m['rate']:.1f} | {m['rate'] / raw:.2f} | {m['rate'] / through_sql:.2f} | "
                   f"{m['busy']:.2f} | {m['per_busy_s']:.1f} | {m['drain_rss'][0] / 1024:.0f} ({m['drain_rss'][1] / 1024:.0f}) MiB | "
