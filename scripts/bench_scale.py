@@ -9,6 +9,7 @@
                service was, what it embedded per busy second, the memory of both workers, and
                the CPU each kind of server process spent per row; the largest size of each
                workload again with wider bulk windows (--wide)
+  full text    10k short rows with and without the tsvector column (watch(..., fts_config => NULL))
   grown index  10k more short rows written by a client into the 64k-row sidecar, whose HNSW index
                is then maintained row by row
   steady load  short rows inserted at fixed rates (shares of the embed_texts ceiling) for a minute
@@ -17,7 +18,7 @@
 Needs the demo's `packages` table in database postgres (scripts/demo.sh); works in a database
 pes_bench_scale, created afresh and dropped after; `cargo build --release -p embed_core --bin embed_ceiling`
 first (scripts/bench.sh does).
-Usage: scripts/bench_scale.py [--short 1000,10000,64000] [--long 1000,10000] [--wide 256] [--grown 10000]
+Usage: scripts/bench_scale.py [--short 1000,10000,64000] [--long 1000,10000] [--wide 256] [--fts-rows 10000] [--grown 10000]
                               [--steady-share 0.5,0.65,0.8] [--steady-seconds 60]"""
 import argparse
 import os
@@ -113,11 +114,11 @@ def until_in_step(c, name):
         time.sleep(0.05)
 
 
-def backfill(c, name, rows):
+def backfill(c, name, rows, fts=True):
     """watch() a table of `rows` and wait until it is in step with its index; the measurements."""
     make_table(c, name, rows)
     cpu0, s0, t0 = cpu_by_process(c), service(c), time.time()
-    c.execute("SELECT embed_sidecar.watch(%s, 'body')", (name,))
+    c.execute("SELECT embed_sidecar.watch(%s, 'body', fts_config => CASE WHEN %s THEN 'english'::regconfig END)", (name, fts))
     until_in_step(c, name)
     took = time.time() - t0
     s1, cpu = service(c), cpu_delta(cpu0, cpu_by_process(c))
@@ -176,6 +177,21 @@ def scale_curve(c, workloads, wide):
               f"({through_sql / raw:.2f}× of embed_core)")
     print()
     return ceilings
+
+
+def without_full_text(c, n):
+    """n short rows backfilled with and without the full-text column, side by side."""
+    rows = texts("synopsis", n)
+    print("| short rows, full text | rows | rows/s | drain worker CPU ms per row | all CPU ms per row | sidecar with indexes |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for fts in (True, False):
+        m = backfill(c, "bench_fts", rows, fts)
+        size = c.execute("SELECT pg_total_relation_size('bench_fts_embeddings')").fetchone()[0]
+        c.execute("SELECT embed_sidecar.unwatch('bench_fts', true)")
+        print(f"| {'fts_config english' if fts else 'fts_config => NULL'} | {n:,} | {m['rate']:.1f} | "
+              f"{m['cpu']['drain worker'] * 1000 / n:.2f} | {sum(m['cpu'].values()) * 1000 / n:.2f} | {size / 2**20:.1f} MiB |",
+              flush=True)
+    print()
 
 
 def grown_index(c, n):
@@ -237,6 +253,7 @@ def main():
     ap.add_argument("--short", type=sizes, default=[1000, 10000, 64000])
     ap.add_argument("--long", type=sizes, default=[1000, 10000])
     ap.add_argument("--wide", type=sizes, default=[256], help="the largest size of each workload again with these bulk windows")
+    ap.add_argument("--fts-rows", type=int, default=10000, help="short rows backfilled with and without full text (0: skip)")
     ap.add_argument("--grown", type=int, default=10000, help="rows added to the 64k-row sidecar (0: skip)")
     ap.add_argument("--steady-share", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.5, 0.65, 0.8],
                     help="steady loads, as shares of the embed_texts ceiling")
@@ -252,6 +269,8 @@ def main():
               f"(bulk lane windows of {c.execute('SHOW pg_embed_sidecar.bulk_batch_size').fetchone()[0]}, "
               f"HNSW built once at or above {c.execute('SHOW pg_embed_sidecar.bulk_index_rows').fetchone()[0]} rows)\n")
         ceilings = scale_curve(c, [("short", "synopsis", args.short), ("long", "description", args.long)], args.wide)
+        if args.fts_rows:
+            without_full_text(c, args.fts_rows)
         if args.grown and args.short and max(args.short) >= 10000:
             grown_index(c, args.grown)
         if args.steady_share:
