@@ -21,16 +21,15 @@ AS $$
 DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     -- the sidecar's vector type, schema-qualified: vectors arrive as real[] and are cast to it
-    vec_type text := format('%I.%I', (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector'),
-                            s.vector_type);
+    vec_type text := format('%I.%I', embed_sidecar._vector_schema(), s.vector_type);
     key_src text := embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key');
     src_cols text := embed_sidecar._columns(s.source, s.key_attnums, 'src');
     key_cols text;
 BEGIN
-    -- sidecar key columns are named like the source's; strip the alias for the INSERT column list
-    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY k.ord) INTO key_cols
-      FROM unnest(s.key_attnums) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_attribute a ON a.attrelid = s.source AND a.attnum = k.attnum;
+    -- the sidecar's own key column names (the source's may have been renamed since), for the
+    -- INSERT column list and ON CONFLICT
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum) INTO key_cols
+      FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
     lookup_sql := format(
         'SELECT v._pes_key::text, embed_sidecar._is_blank(%1$s) AS blank,
                 coalesce(sc.content_hash = embed_sidecar._content_hash(%1$s) AND sc.model = $2, false) AS unchanged,
@@ -38,10 +37,10 @@ BEGIN
            FROM unnest($1::jsonb[]) AS v(_pes_key)
                 LEFT JOIN %2$s src ON %3$s
                 LEFT JOIN %4$s sc ON %5$s%7$s',
-        content, s.source, key_src, s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'),
+        content, s.source, key_src, s.sidecar, embed_sidecar._side_join(s, 'sc', 'src'),
         CASE WHEN s.chunk_tokens IS NULL THEN 'NULL::text[]'
              ELSE format('ARRAY(SELECT encode(k.chunk_hash, ''hex'') FROM %s k WHERE %s AND k.model = $2)',
-                         s.sidecar, embed_sidecar._key_join(s.source, s.key_attnums, 'k', 'src')) END,
+                         s.sidecar, embed_sidecar._side_join(s, 'k', 'src')) END,
         embed_sidecar._row_filter(s, 'sc'));
     -- Locks are taken in the key's own order (not the JSON text's, where [10] sorts before [9]),
     -- the order in which a multi-row DELETE or UPDATE by key locks the same rows.
@@ -50,7 +49,7 @@ BEGIN
             'WITH w AS (
                INSERT INTO %1$s AS sc (%2$s, embedding, model, content_hash, fts, embedded_at)
                SELECT %3$s, ($3[((v.ord - 1) * $4 + 1):(v.ord * $4)])::%4$s, $5, v.hash,
-                      to_tsvector($6::regconfig, left(%5$s, 100000)), now()
+                      to_tsvector($6::regconfig, left(%5$s, 100000)), pg_catalog.now()
                  FROM unnest($1::jsonb[], $2::bytea[]) WITH ORDINALITY AS v(_pes_key, hash, ord)
                  JOIN %6$s src ON %7$s
                 WHERE embed_sidecar._content_hash(%5$s) = v.hash
@@ -75,7 +74,7 @@ BEGIN
                                        fts, embedded_at)
                SELECT %3$s, c.n - 1, c.s, c.e, embed_sidecar._content_hash(c.txt),
                       CASE WHEN c.vi > 0 THEN ($3[((c.vi - 1) * $4 + 1):(c.vi * $4)])::%4$s ELSE o.embedding END,
-                      $5, v.hash, to_tsvector($6::regconfig, c.txt), coalesce(o.embedded_at, now())
+                      $5, v.hash, to_tsvector($6::regconfig, c.txt), coalesce(o.embedded_at, pg_catalog.now())
                  FROM unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks)
                  JOIN %6$s src ON %7$s
                  CROSS JOIN LATERAL (
@@ -96,17 +95,17 @@ BEGIN
                RETURNING 1)
              SELECT count(*) FROM w',
             s.sidecar, key_cols, src_cols, vec_type, content, s.source, key_src,
-            embed_sidecar._key_join(s.source, s.key_attnums, 'o', 'src'));
+            embed_sidecar._side_join(s, 'o', 'src'));
         trim_sql := format(
             'DELETE FROM %1$s sc USING unnest($1::jsonb[], $2::bytea[], $7::jsonb[]) AS v(_pes_key, hash, chunks), %2$s src
               WHERE %3$s AND %4$s AND sc.chunk >= jsonb_array_length(v.chunks)
                 AND embed_sidecar._content_hash(%5$s) = v.hash',
-            s.sidecar, s.source, key_src, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
+            s.sidecar, s.source, key_src, embed_sidecar._side_join(s, 'sc', 'src'), content);
     END IF;
     clear_sql := format(
         'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key), %2$s src
           WHERE %3$s AND %4$s AND embed_sidecar._is_blank(%5$s)',
-        s.sidecar, s.source, key_src, embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), content);
+        s.sidecar, s.source, key_src, embed_sidecar._side_join(s, 'sc', 'src'), content);
 END
 $$;
 
@@ -145,7 +144,7 @@ $$;
 -- source (chunks not NULL) also drops each written row's passages past its new last one; its
 -- passages index into the whole vectors array, so a retried row gets all of it.
 CREATE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text, keys jsonb[], hashes bytea[], vectors real[],
-                                     dims int, model_id text, fts regconfig, clear_keys jsonb[],
+                                     dims int, model_id text, fts text, clear_keys jsonb[],
                                      trim_sql text, chunks jsonb[],
                                      OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp

@@ -24,3 +24,26 @@ BEGIN
 END
 $$;
 CREATE EVENT TRIGGER embed_sidecar_sql_drop ON sql_drop EXECUTE FUNCTION embed_sidecar._on_sql_drop();
+
+-- A watched table may not join an inheritance tree or a partitioned table later (CREATE TABLE ...
+-- INHERITS / PARTITION OF, ALTER TABLE ... INHERIT / ATTACH PARTITION): statement triggers on
+-- one table of a hierarchy miss the writes made through another, so its sidecar would silently
+-- fall behind. watch() refuses such tables for the same reason.
+CREATE FUNCTION embed_sidecar._on_ddl_end() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel regclass;
+BEGIN
+    SELECT x.source INTO rel FROM embed_sidecar.sources x
+     WHERE EXISTS (SELECT 1 FROM pg_inherits i WHERE x.source IN (i.inhparent, i.inhrelid))
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: watched table % cannot be part of an inheritance tree or a partitioned table', rel
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Statement triggers on one table of a hierarchy miss the writes made through another. Unwatch it first, or watch a plain table.';
+    END IF;
+END
+$$;
+CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION embed_sidecar._on_ddl_end();

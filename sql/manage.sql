@@ -20,33 +20,73 @@ BEGIN
 END
 $$;
 
--- One embedding of a table: its sidecar (keyed like the table, same owner and grants), registry
--- row, two queues and triggers; then the existing rows go on the bulk lane. Shared by watch() and
+-- A name cut to at most `bytes` bytes at a character boundary (left() counts characters, and a
+-- name longer than 63 bytes would be clipped by the type, maybe into another table's name).
+CREATE FUNCTION embed_sidecar._clip(value text, bytes int) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    WHILE octet_length(value) > bytes LOOP
+        value := left(value, -1);
+    END LOOP;
+    RETURN value;
+END
+$$;
+
+-- Who may read a sidecar: exactly who may read its source's rows. SELECT is granted to PUBLIC and
+-- row security keeps each sidecar row to the roles that can see the source row of the same key:
+-- the policy reads the source as the querying role, so the source's grants, its REVOKEs and its
+-- own row security all apply, now and after any later change. The whole source row is named in
+-- the policy, so reading a vector needs the right to read every column (the text included) but
+-- no column of the source depends on the policy (its content column can still be retyped or
+-- dropped). Only the owner (the drain, which runs as the owner) writes the sidecar.
+CREATE FUNCTION embed_sidecar._protect_sidecar(s embed_sidecar.sources) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
+              WHERE c.oid = s.sidecar AND a.grantee <> c.relowner LOOP
+        EXECUTE format('REVOKE ALL ON %s FROM %s', s.sidecar, CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    END LOOP;
+    EXECUTE format('GRANT SELECT ON %s TO PUBLIC', s.sidecar);
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', s.sidecar);
+    IF NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = s.sidecar AND polname = 'embed_sidecar_readable') THEN
+        EXECUTE format('CREATE POLICY embed_sidecar_readable ON %s FOR SELECT USING (EXISTS (SELECT src FROM %s src WHERE %s))',
+                       s.sidecar, s.source, embed_sidecar._side_join(s, (SELECT relname FROM pg_class WHERE oid = s.sidecar), 'src'));
+    END IF;
+END
+$$;
+
+-- One embedding of a table: its sidecar (keyed like the table, same owner, as readable as the
+-- table: _protect_sidecar), registry row, two queues and triggers; then the existing rows go on
+-- the bulk lane. Shared by watch() and
 -- set_model() (a shadow). Without sidecar_name the sidecar is called <table>_embeddings_<id>.
 CREATE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text, role text, content_attnum smallint,
-    template text, key_nums smallint[], sidecar_name name, model text, fts_config regconfig, backfill boolean,
+    template text, key_nums smallint[], sidecar_name name, model text, fts_config text, backfill boolean,
     chunk_tokens int, chunk_overlap int, vector_type text)
     RETURNS embed_sidecar.sources
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     rel        pg_class := (SELECT c FROM pg_class c WHERE c.oid = source);
-    vec_schema name := (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector');
+    vec_schema name := embed_sidecar._vector_schema();
+    schema     name := embed_sidecar._schema_of(source);
     ident      record;
     queued     bigint := 0;
     s          embed_sidecar.sources;
     side       regclass;
     key_defs   text;
     key_cols   text;
-    g          record;
 BEGIN
     SELECT m.model_id, m.dims INTO ident FROM embed_sidecar._model_identity(model) m;
     -- the queue is named by the registry id: short (pgmq limits names) and free of user text.
     -- Taking the id first means the row goes in whole, so concurrent watch() calls never collide.
     s.id := nextval('embed_sidecar.sources_id_seq');
-    sidecar_name := coalesce(sidecar_name, left(rel.relname, 40) || '_embeddings_' || s.id);
-    IF to_regclass(format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)) IS NOT NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in schema %', sidecar_name, rel.relnamespace::regnamespace
+    sidecar_name := coalesce(sidecar_name, embed_sidecar._clip(rel.relname, 40) || '_embeddings_' || s.id);
+    IF to_regclass(format('%I.%I', schema, sidecar_name)) IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in schema %', sidecar_name, quote_ident(schema)
             USING ERRCODE = 'duplicate_table', HINT = 'Pass another name as sidecar_name.';
     END IF;
     SELECT string_agg(format('%I %s NOT NULL', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
@@ -62,22 +102,18 @@ BEGIN
                              %s fts tsvector, embedded_at timestamptz NOT NULL DEFAULT now(),
                              PRIMARY KEY (%s%s),
                              FOREIGN KEY (%s) REFERENCES %s (%s) ON DELETE CASCADE ON UPDATE CASCADE)',
-        rel.relnamespace::regnamespace, sidecar_name, key_defs,
+        schema, sidecar_name, key_defs,
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk int NOT NULL, char_start int NOT NULL, char_end int NOT NULL,' ELSE '' END,
         vec_schema, vector_type, ident.dims,
         CASE WHEN chunk_tokens IS NOT NULL THEN 'chunk_hash bytea NOT NULL,' ELSE '' END,
         key_cols, CASE WHEN chunk_tokens IS NOT NULL THEN ', chunk' ELSE '' END, key_cols, source, key_cols);
-    side := format('%I.%I', rel.relnamespace::regnamespace, sidecar_name)::regclass;
+    side := format('%I.%I', schema, sidecar_name)::regclass;
     IF fts_config IS NOT NULL THEN
         EXECUTE format('CREATE INDEX ON %s USING gin (fts)', side);
     END IF;
-    -- same owner and grants as the source
+    -- same owner as the source
     -- (regrole's output is already a quoted identifier: %s, never %I or quote_ident on it)
     EXECUTE format('ALTER TABLE %s OWNER TO %s', side, rel.relowner::regrole);
-    FOR g IN SELECT a.privilege_type, a.grantee FROM aclexplode(rel.relacl) a WHERE a.grantee <> rel.relowner LOOP
-        EXECUTE format('GRANT %s ON %s TO %s', g.privilege_type, side,
-                       CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
-    END LOOP;
 
     INSERT INTO embed_sidecar.sources (id, source, embedding, role, content_attnum, template, key_attnums, sidecar,
                                        queue_name, model, model_id, dims, fts_config, chunk_tokens, chunk_overlap,
@@ -86,6 +122,7 @@ BEGIN
             'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config, chunk_tokens, chunk_overlap,
             vector_type)
     RETURNING * INTO s;
+    PERFORM embed_sidecar._protect_sidecar(s);
     -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
     PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
@@ -113,8 +150,7 @@ CREATE FUNCTION embed_sidecar._create_hnsw(s embed_sidecar.sources) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.%I)', s.sidecar,
-                   (SELECT extnamespace::regnamespace::name FROM pg_extension WHERE extname = 'vector'),
+    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.%I)', s.sidecar, embed_sidecar._vector_schema(),
                    s.vector_type || '_cosine_ops');
 END
 $$;
@@ -181,23 +217,12 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION embed_sidecar.watch(
-    source regclass,
-    content_column name DEFAULT NULL,
-    sidecar_name name DEFAULT NULL,
-    model text DEFAULT NULL,
-    backfill boolean DEFAULT true,
-    fts_config regconfig DEFAULT 'english',
-    embedding text DEFAULT NULL,
-    template text DEFAULT NULL,
-    chunking boolean DEFAULT false,
-    chunk_tokens int DEFAULT NULL,
-    chunk_overlap int DEFAULT NULL,
-    vector_type text DEFAULT 'vector'
-) RETURNS regclass
+CREATE FUNCTION embed_sidecar._do_watch(source regclass, content_column name, sidecar_name name, model text, backfill boolean, fts_config regconfig, embedding text, template text, chunking boolean, chunk_tokens int, chunk_overlap int, vector_type text) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.watch() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text)');
     rel        pg_class;
     key_nums   smallint[];
     is_first   boolean;
@@ -210,10 +235,16 @@ BEGIN
     END IF;
     PERFORM embed_sidecar._check_owner(source);
     SELECT * INTO rel FROM pg_class WHERE oid = source;
-    IF rel.relkind NOT IN ('r', 'p') THEN
+    IF rel.relkind = 'p' OR rel.relispartition
+       OR EXISTS (SELECT 1 FROM pg_inherits i WHERE source IN (i.inhparent, i.inhrelid)) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is partitioned, a partition, or part of an inheritance tree', source
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Statement triggers on one table of a hierarchy miss the writes made through another, so such tables are not watched. Watch a plain table.';
+    END IF;
+    IF rel.relkind <> 'r' THEN
         RAISE EXCEPTION 'pg_embed_sidecar: % is not a table', source USING ERRCODE = 'wrong_object_type';
     END IF;
-    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = watch.source) THEN
+    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = _do_watch.source) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: table % is a sidecar table', source USING ERRCODE = 'wrong_object_type';
     END IF;
     IF template IS NOT NULL AND embedding IS NULL THEN
@@ -221,10 +252,10 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass embedding => ''...''.';
     END IF;
     embedding := coalesce(embedding, content_column);
-    -- serialise watch() calls on one table, so two cannot both take the same embedding name
-    -- (one bigint key: a lock space apart from the (class, source id) locks of the drain)
-    PERFORM pg_advisory_xact_lock((1701667443::bigint << 32) | source::oid::bigint);
-    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source AND x.embedding = watch.embedding) THEN
+    -- serialise watch() calls on one table, so two cannot both take the same embedding name: the
+    -- lock CREATE TRIGGER takes anyway, taken first (an advisory lock is one any role could hold)
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', source);
+    IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = _do_watch.source AND x.embedding = _do_watch.embedding) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: table % already has an embedding %', source, quote_literal(embedding)
             USING ERRCODE = 'duplicate_object',
                   HINT = 'Name another one (embedding => ''...''), change its model with set_model(), or unwatch() it first.';
@@ -235,7 +266,7 @@ BEGIN
             USING ERRCODE = 'invalid_table_definition',
                   HINT = 'The sidecar is keyed by the source''s primary key: add one (e.g. ALTER TABLE ... ADD PRIMARY KEY).';
     END IF;
-    is_first := NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = watch.source);
+    is_first := NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = _do_watch.source);
     model := coalesce(model, current_setting('pg_embed_sidecar.model'));
     IF coalesce(chunking, false) THEN
         chunk := embed_sidecar._chunking(model, chunk_tokens, chunk_overlap, false);
@@ -254,31 +285,61 @@ BEGIN
         CASE WHEN template IS NOT NULL THEN embed_sidecar._compile_template(source, template) END,
         key_nums,
         -- the first embedding of a table gets the plain name
-        coalesce(sidecar_name, CASE WHEN is_first THEN left(rel.relname, 52) || '_embeddings' END),
-        model, fts_config, backfill, chunk[1], chunk[2], vector_type)).sidecar;
+        coalesce(sidecar_name, CASE WHEN is_first THEN embed_sidecar._clip(rel.relname, 52) || '_embeddings' END),
+        model, fts_config::text, backfill, chunk[1], chunk[2], vector_type)).sidecar;
+END
+$$;
+
+-- The public watch(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.watch(source regclass, content_column name DEFAULT NULL, sidecar_name name DEFAULT NULL, model text DEFAULT NULL, backfill boolean DEFAULT true, fts_config regconfig DEFAULT 'english', embedding text DEFAULT NULL, template text DEFAULT NULL, chunking boolean DEFAULT false, chunk_tokens int DEFAULT NULL, chunk_overlap int DEFAULT NULL, vector_type text DEFAULT 'vector') RETURNS regclass
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_watch(source, content_column, sidecar_name, model, backfill, fts_config, embedding, template, chunking, chunk_tokens, chunk_overlap, vector_type);
 END
 $$;
 COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text) IS
     'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row; vector or halfvec), and enqueue its existing rows';
 
-CREATE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
+CREATE FUNCTION embed_sidecar._do_unwatch(source regclass, drop_sidecar boolean, embedding text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.unwatch() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.unwatch(regclass, boolean, text)');
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
     s embed_sidecar.sources;
 BEGIN
     FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding ORDER BY x.id LOOP
-        -- First wait for a drain writing this source, and keep the next one out: its write holds
-        -- the source's advisory lock (src/drain.rs, 0x656d6273 = "embs") and then the sidecar and
-        -- source, and ends by updating the registry row deleted here; in the other order the two
-        -- deadlock.
-        PERFORM pg_advisory_xact_lock(1701667443, s.id);
+        -- First wait for a drain writing this source, and keep the next one out: its write locks
+        -- the registry row first (src/drain.rs), then the sidecar and source; in the other order
+        -- the two deadlock.
+        PERFORM embed_sidecar._lock_source(s.id);
         -- a shadow or previous sidecar is the extension's own working copy: it goes
         PERFORM embed_sidecar._forget(s, drop_sidecar OR s.role <> 'current');
     END LOOP;
 END
 $$;
+
+-- The public unwatch(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    PERFORM embed_sidecar._do_unwatch(source, drop_sidecar, embedding);
+END
+$$;
+
+-- The lock that serialises writers of one embedding (the drain's write, unwatch, set_model,
+-- drop_previous, process): its registry row. A row lock, not an advisory lock: any role can take
+-- advisory locks, but only roles that may update the registry can lock its rows.
+CREATE FUNCTION embed_sidecar._lock_source(source_id int) RETURNS boolean
+    LANGUAGE sql SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT true FROM embed_sidecar.sources WHERE id = source_id FOR NO KEY UPDATE;
+END;
 
 -- Remove everything watch() made except, unless asked, the sidecar table. Tolerates pieces that
 -- are already gone (used by the sql_drop event trigger too).
@@ -294,22 +355,35 @@ BEGIN
     PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
       WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
     IF drop_sidecar AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.sidecar) THEN
-        EXECUTE format('DROP TABLE %s', s.sidecar);
+        -- CASCADE: a view a reader made over the sidecar must not keep its owner from dropping it
+        EXECUTE format('DROP TABLE %s CASCADE', s.sidecar);
     END IF;
 END
 $$;
 
 -- Re-embed rows whose stored model or content hash is not current. Reloads the model identity
 -- first, so a replaced model file (new hash) is noticed. Returns the number of keys enqueued.
-CREATE FUNCTION embed_sidecar.reembed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
+CREATE FUNCTION embed_sidecar._do_reembed(source regclass, embedding text) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.reembed() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.reembed(regclass, text)');
     s embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
 BEGIN
     UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
      WHERE id = s.id RETURNING * INTO s;
     RETURN embed_sidecar._backfill(s.id, true);
+END
+$$;
+
+-- The public reembed(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.reembed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_reembed(source, embedding);
 END
 $$;
 
@@ -319,10 +393,12 @@ $$;
 -- transaction (_promote_if_ready, run by the drain) and the replaced one is kept, in step, for
 -- rollback_model() until drop_previous(). A switch in progress, and the previous one, make way for
 -- this one. Returns the number of rows the shadow has to embed.
-CREATE FUNCTION embed_sidecar.set_model(source regclass, model text, embedding text DEFAULT NULL) RETURNS bigint
+CREATE FUNCTION embed_sidecar._do_set_model(source regclass, model text, embedding text) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.set_model() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.set_model(regclass, text, text)');
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
     old embed_sidecar.sources;
     shadow embed_sidecar.sources;
@@ -333,7 +409,7 @@ BEGIN
     END IF;
     FOR old IN SELECT * FROM embed_sidecar.sources x
                 WHERE x.source = cur.source AND x.embedding = cur.embedding AND x.role <> 'current' LOOP
-        PERFORM pg_advisory_xact_lock(1701667443, old.id);  -- as in unwatch()
+        PERFORM embed_sidecar._lock_source(old.id);  -- as in unwatch()
         PERFORM embed_sidecar._forget(old, true);
     END LOOP;
     -- a chunked embedding stays chunked, its passages cut to the new model's window if smaller
@@ -346,6 +422,16 @@ BEGIN
     -- nothing to embed (an empty table): it takes over now
     PERFORM embed_sidecar._promote_if_ready(shadow.id);
     RETURN (SELECT x.bulk_total FROM embed_sidecar.sources x WHERE x.id = shadow.id);
+END
+$$;
+
+-- The public set_model(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.set_model(source regclass, model text, embedding text DEFAULT NULL) RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_set_model(source, model, embedding);
 END
 $$;
 
@@ -379,10 +465,12 @@ $$;
 
 -- Undo the last switch: the previous embedding becomes current again and the current one previous
 -- (both were kept in step, so either way round is complete). Returns the sidecar now in use.
-CREATE FUNCTION embed_sidecar.rollback_model(source regclass, embedding text DEFAULT NULL) RETURNS regclass
+CREATE FUNCTION embed_sidecar._do_rollback_model(source regclass, embedding text) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.rollback_model() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.rollback_model(regclass, text)');
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
     prev embed_sidecar.sources := embed_sidecar._source(source, cur.embedding, 'previous');
 BEGIN
@@ -392,24 +480,48 @@ BEGIN
 END
 $$;
 
+-- The public rollback_model(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.rollback_model(source regclass, embedding text DEFAULT NULL) RETURNS regclass
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_rollback_model(source, embedding);
+END
+$$;
+
 -- Drop what the last switch replaced (its sidecar, queues and triggers): no more rollback.
-CREATE FUNCTION embed_sidecar.drop_previous(source regclass, embedding text DEFAULT NULL) RETURNS void
+CREATE FUNCTION embed_sidecar._do_drop_previous(source regclass, embedding text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.drop_previous() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.drop_previous(regclass, text)');
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
     prev embed_sidecar.sources := embed_sidecar._source(source, cur.embedding, 'previous');
 BEGIN
-    PERFORM pg_advisory_xact_lock(1701667443, prev.id);  -- as in unwatch()
+    PERFORM embed_sidecar._lock_source(prev.id);  -- as in unwatch()
     PERFORM embed_sidecar._forget(prev, true);
 END
 $$;
 
+-- The public drop_previous(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.drop_previous(source regclass, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    PERFORM embed_sidecar._do_drop_previous(source, embedding);
+END
+$$;
+
 -- Put dead-lettered rows of an embedding (all its versions) back on their queues. Returns how many.
-CREATE FUNCTION embed_sidecar.retry_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
+CREATE FUNCTION embed_sidecar._do_retry_failed(source regclass, embedding text) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.retry_failed() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.retry_failed(regclass, text)');
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
     s embed_sidecar.sources;
     keys jsonb[];
@@ -427,13 +539,25 @@ BEGIN
 END
 $$;
 
+-- The public retry_failed(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.retry_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_retry_failed(source, embedding);
+END
+$$;
+
 -- Paused sources keep enqueueing; only draining stops. bulk_only pauses just the bulk lane
 -- (backfill, reembed, set_model): writers' changes keep being embedded, the backfill resumes where
 -- it stopped. Applies to every version of the embedding (current, shadow, previous).
-CREATE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
+CREATE FUNCTION embed_sidecar._do_pause(source regclass, bulk_only boolean, embedding text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.pause() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.pause(regclass, boolean, text)');
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
 BEGIN
     UPDATE embed_sidecar.sources SET state = CASE WHEN bulk_only THEN 'bulk_paused' ELSE 'paused' END
@@ -441,13 +565,35 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION embed_sidecar.resume(source regclass, embedding text DEFAULT NULL) RETURNS void
+-- The public pause(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    PERFORM embed_sidecar._do_pause(source, bulk_only, embedding);
+END
+$$;
+
+CREATE FUNCTION embed_sidecar._do_resume(source regclass, embedding text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.resume() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.resume(regclass, text)');
     cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
 BEGIN
     UPDATE embed_sidecar.sources SET state = 'active' WHERE sources.source = cur.source AND sources.embedding = cur.embedding;
+END
+$$;
+
+-- The public resume(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.resume(source regclass, embedding text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    PERFORM embed_sidecar._do_resume(source, embedding);
 END
 $$;
 
@@ -464,10 +610,12 @@ $$;
 
 -- Drain queued changes in this session (no worker needed): the same code path the worker runs.
 -- Returns the number of queue messages handled.
-CREATE FUNCTION embed_sidecar.process(source regclass DEFAULT NULL, max_rows int DEFAULT 1000) RETURNS bigint
+CREATE FUNCTION embed_sidecar._do_process(source regclass, max_rows int) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.process() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.process(regclass, int)');
     s embed_sidecar.sources;
     done bigint := 0;
 BEGIN
@@ -478,13 +626,23 @@ BEGIN
         PERFORM embed_sidecar._check_watched(source);
     END IF;
     FOR s IN SELECT * FROM embed_sidecar.sources x
-              WHERE (process.source IS NULL OR x.source = process.source) ORDER BY x.id LOOP
-        CONTINUE WHEN process.source IS NULL
+              WHERE (_do_process.source IS NULL OR x.source = _do_process.source) ORDER BY x.id LOOP
+        CONTINUE WHEN _do_process.source IS NULL
                   AND NOT pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = s.source), 'USAGE');
         PERFORM embed_sidecar._check_owner(s.source);
         done := done + embed_sidecar._process(s.id, max_rows - done::int);
         EXIT WHEN done >= max_rows;
     END LOOP;
     RETURN done;
+END
+$$;
+
+-- The public process(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.process(source regclass DEFAULT NULL, max_rows int DEFAULT 1000) RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_process(source, max_rows);
 END
 $$;

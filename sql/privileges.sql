@@ -10,21 +10,33 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_si
     embed_sidecar.search(regclass, text, int, text),
     embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text),
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
-    embed_sidecar._worker_state(), embed_sidecar._installed_models() TO PUBLIC;
+    embed_sidecar._worker_state(), embed_sidecar._installed_models(), embed_sidecar._key_json(embed_sidecar.sources, text),
+    embed_sidecar._side_join(embed_sidecar.sources, text, text), embed_sidecar._sidecar_keys(embed_sidecar.sources),
+    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._session_role() TO PUBLIC;
+-- The bodies of the management functions: each checks that its caller may execute the public one
+-- (embed_sidecar._check_may), so the administrator grants those, as before.
+GRANT EXECUTE ON FUNCTION
+    embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text),
+    embed_sidecar._do_unwatch(regclass, boolean, text), embed_sidecar._do_reembed(regclass, text),
+    embed_sidecar._do_set_model(regclass, text, text), embed_sidecar._do_rollback_model(regclass, text),
+    embed_sidecar._do_drop_previous(regclass, text), embed_sidecar._do_retry_failed(regclass, text),
+    embed_sidecar._do_pause(regclass, boolean, text), embed_sidecar._do_resume(regclass, text),
+    embed_sidecar._do_process(regclass, int), embed_sidecar._do_wait(regclass, interval) TO PUBLIC;
 -- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),
     embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
     embed_sidecar._template_attnums(text), embed_sidecar._is_blank(text),
-    embed_sidecar._enqueue(int, text[]) TO PUBLIC;
+    embed_sidecar._enqueue(int, text[]), embed_sidecar._invalid_keys(text, text[]) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),
     embed_sidecar._lookup(text, jsonb[], text),
-    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, regconfig, jsonb[], text, jsonb[]) TO PUBLIC;
+    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, text, jsonb[], text, jsonb[]) TO PUBLIC;
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
+    embed_sidecar._embed_query(text, text, text),
     embed_sidecar.model_info(), embed_sidecar.texts_embedded(), embed_sidecar.chunk_text(text, text, int, int),
     embed_sidecar.inference_service() TO PUBLIC;
 

@@ -33,7 +33,10 @@ CREATE TABLE embed_sidecar.sources (
     model            text NOT NULL,             -- model directory name
     model_id         text NOT NULL,             -- name@sha256-prefix of the model's files
     dims             int NOT NULL,
-    fts_config       regconfig DEFAULT 'english',  -- NULL: no full text (no tsvector, no GIN index)
+    -- the text search configuration by name (NULL: no full text, no tsvector, no GIN index); text,
+    -- not regconfig, because pg_upgrade refuses clusters with reg* columns other than
+    -- regclass/regtype/regrole in any table
+    fts_config       text DEFAULT 'english',
     -- bulk_paused: the live lane drains, the bulk lane waits (pause(source, bulk_only => true))
     state            text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused', 'bulk_paused')),
     created_at       timestamptz NOT NULL DEFAULT now(),
@@ -121,6 +124,49 @@ BEGIN ATOMIC
       JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum;
 END;
 
+-- The sidecar's key columns are its first ones, in key order (_create_embedding makes them so):
+-- found by position, never by the source's attribute numbers or current names, which a sidecar
+-- does not share (a key column renamed in the source keeps its old name in the sidecar).
+CREATE FUNCTION embed_sidecar._sidecar_keys(s embed_sidecar.sources) RETURNS smallint[]
+    LANGUAGE sql IMMUTABLE
+    RETURN ARRAY(SELECT pg_catalog.generate_series(1, pg_catalog.cardinality(s.key_attnums))::smallint);
+
+-- 'sc."id" = src."id" AND ...': a sidecar's key columns (alias sc) against its source's (alias src).
+CREATE FUNCTION embed_sidecar._side_join(s embed_sidecar.sources, sc text, src text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format('%I.%I = %I.%I', sc, a.attname, src, b.attname), ' AND ' ORDER BY k.ord)
+      FROM unnest(s.key_attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = s.sidecar AND a.attnum = k.ord
+      JOIN pg_catalog.pg_attribute b ON b.attrelid = s.source AND b.attnum = k.attnum;
+END;
+
+-- The key of a sidecar row as a JSON array, an expression over alias: what search returns. A
+-- column of a type defined outside pg_catalog goes through its text form: jsonb_build_array would
+-- otherwise call a cast to json that the type's owner may have created, as whoever searches.
+CREATE FUNCTION embed_sidecar._key_json(s embed_sidecar.sources, alias text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT format('pg_catalog.jsonb_build_array(%s)',
+                  string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace THEN '%I.%I' ELSE '%I.%I::text' END,
+                                    alias, a.attname), ', ' ORDER BY a.attnum))
+      FROM pg_catalog.pg_attribute a
+      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+     WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+END;
+
+-- A schema's name, for %I (regnamespace's output is already quoted: '%I' of it quotes twice).
+CREATE FUNCTION embed_sidecar._schema_of(rel regclass) RETURNS name
+    LANGUAGE sql STABLE
+    RETURN (SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+
+-- pgvector's schema, for %I.
+CREATE FUNCTION embed_sidecar._vector_schema() RETURNS name
+    LANGUAGE sql STABLE
+    RETURN (SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+             WHERE e.extname = 'vector');
+
 -- 'r."id" = (j->>0)::integer AND r."lang" = (j->>1)::text': match a key sent as a JSON array.
 CREATE FUNCTION embed_sidecar._key_from_json(rel regclass, attnums smallint[], r text, j text) RETURNS text
     LANGUAGE sql STABLE
@@ -195,6 +241,21 @@ BEGIN
 END
 $$;
 
+-- Internal management functions are callable by anyone (their public wrapper runs as the caller,
+-- src/authority.rs), so each first checks that the calling role may execute the public function it
+-- stands for: granting EXECUTE on embed_sidecar.watch() is what lets a role watch its tables.
+CREATE FUNCTION embed_sidecar._check_may(fn regprocedure) RETURNS boolean
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT has_function_privilege(embed_sidecar._calling_role(), fn, 'EXECUTE') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: permission denied for function %', fn
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Call the public function; its EXECUTE privilege is what grants this.';
+    END IF;
+    RETURN true;
+END
+$$;
+
 -- The registry row of one embedding of a watched table: the one named (role 'current' unless
 -- asked otherwise), or, when none is named, the table's only one.
 CREATE FUNCTION embed_sidecar._source(rel regclass, embedding text DEFAULT NULL, role text DEFAULT 'current')
@@ -250,12 +311,11 @@ $$;
 CREATE FUNCTION embed_sidecar._readable_source(rel regclass, embedding text DEFAULT NULL) RETURNS embed_sidecar.sources
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    s embed_sidecar.sources := embed_sidecar._source(rel, embedding);
 BEGIN
-    IF NOT has_table_privilege(embed_sidecar._calling_role(), s.sidecar, 'SELECT') THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', s.sidecar USING ERRCODE = 'insufficient_privilege';
+    -- privileges first: a caller who may not read the table learns nothing of its embeddings
+    IF rel IS NOT NULL AND NOT has_table_privilege(embed_sidecar._calling_role(), rel, 'SELECT') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', rel USING ERRCODE = 'insufficient_privilege';
     END IF;
-    RETURN s;
+    RETURN embed_sidecar._source(rel, embedding);
 END
 $$;

@@ -21,10 +21,10 @@ BEGIN
     sidecar := s.sidecar;
     model := s.model;
     model_id := s.model_id;
-    key_json := format('jsonb_build_array(%s)', embed_sidecar._columns(s.sidecar, s.key_attnums, 'sc'));
+    key_json := embed_sidecar._key_json(s, 'sc');
     SELECT format('%I.%I', n, s.vector_type), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
-      FROM (SELECT extnamespace::regnamespace::name AS n FROM pg_extension WHERE extname = 'vector') x;
-    fts_config := s.fts_config;
+      FROM embed_sidecar._vector_schema() n;
+    fts_config := s.fts_config::regconfig;
     chunked := s.chunk_tokens IS NOT NULL;
     passage_cols := CASE WHEN chunked THEN 'sc.chunk, sc.char_start, sc.char_end'
                          ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END;
@@ -52,11 +52,12 @@ CREATE FUNCTION embed_sidecar._candidates(chunked boolean, k int) RETURNS int
 
 CREATE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10, embedding text DEFAULT NULL)
     RETURNS TABLE (key jsonb, distance float8, chunk int, char_start int, char_end int)
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
+    entered boolean := embed_sidecar._enter();  -- who searches (src/authority.rs)
     t record := embed_sidecar._search_target(source, embedding);
-    q real[] := embed_sidecar._embed_with(t.model, query);
+    q real[] := embed_sidecar._embed_query(t.model, t.model_id, query);
     n int := embed_sidecar._candidates(t.chunked, k);
     old text := embed_sidecar._widen_ef_search(n);
 BEGIN
@@ -86,9 +87,10 @@ CREATE FUNCTION embed_sidecar.hybrid_search(
     candidates int DEFAULT 100, vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0,
     rrf_k int DEFAULT 60, embedding text DEFAULT NULL)
     RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int, chunk int, char_start int, char_end int)
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
+    entered boolean := embed_sidecar._enter();  -- who searches (src/authority.rs)
     t record := embed_sidecar._search_target(source, embedding);
     q real[];
     old text;
@@ -98,7 +100,7 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'It was watched with fts_config => NULL: use search(), or unwatch() and watch() it again with a text search configuration.';
     END IF;
-    q := embed_sidecar._embed_with(t.model, query);
+    q := embed_sidecar._embed_query(t.model, t.model_id, query);
     old := embed_sidecar._widen_ef_search(candidates);
     -- candidates are vectors (passages, when chunked) from each side; a row ranks by its best one
     -- on each side, and shows the passage of its vector side (else of its text side)

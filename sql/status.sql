@@ -12,7 +12,7 @@ BEGIN ATOMIC
     SELECT l.queue_length, make_interval(secs => coalesce(l.oldest_msg_age_sec, 0)), b.queue_length
       FROM embed_sidecar.sources s, pgmq.metrics(s.queue_name) l, pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name)) b
      WHERE s.id = _queue_backlog.source_id
-       AND has_table_privilege(embed_sidecar._calling_role(), s.source, 'SELECT');
+       AND has_table_privilege(embed_sidecar._session_role(), s.source, 'SELECT');
 END;
 
 -- pending / oldest_pending_age: the live lane (changes made by writers). bulk_*: the bulk lane
@@ -33,7 +33,9 @@ SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q
            AS bulk_progress,
        CASE WHEN q.bulk_pending > 0 AND s.bulk_total > q.bulk_pending
             THEN (now() - s.bulk_started_at) * q.bulk_pending / (s.bulk_total - q.bulk_pending) END AS bulk_eta,
-       s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered, s.last_error, s.last_error_at,
+       s.last_embedded_at, s.acked, s.embedded AS vectors_written, s.dead_lettered,
+       -- errors may quote a row's key or text (or what a writer put on the queue): owners only
+       CASE WHEN pg_has_role(c.relowner, 'USAGE') THEN s.last_error END AS last_error, s.last_error_at,
        embed_sidecar._worker_state() AS worker,
        CASE WHEN s.chunk_tokens IS NOT NULL
             THEN greatest(pg_stat_get_live_tuples(s.sidecar), (SELECT reltuples::bigint FROM pg_class WHERE oid = s.sidecar), 0) END
@@ -54,12 +56,13 @@ COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched tabl
 CREATE FUNCTION embed_sidecar.verify(source regclass, embedding text DEFAULT NULL,
     OUT source_rows bigint, OUT embedded_rows bigint, OUT missing bigint, OUT stale bigint, OUT orphans bigint,
     OUT chunks bigint)
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
+    entered boolean := embed_sidecar._enter();  -- who verifies (src/authority.rs)
     s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
-    key_join text := embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src');
+    key_join text := embed_sidecar._side_join(s, 'sc', 'src');
 BEGIN
     IF s.chunk_tokens IS NULL THEN
         EXECUTE format(
@@ -125,10 +128,12 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interval DEFAULT '60 seconds') RETURNS boolean
+CREATE FUNCTION embed_sidecar._do_wait(source regclass, timeout interval) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- called by embed_sidecar.wait() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.wait(regclass, interval)');
     deadline timestamptz := clock_timestamp() + timeout;
     ids int[];
     -- polls every 20 ms at first (a test's few rows), backing off to 250 ms (a long backfill)
@@ -137,7 +142,7 @@ BEGIN
     IF source IS NOT NULL THEN
         PERFORM embed_sidecar._check_watched(source);
     END IF;
-    SELECT array_agg(x.id) INTO ids FROM embed_sidecar.sources x WHERE wait.source IS NULL OR x.source = wait.source;
+    SELECT array_agg(x.id) INTO ids FROM embed_sidecar.sources x WHERE _do_wait.source IS NULL OR x.source = _do_wait.source;
     LOOP
         IF NOT EXISTS (SELECT 1 FROM unnest(ids) r WHERE NOT embed_sidecar._queues_empty(r)) THEN
             RETURN true;
@@ -148,5 +153,15 @@ BEGIN
         PERFORM pg_sleep(least(nap, greatest(0, extract(epoch FROM deadline - clock_timestamp()))));
         nap := least(nap * 1.25, 0.25);
     END LOOP;
+END
+$$;
+
+-- The public wait(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interval DEFAULT '60 seconds') RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_wait(source, timeout);
 END
 $$;

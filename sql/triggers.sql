@@ -50,7 +50,39 @@ BEGIN ATOMIC
             AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
                         OR sc.model IS DISTINCT FROM $2)',
         embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
-        embed_sidecar._key_join(s.source, s.key_attnums, 'sc', 'src'), embed_sidecar._row_filter(s, 'sc'),
+        embed_sidecar._side_join(s, 'sc', 'src'), embed_sidecar._row_filter(s, 'sc'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));
 END;
+
+-- The check _enqueue runs on a writer's keys (src/enqueue.rs): $1 keys text[] → how many are not
+-- the JSON array of one key of the table, of at most max_bytes. Each element is cast to its
+-- column's type, so a key the drain could not look up never reaches the queue.
+CREATE FUNCTION embed_sidecar._keys_check_sql(s embed_sidecar.sources, max_bytes int) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT format(
+        'SELECT count(*) FROM unnest($1::text[]) AS u(t) CROSS JOIN LATERAL (SELECT u.t::jsonb AS j) v
+          WHERE CASE WHEN u.t IS NULL OR octet_length(u.t) > %s THEN true
+                     WHEN jsonb_typeof(v.j) <> ''array'' THEN true
+                     WHEN jsonb_array_length(v.j) <> %s THEN true
+                     ELSE num_nulls(%s) > 0 END',
+        max_bytes, cardinality(s.key_attnums),
+        string_agg(format('(v.j->>%s)::%s', k.ord - 1, pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord))
+      FROM unnest(s.key_attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = s.source AND a.attnum = k.attnum;
+END;
+
+-- Run a _keys_check_sql statement as the caller: NULL when every key is valid, else why not.
+CREATE FUNCTION embed_sidecar._invalid_keys(check_sql text, keys text[]) RETURNS text
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    bad bigint;
+BEGIN
+    EXECUTE check_sql INTO bad USING keys;
+    RETURN CASE WHEN bad > 0 THEN format('%s of %s keys are not the JSON array of a key of the table', bad, cardinality(keys)) END;
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLERRM;
+END
+$$;

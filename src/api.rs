@@ -24,6 +24,13 @@ mod embed_sidecar {
         model::embed_one_with(Some(model), content).or_report()
     }
 
+    /// A search's query vector (sql/search.sql): refused when the model's files are no longer those
+    /// that made the sidecar's vectors (`model_id`).
+    #[pg_extern(stable, strict, parallel_restricted, name = "_embed_query")]
+    fn embed_query(model: &str, model_id: &str, content: &str) -> Vec<f32> {
+        model::embed_query(model, model_id, content).or_report()
+    }
+
     #[pg_extern(stable, strict, parallel_restricted, name = "_embed_many")]
     fn embed_many(
         contents: Array<'_, &str>,
@@ -106,5 +113,5 @@ mod embed_sidecar {
     }
 
     extension_sql_file!("../sql/api.sql", name = "api", requires = [embed, embed_many, installed_models]);
-    extension_sql_file!("../sql/search.sql", name = "search", requires = [embed_with, "registry"]);
+    extension_sql_file!("../sql/search.sql", name = "search", requires = [embed_with, embed_query, "registry"]);
 }

@@ -9,6 +9,10 @@
 //! planted runs with the owner's rights, and cannot SET ROLE, create temporary objects or leave
 //! state behind for later privileged code. Queue and registry work keeps the caller's identity.
 //!
+//! Nothing the owner's code does may outlive the operation: settings it changes (even with a plain
+//! `SET` or `set_config(..., false)`) are rolled back when the operation ends, as VACUUM, ANALYZE
+//! and index builds roll back what index functions set (`AtEOXact_GUC(false, ...)`). Otherwise a
+//! planted `SET search_path` would survive into the worker's next, privileged, statement.
 //! Restoring on error needs nothing here: aborting the (sub)transaction puts the user id, the
 //! security context and the GUC nest level back, exactly as for VACUUM.
 
@@ -46,12 +50,30 @@ pub fn run_as<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> Result
         level
     };
     let result = f();
-    // SAFETY: undoes exactly the switch above, in reverse order
+    // SAFETY: undoes exactly the switch above, in reverse order; `false` discards every setting
+    // changed at this level or below (the pinned path and whatever the owner's code set)
     unsafe {
-        pg_sys::AtEOXact_GUC(true, nest_level);
+        pg_sys::AtEOXact_GUC(false, nest_level);
         pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
     }
     result
+}
+
+/// Pin `search_path` until the end of the current transaction (`SET LOCAL`).
+pub fn pin_search_path_local() {
+    // SAFETY: plain GUC assignment inside a transaction; the value is a constant that parses
+    unsafe {
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            PINNED_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
 }
 
 /// Run `f` as the owner of a user's table, inside a security-restricted operation.
@@ -66,19 +88,99 @@ pub fn current_role() -> pg_sys::Oid {
     unsafe { pg_sys::GetUserId() }
 }
 
+// ---- who is calling ----
+//
+// Management and search functions are SECURITY DEFINER underneath (they write the registry and
+// pgmq's schema), so inside them `current_user` is the extension's owner and the outer role
+// (`GetOuterUserId`, the session's role after SET ROLE) is not who PostgreSQL would judge either:
+// inside a SECURITY DEFINER function of role B, called by a superuser, PostgreSQL's own commands
+// judge B, and inside the drain's security-restricted operation the outer role is the worker's
+// superuser while the code running is the table owner's. So each public function is a thin
+// SECURITY INVOKER wrapper that first calls `_enter()`, which records `GetUserId()` — the role
+// PostgreSQL judges at that point — in `pg_embed_sidecar.caller`, scoped to the wrapper by its
+// own `SET pg_embed_sidecar.caller = ''` clause; the definer body then asks `_calling_role()`.
+// The value carries a keyed hash of the role, with a key only this backend knows, so setting
+// the variable by hand (anyone may) forges nothing.
+
+thread_local! {
+    /// This backend's key for the caller mark: random, never shown.
+    static CALLER_KEY: std::collections::hash_map::RandomState = std::collections::hash_map::RandomState::new();
+}
+
+fn caller_mark(role: pg_sys::Oid) -> String {
+    use std::hash::BuildHasher;
+    let mac = CALLER_KEY.with(|k| k.hash_one(("pg_embed_sidecar caller", role.to_u32())));
+    format!("{}:{mac:016x}", role.to_u32())
+}
+
+fn refuse_in_restricted_operation() {
+    // SAFETY: reads a backend-global variable
+    if unsafe { pg_sys::InSecurityRestrictedOperation() } {
+        SidecarError::Refused {
+            code: pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            message: "cannot manage or search embeddings inside a security-restricted operation".into(),
+            hint: "Triggers, index expressions and policies run by the drain, VACUUM or REFRESH MATERIALIZED VIEW \
+                   act for the table's owner and may not call pg_embed_sidecar's functions.",
+        }
+        .report();
+    }
+}
+
 #[pg_schema]
 mod embed_sidecar {
     use pgrx::prelude::*;
 
-    /// The role the session acts as outside any SECURITY DEFINER function: the login role, or the
-    /// role chosen with SET ROLE (a pooler such as PostgREST's authenticator switches roles that
-    /// way). Management functions check ownership against it: `session_user` would be the pooler's
-    /// login and `current_user` inside them is the definer.
-    #[pg_extern(stable, parallel_safe, name = "_calling_role")]
+    use super::{caller_mark, refuse_in_restricted_operation};
+    use crate::error::SidecarError;
+
+    /// Record the calling role for the function that calls this (see "who is calling" above).
+    #[pg_extern(volatile, parallel_restricted, name = "_enter")]
+    fn enter() -> bool {
+        refuse_in_restricted_operation();
+        let mark = std::ffi::CString::new(caller_mark(super::current_role())).unwrap_or_default();
+        // SAFETY: plain GUC assignment inside a transaction; the value is ours and parses
+        unsafe {
+            pg_sys::set_config_option(
+                c"pg_embed_sidecar.caller".as_ptr(),
+                mark.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_LOCAL,
+                true,
+                0,
+                false,
+            );
+        }
+        true
+    }
+
+    /// The role that called the public function running now, as recorded by `_enter()`. Refused
+    /// inside a security-restricted operation, and when no public function recorded a caller
+    /// (an internal function called directly).
+    #[pg_extern(stable, parallel_restricted, name = "_calling_role")]
     fn calling_role() -> pg_sys::Oid {
+        refuse_in_restricted_operation();
+        let mark = crate::gucs::caller();
+        let role = mark.split(':').next().and_then(|r| r.parse::<u32>().ok()).map(pg_sys::Oid::from);
+        match role.filter(|&r| caller_mark(r) == mark) {
+            Some(role) => role,
+            None => SidecarError::Refused {
+                code: pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                message: "no caller recorded: call pg_embed_sidecar's public functions, not its internal ones".into(),
+                hint: "Use embed_sidecar.watch(), unwatch(), search() and the other documented functions.",
+            }
+            .report(),
+        }
+    }
+
+    /// The session's role (after SET ROLE): for the status view, which asks per row whether the
+    /// reader may see a source's backlog and has no wrapper to record a caller.
+    #[pg_extern(stable, parallel_safe, name = "_session_role")]
+    fn session_role() -> pg_sys::Oid {
+        refuse_in_restricted_operation();
         // SAFETY: reads a backend-global variable
         unsafe { pg_sys::GetOuterUserId() }
     }
 
-    extension_sql_file!("../sql/registry.sql", name = "registry", requires = [calling_role]);
+    extension_sql_file!("../sql/registry.sql", name = "registry", requires = [calling_role, session_role, enter]);
 }

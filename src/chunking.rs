@@ -16,6 +16,7 @@ use embed_core::{content_hash, Chunk, Chunker};
 use pgrx::prelude::*;
 
 use crate::error::SidecarError;
+use crate::gucs;
 use crate::model;
 
 /// Passage budgets below this say nothing a single sentence would not.
@@ -62,7 +63,21 @@ pub fn settings(model: &str, tokens: Option<i32>, overlap: Option<i32>, fit: boo
 
 /// The passages of `text` for `model`, as a chunked sidecar stores them.
 pub fn chunks(model: &str, tokens: usize, overlap: usize, text: &str) -> Result<Vec<Chunk>, SidecarError> {
-    Ok(chunker(model, tokens, overlap)?.chunks(text)?)
+    cut(&*chunker(model, tokens, overlap)?, text)
+}
+
+/// `chunker.chunks(text)`, after the size check: tokenising holds memory in proportion to the
+/// text, so the limit is checked before (`pg_embed_sidecar.chunk_text_max`).
+fn cut(chunker: &Chunker, text: &str) -> Result<Vec<Chunk>, SidecarError> {
+    let max = gucs::chunk_text_max_bytes();
+    if text.len() > max {
+        return Err(SidecarError::Refused {
+            code: pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            message: format!("text of {} bytes is over pg_embed_sidecar.chunk_text_max ({} kB)", text.len(), max / 1024),
+            hint: "A superuser can raise pg_embed_sidecar.chunk_text_max; tokenising takes about 170 bytes of memory per byte of text.",
+        });
+    }
+    Ok(chunker.chunks(text)?)
 }
 
 /// The chunker for a model and budget, loaded once per process (and again if its files change).
@@ -129,7 +144,7 @@ pub fn split(
     let mut slot_of: HashMap<String, usize> = HashMap::new();
     let none = HashSet::new();
     for (key, text, hash) in rows {
-        let chunks = match chunker.chunks(&text) {
+        let chunks = match cut(&chunker, &text) {
             Ok(c) => c,
             Err(e) => {
                 out.failed.push((key, e.to_string()));

@@ -4,7 +4,9 @@
 //! `ProcessUtility` hook (installed only when preloaded, like the workers) holds the launcher off
 //! that database and stops its worker before such a command runs, so the command proceeds as if
 //! the extension were not there; afterwards (or if it fails) the worker comes back, except after a
-//! successful `DROP DATABASE`.
+//! successful `DROP DATABASE`. Only a command that can succeed does so: one run by the database's
+//! owner or a superuser, outside a transaction block. Anyone may type `DROP DATABASE x`, and a
+//! loop of failing ones must not keep x's drain down.
 
 use std::ffi::CStr;
 
@@ -78,6 +80,14 @@ unsafe extern "C-unwind" fn guard_utility(
     let Some((db, drops)) = database_needed((*pstmt).utilityStmt) else {
         return run();
     };
+    // the checks the command itself makes before anything else: leave the worker alone when it
+    // will fail anyway (the command then raises its own error)
+    let may = pg_sys::superuser() || pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId());
+    // DROP DATABASE cannot run in a transaction block or a function
+    let in_block = context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL || pg_sys::IsTransactionBlock();
+    if !may || (drops && in_block) {
+        return run();
+    }
     if let Some(pid) = roster::hold(db.to_u32()) {
         // the worker ends at its next interrupt check; the command itself waits up to 5 s for
         // the database's other sessions to go (CountOtherDBBackends)

@@ -27,8 +27,10 @@ use crate::model::{self, Started};
 use crate::settle::{self, Looked, Message, Settlement};
 use crate::xact::run_in_transaction;
 
-/// Namespace of our advisory locks (ASCII "embs"); the second key is the source id.
-const LOCK_CLASS: i32 = 0x656d_6273;
+/// How long the worker's write waits for a lock (the registry row a `process()` caller holds, a
+/// source row a writer holds `FOR UPDATE`) before giving the pass up: a lock any session can take
+/// must not stall the worker, and with it every other source of the database.
+const WORKER_LOCK_TIMEOUT: &str = "2s";
 
 /// Most rows one pass takes from a chunked source's lanes: a long row is dozens of passages, and
 /// a pass should end well within the visibility timeout (60 s). Measured on two cores: ~23 full
@@ -206,7 +208,7 @@ fn write(
         let row = client
             .update(
                 "SELECT written, failed_keys::text[], failed_errors
-                   FROM embed_sidecar._write($1, $2, $3::text[]::jsonb[], $4, $5, $6, $7, $8::regconfig, $9::text[]::jsonb[],
+                   FROM embed_sidecar._write($1, $2, $3::text[]::jsonb[], $4, $5, $6, $7, $8, $9::text[]::jsonb[],
                                              $10, $11::text[]::jsonb[])",
                 None,
                 &[
@@ -258,7 +260,7 @@ fn apply(
             "INSERT INTO embed_sidecar.failures AS f (source_id, key, error, attempts)
              SELECT $1, k::jsonb, e, a FROM unnest($2::text[], $3::text[], $4::int[]) AS u(k, e, a)
              ON CONFLICT (source_id, key) DO UPDATE
-                SET error = EXCLUDED.error, attempts = f.attempts + EXCLUDED.attempts, last_failed = now()",
+                SET error = EXCLUDED.error, attempts = f.attempts + EXCLUDED.attempts, last_failed = pg_catalog.now()",
             None,
             &[id.into(), keys.into(), errors.into(), attempts.into()],
         )?;
@@ -266,9 +268,9 @@ fn apply(
     client.update(
         "UPDATE embed_sidecar.sources
             SET acked = acked + $2, embedded = embedded + $3, dead_lettered = dead_lettered + $4,
-                last_embedded_at = CASE WHEN $3 > 0 THEN now() ELSE last_embedded_at END,
+                last_embedded_at = CASE WHEN $3 > 0 THEN pg_catalog.now() ELSE last_embedded_at END,
                 last_error = coalesce($5, last_error),
-                last_error_at = CASE WHEN $5 IS NULL THEN last_error_at ELSE now() END
+                last_error_at = CASE WHEN $5 IS NULL THEN last_error_at ELSE pg_catalog.now() END
           WHERE id = $1",
         None,
         &[id.into(), acked.into(), written.into(), dead.into(), last_error.into()],
@@ -304,7 +306,7 @@ fn settle_queue(
 pub fn record_error(id: i32, error: &SidecarError) -> Result<(), SidecarError> {
     Spi::connect_mut(|client| {
         client.update(
-            "UPDATE embed_sidecar.sources SET last_error = $2, last_error_at = now() WHERE id = $1",
+            "UPDATE embed_sidecar.sources SET last_error = $2, last_error_at = pg_catalog.now() WHERE id = $1",
             None,
             &[id.into(), error.to_string().into()],
         )?;
@@ -360,7 +362,7 @@ impl Pass {
     /// outage (missing file) costs no attempts; notice a replaced model; read messages; look up;
     /// decide (`settle::plan`); then hand the changed texts to the model. `None`: nothing to do.
     pub fn begin(id: i32, limit: i32, mode: Mode) -> Result<Option<Pass>, SidecarError> {
-        let Some((src, live, bulk, looked, known, more)) = in_tx(mode, || {
+        let Some((src, live, bulk, looked, known, more, overdue)) = in_tx(mode, || {
             Spi::connect_mut(|client| {
                 if mode == Mode::Caller {
                     // The caller's transaction keeps every lock until it ends, so it must take the
@@ -376,6 +378,7 @@ impl Pass {
                     return Ok(None);
                 }
                 let current = model::model_id_of(&src.model)?;
+                model::ensure_loadable(&src.model, &current)?;
                 if current != src.model_id {
                     // the model's files changed under the same name: every vector is stale now
                     client.update(
@@ -396,7 +399,10 @@ impl Pass {
                 let bulk_room = if src.bulk_paused { 0 } else { (limit - live.len() as i32).min(bulk_window) };
                 let bulk = if bulk_room > 0 { read_messages(client, &src.bulk_queue, bulk_room)? } else { Vec::new() };
                 let more = live.len() >= limit as usize || bulk.len() >= bulk_window as usize;
-                let mut keys: Vec<String> = live.iter().chain(&bulk).map(|m| m.key.clone()).collect();
+                let mut overdue = settle::overdue(&live, gucs::max_attempts());
+                overdue.extend(settle::overdue(&bulk, gucs::max_attempts()));
+                let mut keys: Vec<String> =
+                    live.iter().chain(&bulk).map(|m| m.key.clone()).filter(|k| !overdue.contains_key(k)).collect();
                 keys.sort_unstable();
                 keys.dedup();
                 let (looked, known) = if keys.is_empty() { Default::default() } else { lookup(client, &src, keys)? };
@@ -410,7 +416,7 @@ impl Pass {
                     // a complete shadow sidecar takes over (sql/manage.sql, set_model)
                     client.update("SELECT embed_sidecar._promote_if_ready($1)", None, &[id.into()])?;
                 }
-                Ok(Some((src, live, bulk, looked, known, more)))
+                Ok(Some((src, live, bulk, looked, known, more, overdue)))
             })
         })?
         else {
@@ -422,6 +428,7 @@ impl Pass {
         // decide, then start embedding (no transaction in the worker)
         let plan = settle::plan(looked);
         let mut failed = plan.failed;
+        failed.extend(overdue);
         let work = match src.chunking {
             None => {
                 let texts: Vec<&str> = plan.embed.iter().map(|(_, text, _)| text.as_str()).collect();
@@ -464,7 +471,7 @@ impl Pass {
 }
 
 impl Ready {
-    /// Phase 3 (short transaction): write under the source's advisory lock, then settle every
+    /// Phase 3 (short transaction): write under the source's lock, then settle every
     /// message. Each statement takes a fresh snapshot after the lock, and the upsert re-checks the
     /// content hash, so a vector is only written for content that is still current: a stale
     /// vector never overwrites a newer one.
@@ -473,6 +480,9 @@ impl Ready {
         let messages = live.len() + bulk.len();
         let written = in_tx(mode, move || {
             Spi::connect_mut(|client| {
+                if mode == Mode::Worker {
+                    client.update("SELECT pg_catalog.set_config('lock_timeout', $1, true)", None, &[WORKER_LOCK_TIMEOUT.into()])?;
+                }
                 lock_source(client, id)?;
                 let (written, write_failures) = write(client, &src, embedded, clear)?;
                 failed.extend(write_failures);
@@ -563,10 +573,14 @@ fn assemble_passages(
     out
 }
 
-/// Serialise writers of one source until the end of the transaction.
+/// Serialise writers of one source until the end of the transaction: its registry row's lock
+/// (sql/manage.sql, `_lock_source`), which only the extension's own functions can take.
 fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> {
-    client.update("SELECT pg_advisory_xact_lock($1, $2)", None, &[LOCK_CLASS.into(), id.into()])?;
-    Ok(())
+    let locked = client.update("SELECT embed_sidecar._lock_source($1)", None, &[id.into()])?.first().get_one::<bool>()?;
+    match locked {
+        Some(true) => Ok(()),
+        _ => Err(SidecarError::Sql(format!("source {id} is no longer watched"))),
+    }
 }
 
 /// The results of `started` (the whole of `texts`); when the batch failed, split it in halves

@@ -16,6 +16,10 @@ use crate::error::SidecarError;
 /// Keys per `pgmq.send_batch` call in a backfill.
 const BACKFILL_CHUNK: i64 = 10_000;
 
+/// Longest key (its JSON text) a writer may enqueue: a dead letter's key must fit a btree entry
+/// (2,704 bytes at most).
+const KEY_BYTES: i32 = 2_000;
+
 fn extension_owner(client: &SpiClient<'_>) -> Result<pg_sys::Oid, SidecarError> {
     Ok(client
         .select("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_embed_sidecar'", None, &[])?
@@ -24,30 +28,54 @@ fn extension_owner(client: &SpiClient<'_>) -> Result<pg_sys::Oid, SidecarError> 
         .unwrap_or(pg_sys::InvalidOid))
 }
 
-/// Send the keys a writer's statement changed to the source's queue.
+/// Send the keys a writer's statement changed to the source's queue. The keys are checked first,
+/// as the writer: each must be the JSON array of one key of the table (right arity, every element
+/// castable to its column's type, no NULL, at most `KEY_BYTES`), since `_enqueue` is callable by
+/// any writer with keys of their choosing, and a key the drain cannot look up, or too large to
+/// store as a dead letter, would otherwise stall the source's queue.
 fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), SidecarError> {
     let writer = current_role();
     Spi::connect_mut(|client| {
         let owner = extension_owner(client)?;
-        run_as(owner, false, || {
-            let row = client
+        let row = run_as(owner, false, || {
+            client
                 .select(
-                    "SELECT queue_name, source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE')
-                       FROM embed_sidecar.sources WHERE id = $1",
+                    "SELECT queue_name, source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE'),
+                            embed_sidecar._keys_check_sql(s, $3)
+                       FROM embed_sidecar.sources s WHERE id = $1",
                     None,
-                    &[source_id.into(), writer.into()],
+                    &[source_id.into(), writer.into(), KEY_BYTES.into()],
                 )?
                 .into_iter()
                 .next()
                 .map(|r| -> Result<_, SidecarError> {
-                    Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default(), r.get::<bool>(3)?.unwrap_or(false)))
+                    Ok((
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<String>(2)?.unwrap_or_default(),
+                        r.get::<bool>(3)?.unwrap_or(false),
+                        r.get::<String>(4)?.unwrap_or_default(),
+                    ))
                 })
-                .transpose()?;
-            // unwatched in the meantime: nothing to do
-            let Some((queue, table, allowed)) = row else { return Ok(()) };
-            if !allowed {
-                return Err(SidecarError::NotAllowed(format!("may not enqueue changes of table {table}")));
-            }
+                .transpose()
+        })?;
+        // unwatched in the meantime: nothing to do
+        let Some((queue, table, allowed, check_sql)) = row else { return Ok(()) };
+        if !allowed {
+            return Err(SidecarError::NotAllowed(format!("may not enqueue changes of table {table}")));
+        }
+        // as the writer: a domain check on a key type is the table owner's code
+        let bad = client
+            .select("SELECT embed_sidecar._invalid_keys($1, $2)", None, &[check_sql.as_str().into(), keys.clone().into()])?
+            .first()
+            .get_one::<String>()?;
+        if let Some(why) = bad {
+            return Err(SidecarError::Refused {
+                code: pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                message: format!("invalid key for table {table}: {why}"),
+                hint: "A key is the JSON array of a row's primary key values, as the table's own triggers send it.",
+            });
+        }
+        run_as(owner, false, || {
             client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.into(), keys.into()])?;
             crate::wake::on_commit();
             Ok(())
@@ -93,7 +121,7 @@ pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result
         client.update(
             "UPDATE embed_sidecar.sources s
                 SET bulk_total = CASE WHEN m.queue_length = $2 THEN $2 ELSE s.bulk_total + $2 END,
-                    bulk_started_at = CASE WHEN m.queue_length = $2 THEN now() ELSE s.bulk_started_at END
+                    bulk_started_at = CASE WHEN m.queue_length = $2 THEN pg_catalog.now() ELSE s.bulk_started_at END
                FROM pgmq.metrics($3) m WHERE s.id = $1",
             None,
             &[id.into(), total.into(), queue.as_str().into()],

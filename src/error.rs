@@ -22,6 +22,10 @@ pub enum SidecarError {
     /// with its SQLSTATE and hint.
     #[error("{message}")]
     Remote { code: i32, message: String, hint: Option<String> },
+    /// Input or a context refused before any work, with its own SQLSTATE and hint (a text over
+    /// the size limit, a malformed key, a call from inside a security-restricted operation).
+    #[error("{message}")]
+    Refused { code: PgSqlErrorCode, message: String, hint: &'static str },
     #[cfg(feature = "fault_injection")]
     #[error("injected failure: text contains pg_embed_sidecar.test_fail_marker")]
     Injected,
@@ -47,6 +51,7 @@ impl SidecarError {
             SidecarError::BadModelName(_) | SidecarError::Chunking(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             SidecarError::NotAllowed(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             SidecarError::Remote { code, .. } => PgSqlErrorCode::from(*code),
+            SidecarError::Refused { code, .. } => *code,
             _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -76,6 +81,7 @@ impl SidecarError {
             }
             SidecarError::NotAllowed(_) => "Only roles that may insert into or update a watched table can put its keys on its queue.",
             SidecarError::Remote { hint, .. } => return hint.as_deref(),
+            SidecarError::Refused { hint, .. } => hint,
             _ => return None,
         })
     }

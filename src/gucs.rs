@@ -64,6 +64,14 @@ static BULK_INDEX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static IDLE_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Attempts before a message moves to the dead-letter table.
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
+/// Largest text, in kB, cut into passages (chunk_text, a chunked source's drain, verify): the
+/// tokenizer holds ~170 bytes per byte of input while it works, so an unbounded text is an
+/// unbounded allocation (60 MB took a backend to 10 GB).
+static CHUNK_TEXT_MAX_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+/// Who called the management or search function running now (src/authority.rs): set by
+/// `embed_sidecar._enter()` in each public function, scoped to it by the function's own SET clause.
+/// Anyone may set it, but only `_enter()` can give it a value `_calling_role()` accepts.
+static CALLER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Seconds a read message stays invisible to other readers (crash recovery: it reappears after).
 static VISIBILITY_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// Test hook: texts containing this marker fail inference in the drain. Superuser only; only in
@@ -195,6 +203,24 @@ pub fn init() {
         1000,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.chunk_text_max",
+        c"Largest text cut into passages; a chunked row over it is dead-lettered, chunk_text() refuses it.",
+        c"",
+        &CHUNK_TEXT_MAX_KB,
+        1,
+        1024 * 1024,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_embed_sidecar.caller",
+        c"Internal: the role that called the pg_embed_sidecar function running now.",
+        c"",
+        &CALLER,
+        GucContext::Userset,
+        GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL | GucFlags::SUPERUSER_ONLY | GucFlags::DISALLOW_IN_FILE,
     );
     GucRegistry::define_int_guc(
         c"pg_embed_sidecar.visibility_timeout",
@@ -382,6 +408,12 @@ pub fn idle_naptime_ms() -> u64 {
 }
 pub fn max_attempts() -> i32 {
     MAX_ATTEMPTS.get()
+}
+pub fn chunk_text_max_bytes() -> usize {
+    CHUNK_TEXT_MAX_KB.get() as usize * 1024
+}
+pub fn caller() -> String {
+    string(&CALLER)
 }
 pub fn visibility_timeout_s() -> i32 {
     VISIBILITY_TIMEOUT_S.get()

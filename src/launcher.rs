@@ -110,7 +110,14 @@ impl Launcher {
         }
 
         let mut nap = HEARTBEAT;
-        for (db, name) in &wanted {
+        // databases waiting for a slot first, longest waiting first: a slot an idle worker gave
+        // up goes to them, not back to the database it came from
+        let mut order: Vec<(&u32, &String)> = wanted.iter().collect();
+        order.sort_by_key(|(db, _)| match roster::get(**db).waiting_since {
+            0 => i64::MAX,
+            since => since,
+        });
+        for (db, name) in order {
             if self.started.get(db).is_some_and(Started::running) {
                 continue;
             }

@@ -49,6 +49,8 @@ thread_local! {
     /// Model files resolved without loading the model (the service's model ids, the chunker's
     /// tokenizer), per model directory, with the files' stamps they were resolved from.
     static FILES: RefCell<HashMap<PathBuf, (Stamp, ModelFiles)>> = RefCell::new(HashMap::new());
+    /// Model ids the inference service was seen to load (`ensure_loadable`).
+    static LOADABLE: RefCell<std::collections::HashSet<String>> = RefCell::new(std::collections::HashSet::new());
 }
 
 fn validate_model_name(name: &str) -> Result<(), SidecarError> {
@@ -166,11 +168,29 @@ fn start(model: Option<&str>, texts: &[&str], priority: Priority) -> Started {
 /// Embed one text with `model` (default: the session's), answering a repeat of the previous
 /// text from the memo.
 pub fn embed_one_with(model: Option<&str>, text: &str) -> Result<Vec<f32>, SidecarError> {
+    embed_one_as(model, None, text)
+}
+
+/// Embed a search query with `model`, whose vectors in the sidecar were made by `model_id`: if
+/// the model's files have changed since (replaced in place, the source not re-embedded yet), the
+/// query would be ranked against another model's vectors, so it is refused instead.
+pub fn embed_query(model: &str, model_id: &str, text: &str) -> Result<Vec<f32>, SidecarError> {
+    embed_one_as(Some(model), Some(model_id), text)
+}
+
+fn embed_one_as(model: Option<&str>, expected: Option<&str>, text: &str) -> Result<Vec<f32>, SidecarError> {
     let id = if service::usable() {
         model_id_of(&model_name(model)?)?
     } else {
         with_model(model, |e| Ok(e.model_id().to_string()))?
     };
+    if let Some(expected) = expected.filter(|&e| e != id) {
+        return Err(SidecarError::Refused {
+            code: pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            message: format!("the files of model \"{}\" changed since its vectors were made ({expected}, now {id})", model.unwrap_or("")),
+            hint: "The drain re-embeds the rows when it next runs (unless the source is paused); embed_sidecar.reembed() starts it now.",
+        });
+    }
     let hit = LAST.with(|m| match &*m.borrow() {
         Some((last_id, t, v)) if *last_id == id && t == text => Some(v.clone()),
         _ => None,
@@ -208,6 +228,19 @@ pub fn model_files(model: &str) -> Result<ModelFiles, SidecarError> {
         cache.insert(settings.model_dir.clone(), (stamp, f.clone()));
         Ok(f)
     })
+}
+
+/// Make sure the model with files `model_id` loads before a drain reads any message for it, so a
+/// missing or corrupt file costs no attempts. Without the service `model_id_of` has loaded it
+/// already; with it, only the files were hashed, so one text goes through the service, once per
+/// model id and process (a file replaced in place is a new id and is checked again).
+pub fn ensure_loadable(model: &str, model_id: &str) -> Result<(), SidecarError> {
+    if !service::usable() || LOADABLE.with(|ids| ids.borrow().contains(model_id)) {
+        return Ok(());
+    }
+    service::embed(model, &["loadable"], Priority::Drain)?;
+    LOADABLE.with(|ids| ids.borrow_mut().insert(model_id.to_string()));
+    Ok(())
 }
 
 /// `(model_id, dims)` of a named model.

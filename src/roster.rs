@@ -30,8 +30,10 @@ pub struct Entry {
     pub requested: u32,
     /// `requested` as a worker saw it when it found no extension, if one did.
     pub absent_at: Option<u32>,
-    /// The launcher's last start attempt found no free background worker slot.
-    pub no_slot: bool,
+    /// Since when (`GetCurrentTimestamp`) the launcher has found no free background worker slot
+    /// for this database; 0 when it is not waiting for one. Idle workers of other databases give
+    /// theirs up while any database waits (src/worker.rs).
+    pub waiting_since: i64,
     /// Since when (`GetCurrentTimestamp`) a command that needs the database to itself has held
     /// workers off; 0 when none does.
     pub held_since: i64,
@@ -39,7 +41,7 @@ pub struct Entry {
 
 impl Entry {
     const FREE: Entry =
-        Entry { db: 0, pid: 0, procno: 0, requested: 0, absent_at: None, no_slot: false, held_since: 0 };
+        Entry { db: 0, pid: 0, procno: 0, requested: 0, absent_at: None, waiting_since: 0, held_since: 0 };
 
     /// A worker found no extension and nothing asked for one since.
     pub fn known_absent(&self) -> bool {
@@ -50,6 +52,10 @@ impl Entry {
     }
     pub fn held(&self) -> bool {
         self.held_since != 0 && now() - self.held_since < HOLD_EXPIRES_US
+    }
+    /// Seconds this database has waited for a worker slot, if it waits.
+    pub fn waited_s(&self) -> Option<i64> {
+        (self.waiting_since != 0).then(|| (now() - self.waiting_since) / 1_000_000)
     }
 }
 
@@ -104,8 +110,19 @@ impl Roster {
         self.entries.iter().find(|e| e.db == db)
     }
     /// The entry of `db`, taking a free slot if it has none.
+    /// When every entry is taken (more databases than `SLOTS` were probed), the entry of a database
+    /// known to have no extension, with no worker, no hold and no wait, is recycled: all it records
+    /// is that answer, and the launcher only asks again (after `REPROBE`). Without this, databases
+    /// past the 256th never got a worker.
     fn entry(&mut self, db: u32) -> Option<&mut Entry> {
-        let i = self.entries.iter().position(|e| e.db == db).or_else(|| self.entries.iter().position(|e| e.db == 0))?;
+        let i = self
+            .entries
+            .iter()
+            .position(|e| e.db == db)
+            .or_else(|| self.entries.iter().position(|e| e.db == 0))
+            .or_else(|| {
+                self.entries.iter().position(|e| e.known_absent() && e.pid == 0 && e.held_since == 0 && e.waiting_since == 0)
+            })?;
         let e = &mut self.entries[i];
         if e.db != db {
             *e = Entry { db, ..Entry::FREE };
@@ -137,7 +154,7 @@ pub fn claim_worker() -> bool {
     }
     e.pid = pid;
     e.procno = procno;
-    e.no_slot = false;
+    e.waiting_since = 0;
     // a crash from now on is a crash, not "the extension was created since" (src/launcher.rs)
     e.absent_at = None;
     true
@@ -192,10 +209,20 @@ fn wake_launcher(procno: Option<i32>) {
     }
 }
 
+/// The launcher found no worker slot for `db` (`true`), or started its worker.
 pub fn set_no_slot(db: u32, no_slot: bool) {
     if let Some(e) = ROSTER.exclusive().entry(db) {
-        e.no_slot = no_slot;
+        e.waiting_since = match (no_slot, e.waiting_since) {
+            (false, _) => 0,
+            (true, 0) => now(),
+            (true, since) => since,
+        };
     }
+}
+
+/// Whether a database other than `db` waits for a worker slot.
+pub fn others_waiting(db: u32) -> bool {
+    ROSTER.share().entries.iter().any(|e| e.db != 0 && e.db != db && e.waiting_since != 0)
 }
 
 /// Free the entries of databases that no longer exist (`keep` returns false for them).
@@ -239,9 +266,9 @@ mod embed_sidecar {
     /// The `worker` column of `embed_sidecar.status`: does a drain worker serve this database, and
     /// if not, why.
     #[pg_extern(stable, name = "_worker_state")]
-    fn worker_state() -> &'static str {
+    fn worker_state() -> String {
         if !roster::available() {
-            return "not running: pg_embed_sidecar is not in shared_preload_libraries (drain with embed_sidecar.process())";
+            return "not running: pg_embed_sidecar is not in shared_preload_libraries (drain with embed_sidecar.process())".into();
         }
         // SAFETY: plain reads of server state inside a transaction
         let (standby, name) = unsafe {
@@ -252,25 +279,52 @@ mod embed_sidecar {
             )
         };
         if standby {
-            return "not running: standby (the promoted server drains)";
+            return "not running: standby (the promoted server drains)".into();
         }
         let allowed = gucs::worker_databases();
         if !allowed.is_empty() && !allowed.contains(&name) {
-            return "not running: database not in pg_embed_sidecar.databases";
+            return "not running: database not in pg_embed_sidecar.databases".into();
         }
         if !gucs::drain_worker() {
-            return "not running: pg_embed_sidecar.drain_worker is off here (drain with embed_sidecar.process())";
+            return "not running: pg_embed_sidecar.drain_worker is off here (drain with embed_sidecar.process())".into();
         }
         let entry = roster::get(roster::current_db());
         if entry.worker_alive() {
-            "running"
-        } else if entry.no_slot {
-            "waiting: no free background worker slot (raise max_worker_processes)"
+            "running".into()
+        } else if let Some(waited) = entry.waited_s() {
+            format!(
+                "waiting {waited} s for a background worker slot (idle workers of other databases give theirs up; raise max_worker_processes)"
+            )
         } else {
-            "starting"
+            "starting".into()
         }
     }
 
     // the status view shows the worker state
     extension_sql_file!("../sql/status.sql", name = "status", requires = ["registry", worker_state]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_roster_recycles_an_absent_databases_entry() {
+        let mut roster = Roster::default();
+        for db in 1..=SLOTS as u32 {
+            let e = roster.entry(db).expect("a free entry");
+            e.absent_at = Some(e.requested);
+        }
+        // database 2 has the extension and a worker pending: never recycled
+        roster.entries[1].absent_at = None;
+        let e = roster.entry(10_000).expect("an absent database's entry");
+        assert_eq!((e.db, e.absent_at), (10_000, None));
+        assert!(roster.find(1).is_none() && roster.find(2).is_some());
+        // nothing absent left to recycle except the remaining ones; a database with a pending
+        // request is never recycled either
+        for e in roster.entries.iter_mut() {
+            e.requested = e.requested.wrapping_add(1);
+        }
+        assert!(roster.entry(10_001).is_none());
+    }
 }

@@ -274,7 +274,7 @@ impl Pending {
         let mut held = Held { header, slots: Vec::new() };
         let started = Instant::now();
         while held.slots.is_empty() {
-            held.slots = claim(header, (self.texts.len() - next).min(header.slots as usize / 2).max(1));
+            held.slots = claim(header, (self.texts.len() - next).min(header.slots as usize / 2).max(1), self.priority);
             if held.slots.is_empty() {
                 // the ring is full: back-pressure, not unbounded memory
                 wait(Duration::from_millis(10));
@@ -288,7 +288,8 @@ impl Pending {
         for (&i, text) in held.slots.iter().zip(&self.texts[next..]) {
             let s = slot(header, i);
             fill(s, &self.model, text, self.priority, pid, procno, header.next_seq.fetch_add(1, Ordering::Relaxed));
-            s.state.store(SUBMITTED, Ordering::Release);
+            // only this client moves a FILLING slot (tidy() leaves FILLING alone), so this holds
+            let _ = s.state.compare_exchange(FILLING, SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
         }
         wake_workers(header);
         Ok(held)
@@ -323,10 +324,18 @@ fn no_worker() -> SidecarError {
     }
 }
 
-/// Claim up to `n` FREE slots (FREE → FILLING).
-fn claim(header: &'static Header, n: usize) -> Vec<usize> {
+/// Claim up to `n` FREE slots (FREE → FILLING). The last quarter of the ring is the drains': an
+/// interactive caller (any role, `embed_texts` in a loop) never takes it, so drains can always
+/// submit; drains look there first.
+fn claim(header: &'static Header, n: usize, priority: Priority) -> Vec<usize> {
+    let slots = header.slots as usize;
+    let reserved = slots - slots / 4;
+    let order: Box<dyn Iterator<Item = usize>> = match priority {
+        Priority::Interactive => Box::new(0..reserved),
+        Priority::Drain => Box::new((reserved..slots).chain(0..reserved)),
+    };
     let mut got = Vec::new();
-    for i in 0..header.slots as usize {
+    for i in order {
         if got.len() == n {
             break;
         }

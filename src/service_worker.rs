@@ -15,7 +15,7 @@ use pgrx::prelude::*;
 
 use crate::error::SidecarError;
 use crate::gucs;
-use crate::service::{self, Header, Priority, Slot, DONE, FAILED, FILLING, FREE, SUBMITTED};
+use crate::service::{self, Header, Priority, Slot, DONE, FAILED, FREE, SUBMITTED};
 
 /// Most drain texts in one round: a search that arrives meanwhile waits for at most this many.
 /// Rounds of 16 embed as fast as rounds of 64 (`embed_ceiling --window`), while a round of 64
@@ -25,6 +25,9 @@ const DRAIN_ROUND: usize = 16;
 /// a search then waits ~15 ms of drain work instead of ~60, and the drain runs at ~0.76× meanwhile.
 const DRAIN_ROUND_BUSY: usize = 4;
 const SEARCHES_RECENT: Duration = Duration::from_secs(1);
+/// While both wait, one round in this many serves drain texts before interactive ones: sessions
+/// calling `embed_texts` in a loop (any role may) must not starve every database's drain.
+const DRAIN_SHARE: u64 = 4;
 
 pub fn register() {
     // SAFETY: reading a flag the postmaster sets while loading shared_preload_libraries
@@ -67,6 +70,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
     log!("pg_embed_sidecar: inference worker {me} started ({} threads)", gucs::embed_settings(None).intra_threads);
     let mut nap = Duration::ZERO;
     let mut last_search: Option<Instant> = None;
+    let mut rounds: u64 = 0;
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
@@ -74,15 +78,14 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
         }
         tidy(header);
         let searching = last_search.is_some_and(|t| t.elapsed() < SEARCHES_RECENT);
-        let (batch, interactive) = take(header, me, if searching { DRAIN_ROUND_BUSY } else { DRAIN_ROUND });
+        rounds += 1;
+        let drain_first = rounds % DRAIN_SHARE == 0;
+        let (batch, interactive) = take(header, me, if searching { DRAIN_ROUND_BUSY } else { DRAIN_ROUND }, drain_first);
         if interactive {
             last_search = Some(Instant::now());
         }
         nap = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
-        let busy = Instant::now();
         serve(header, me, &batch);
-        header.busy_us.fetch_add(busy.elapsed().as_micros() as u64, Ordering::Relaxed);
-        header.texts_served.fetch_add(batch.len() as u64, Ordering::Relaxed);
     }
     header.worker_pid[me].store(0, Ordering::Release);
     // exit code 1: the postmaster starts it again after its restart time (0 would retire it)
@@ -91,13 +94,16 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
 }
 
 /// Free what nobody waits for any more: abandoned slots (the client gave up) and slots whose
-/// client died.
+/// client died. Never a FILLING slot: its owner pid may still be the previous client's (it is
+/// written after the claim), so a dead pid there does not mean a dead owner, and freeing it would
+/// let two clients share the slot. A client cannot die between its claim and its submit without
+/// a crash, and a crash re-creates the ring.
 fn tidy(header: &'static Header) {
     for i in 0..header.slots as usize {
         let s = service::slot(header, i);
         let state = s.state.load(Ordering::Acquire);
         let orphan = match state {
-            FILLING | SUBMITTED | DONE | FAILED => !service::owner_alive(s),
+            SUBMITTED | DONE | FAILED => !service::owner_alive(s),
             // abandoned while a worker that has since died held it
             _ => service::abandoner(state).is_some_and(|w| !service::alive(header.worker_pid[w].load(Ordering::Acquire))),
         };
@@ -108,8 +114,9 @@ fn tidy(header: &'static Header) {
 }
 
 /// Take this round's slots (SUBMITTED → TAKEN): every interactive request waiting, or else the
-/// oldest `drain_round` drain requests. Also says whether they are interactive.
-fn take(header: &'static Header, me: usize, drain_round: usize) -> (Vec<usize>, bool) {
+/// oldest `drain_round` drain requests; with `drain_first`, drain requests first when any wait.
+/// Also says whether they are interactive.
+fn take(header: &'static Header, me: usize, drain_round: usize, drain_first: bool) -> (Vec<usize>, bool) {
     let mut waiting: Vec<(u32, u64, usize)> = (0..header.slots as usize)
         .filter_map(|i| {
             let s = service::slot(header, i);
@@ -117,7 +124,11 @@ fn take(header: &'static Header, me: usize, drain_round: usize) -> (Vec<usize>, 
         })
         .collect();
     waiting.sort_unstable();
-    let interactive = waiting.iter().take_while(|w| w.0 == Priority::Interactive as u32).count();
+    let mut interactive = waiting.iter().take_while(|w| w.0 == Priority::Interactive as u32).count();
+    if drain_first && interactive < waiting.len() {
+        waiting.drain(..interactive);
+        interactive = 0;
+    }
     let limit = if interactive > 0 { interactive } else { drain_round };
     let mut taken = Vec::new();
     for (_, _, i) in waiting.into_iter().take(limit) {
@@ -129,33 +140,43 @@ fn take(header: &'static Header, me: usize, drain_round: usize) -> (Vec<usize>, 
     (taken, interactive > 0)
 }
 
-/// Embed the taken slots, one call per model, and hand each result back.
+/// Embed the taken slots, one call per model; count them in the header; then hand each result
+/// back. The counters come first: a client that has its vector must find it counted.
 fn serve(header: &'static Header, me: usize, taken: &[usize]) {
-    let mut by_model: BTreeMap<String, Vec<&'static mut Slot>> = BTreeMap::new();
+    if taken.is_empty() {
+        return;
+    }
+    let busy = Instant::now();
+    let mut by_model: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for &i in taken {
         let s = service::slot(header, i);
-        let model = String::from_utf8_lossy(&s.model[..s.model_len as usize]).into_owned();
-        by_model.entry(model).or_default().push(s);
+        by_model.entry(String::from_utf8_lossy(&s.model[..s.model_len as usize]).into_owned()).or_default().push(i);
     }
-    for (model, mut slots) in by_model {
-        let texts: Vec<String> =
-            slots.iter().map(|s| String::from_utf8_lossy(&s.text[..s.text_len as usize]).into_owned()).collect();
+    let mut results: Vec<(usize, Result<Vec<f32>, SidecarError>)> = Vec::with_capacity(taken.len());
+    for (model, slots) in by_model {
+        let texts: Vec<String> = slots
+            .iter()
+            .map(|&i| {
+                let s = service::slot(header, i);
+                String::from_utf8_lossy(&s.text[..s.text_len as usize]).into_owned()
+            })
+            .collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         match crate::model::embed_many_with(&model, &refs) {
-            Ok(vectors) => {
-                for (s, v) in slots.iter_mut().zip(vectors) {
-                    finish(s, me, Ok(v));
-                }
-            }
+            Ok(vectors) => results.extend(slots.into_iter().zip(vectors.into_iter().map(Ok))),
             // one text may be the cause: each alone, so the others still get their vector
             Err(_) if slots.len() > 1 => {
-                for (s, text) in slots.iter_mut().zip(&refs) {
-                    let one = crate::model::embed_many_with(&model, &[text]).map(|mut v| v.pop().unwrap_or_default());
-                    finish(s, me, one);
+                for (i, text) in slots.into_iter().zip(&refs) {
+                    results.push((i, crate::model::embed_many_with(&model, &[text]).map(|mut v| v.pop().unwrap_or_default())));
                 }
             }
-            Err(e) => finish(&mut slots[0], me, Err(e)),
+            Err(e) => results.push((slots[0], Err(e))),
         }
+    }
+    header.busy_us.fetch_add(busy.elapsed().as_micros() as u64, Ordering::Relaxed);
+    header.texts_served.fetch_add(taken.len() as u64, Ordering::Release);
+    for (i, result) in results {
+        finish(service::slot(header, i), me, result);
     }
 }
 

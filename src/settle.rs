@@ -82,6 +82,18 @@ pub fn backoff_seconds(attempts: i32) -> i32 {
     }
 }
 
+/// Keys of messages read more than `max_attempts` times: every pass that read them ended without
+/// settling them (the process crashed on them, or the write failed each time). They fail without
+/// being looked up or embedded again, so `settle` dead-letters them: a row that kills its pass
+/// cannot keep killing the worker.
+pub fn overdue(messages: &[Message], max_attempts: i32) -> HashMap<String, String> {
+    messages
+        .iter()
+        .filter(|m| m.read_ct > max_attempts)
+        .map(|m| (m.key.clone(), format!("read {} times without being settled: its pass ended each time (a crash or a failed write)", m.read_ct)))
+        .collect()
+}
+
 /// Settle every message: a key without failure is acked (all its duplicate messages with it); a
 /// failed key is retried with back-off until a message of it has been read `max_attempts` times,
 /// then dead-lettered once.
@@ -158,6 +170,14 @@ mod tests {
         assert_eq!(s.dead_ids, [4, 5]);
         assert_eq!(s.dead_letters, [("[7]".to_string(), "boom".to_string(), 4)]);
         assert!(s.ack.is_empty() && s.retry.is_empty());
+    }
+
+    #[test]
+    fn overdue_messages_fail_and_are_dead_lettered_at_once() {
+        let over = overdue(&[msg(1, 4, "[1]"), msg(2, 3, "[2]"), msg(3, 1, "[3]")], 3);
+        assert_eq!(over.keys().collect::<Vec<_>>(), ["[1]"]);
+        let s = settle(&[msg(1, 4, "[1]"), msg(3, 1, "[3]")], &over, 3);
+        assert_eq!((s.dead_ids, s.ack), (vec![1], vec![3]));
     }
 
     #[test]

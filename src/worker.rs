@@ -20,6 +20,9 @@ use crate::xact::run_in_transaction;
 /// to spin, short enough that work resumes soon after the cause is fixed. A failed round (the
 /// registry itself unreadable) naps as long.
 const ERROR_NAP: Duration = Duration::from_secs(5);
+/// A worker that found nothing to do for this long gives its slot up while another database waits
+/// for one (max_worker_processes reached): the launcher starts it again when a slot is free.
+const YIELD_AFTER_IDLE: Duration = Duration::from_secs(10);
 
 /// Main function of a drain worker; the argument is its database's oid, `bgw_extra` the role's oid
 /// (empty: the bootstrap superuser).
@@ -66,6 +69,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
     let mut nap = Duration::ZERO;
     let mut benched = HashMap::new();
     let mut carried = None;
+    let mut idle_since = Instant::now();
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
@@ -74,9 +78,15 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         // read before looking, so a CREATE EXTENSION committed meanwhile is not taken for absent
         let requested = roster::get(db.to_u32()).requested;
         let result = round(&mut benched, &mut carried);
-        if !matches!(result, Ok(Some(true))) {
+        if !matches!(result, Ok(Some(Round { full: true, .. }))) {
             // no round follows at once: what was embedded is written before any nap
             flush(&mut carried, &mut benched);
+        }
+        if !matches!(result, Ok(Some(Round { worked: false, .. }))) {
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() >= YIELD_AFTER_IDLE && roster::others_waiting(db.to_u32()) {
+            log!("pg_embed_sidecar: worker for database \"{name}\" is idle; giving its slot to a database that waits for one");
+            break;
         }
         nap = match result {
             Ok(None) => {
@@ -84,8 +94,8 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
                 log!("pg_embed_sidecar: extension not installed in database \"{name}\"; worker exiting");
                 break;
             }
-            Ok(Some(true)) => Duration::ZERO,
-            Ok(Some(false)) => Duration::from_millis(gucs::idle_naptime_ms()),
+            Ok(Some(Round { full: true, .. })) => Duration::ZERO,
+            Ok(Some(_)) => Duration::from_millis(gucs::idle_naptime_ms()),
             Err(e) => {
                 warning!("pg_embed_sidecar: {e}");
                 ERROR_NAP
@@ -108,8 +118,15 @@ unsafe extern "C-unwind" fn release(_code: std::ffi::c_int, _arg: pg_sys::Datum)
     roster::release_worker();
 }
 
-/// One round over all active sources. `None` when the extension is absent; otherwise whether any
-/// source filled a whole batch (then the next round starts at once).
+/// What a round over the sources did.
+struct Round {
+    /// A source filled a whole batch: the next round starts at once.
+    full: bool,
+    /// Some pass found messages.
+    worked: bool,
+}
+
+/// One round over all active sources. `None` when the extension is absent.
 ///
 /// Passes are pipelined: a pass is begun (read, looked up, its texts handed to the inference
 /// service) before the previous pass, whose vectors are back (`carried`), is written; so the
@@ -119,7 +136,7 @@ unsafe extern "C-unwind" fn release(_code: std::ffi::c_int, _arg: pg_sys::Datum)
 /// A source whose pass fails (model missing, table broken, queue dropped) is logged, its error is
 /// stored in `status.last_error`, and it is skipped for `ERROR_NAP`; the other sources go on at
 /// their own pace.
-fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Result<Option<bool>, SidecarError> {
+fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Result<Option<Round>, SidecarError> {
     let sources = run_in_transaction(|| {
         Spi::connect(|client| {
             // to_regclass cannot raise, so a missing extension is not an error in the log
@@ -141,6 +158,7 @@ fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Re
     let batch = gucs::batch_size();
     let overlap = crate::service::usable();
     let mut full = false;
+    let mut worked = false;
     let now = Instant::now();
     benched.retain(|_, until| *until > now);
     for id in sources {
@@ -156,6 +174,7 @@ fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Re
         match Pass::begin(id, batch, Mode::Worker) {
             Ok(Some(pass)) => {
                 full |= pass.more();
+                worked = true;
                 flush(carried, benched);
                 *carried = Some(pass.wait());
             }
@@ -163,7 +182,7 @@ fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Re
             Err(e) => bench(benched, id, e),
         }
     }
-    Ok(Some(full))
+    Ok(Some(Round { full, worked }))
 }
 
 /// Write the carried pass, if any.

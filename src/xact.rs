@@ -8,13 +8,16 @@ use pgrx::prelude::*;
 use crate::error::SidecarError;
 
 /// Run `f` in its own transaction; commit on success, roll back on any error (a Postgres ERROR
-/// raised inside is caught here, so it never takes the worker down).
+/// raised inside is caught here, so it never takes the worker down). Each transaction starts with
+/// `search_path` pinned again (`SET LOCAL`): the worker relies on it for every statement, and a
+/// pin made once at start would be only as good as the guarantee that nothing ever changes it.
 pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
     // SAFETY: the worker is outside any transaction here; this is the worker_spi sequence
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        crate::authority::pin_search_path_local();
     }
     // the closure's captures are only used again if it returns normally
     let f = std::panic::AssertUnwindSafe(f);

@@ -386,10 +386,13 @@ EXTENSION_OBJECTS = """
     ORDER BY 1"""
 
 
-def test_upgrade_from_0_1_0():
-    """ALTER EXTENSION UPDATE from the released 0.1.0 gives exactly the objects of a fresh install
-    (definitions, security, settings, grants), and watched tables keep draining: their vectors,
-    pending messages and triggers carry over. Every upgrade script starts with the guard line."""
+def test_upgrade_from_0_1_0_through_0_2_0():
+    """ALTER EXTENSION UPDATE from the released 0.1.0, through 0.2.0, gives exactly the objects of a
+    fresh install (definitions, security, settings, grants), and watched tables keep draining:
+    their vectors, pending messages and triggers carry over. A sidecar made before 0.3.0, which
+    copied its table's grants (a writer could write it), is as private as its table after the
+    update: SELECT only, under row security. Every upgrade script starts with the guard line. (A
+    library newer than the SQL refuses management until the update: the test watches in 0.1.0.)"""
     for f in sorted(os.listdir(os.path.join(REPO, "sql"))):
         if f.startswith("pg_embed_sidecar--"):
             first = open(os.path.join(REPO, "sql", f)).readline()
@@ -403,15 +406,24 @@ def test_upgrade_from_0_1_0():
     try:
         with connect(dbname="pes_upgrade") as u:
             u.execute("CREATE EXTENSION pg_embed_sidecar VERSION '0.1.0' CASCADE")
+            u.execute("DROP ROLE IF EXISTS pes_upgrade_writer")
+            u.execute("CREATE ROLE pes_upgrade_writer")
             u.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+            u.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON docs TO pes_upgrade_writer")
             u.execute("INSERT INTO docs SELECT i, 'before the upgrade ' || i FROM generate_series(1, 30) i")
-            watch(u, "docs")  # 0.1.0's backfill: 30 messages (0.2.0's library drains only after the update)
+            watch(u, "docs")  # 0.1.0's backfill: 30 messages (the library drains only after the update)
+            assert one(u, "SELECT has_table_privilege('pes_upgrade_writer', 'docs_embeddings', 'UPDATE')") is True
             u.execute("ALTER EXTENSION pg_embed_sidecar UPDATE TO '0.2.0'")
+            u.execute("ALTER EXTENSION pg_embed_sidecar UPDATE")
+            assert one(u, "SELECT extversion FROM pg_extension WHERE extname = 'pg_embed_sidecar'") == "0.3.0"
             assert queue_depth(u, "docs") == 30
             u.execute("INSERT INTO docs VALUES (31, 'after the upgrade')")  # the recreated triggers
             assert queue_depth(u, "docs") == 31
             assert one(u, "SELECT embed_sidecar.process('docs')") == 31
             assert_in_step(u, "docs")
+            assert one(u, """SELECT array_agg(DISTINCT privilege_type)::text FROM pg_class c, aclexplode(c.relacl) a
+                              WHERE c.oid = 'docs_embeddings'::regclass AND a.grantee <> c.relowner""") == "{SELECT}"
+            assert one(u, "SELECT relrowsecurity FROM pg_class WHERE oid = 'docs_embeddings'::regclass") is True
             u.execute("CREATE TABLE more (id int PRIMARY KEY, body text)")
             assert watch(u, "more") == "more_embeddings"  # the new id sequence continues
             assert one(u, "SELECT array_agg(id ORDER BY id)::text FROM embed_sidecar.sources") == "{1,2}"
@@ -424,6 +436,7 @@ def test_upgrade_from_0_1_0():
         with connect(dbname="postgres") as c:
             for d in ("pes_upgrade", "pes_fresh"):
                 c.execute(f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
+            c.execute("DROP ROLE IF EXISTS pes_upgrade_writer")
 
 
 def test_failing_source_is_isolated_and_its_error_shown(db, model_copy):
