@@ -25,16 +25,26 @@ END
 $$;
 CREATE EVENT TRIGGER embed_sidecar_sql_drop ON sql_drop EXECUTE FUNCTION embed_sidecar._on_sql_drop();
 
--- A watched table may not join an inheritance tree or a partitioned table later (CREATE TABLE ...
--- INHERITS / PARTITION OF, ALTER TABLE ... INHERIT / ATTACH PARTITION): statement triggers on
--- one table of a hierarchy miss the writes made through another, so its sidecar would silently
--- fall behind. watch() refuses such tables for the same reason.
+-- After DDL on a watched table: its columns' names and numbers are reconciled (a rename, or a
+-- dump restored after a DROP COLUMN: _reconcile_columns); and it may not join an inheritance tree
+-- or a partitioned table (CREATE TABLE ... INHERITS / PARTITION OF, ALTER TABLE ... INHERIT /
+-- ATTACH PARTITION): statement triggers on one table of a hierarchy miss the writes made through
+-- another, so its sidecar would silently fall behind. watch() refuses such tables for the same
+-- reason.
 CREATE FUNCTION embed_sidecar._on_ddl_end() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     rel regclass;
+    id int;
 BEGIN
+    FOR id IN SELECT x.id FROM embed_sidecar.sources x
+               WHERE x.source IN (SELECT c.objid FROM pg_event_trigger_ddl_commands() c WHERE c.classid = 'pg_class'::regclass
+                                  UNION ALL
+                                  SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() c JOIN pg_trigger t ON t.oid = c.objid
+                                   WHERE c.classid = 'pg_trigger'::regclass) LOOP
+        PERFORM embed_sidecar._reconcile_columns(id);
+    END LOOP;
     SELECT x.source INTO rel FROM embed_sidecar.sources x
      WHERE EXISTS (SELECT 1 FROM pg_inherits i WHERE x.source IN (i.inhparent, i.inhrelid))
      LIMIT 1;
@@ -45,5 +55,5 @@ BEGIN
     END IF;
 END
 $$;
-CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TRIGGER')
     EXECUTE FUNCTION embed_sidecar._on_ddl_end();

@@ -4,19 +4,30 @@
 -- (embed_sidecar._check_owner). They never read or write the source or sidecar rows themselves:
 -- that is the drain's and the backfill's job, done as the table's owner (src/authority.rs).
 
--- The statement triggers of one embedding (see triggers.sql), named by its registry id.
-CREATE FUNCTION embed_sidecar._create_triggers(s embed_sidecar.sources) RETURNS void
+-- The statement triggers of one embedding (see triggers.sql), named by its registry id. With
+-- only_stale, only those that exist with other arguments are made again (after a restore into a
+-- renumbered table, _reconcile_columns: pg_restore makes them with the dumped numbers).
+CREATE FUNCTION embed_sidecar._create_triggers(s embed_sidecar.sources, only_stale boolean DEFAULT false) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    args text := format('%s, %L, %L, %L', s.id, coalesce(s.content_attnum::text, ''), s.key_attnums, coalesce(s.template, ''));
+    args text[] := ARRAY[s.id::text, coalesce(s.content_attnum::text, ''), s.key_attnums::text, coalesce(s.template, '')];
+    t record;
+    old_args text[];
 BEGIN
-    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s)',
-                   'embed_sidecar_' || s.id || '_insert', s.source, args);
-    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%s)',
-                   'embed_sidecar_' || s.id || '_update', s.source, args);
+    FOR t IN VALUES ('insert', 'INSERT', 'NEW TABLE AS new_rows'),
+                    ('update', 'UPDATE', 'OLD TABLE AS old_rows NEW TABLE AS new_rows') LOOP
+        IF only_stale THEN
+            SELECT (regexp_split_to_array(encode(g.tgargs, 'escape'), '\\000'))[1:g.tgnargs] INTO old_args
+              FROM pg_trigger g WHERE g.tgrelid = s.source AND g.tgname = 'embed_sidecar_' || s.id || '_' || t.column1;
+            CONTINUE WHEN old_args IS NULL OR old_args = args;
+            EXECUTE format('DROP TRIGGER %I ON %s', 'embed_sidecar_' || s.id || '_' || t.column1, s.source);
+        END IF;
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%L, %L, %L, %L)',
+                       'embed_sidecar_' || s.id || '_' || t.column1, t.column2, s.source, t.column3,
+                       args[1], args[2], args[3], args[4]);
+    END LOOP;
 END
 $$;
 
@@ -122,6 +133,7 @@ BEGIN
             'embed_sidecar_' || s.id, model, ident.model_id, ident.dims, fts_config, chunk_tokens, chunk_overlap,
             vector_type)
     RETURNING * INTO s;
+    UPDATE embed_sidecar.sources SET column_names = embed_sidecar._column_names(s) WHERE id = s.id RETURNING * INTO s;
     PERFORM embed_sidecar._protect_sidecar(s);
     -- A queue of these names can only be left over from an earlier installation of the extension
     -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
@@ -332,6 +344,54 @@ BEGIN
 END
 $$;
 
+-- Keep an embedding's attribute numbers and recorded column names in agreement after DDL. For
+-- each recorded (number, name) whose column no longer has that name: if the name is now another
+-- column's, the table was renumbered under it — a dump restored after a DROP COLUMN — and the
+-- numbers follow the names (and the triggers, whose arguments carry numbers);
+-- otherwise the column was renamed, and the name follows the number. Run after every CREATE
+-- TABLE, ALTER TABLE and CREATE TRIGGER on a watched table (events.sql: pg_restore makes the
+-- triggers after loading the registry) and by reembed().
+CREATE FUNCTION embed_sidecar._reconcile_columns(source_id int) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := (SELECT x FROM embed_sidecar.sources x WHERE x.id = source_id);
+    moved jsonb := '{}';  -- old number -> new number, for columns renumbered under their name
+    e record;
+    now_at smallint;
+    literals text[];
+    nums smallint[];
+BEGIN
+    FOR e IN SELECT c.key::smallint AS num, c.value AS name FROM jsonb_each_text(s.column_names) c LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = s.source AND a.attnum = e.num
+                                                          AND a.attname = e.name AND NOT a.attisdropped);
+        now_at := (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = s.source AND a.attname = e.name
+                                                       AND a.attnum > 0 AND NOT a.attisdropped);
+        IF now_at IS NOT NULL THEN
+            moved := moved || jsonb_build_object(e.num::text, now_at);
+        END IF;
+    END LOOP;
+    IF moved <> '{}' THEN
+        literals := regexp_split_to_array(s.template, '\{[0-9]+\}');
+        nums := embed_sidecar._template_attnums(s.template);
+        UPDATE embed_sidecar.sources x
+           SET content_attnum = coalesce((moved ->> x.content_attnum::text)::smallint, x.content_attnum),
+               key_attnums = ARRAY(SELECT coalesce((moved ->> k::text)::smallint, k)
+                                     FROM unnest(x.key_attnums) WITH ORDINALITY AS u(k, o) ORDER BY o),
+               template = CASE WHEN x.template IS NOT NULL THEN
+                              literals[1] || (SELECT string_agg('{' || coalesce((moved ->> n::text)::smallint, n) || '}' || literals[o + 1], '' ORDER BY o)
+                                                FROM unnest(nums) WITH ORDINALITY AS t(n, o)) END
+         WHERE x.id = s.id RETURNING * INTO s;
+        RAISE LOG 'pg_embed_sidecar: columns of % renumbered (a restored dump?): embedding % follows them by name', s.source, quote_literal(s.embedding);
+    END IF;
+    UPDATE embed_sidecar.sources SET column_names = embed_sidecar._column_names(s)
+     WHERE id = s.id AND column_names IS DISTINCT FROM embed_sidecar._column_names(s);
+    -- triggers that exist with other numbers (made by pg_restore from the dump) are made again;
+    -- names and numbers agree by now, so the CREATE TRIGGER this runs finds nothing more to do
+    PERFORM embed_sidecar._create_triggers(s, only_stale => true);
+END
+$$;
+
 -- The lock that serialises writers of one embedding (the drain's write, unwatch, set_model,
 -- drop_previous, process): its registry row. A row lock, not an advisory lock: any role can take
 -- advisory locks, but only roles that may update the registry can lock its rows.
@@ -371,6 +431,7 @@ DECLARE
     may boolean := embed_sidecar._check_may('embed_sidecar.reembed(regclass, text)');
     s embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
 BEGIN
+    PERFORM embed_sidecar._reconcile_columns(s.id);
     UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
      WHERE id = s.id RETURNING * INTO s;
     RETURN embed_sidecar._backfill(s.id, true);

@@ -60,6 +60,10 @@ CREATE TABLE embed_sidecar.sources (
     -- a large backfill writes without the HNSW index, built once when the bulk lane is empty
     -- (pg_embed_sidecar.bulk_index_rows; _build_index_if_ready); searches meanwhile scan exactly
     index_pending    boolean NOT NULL DEFAULT false,
+    -- the names of the columns it uses (content or template, and key), by attribute number, kept
+    -- current across renames (events.sql): a dump restored after a DROP COLUMN renumbers the
+    -- table's columns, and these names map the numbers back (_reconcile_columns)
+    column_names     jsonb NOT NULL DEFAULT '{}',
     -- deferrable: checked at the end of a statement, so one UPDATE can swap two roles
     UNIQUE (source, embedding, role) DEFERRABLE,
     CHECK ((content_attnum IS NULL) <> (template IS NULL)),
@@ -202,6 +206,16 @@ $$;
 CREATE FUNCTION embed_sidecar._template_attnums(template text) RETURNS smallint[]
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN ARRAY(SELECT m[1]::smallint FROM regexp_matches(template, '\{([0-9]+)\}', 'g') AS m);
+
+-- {attnum: name} of the columns an embedding uses: its content (column or template's) and key.
+CREATE FUNCTION embed_sidecar._column_names(s embed_sidecar.sources) RETURNS jsonb
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(jsonb_object_agg(a.attnum::text, a.attname), '{}')
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = s.source AND NOT a.attisdropped
+       AND a.attnum = ANY (s.key_attnums || coalesce(embed_sidecar._template_attnums(s.template), '{}') || s.content_attnum);
+END;
 
 -- The content of a source as a text expression prefixed by alias: its column (attnum), or its
 -- template with each {attnum} replaced by that column (NULL as empty) and the rest kept literally.

@@ -462,7 +462,9 @@ def test_failing_source_is_isolated_and_its_error_shown(db, model_copy):
 
 def test_dump_and_restore_keep_watching(db):
     """pg_dump -Fc / pg_restore into a new database: registry, its sequence, dead letters, queues
-    with pending messages and triggers all come along (issue 8: the next watch() failed)."""
+    with pending messages and triggers all come along (issue 8: the next watch() failed), also
+    when the restored table numbers its columns anew (a column dropped before the content) and its
+    content column was renamed after watch(): it is followed by name, never the next one."""
     src_db, dst_db = "pes_dump_src", "pes_dump_dst"
     pg_bin = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
         or "/usr/lib/postgresql/15/bin"
@@ -472,9 +474,13 @@ def test_dump_and_restore_keep_watching(db):
     try:
         with connect(dbname=src_db) as s:
             s.execute("CREATE EXTENSION pg_embed_sidecar CASCADE")
-            s.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
-            s.execute("INSERT INTO docs SELECT i, 'restored row ' || i FROM generate_series(1, 30) i")
-            watch(s, "docs")
+            # a dropped column before the content and a renamed key: the restored table numbers
+            # its columns anew (audit M6: the next column, "secret", was embedded instead of body)
+            s.execute("CREATE TABLE docs (id int PRIMARY KEY, junk text, text_body text, secret text DEFAULT 'SECRET-TOKEN-123')")
+            s.execute("ALTER TABLE docs DROP COLUMN junk")
+            s.execute("INSERT INTO docs (id, text_body) SELECT i, 'restored row ' || i FROM generate_series(1, 30) i")
+            watch(s, "docs", "text_body")
+            s.execute("ALTER TABLE docs RENAME COLUMN text_body TO body")
             assert one(s, "SELECT embed_sidecar.process('docs', 10)") == 10  # 10 embedded, 20 pending
             s.execute("SET pg_embed_sidecar.test_fail_marker = 'POISON'")
             s.execute("SET pg_embed_sidecar.max_attempts = 1")
@@ -500,6 +506,9 @@ def test_dump_and_restore_keep_watching(db):
             while one(d, "SELECT embed_sidecar.process('docs', 100)") > 0:
                 pass
             assert_in_step_except(d, "docs", missing_ok={99})
+            assert one(d, "SELECT count(*) FROM docs_embeddings WHERE fts @@ 'secret'::tsquery") == 0
+            assert one(d, "SELECT (embed_sidecar.verify('docs')).stale") == 0
+            assert one(d, "SELECT embed_sidecar.reembed('docs')") == 1  # only the dead-lettered row
             # the registry's sequence came along: a new table can be watched
             d.execute("CREATE TABLE more (id int PRIMARY KEY, body text)")
             d.execute("INSERT INTO more VALUES (1, 'new after restore')")
