@@ -113,8 +113,9 @@ CREATE TYPE embed_sidecar._looked_up AS (key text, blank boolean, unchanged bool
 
 -- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
 -- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
+-- (keys are cast from their JSON text with fixed date and interval styles, as _invalid_keys checked them)
 CREATE FUNCTION embed_sidecar._lookup(lookup_sql text, keys jsonb[], model_id text) RETURNS SETOF embed_sidecar._looked_up
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     wrapped text := format('SELECT array_agg(ROW(l.*, NULL)::embed_sidecar._looked_up) FROM (%s) l', lookup_sql);
@@ -147,7 +148,7 @@ CREATE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text, keys jsonb
                                      dims int, model_id text, fts text, clear_keys jsonb[],
                                      trim_sql text, chunks jsonb[],
                                      OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     n int := coalesce(cardinality(keys), 0);
@@ -176,6 +177,10 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         written := 0;
     END;
+    -- one row at a time, a row another session holds locked fails quickly and is retried later:
+    -- rows locked by a writer must not make the pass (and every other source) wait seconds each
+    -- (the drain runs this inside a restricted operation, which puts the setting back after)
+    PERFORM set_config('lock_timeout', '100ms', true);
     FOR i IN 1 .. n LOOP
         BEGIN
             EXECUTE upsert_sql INTO w

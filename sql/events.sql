@@ -26,7 +26,8 @@ $$;
 CREATE EVENT TRIGGER embed_sidecar_sql_drop ON sql_drop EXECUTE FUNCTION embed_sidecar._on_sql_drop();
 
 -- After DDL on a watched table: its columns' names and numbers are reconciled (a rename, or a
--- dump restored after a DROP COLUMN: _reconcile_columns); and it may not join an inheritance tree
+-- dump restored after a DROP COLUMN: _reconcile_columns); its sidecar passes to its new owner
+-- (ALTER TABLE ... OWNER TO: the former owner keeps no hold on it); and it may not join an inheritance tree
 -- or a partitioned table (CREATE TABLE ... INHERITS / PARTITION OF, ALTER TABLE ... INHERIT /
 -- ATTACH PARTITION): statement triggers on one table of a hierarchy miss the writes made through
 -- another, so its sidecar would silently fall behind. watch() refuses such tables for the same
@@ -44,6 +45,7 @@ BEGIN
                                   SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() c JOIN pg_trigger t ON t.oid = c.objid
                                    WHERE c.classid = 'pg_trigger'::regclass) LOOP
         PERFORM embed_sidecar._reconcile_columns(id);
+        PERFORM embed_sidecar._follow_owner(id);
     END LOOP;
     SELECT x.source INTO rel FROM embed_sidecar.sources x
      WHERE EXISTS (SELECT 1 FROM pg_inherits i WHERE x.source IN (i.inhparent, i.inhrelid))

@@ -55,6 +55,7 @@ CREATE FUNCTION embed_sidecar._protect_sidecar(s embed_sidecar.sources) RETURNS 
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    side_name name := (SELECT relname FROM pg_class WHERE oid = s.sidecar);
     g record;
 BEGIN
     FOR g IN SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
@@ -64,8 +65,11 @@ BEGIN
     EXECUTE format('GRANT SELECT ON %s TO PUBLIC', s.sidecar);
     EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', s.sidecar);
     IF NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = s.sidecar AND polname = 'embed_sidecar_readable') THEN
-        EXECUTE format('CREATE POLICY embed_sidecar_readable ON %s FOR SELECT USING (EXISTS (SELECT src FROM %s src WHERE %s))',
-                       s.sidecar, s.source, embed_sidecar._side_join(s, (SELECT relname FROM pg_class WHERE oid = s.sidecar), 'src'));
+        -- the sidecar's columns go by its name, the source's by that name plus a suffix: an alias
+        -- equal to the sidecar's name would make the condition compare the source with itself
+        EXECUTE format('CREATE POLICY embed_sidecar_readable ON %s FOR SELECT USING (EXISTS (SELECT %I FROM %s %I WHERE %s))',
+                       s.sidecar, side_name || '_source', s.source, side_name || '_source',
+                       embed_sidecar._side_join(s, side_name, side_name || '_source'));
     END IF;
 END
 $$;
@@ -78,7 +82,8 @@ CREATE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text,
     template text, key_nums smallint[], sidecar_name name, model text, fts_config text, backfill boolean,
     chunk_tokens int, chunk_overlap int, vector_type text)
     RETURNS embed_sidecar.sources
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    -- the caller's default_tablespace is not ours to use: the database's default
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET default_tablespace = ''
 AS $$
 DECLARE
     rel        pg_class := (SELECT c FROM pg_class c WHERE c.oid = source);
@@ -96,6 +101,12 @@ BEGIN
     -- Taking the id first means the row goes in whole, so concurrent watch() calls never collide.
     s.id := nextval('embed_sidecar.sources_id_seq');
     sidecar_name := coalesce(sidecar_name, embed_sidecar._clip(rel.relname, 40) || '_embeddings_' || s.id);
+    -- the sidecar is made as the extension's owner but belongs to the table's owner: only where
+    -- that owner could have made a table
+    IF NOT has_schema_privilege(rel.relowner, rel.relnamespace, 'CREATE') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: the owner of % may not create tables in schema %', source, quote_ident(schema)
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT CREATE ON SCHEMA to the table''s owner, or watch a table in a schema it may create in.';
+    END IF;
     IF to_regclass(format('%I.%I', schema, sidecar_name)) IS NOT NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in schema %', sidecar_name, quote_ident(schema)
             USING ERRCODE = 'duplicate_table', HINT = 'Pass another name as sidecar_name.';
@@ -159,7 +170,7 @@ $$;
 
 -- The sidecar's HNSW index (cosine, on its vector type).
 CREATE FUNCTION embed_sidecar._create_hnsw(s embed_sidecar.sources) RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET default_tablespace = ''
 AS $$
 BEGIN
     EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.%I)', s.sidecar, embed_sidecar._vector_schema(),
@@ -255,6 +266,10 @@ BEGIN
     END IF;
     IF rel.relkind <> 'r' THEN
         RAISE EXCEPTION 'pg_embed_sidecar: % is not a table', source USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF rel.relpersistence = 't' THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is a temporary table', source
+            USING ERRCODE = 'feature_not_supported', HINT = 'A temporary table goes with its session, without the DROP that would clean up after it: watch a permanent table.';
     END IF;
     IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = _do_watch.source) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: table % is a sidecar table', source USING ERRCODE = 'wrong_object_type';
@@ -389,6 +404,20 @@ BEGIN
     -- triggers that exist with other numbers (made by pg_restore from the dump) are made again;
     -- names and numbers agree by now, so the CREATE TRIGGER this runs finds nothing more to do
     PERFORM embed_sidecar._create_triggers(s, only_stale => true);
+END
+$$;
+
+-- The sidecar belongs to its table's owner, also after ALTER TABLE ... OWNER TO (events.sql).
+CREATE FUNCTION embed_sidecar._follow_owner(source_id int) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := (SELECT x FROM embed_sidecar.sources x WHERE x.id = source_id);
+    owner oid := (SELECT relowner FROM pg_class WHERE oid = s.source);
+BEGIN
+    IF owner IS DISTINCT FROM (SELECT relowner FROM pg_class WHERE oid = s.sidecar) THEN
+        EXECUTE format('ALTER TABLE %s OWNER TO %s', s.sidecar, owner::regrole);
+    END IF;
 END
 $$;
 

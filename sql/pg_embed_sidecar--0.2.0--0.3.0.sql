@@ -27,6 +27,8 @@ ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config TYPE text USING fts_co
 -- who is calling (src/authority.rs)
 CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
     STRICT VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'enter_wrapper';
+CREATE FUNCTION embed_sidecar."_leave"() RETURNS boolean
+    STRICT VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'leave_wrapper';
 CREATE FUNCTION embed_sidecar."_session_role"() RETURNS oid
     STRICT STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'session_role_wrapper';
 -- a search's query vector, refused when the model's files changed since the vectors were made
@@ -95,6 +97,21 @@ CREATE OR REPLACE FUNCTION embed_sidecar._vector_schema() RETURNS name
     RETURN (SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
              WHERE e.extname = 'vector');
 
+-- Whether the calling role (after SET ROLE, before any SECURITY DEFINER function) may act as the
+-- table's owner. Management functions are SECURITY DEFINER (they write the registry and the pgmq
+-- schema), so they ask embed_sidecar._calling_role() instead of current_user or session_user.
+CREATE OR REPLACE FUNCTION embed_sidecar._check_owner(rel regclass) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT coalesce(pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = rel), 'USAGE'), false) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: must be owner of table %', rel
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only the owner of a table (or a member of its owner role) can watch or manage it.';
+    END IF;
+END
+$$;
+
 -- Internal management functions are callable by anyone (their public wrapper runs as the caller,
 -- src/authority.rs), so each first checks that the calling role may execute the public function it
 -- stands for: granting EXECUTE on embed_sidecar.watch() is what lets a role watch its tables.
@@ -115,12 +132,18 @@ $$;
 CREATE OR REPLACE FUNCTION embed_sidecar._readable_source(rel regclass, embedding text DEFAULT NULL) RETURNS embed_sidecar.sources
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    s embed_sidecar.sources;
 BEGIN
     -- privileges first: a caller who may not read the table learns nothing of its embeddings
     IF rel IS NOT NULL AND NOT has_table_privilege(embed_sidecar._calling_role(), rel, 'SELECT') THEN
         RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', rel USING ERRCODE = 'insufficient_privilege';
     END IF;
-    RETURN embed_sidecar._source(rel, embedding);
+    s := embed_sidecar._source(rel, embedding);
+    -- the last error may quote a row (status shows it to the owner only)
+    s.last_error := NULL;
+    s.last_error_at := NULL;
+    RETURN s;
 END
 $$;
 
@@ -175,6 +198,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar._protect_sidecar(s embed_sidecar.source
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    side_name name := (SELECT relname FROM pg_class WHERE oid = s.sidecar);
     g record;
 BEGIN
     FOR g IN SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
@@ -184,8 +208,11 @@ BEGIN
     EXECUTE format('GRANT SELECT ON %s TO PUBLIC', s.sidecar);
     EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', s.sidecar);
     IF NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = s.sidecar AND polname = 'embed_sidecar_readable') THEN
-        EXECUTE format('CREATE POLICY embed_sidecar_readable ON %s FOR SELECT USING (EXISTS (SELECT src FROM %s src WHERE %s))',
-                       s.sidecar, s.source, embed_sidecar._side_join(s, (SELECT relname FROM pg_class WHERE oid = s.sidecar), 'src'));
+        -- the sidecar's columns go by its name, the source's by that name plus a suffix: an alias
+        -- equal to the sidecar's name would make the condition compare the source with itself
+        EXECUTE format('CREATE POLICY embed_sidecar_readable ON %s FOR SELECT USING (EXISTS (SELECT %I FROM %s %I WHERE %s))',
+                       s.sidecar, side_name || '_source', s.source, side_name || '_source',
+                       embed_sidecar._side_join(s, side_name, side_name || '_source'));
     END IF;
 END
 $$;
@@ -198,7 +225,8 @@ CREATE OR REPLACE FUNCTION embed_sidecar._create_embedding(source regclass, embe
     template text, key_nums smallint[], sidecar_name name, model text, fts_config text, backfill boolean,
     chunk_tokens int, chunk_overlap int, vector_type text)
     RETURNS embed_sidecar.sources
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    -- the caller's default_tablespace is not ours to use: the database's default
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET default_tablespace = ''
 AS $$
 DECLARE
     rel        pg_class := (SELECT c FROM pg_class c WHERE c.oid = source);
@@ -216,6 +244,12 @@ BEGIN
     -- Taking the id first means the row goes in whole, so concurrent watch() calls never collide.
     s.id := nextval('embed_sidecar.sources_id_seq');
     sidecar_name := coalesce(sidecar_name, embed_sidecar._clip(rel.relname, 40) || '_embeddings_' || s.id);
+    -- the sidecar is made as the extension's owner but belongs to the table's owner: only where
+    -- that owner could have made a table
+    IF NOT has_schema_privilege(rel.relowner, rel.relnamespace, 'CREATE') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: the owner of % may not create tables in schema %', source, quote_ident(schema)
+            USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT CREATE ON SCHEMA to the table''s owner, or watch a table in a schema it may create in.';
+    END IF;
     IF to_regclass(format('%I.%I', schema, sidecar_name)) IS NOT NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in schema %', sidecar_name, quote_ident(schema)
             USING ERRCODE = 'duplicate_table', HINT = 'Pass another name as sidecar_name.';
@@ -279,7 +313,7 @@ $$;
 
 -- The sidecar's HNSW index (cosine, on its vector type).
 CREATE OR REPLACE FUNCTION embed_sidecar._create_hnsw(s embed_sidecar.sources) RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET default_tablespace = ''
 AS $$
 BEGIN
     EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.%I)', s.sidecar, embed_sidecar._vector_schema(),
@@ -313,6 +347,10 @@ BEGIN
     END IF;
     IF rel.relkind <> 'r' THEN
         RAISE EXCEPTION 'pg_embed_sidecar: % is not a table', source USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF rel.relpersistence = 't' THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is a temporary table', source
+            USING ERRCODE = 'feature_not_supported', HINT = 'A temporary table goes with its session, without the DROP that would clean up after it: watch a permanent table.';
     END IF;
     IF EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.sidecar = _do_watch.source) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: table % is a sidecar table', source USING ERRCODE = 'wrong_object_type';
@@ -447,6 +485,20 @@ BEGIN
     -- triggers that exist with other numbers (made by pg_restore from the dump) are made again;
     -- names and numbers agree by now, so the CREATE TRIGGER this runs finds nothing more to do
     PERFORM embed_sidecar._create_triggers(s, only_stale => true);
+END
+$$;
+
+-- The sidecar belongs to its table's owner, also after ALTER TABLE ... OWNER TO (events.sql).
+CREATE OR REPLACE FUNCTION embed_sidecar._follow_owner(source_id int) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources := (SELECT x FROM embed_sidecar.sources x WHERE x.id = source_id);
+    owner oid := (SELECT relowner FROM pg_class WHERE oid = s.source);
+BEGIN
+    IF owner IS DISTINCT FROM (SELECT relowner FROM pg_class WHERE oid = s.sidecar) THEN
+        EXECUTE format('ALTER TABLE %s OWNER TO %s', s.sidecar, owner::regrole);
+    END IF;
 END
 $$;
 
@@ -763,6 +815,8 @@ DECLARE
     n int := embed_sidecar._candidates(t.chunked, k);
     old text := embed_sidecar._widen_ef_search(n);
 BEGIN
+    -- the caller was needed to find the target; code of others (policies, operators) runs next
+    PERFORM embed_sidecar._leave();
     -- the nearest n vectors (HNSW), each row's nearest of them, the k nearest rows
     RETURN QUERY EXECUTE format(
         'SELECT b.key, b.d, b.chunk, b.char_start, b.char_end
@@ -791,6 +845,8 @@ DECLARE
     q real[];
     old text;
 BEGIN
+    -- the caller was needed to find the target; code of others (policies, operators) runs next
+    PERFORM embed_sidecar._leave();
     IF t.fts_config IS NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: the sidecar of % keeps no full text for hybrid_search', source
             USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -933,6 +989,35 @@ BEGIN
 END
 $$;
 
+-- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
+-- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
+-- (keys are cast from their JSON text with fixed date and interval styles, as _invalid_keys checked them)
+CREATE OR REPLACE FUNCTION embed_sidecar._lookup(lookup_sql text, keys jsonb[], model_id text) RETURNS SETOF embed_sidecar._looked_up
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres'
+AS $$
+DECLARE
+    wrapped text := format('SELECT array_agg(ROW(l.*, NULL)::embed_sidecar._looked_up) FROM (%s) l', lookup_sql);
+    found embed_sidecar._looked_up[];
+    i int;
+BEGIN
+    BEGIN
+        EXECUTE wrapped INTO found USING keys, model_id;
+        RETURN QUERY SELECT * FROM unnest(found);
+        RETURN;
+    EXCEPTION WHEN OTHERS THEN
+        NULL;  -- fall through to one key at a time
+    END;
+    FOR i IN 1 .. cardinality(keys) LOOP
+        BEGIN
+            EXECUTE wrapped INTO found USING keys[i:i], model_id;
+            RETURN QUERY SELECT * FROM unnest(found);
+        EXCEPTION WHEN OTHERS THEN
+            RETURN QUERY SELECT keys[i]::text, false, false, NULL::text, NULL::bytea, NULL::text[], SQLERRM;
+        END;
+    END LOOP;
+END
+$$;
+
 -- Write vectors and clear blanks; a batch that fails is retried one row at a time, each in its own
 -- subtransaction, so only the failing rows are reported (failed_keys/failed_errors). A chunked
 -- source (chunks not NULL) also drops each written row's passages past its new last one; its
@@ -941,7 +1026,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text,
                                      dims int, model_id text, fts text, clear_keys jsonb[],
                                      trim_sql text, chunks jsonb[],
                                      OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     n int := coalesce(cardinality(keys), 0);
@@ -970,6 +1055,10 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         written := 0;
     END;
+    -- one row at a time, a row another session holds locked fails quickly and is retried later:
+    -- rows locked by a writer must not make the pass (and every other source) wait seconds each
+    -- (the drain runs this inside a restricted operation, which puts the setting back after)
+    PERFORM set_config('lock_timeout', '100ms', true);
     FOR i IN 1 .. n LOOP
         BEGIN
             EXECUTE upsert_sql INTO w
@@ -1049,6 +1138,8 @@ DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     key_join text := embed_sidecar._side_join(s, 'sc', 'src');
 BEGIN
+    -- the caller was needed to find the source; code of others (policies, operators) runs next
+    PERFORM embed_sidecar._leave();
     IF s.chunk_tokens IS NULL THEN
         EXECUTE format(
             'SELECT count(*), count(sc.content_hash),
@@ -1160,8 +1251,10 @@ BEGIN ATOMIC
 END;
 
 -- Run a _keys_check_sql statement as the caller: NULL when every key is valid, else why not.
+-- DateStyle and IntervalStyle are the drain's (_lookup, _write): a key valid here is read the same
+-- way there, whatever the writer's session set.
 CREATE OR REPLACE FUNCTION embed_sidecar._invalid_keys(check_sql text, keys text[]) RETURNS text
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     bad bigint;
@@ -1174,7 +1267,8 @@ END
 $$;
 
 -- After DDL on a watched table: its columns' names and numbers are reconciled (a rename, or a
--- dump restored after a DROP COLUMN: _reconcile_columns); and it may not join an inheritance tree
+-- dump restored after a DROP COLUMN: _reconcile_columns); its sidecar passes to its new owner
+-- (ALTER TABLE ... OWNER TO: the former owner keeps no hold on it); and it may not join an inheritance tree
 -- or a partitioned table (CREATE TABLE ... INHERITS / PARTITION OF, ALTER TABLE ... INHERIT /
 -- ATTACH PARTITION): statement triggers on one table of a hierarchy miss the writes made through
 -- another, so its sidecar would silently fall behind. watch() refuses such tables for the same
@@ -1192,6 +1286,7 @@ BEGIN
                                   SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() c JOIN pg_trigger t ON t.oid = c.objid
                                    WHERE c.classid = 'pg_trigger'::regclass) LOOP
         PERFORM embed_sidecar._reconcile_columns(id);
+        PERFORM embed_sidecar._follow_owner(id);
     END LOOP;
     SELECT x.source INTO rel FROM embed_sidecar.sources x
      WHERE EXISTS (SELECT 1 FROM pg_inherits i WHERE x.source IN (i.inhparent, i.inhrelid))
@@ -1226,7 +1321,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_si
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
     embed_sidecar._worker_state(), embed_sidecar._installed_models(), embed_sidecar._key_json(embed_sidecar.sources, text),
     embed_sidecar._side_join(embed_sidecar.sources, text, text), embed_sidecar._sidecar_keys(embed_sidecar.sources),
-    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._session_role() TO PUBLIC;
+    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._leave(), embed_sidecar._session_role() TO PUBLIC;
 -- The bodies of the management functions: each checks that its caller may execute the public one
 -- (embed_sidecar._check_may), so the administrator grants those, as before.
 GRANT EXECUTE ON FUNCTION

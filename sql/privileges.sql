@@ -12,7 +12,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_si
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
     embed_sidecar._worker_state(), embed_sidecar._installed_models(), embed_sidecar._key_json(embed_sidecar.sources, text),
     embed_sidecar._side_join(embed_sidecar.sources, text, text), embed_sidecar._sidecar_keys(embed_sidecar.sources),
-    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._session_role() TO PUBLIC;
+    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._leave(), embed_sidecar._session_role() TO PUBLIC;
 -- The bodies of the management functions: each checks that its caller may execute the public one
 -- (embed_sidecar._check_may), so the administrator grants those, as before.
 GRANT EXECUTE ON FUNCTION

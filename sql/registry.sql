@@ -247,7 +247,7 @@ CREATE FUNCTION embed_sidecar._check_owner(rel regclass) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF NOT pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = rel), 'USAGE') THEN
+    IF NOT coalesce(pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = rel), 'USAGE'), false) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: must be owner of table %', rel
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Only the owner of a table (or a member of its owner role) can watch or manage it.';
@@ -325,11 +325,17 @@ $$;
 CREATE FUNCTION embed_sidecar._readable_source(rel regclass, embedding text DEFAULT NULL) RETURNS embed_sidecar.sources
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    s embed_sidecar.sources;
 BEGIN
     -- privileges first: a caller who may not read the table learns nothing of its embeddings
     IF rel IS NOT NULL AND NOT has_table_privilege(embed_sidecar._calling_role(), rel, 'SELECT') THEN
         RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', rel USING ERRCODE = 'insufficient_privilege';
     END IF;
-    RETURN embed_sidecar._source(rel, embedding);
+    s := embed_sidecar._source(rel, embedding);
+    -- the last error may quote a row (status shows it to the owner only)
+    s.last_error := NULL;
+    s.last_error_at := NULL;
+    RETURN s;
 END
 $$;

@@ -61,6 +61,8 @@ DECLARE
     n int := embed_sidecar._candidates(t.chunked, k);
     old text := embed_sidecar._widen_ef_search(n);
 BEGIN
+    -- the caller was needed to find the target; code of others (policies, operators) runs next
+    PERFORM embed_sidecar._leave();
     -- the nearest n vectors (HNSW), each row's nearest of them, the k nearest rows
     RETURN QUERY EXECUTE format(
         'SELECT b.key, b.d, b.chunk, b.char_start, b.char_end
@@ -95,6 +97,8 @@ DECLARE
     q real[];
     old text;
 BEGIN
+    -- the caller was needed to find the target; code of others (policies, operators) runs next
+    PERFORM embed_sidecar._leave();
     IF t.fts_config IS NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: the sidecar of % keeps no full text for hybrid_search', source
             USING ERRCODE = 'object_not_in_prerequisite_state',

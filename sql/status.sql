@@ -64,6 +64,8 @@ DECLARE
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     key_join text := embed_sidecar._side_join(s, 'sc', 'src');
 BEGIN
+    -- the caller was needed to find the source; code of others (policies, operators) runs next
+    PERFORM embed_sidecar._leave();
     IF s.chunk_tokens IS NULL THEN
         EXECUTE format(
             'SELECT count(*), count(sc.content_hash),

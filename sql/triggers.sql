@@ -74,8 +74,10 @@ BEGIN ATOMIC
 END;
 
 -- Run a _keys_check_sql statement as the caller: NULL when every key is valid, else why not.
+-- DateStyle and IntervalStyle are the drain's (_lookup, _write): a key valid here is read the same
+-- way there, whatever the writer's session set.
 CREATE FUNCTION embed_sidecar._invalid_keys(check_sql text, keys text[]) RETURNS text
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     bad bigint;

@@ -23,6 +23,42 @@ use crate::error::SidecarError;
 
 const PINNED_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
 
+/// Longest, in milliseconds, a table owner's code may run inside one restricted operation of the
+/// drain worker (0: no limit, as in a session, where the caller's own statement_timeout applies).
+/// One worker serves every table of its database, so a trigger that sleeps would hold them all.
+static OWNER_CODE_LIMIT_MS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+pub fn limit_owner_code(ms: i32) {
+    OWNER_CODE_LIMIT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+// The statement timeout's timer (utils/timeout.h), which pgrx does not bind; SPI does not arm it,
+// so the worker arms it itself around the owner's code.
+extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+}
+/// `STATEMENT_TIMEOUT` in `enum TimeoutId` (the same in PostgreSQL 15 to 18).
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+
+/// Disarms the statement timeout when dropped, also when an ERROR unwinds through `run_as`.
+struct Armed;
+
+impl Armed {
+    fn arm(ms: i32) -> Self {
+        // SAFETY: the timeout is registered by InitPostgres in every backend and worker
+        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms) };
+        Armed
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        // SAFETY: disarming a timer that may or may not be pending is always allowed
+        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+    }
+}
+
 /// Run `f` as `role`. `restricted` adds SECURITY_RESTRICTED_OPERATION (for code that touches user
 /// tables); without it the switch is a plain local user-id change (for queue work done on behalf
 /// of a writer). Either way `search_path` is pinned while `f` runs, so nothing a user creates in a
@@ -49,7 +85,10 @@ pub fn run_as<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> Result
         );
         level
     };
+    let limit = OWNER_CODE_LIMIT_MS.load(std::sync::atomic::Ordering::Relaxed);
+    let armed = (restricted && limit > 0).then(|| Armed::arm(limit));
     let result = f();
+    drop(armed);
     // SAFETY: undoes exactly the switch above, in reverse order; `false` discards every setting
     // changed at this level or below (the pinned path and whatever the owner's code set)
     unsafe {
@@ -137,7 +176,21 @@ mod embed_sidecar {
     #[pg_extern(volatile, parallel_restricted, name = "_enter")]
     fn enter() -> bool {
         refuse_in_restricted_operation();
-        let mark = std::ffi::CString::new(caller_mark(super::current_role())).unwrap_or_default();
+        set_caller(&caller_mark(super::current_role()));
+        true
+    }
+
+    /// Forget the caller before code of others runs in the same function (the policies and
+    /// operators a search's query runs): a definer function there must not be judged as the
+    /// searcher. `set_config()` cannot do it: it returns the value, which only superusers may read.
+    #[pg_extern(volatile, parallel_restricted, name = "_leave")]
+    fn leave() -> bool {
+        set_caller("");
+        true
+    }
+
+    fn set_caller(mark: &str) {
+        let mark = std::ffi::CString::new(mark).unwrap_or_default();
         // SAFETY: plain GUC assignment inside a transaction; the value is ours and parses
         unsafe {
             pg_sys::set_config_option(
@@ -151,7 +204,6 @@ mod embed_sidecar {
                 false,
             );
         }
-        true
     }
 
     /// The role that called the public function running now, as recorded by `_enter()`. Refused
@@ -182,5 +234,5 @@ mod embed_sidecar {
         unsafe { pg_sys::GetOuterUserId() }
     }
 
-    extension_sql_file!("../sql/registry.sql", name = "registry", requires = [calling_role, session_role, enter]);
+    extension_sql_file!("../sql/registry.sql", name = "registry", requires = [calling_role, session_role, enter, leave]);
 }

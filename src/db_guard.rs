@@ -4,9 +4,8 @@
 //! `ProcessUtility` hook (installed only when preloaded, like the workers) holds the launcher off
 //! that database and stops its worker before such a command runs, so the command proceeds as if
 //! the extension were not there; afterwards (or if it fails) the worker comes back, except after a
-//! successful `DROP DATABASE`. Only a command that can succeed does so: one run by the database's
-//! owner or a superuser, outside a transaction block. Anyone may type `DROP DATABASE x`, and a
-//! loop of failing ones must not keep x's drain down.
+//! successful `DROP DATABASE`. Only a command that can pass its own checks does so (`may_run`):
+//! anyone may type `DROP DATABASE x`, and a loop of failing ones must not keep x's drain down.
 
 use std::ffi::CStr;
 
@@ -27,22 +26,33 @@ pub fn install() {
     }
 }
 
-/// The database a statement needs to itself, and whether the statement drops it.
-unsafe fn database_needed(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, bool)> {
-    let (name, drops) = if is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
-        ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, true)
+/// Commands that need a database to themselves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Drop,
+    Rename,
+    /// `CREATE DATABASE ... TEMPLATE` it
+    CopyFrom,
+    /// `ALTER DATABASE ... SET TABLESPACE`
+    Move,
+}
+
+/// The database a statement needs to itself, and how.
+unsafe fn database_needed(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, Needs)> {
+    let (name, needs) = if is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
+        ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Needs::Drop)
     } else if is_a(stmt, pg_sys::NodeTag::T_RenameStmt) {
         let s = &*stmt.cast::<pg_sys::RenameStmt>();
         if s.renameType != pg_sys::ObjectType::OBJECT_DATABASE {
             return None;
         }
-        (s.subname, false)
+        (s.subname, Needs::Rename)
     } else if is_a(stmt, pg_sys::NodeTag::T_CreatedbStmt) {
-        (option_value((*stmt.cast::<pg_sys::CreatedbStmt>()).options, c"template")?, false)
+        (option_value((*stmt.cast::<pg_sys::CreatedbStmt>()).options, c"template")?, Needs::CopyFrom)
     } else if is_a(stmt, pg_sys::NodeTag::T_AlterDatabaseStmt) {
         let s = &*stmt.cast::<pg_sys::AlterDatabaseStmt>();
         option_value(s.options, c"tablespace")?;
-        (s.dbname, false)
+        (s.dbname, Needs::Move)
     } else {
         return None;
     };
@@ -50,7 +60,22 @@ unsafe fn database_needed(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, bool)
         return None;
     }
     let db = pg_sys::get_database_oid(name, true);
-    (db != pg_sys::InvalidOid).then_some((db, drops))
+    (db != pg_sys::InvalidOid).then_some((db, needs))
+}
+
+/// Whether the command can pass its own privilege checks: it is the database's owner's (or a
+/// superuser's), and renaming or copying a database also takes CREATEDB (copying a template
+/// database one does not own is left to fail as it would without us); DROP DATABASE cannot run in
+/// a transaction block or a function.
+unsafe fn may_run(db: pg_sys::Oid, needs: Needs, context: pg_sys::ProcessUtilityContext::Type) -> bool {
+    let owner = pg_sys::superuser() || pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId());
+    match needs {
+        Needs::Drop => {
+            owner && context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL && !pg_sys::IsTransactionBlock()
+        }
+        Needs::Rename | Needs::CopyFrom => owner && pg_sys::have_createdb_privilege(),
+        Needs::Move => owner,
+    }
 }
 
 /// The string value of option `wanted` in a statement's option list.
@@ -77,15 +102,11 @@ unsafe extern "C-unwind" fn guard_utility(
         Some(prev) => prev(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
     };
-    let Some((db, drops)) = database_needed((*pstmt).utilityStmt) else {
+    let Some((db, needs)) = database_needed((*pstmt).utilityStmt) else {
         return run();
     };
-    // the checks the command itself makes before anything else: leave the worker alone when it
-    // will fail anyway (the command then raises its own error)
-    let may = pg_sys::superuser() || pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId());
-    // DROP DATABASE cannot run in a transaction block or a function
-    let in_block = context != pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL || pg_sys::IsTransactionBlock();
-    if !may || (drops && in_block) {
+    // a command that will fail its own checks leaves the worker alone (and raises its own error)
+    if !may_run(db, needs, context) {
         return run();
     }
     if let Some(pid) = roster::hold(db.to_u32()) {
@@ -99,7 +120,7 @@ unsafe extern "C-unwind" fn guard_utility(
             e.rethrow()
         })
         .execute();
-    if !drops {
+    if needs != Needs::Drop {
         roster::unhold(db.to_u32());
     }
 }

@@ -27,9 +27,9 @@ use crate::model::{self, Started};
 use crate::settle::{self, Looked, Message, Settlement};
 use crate::xact::run_in_transaction;
 
-/// How long the worker's write waits for a lock (the registry row a `process()` caller holds, a
-/// source row a writer holds `FOR UPDATE`) before giving the pass up: a lock any session can take
-/// must not stall the worker, and with it every other source of the database.
+/// How long the worker waits for a lock (a table lock, the registry row a `process()` caller
+/// holds, a source row a writer holds `FOR UPDATE`) before giving the pass up: a lock any session
+/// can take must not stall the worker, and with it every other source of the database.
 const WORKER_LOCK_TIMEOUT: &str = "2s";
 
 /// Most rows one pass takes from a chunked source's lanes: a long row is dozens of passages, and
@@ -79,10 +79,23 @@ struct Source {
     index_pending: bool,
 }
 
+/// A phase of a pass: in the caller's transaction, or (the worker) in its own, which waits at most
+/// `WORKER_LOCK_TIMEOUT` for any lock — a table lock, a row lock, the registry row — so that no
+/// session can hold the worker, and every other source with it. Session-level advisory locks the
+/// owner's code took are released after it: nothing it does may stay in the worker.
 fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
     match mode {
         Mode::Caller => f(),
-        Mode::Worker => run_in_transaction(f),
+        Mode::Worker => {
+            let result = run_in_transaction(|| {
+                Spi::run_with_args("SELECT pg_catalog.set_config('lock_timeout', $1, true)", &[WORKER_LOCK_TIMEOUT.into()])?;
+                f()
+            });
+            // SAFETY: releases this process's session-level advisory locks; the worker takes none
+            // of its own, so any there were taken by code it ran for a table's owner
+            unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
+            result
+        }
     }
 }
 
@@ -436,7 +449,16 @@ impl Pass {
                 Work::Rows(plan.embed, started)
             }
             Some(budget) => {
-                let split = chunking::split(&src.model, budget, plan.embed, &known);
+                // the tokenizer is other people's code run on writers' text: a panic there fails
+                // these rows, never the worker
+                let keys: Vec<String> = plan.embed.iter().map(|(k, _, _)| k.clone()).collect();
+                let split = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    chunking::split(&src.model, budget, plan.embed, &known)
+                }))
+                .unwrap_or_else(|_| chunking::Split {
+                    failed: keys.into_iter().map(|k| (k, "the tokenizer failed on this text".to_string())).collect(),
+                    ..Default::default()
+                });
                 failed.extend(split.failed.iter().cloned());
                 let texts: Vec<&str> = split.texts.iter().map(String::as_str).collect();
                 let started = start_embed(&src.model, &texts);
@@ -480,9 +502,6 @@ impl Ready {
         let messages = live.len() + bulk.len();
         let written = in_tx(mode, move || {
             Spi::connect_mut(|client| {
-                if mode == Mode::Worker {
-                    client.update("SELECT pg_catalog.set_config('lock_timeout', $1, true)", None, &[WORKER_LOCK_TIMEOUT.into()])?;
-                }
                 lock_source(client, id)?;
                 let (written, write_failures) = write(client, &src, embedded, clear)?;
                 failed.extend(write_failures);

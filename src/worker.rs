@@ -23,6 +23,10 @@ const ERROR_NAP: Duration = Duration::from_secs(5);
 /// A worker that found nothing to do for this long gives its slot up while another database waits
 /// for one (max_worker_processes reached): the launcher starts it again when a slot is free.
 const YIELD_AFTER_IDLE: Duration = Duration::from_secs(10);
+/// Longest a table owner's code (triggers, checks, policies on the source or sidecar) may run in
+/// one step of a pass; then the pass fails and is retried later, and the other sources go on.
+/// Lookups and writes of a full pass take well under a second.
+const OWNER_CODE_LIMIT_MS: i32 = 10_000;
 
 /// Main function of a drain worker; the argument is its database's oid, `bgw_extra` the role's oid
 /// (empty: the bootstrap superuser).
@@ -65,6 +69,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         String::new()
     });
     log!("pg_embed_sidecar: worker started for database \"{name}\"");
+    crate::authority::limit_owner_code(OWNER_CODE_LIMIT_MS);
 
     let mut nap = Duration::ZERO;
     let mut benched = HashMap::new();

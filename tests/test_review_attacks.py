@@ -9,13 +9,12 @@ of the promised behaviour, so a test FAILS when its attack works.
      DROP DATABASE by an unprivileged role does not stop that database's drain.
 
 Everything here happens in databases called pes_rev_<tag>... (created and dropped WITH (FORCE) by
-the tests) and roles called pes_rev_<what>_<tag> (dropped at the end). Nothing touches pes_test:
+the tests) and roles called pes_rev_<what>_<tag>_<n> (dropped at the end). Nothing touches pes_test:
 conftest's session fixture `extension` (which re-creates the extension in pes_test) is overridden
 below by a no-op. Run with:
 
     /opt/pg_embed_sidecar/venv/bin/python -m pytest tests/test_review_attacks.py -p no:cacheprovider -q
 """
-import contextlib
 import threading
 import time
 import uuid
@@ -166,18 +165,21 @@ def worker_waits_on_lock(dbname):
 # Promise 5: locks another role can take
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("locker", ["owner", "writer_with_update"])
+@pytest.mark.parametrize("locker", ["owner", "writer_with_update", "role_without_privileges_via_create_rule"])
 def test_table_lock_on_one_source_does_not_stall_the_drain_of_the_others(fresh, locker):
-    """Promise 5 (no lock another role can take stalls the drain worker). Attack: the owner of a
-    watched table, or a writer holding only UPDATE on it, commits a change (queued) and then holds
-    LOCK TABLE ... IN ACCESS EXCLUSIVE MODE in an open transaction. The worker's pass for that table
-    reads it (the lookup, src/drain.rs Pass::begin) without any lock_timeout, so it waits for the
-    lock and no other table of the database is drained. Promised: another owner's new row is still
-    embedded within 20 s."""
+    """Promise 5 (no lock another role can take stalls the drain worker). Attack: after a change to
+    watched table a is queued, a lock on a is held in an open transaction: by a's owner (LOCK TABLE
+    ... IN ACCESS EXCLUSIVE MODE), by a writer holding only UPDATE on it (the same LOCK TABLE), or by
+    a role with no privilege at all on a: CREATE RULE ... ON INSERT TO a DO ALSO SELECT * FROM m
+    takes ACCESS EXCLUSIVE on a before PostgreSQL checks ownership, then waits, holding it, for the
+    lock the same role holds on its own table m. The worker's pass for a reads it (the lookup,
+    src/drain.rs Pass::begin -> lookup) with no lock_timeout (WORKER_LOCK_TIMEOUT is only set for
+    the write), so it waits for the lock and no other table of the database is drained. Promised:
+    another table's new row is still embedded within 20 s."""
     d = fresh("tlock")
-    alice, eve = role("alice"), role("eve")
+    alice, eve, mallory = role("alice"), role("eve"), role("mallory")
     with db(d) as admin:
-        s = schema_for(admin, alice)
+        s = schema_for(admin, alice, mallory)
         owner_table(d, alice, f"{s}.a")
         admin.execute(f"CREATE TABLE {s}.b (id int PRIMARY KEY, body text)")
         admin.execute(f'GRANT SELECT, UPDATE ON {s}.a TO "{eve}"')
@@ -186,10 +188,30 @@ def test_table_lock_on_one_source_does_not_stall_the_drain_of_the_others(fresh, 
         one(admin, f"SELECT embed_sidecar.pause('{s}.a')")
         with db(d, alice) as a:
             a.execute(f"INSERT INTO {s}.a VALUES (1, 'queued before the lock')")
-        holder = db(d, alice if locker == "owner" else eve)
+        holders, threads = [], []
         try:
-            holder.execute("BEGIN")
-            holder.execute(f"LOCK TABLE {s}.a IN ACCESS EXCLUSIVE MODE")
+            if locker == "role_without_privileges_via_create_rule":
+                m1 = db(d, mallory)
+                holders.append(m1)
+                m1.execute(f"CREATE TABLE {s}.m (x int)")
+                assert not one(m1, f"SELECT has_any_column_privilege('{s}.a', 'SELECT, INSERT, UPDATE, REFERENCES')")
+                m1.execute("BEGIN")
+                m1.execute(f"LOCK TABLE {s}.m IN ACCESS EXCLUSIVE MODE")
+                m2 = db(d, mallory)
+                holders.append(m2)
+                t = threading.Thread(target=error_of, args=(m2, f"CREATE RULE r AS ON INSERT TO {s}.a DO ALSO SELECT * FROM {s}.m"))
+                t.start()
+                threads.append(t)
+                deadline = time.time() + 5
+                while time.time() < deadline and not one(
+                        admin, f"""SELECT count(*) FROM pg_locks WHERE relation = '{s}.a'::regclass AND granted
+                                    AND mode = 'AccessExclusiveLock'"""):
+                    time.sleep(0.1)
+            else:
+                h = db(d, alice if locker == "owner" else eve)
+                holders.append(h)
+                h.execute("BEGIN")
+                h.execute(f"LOCK TABLE {s}.a IN ACCESS EXCLUSIVE MODE")
             one(admin, f"SELECT embed_sidecar.resume('{s}.a')")
             deadline = time.time() + 5
             while time.time() < deadline and not worker_waits_on_lock(d):
@@ -199,7 +221,10 @@ def test_table_lock_on_one_source_does_not_stall_the_drain_of_the_others(fresh, 
             stuck = worker_waits_on_lock(d)
             assert ok, f"the other table was not drained in 20 s while a lock on {s}.a was held (worker waits on {stuck})"
         finally:
-            holder.close()
+            for h in holders:
+                h.close()
+            for t in threads:
+                t.join(10)
 
 
 def test_row_locks_on_many_queued_rows_do_not_stall_the_drain_of_the_others(fresh):
@@ -297,6 +322,9 @@ def test_a_writers_korean_row_in_a_chunked_table_does_not_kill_the_drain_worker(
     assert drained
 
 
+@pytest.mark.xfail(strict=True, reason="open: pgmq.create()/drop_queue() take an advisory lock named after the queue, "
+                   "which any role can hold; management then waits (or fails on lock_timeout). Fixing it means not "
+                   "calling those pgmq functions (issue note)")
 def test_pgmq_queue_lock_held_by_a_role_without_privileges_does_not_stall_management(shared):
     """Promise 5 in spirit (the code says: 'a row lock, not an advisory lock: any role can take
     advisory locks'). Attack: a role with no privileges at all holds
@@ -458,6 +486,9 @@ def test_planted_session_advisory_lock_is_not_left_in_the_worker(fresh):
     assert held == [], f"the drain worker still holds the owner's advisory lock(s) {held}"
 
 
+@pytest.mark.xfail(strict=True, reason="open: process() runs the owner's code in the caller's session, as VACUUM and "
+                   "ANALYZE do; a session-level advisory lock it takes stays there (the worker releases them after each "
+                   "step, a caller's own locks cannot be told apart). README: Whose rights")
 def test_planted_session_advisory_lock_is_not_left_in_a_process_callers_session(shared):
     """Promise 1 (nothing planted may be left behind in another role's session). Attack: as above,
     drained by process() in a superuser's session: the superuser's session holds the owner's
@@ -832,7 +863,7 @@ def test_watch_racing_alter_table_inherit_is_refused(shared):
 # ---------------------------------------------------------------------------------------------
 
 def vec(text):
-    return np.array([float(x) for x in text.strip("[]").split(",")])
+    return np.array([float(x) for x in text.strip("[]{}").split(",")])
 
 
 def test_sessions_with_different_models_in_one_round_get_their_own_vectors(shared):

@@ -123,7 +123,8 @@ const PARAGRAPH: u8 = 4;
 
 /// How good a place the gap before token `i` is to cut: higher is better.
 fn boundary(text: &str, offsets: &[(usize, usize)], i: usize) -> u8 {
-    let gap = &text[offsets[i - 1].1..offsets[i].0];
+    // tokens cut from one character (a Hangul syllable split into jamo) share its offsets: no gap
+    let gap = text.get(offsets[i - 1].1..offsets[i].0).unwrap_or("");
     let prev = &text[offsets[i - 1].0..offsets[i - 1].1];
     let ends_sentence = prev.ends_with(['.', '!', '?', ';', ':']) || prev.ends_with(['。', '！', '？', '；']);
     if gap.matches('\n').count() >= 2 {

@@ -137,6 +137,8 @@ fn chunks_of_real_text_respect_paragraphs_and_the_budget() {
 fn chunks_of_text_without_whitespace_and_mixed_scripts() {
     // Japanese has no spaces; every character is a token of its own
     check_chunks(&"日本語の文章には空白がありません。".repeat(60), 50, 8);
+    // Korean: a syllable is split into jamo tokens sharing the syllable's offsets (this panicked)
+    check_chunks(&"한국어 문서입니다. ".repeat(60), 50, 8);
     // one very long paragraph of words joined by punctuation only
     check_chunks(&(0..600).map(|i| format!("part{i}")).collect::<Vec<_>>().join("-"), 64, 10);
     // emoji, combining accents, right-to-left script, control characters, in one huge paragraph
