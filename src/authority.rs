@@ -73,16 +73,7 @@ pub fn run_as<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> Result
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
         pg_sys::SetUserIdAndSecContext(role, saved_context | flag as i32);
         let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            PINNED_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        set_setting(c"search_path", PINNED_SEARCH_PATH, pg_sys::GucAction::GUC_ACTION_SAVE);
         level
     };
     let limit = OWNER_CODE_LIMIT_MS.load(std::sync::atomic::Ordering::Relaxed);
@@ -98,21 +89,26 @@ pub fn run_as<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> Result
     result
 }
 
-/// Pin `search_path` until the end of the current transaction (`SET LOCAL`).
-pub fn pin_search_path_local() {
-    // SAFETY: plain GUC assignment inside a transaction; the value is a constant that parses
+/// Set a user-settable setting to a value of ours (never a user's) inside a transaction.
+fn set_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, action: pg_sys::GucAction::Type) {
+    // SAFETY: plain GUC assignment inside a transaction; our values parse
     unsafe {
         pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            PINNED_SEARCH_PATH.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            action,
             true,
             0,
             false,
         );
     }
+}
+
+/// Pin `search_path` until the end of the current transaction (`SET LOCAL`).
+pub fn pin_search_path_local() {
+    set_setting(c"search_path", PINNED_SEARCH_PATH, pg_sys::GucAction::GUC_ACTION_LOCAL);
 }
 
 /// Run `f` as the owner of a user's table, inside a security-restricted operation.
@@ -191,19 +187,7 @@ mod embed_sidecar {
 
     fn set_caller(mark: &str) {
         let mark = std::ffi::CString::new(mark).unwrap_or_default();
-        // SAFETY: plain GUC assignment inside a transaction; the value is ours and parses
-        unsafe {
-            pg_sys::set_config_option(
-                c"pg_embed_sidecar.caller".as_ptr(),
-                mark.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                0,
-                false,
-            );
-        }
+        super::set_setting(c"pg_embed_sidecar.caller", &mark, pg_sys::GucAction::GUC_ACTION_LOCAL);
     }
 
     /// The role that called the public function running now, as recorded by `_enter()`. Refused
