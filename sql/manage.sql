@@ -639,6 +639,34 @@ BEGIN
 END
 $$;
 
+-- Delete the dead letters of an embedding (all its versions) without replaying them: rows known
+-- to be bad, left without a vector, which then no longer hold up a model switch. Returns how many.
+CREATE FUNCTION embed_sidecar._do_discard_failed(source regclass, embedding text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- called by embed_sidecar.discard_failed() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.discard_failed(regclass, text)');
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    n bigint;
+BEGIN
+    DELETE FROM embed_sidecar.failures f USING embed_sidecar.sources x
+     WHERE f.source_id = x.id AND x.source = cur.source AND x.embedding = cur.embedding;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- The public discard_failed(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE FUNCTION embed_sidecar.discard_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_discard_failed(source, embedding);
+END
+$$;
+
 -- Paused sources keep enqueueing; only draining stops. bulk_only pauses just the bulk lane
 -- (backfill, reembed, set_model): writers' changes keep being embedded, the backfill resumes where
 -- it stopped. Applies to every version of the embedding (current, shadow, previous).

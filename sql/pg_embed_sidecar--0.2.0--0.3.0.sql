@@ -692,6 +692,34 @@ BEGIN
 END
 $$;
 
+-- Delete the dead letters of an embedding (all its versions) without replaying them: rows known
+-- to be bad, left without a vector, which then no longer hold up a model switch. Returns how many.
+CREATE OR REPLACE FUNCTION embed_sidecar._do_discard_failed(source regclass, embedding text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- called by embed_sidecar.discard_failed() (see embed_sidecar._check_may)
+    may boolean := embed_sidecar._check_may('embed_sidecar.discard_failed(regclass, text)');
+    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
+    n bigint;
+BEGIN
+    DELETE FROM embed_sidecar.failures f USING embed_sidecar.sources x
+     WHERE f.source_id = x.id AND x.source = cur.source AND x.embedding = cur.embedding;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- The public discard_failed(): records who calls (src/authority.rs, "who is calling"), then the body.
+CREATE OR REPLACE FUNCTION embed_sidecar.discard_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    RETURN embed_sidecar._do_discard_failed(source, embedding);
+END
+$$;
+
 -- Paused sources keep enqueueing; only draining stops. bulk_only pauses just the bulk lane
 -- (backfill, reembed, set_model): writers' changes keep being embedded, the backfill resumes where
 -- it stopped. Applies to every version of the embedding (current, shadow, previous).
@@ -1330,7 +1358,8 @@ GRANT EXECUTE ON FUNCTION
     embed_sidecar._do_set_model(regclass, text, text), embed_sidecar._do_rollback_model(regclass, text),
     embed_sidecar._do_drop_previous(regclass, text), embed_sidecar._do_retry_failed(regclass, text),
     embed_sidecar._do_pause(regclass, boolean, text), embed_sidecar._do_resume(regclass, text),
-    embed_sidecar._do_process(regclass, int), embed_sidecar._do_wait(regclass, interval) TO PUBLIC;
+    embed_sidecar._do_process(regclass, int), embed_sidecar._do_wait(regclass, interval),
+    embed_sidecar._do_discard_failed(regclass, text) TO PUBLIC;
 -- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),

@@ -21,7 +21,8 @@ GRANT EXECUTE ON FUNCTION
     embed_sidecar._do_set_model(regclass, text, text), embed_sidecar._do_rollback_model(regclass, text),
     embed_sidecar._do_drop_previous(regclass, text), embed_sidecar._do_retry_failed(regclass, text),
     embed_sidecar._do_pause(regclass, boolean, text), embed_sidecar._do_resume(regclass, text),
-    embed_sidecar._do_process(regclass, int), embed_sidecar._do_wait(regclass, interval) TO PUBLIC;
+    embed_sidecar._do_process(regclass, int), embed_sidecar._do_wait(regclass, interval),
+    embed_sidecar._do_discard_failed(regclass, text) TO PUBLIC;
 -- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
 -- that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),

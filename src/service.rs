@@ -206,6 +206,11 @@ fn any_worker_alive(header: &Header) -> bool {
 
 /// How long a request may wait with no inference worker running before it fails.
 const NO_WORKER_GRACE: Duration = Duration::from_secs(15);
+/// How long a drain waits for one slots' worth of its texts before it gives the pass up. A session
+/// has its statement_timeout; the drain worker has none, and an inference worker that is alive but
+/// stuck would otherwise hold every drain of the instance. A drain's slots take seconds at most,
+/// even behind sessions (they get one round in four).
+const DRAIN_WAIT_LIMIT: Duration = Duration::from_secs(300);
 
 /// The slots this call holds, given back on every way out (a cancel unwinds through here).
 struct Held {
@@ -300,7 +305,8 @@ impl Pending {
         let mut out = Vec::with_capacity(self.texts.len());
         let mut held = self.first.take();
         while let Some(h) = held {
-            out.extend(collect(self.header, &h.slots)?);
+            let limit = (self.priority == Priority::Drain).then_some(DRAIN_WAIT_LIMIT);
+            out.extend(collect(self.header, &h.slots, limit)?);
             // the slots go back before the next ones are claimed
             drop(h);
             held = if out.len() < self.texts.len() { Some(self.send(out.len())?) } else { None };
@@ -373,9 +379,10 @@ fn wait(timeout: Duration) {
     }
 }
 
-/// Wait until every slot is DONE or FAILED; resubmit what a dead worker held.
-fn collect(header: &'static Header, slots: &[usize]) -> Result<Vec<Vec<f32>>, SidecarError> {
+/// Wait until every slot is DONE or FAILED (or `limit` has passed); resubmit what a dead worker held.
+fn collect(header: &'static Header, slots: &[usize], limit: Option<Duration>) -> Result<Vec<Vec<f32>>, SidecarError> {
     let mut lonely_since: Option<Instant> = None;
+    let started = Instant::now();
     loop {
         let mut pending = false;
         for &i in slots {
@@ -400,6 +407,13 @@ fn collect(header: &'static Header, slots: &[usize]) -> Result<Vec<Vec<f32>>, Si
             lonely_since = None;
         } else if lonely_since.get_or_insert_with(Instant::now).elapsed() > NO_WORKER_GRACE {
             return Err(no_worker());
+        }
+        if limit.is_some_and(|l| started.elapsed() > l) {
+            return Err(SidecarError::Refused {
+                code: PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                message: format!("the inference service did not answer within {} s", started.elapsed().as_secs()),
+                hint: "Look for pg_embed_sidecar inference lines in the server log; the pass is tried again later.",
+            });
         }
         wait(Duration::from_millis(100));
         // cancel / statement_timeout: raises here; `Held` gives the slots back on the way out

@@ -531,6 +531,34 @@ def test_enqueue_rejects_keys_that_do_not_fit_the_table(db, make_role):
         writer.close()
 
 
+def test_owner_discards_dead_letters(db, make_role):
+    """M3: dead letters held up set_model() for good (a shadow is promoted only without its own)
+    and only retry_failed() could touch them, which fails them again. The owner can now discard
+    them: discard_failed() deletes them and returns how many, the row is left without a vector
+    (verify counts it missing); a role that does not own the table gets 42501."""
+    other = make_role(f"pes_atk_m3d_{uid()}")
+    db.execute(f'GRANT EXECUTE ON FUNCTION embed_sidecar.discard_failed(regclass, text) TO "{other}"')
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO docs VALUES (1, 'fine'), (2, 'POISON row')")
+    db.execute(f'GRANT SELECT ON docs TO "{other}"')
+    watch(db, "docs")
+    one(db, "SELECT embed_sidecar.pause('docs')")
+    db.execute("SET pg_embed_sidecar.test_fail_marker = 'POISON'")
+    db.execute("SET pg_embed_sidecar.max_attempts = 1")
+    one(db, "SELECT embed_sidecar.process('docs')")
+    assert one(db, "SELECT failed FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 1
+    stranger = connect_as(other, db.schema)
+    try:
+        err = error_of(stranger, "SELECT embed_sidecar.discard_failed('docs')")
+        assert err is not None and err[0] == "42501", err
+    finally:
+        stranger.close()
+    assert one(db, "SELECT failed FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 1
+    assert one(db, "SELECT embed_sidecar.discard_failed('docs')") == 1
+    assert one(db, "SELECT failed FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 0
+    assert one(db, "SELECT (embed_sidecar.verify('docs')).missing") == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # M4: model files replaced in place
 # ---------------------------------------------------------------------------------------------

@@ -486,9 +486,6 @@ def test_planted_session_advisory_lock_is_not_left_in_the_worker(fresh):
     assert held == [], f"the drain worker still holds the owner's advisory lock(s) {held}"
 
 
-@pytest.mark.xfail(strict=True, reason="open: process() runs the owner's code in the caller's session, as VACUUM and "
-                   "ANALYZE do; a session-level advisory lock it takes stays there (the worker releases them after each "
-                   "step, a caller's own locks cannot be told apart). README: Whose rights")
 def test_planted_session_advisory_lock_is_not_left_in_a_process_callers_session(shared):
     """Promise 1 (nothing planted may be left behind in another role's session). Attack: as above,
     drained by process() in a superuser's session: the superuser's session holds the owner's
