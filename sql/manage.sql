@@ -1,8 +1,10 @@
 -- Managing watched tables: watch/unwatch, re-embedding, model changes, dead-letter replay,
--- pause/resume and process(). These are SECURITY DEFINER (they write the registry and pgmq's
--- schema) and check first that the calling role may act as the table's owner
--- (embed_sidecar._check_owner). They never read or write the source or sidecar rows themselves:
--- that is the drain's and the backfill's job, done as the table's owner (src/authority.rs).
+-- pause/resume and process(). Each public function is a SECURITY INVOKER wrapper that records its
+-- caller (embed_sidecar._enter, src/authority.rs) and calls its body, embed_sidecar._do_<name>,
+-- which is SECURITY DEFINER (it writes the registry and pgmq's schema) and checks first that the
+-- caller may execute the public function and act as the table's owner (_check_may, _check_owner).
+-- They never read or write the source or sidecar rows themselves: that is the drain's and the
+-- backfill's job, done as the table's owner (src/authority.rs).
 
 -- The statement triggers of one embedding (see triggers.sql), named by its registry id. With
 -- only_stale, only those that exist with other arguments are made again (after a restore into a

@@ -97,9 +97,9 @@ CREATE OR REPLACE FUNCTION embed_sidecar._vector_schema() RETURNS name
     RETURN (SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
              WHERE e.extname = 'vector');
 
--- Whether the calling role (after SET ROLE, before any SECURITY DEFINER function) may act as the
--- table's owner. Management functions are SECURITY DEFINER (they write the registry and the pgmq
--- schema), so they ask embed_sidecar._calling_role() instead of current_user or session_user.
+-- Whether the calling role (who called the public function, as PostgreSQL judges it: after SET
+-- ROLE, and inside a SECURITY DEFINER function its owner; src/authority.rs) may act as the table's
+-- owner. A table that no longer exists has no owner to act as.
 CREATE OR REPLACE FUNCTION embed_sidecar._check_owner(rel regclass) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
