@@ -148,12 +148,7 @@ BEGIN
     RETURNING * INTO s;
     UPDATE embed_sidecar.sources SET column_names = embed_sidecar._column_names(s) WHERE id = s.id RETURNING * INTO s;
     PERFORM embed_sidecar._protect_sidecar(s);
-    -- A queue of these names can only be left over from an earlier installation of the extension
-    -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
-    PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
-      WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
-    PERFORM pgmq.create(s.queue_name);
-    PERFORM pgmq.create(embed_sidecar._bulk_queue(s.queue_name));
+    PERFORM embed_sidecar._create_queues(s.queue_name);
 
     PERFORM embed_sidecar._create_triggers(s);
     IF backfill THEN
@@ -443,8 +438,7 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_insert', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
     END IF;
-    PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
-      WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
+    PERFORM embed_sidecar._drop_queues(s.queue_name);
     IF drop_sidecar AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.sidecar) THEN
         -- CASCADE: a view a reader made over the sidecar must not keep its owner from dropping it
         EXECUTE format('DROP TABLE %s CASCADE', s.sidecar);

@@ -217,6 +217,67 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION embed_sidecar._create_queue(queue_name text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q text := 'q_' || queue_name;
+    a text := 'a_' || queue_name;
+BEGIN
+    -- our names are 'embed_sidecar_<id>[_bulk]': lower case, short, nothing to quote
+    IF queue_name !~ '^embed_sidecar_[0-9]+(_bulk)?$' THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is not a queue name of ours', queue_name;
+    END IF;
+    EXECUTE format('CREATE TABLE pgmq.%I (
+                        msg_id bigint PRIMARY KEY GENERATED ALWAYS AS IDENTITY,
+                        read_ct int DEFAULT 0 NOT NULL,
+                        enqueued_at timestamptz DEFAULT now() NOT NULL,
+                        last_read_at timestamptz,
+                        vt timestamptz NOT NULL,
+                        message jsonb,
+                        headers jsonb)', q);
+    EXECUTE format('CREATE TABLE pgmq.%I (
+                        msg_id bigint PRIMARY KEY,
+                        read_ct int DEFAULT 0 NOT NULL,
+                        enqueued_at timestamptz DEFAULT now() NOT NULL,
+                        last_read_at timestamptz,
+                        archived_at timestamptz DEFAULT now() NOT NULL,
+                        vt timestamptz NOT NULL,
+                        message jsonb,
+                        headers jsonb)', a);
+    EXECUTE format('CREATE INDEX %I ON pgmq.%I (vt ASC)', q || '_vt_idx', q);
+    EXECUTE format('CREATE INDEX %I ON pgmq.%I (archived_at)', 'archived_at_idx_' || queue_name, a);
+    INSERT INTO pgmq.meta (queue_name, is_partitioned, is_unlogged) VALUES (queue_name, false, false);
+END
+$$;
+
+-- Both lanes of a queue name; tolerates lanes that are already gone.
+CREATE OR REPLACE FUNCTION embed_sidecar._drop_queues(queue_name text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lane text;
+BEGIN
+    FOREACH lane IN ARRAY ARRAY[queue_name, embed_sidecar._bulk_queue(queue_name)] LOOP
+        EXECUTE format('DROP TABLE IF EXISTS pgmq.%I, pgmq.%I', 'q_' || lane, 'a_' || lane);
+        DELETE FROM pgmq.meta m WHERE m.queue_name = lane;
+    END LOOP;
+END
+$$;
+
+-- A fresh pair of lanes for an embedding. A queue of these names can only be left over from an
+-- earlier installation of the extension (DROP EXTENSION does not drop pgmq's tables): its
+-- messages are not ours to replay.
+CREATE OR REPLACE FUNCTION embed_sidecar._create_queues(queue_name text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM embed_sidecar._drop_queues(queue_name);
+    PERFORM embed_sidecar._create_queue(queue_name);
+    PERFORM embed_sidecar._create_queue(embed_sidecar._bulk_queue(queue_name));
+END
+$$;
+
 -- One embedding of a table: its sidecar (keyed like the table, same owner, as readable as the
 -- table: _protect_sidecar), registry row, two queues and triggers; then the existing rows go on
 -- the bulk lane. Shared by watch() and
@@ -289,12 +350,7 @@ BEGIN
     RETURNING * INTO s;
     UPDATE embed_sidecar.sources SET column_names = embed_sidecar._column_names(s) WHERE id = s.id RETURNING * INTO s;
     PERFORM embed_sidecar._protect_sidecar(s);
-    -- A queue of these names can only be left over from an earlier installation of the extension
-    -- (DROP EXTENSION does not drop pgmq's tables): its messages are not ours to replay.
-    PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
-      WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
-    PERFORM pgmq.create(s.queue_name);
-    PERFORM pgmq.create(embed_sidecar._bulk_queue(s.queue_name));
+    PERFORM embed_sidecar._create_queues(s.queue_name);
 
     PERFORM embed_sidecar._create_triggers(s);
     IF backfill THEN
@@ -522,8 +578,7 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_insert', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
     END IF;
-    PERFORM pgmq.drop_queue(q.queue_name) FROM pgmq.list_queues() q
-      WHERE q.queue_name IN (s.queue_name, embed_sidecar._bulk_queue(s.queue_name));
+    PERFORM embed_sidecar._drop_queues(s.queue_name);
     IF drop_sidecar AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.sidecar) THEN
         -- CASCADE: a view a reader made over the sidecar must not keep its owner from dropping it
         EXECUTE format('DROP TABLE %s CASCADE', s.sidecar);

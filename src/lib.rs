@@ -44,7 +44,8 @@ pub extern "C-unwind" fn _PG_init() {
 
 // Hand-written SQL, in dependency order (each file says what it holds).
 extension_sql_file!("../sql/drain.sql", name = "drain_sql", requires = ["registry"]);
-extension_sql_file!("../sql/manage.sql", name = "manage", requires = ["registry", "triggers", "drain_sql"]);
+extension_sql_file!("../sql/queues.sql", name = "queues", requires = ["registry"]);
+extension_sql_file!("../sql/manage.sql", name = "manage", requires = ["registry", "queues", "triggers", "drain_sql"]);
 extension_sql_file!("../sql/events.sql", name = "events", requires = ["manage"]);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

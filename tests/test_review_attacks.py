@@ -322,33 +322,94 @@ def test_a_writers_korean_row_in_a_chunked_table_does_not_kill_the_drain_worker(
     assert drained
 
 
-@pytest.mark.xfail(strict=True, reason="open: pgmq.create()/drop_queue() take an advisory lock named after the queue, "
-                   "which any role can hold; management then waits (or fails on lock_timeout). Fixing it means not "
-                   "calling those pgmq functions (issue note)")
 def test_pgmq_queue_lock_held_by_a_role_without_privileges_does_not_stall_management(shared):
     """Promise 5 in spirit (the code says: 'a row lock, not an advisory lock: any role can take
     advisory locks'). Attack: a role with no privileges at all holds
     pg_advisory_lock(hashtext('pgmq.queue_embed_sidecar_<id>')), the lock pgmq.create() and
-    pgmq.drop_queue() take, for a watched table's registry id (ids are sequential, so every id can
-    be held). Then the owner's unwatch() (and watch() of the next table, and DROP TABLE of a
-    watched table, through the sql_drop trigger) waits for it. Promised: unwatch() completes
-    within 10 s."""
+    pgmq.drop_queue() take, for a watched table's registry id and for the next ids (ids are
+    sequential, so every id can be held). Then the owner's unwatch(), watch() of the next table and
+    DROP TABLE of a watched table (through the sql_drop trigger) would wait for it. Promised: each
+    completes, with a 10 s lock_timeout as the bound (sql/queues.sql makes the queues without that
+    lock)."""
     bob, mallory = role("bob"), role("mallory")
     with db(shared) as admin:
         s = schema_for(admin, bob)
-        admin.execute(f'GRANT EXECUTE ON FUNCTION {UNWATCH_SIG} TO "{bob}"')
-    owner_table(shared, bob, f"{s}.docs", rows=1)
+        admin.execute(f'GRANT EXECUTE ON FUNCTION {UNWATCH_SIG}, {WATCH_SIG} TO "{bob}"')
+    for t in ("docs", "next", "dropped"):
+        owner_table(shared, bob, f"{s}.{t}", rows=1)
     with db(shared) as admin:
         one(admin, f"SELECT embed_sidecar.watch('{s}.docs', 'body')")
+        one(admin, f"SELECT embed_sidecar.watch('{s}.dropped', 'body')")
         sid = one(admin, f"SELECT id FROM embed_sidecar.sources WHERE source = '{s}.docs'::regclass")
+        top = one(admin, "SELECT last_value FROM embed_sidecar.sources_id_seq")
     m = db(shared, mallory)
     try:
-        one(m, "SELECT pg_advisory_lock(hashtext('pgmq.queue_embed_sidecar_' || %s))", (sid,))
+        for i in [sid, *range(top, top + 4)]:
+            for lane in ("", "_bulk"):
+                one(m, "SELECT pg_advisory_lock(hashtext('pgmq.queue_embed_sidecar_' || %s || %s))", (i, lane))
         with db(shared, bob, options="-c lock_timeout=10s") as b:
             err = error_of(b, f"SELECT embed_sidecar.unwatch('{s}.docs')")
-        assert err is None, f"bob's unwatch() waited for a lock held by a role without privileges: {err}"
+            assert err is None, f"bob's unwatch() waited for a lock held by a role without privileges: {err}"
+            err = error_of(b, f"SELECT embed_sidecar.watch('{s}.next', 'body')")
+            assert err is None, f"bob's watch() waited for a lock held by a role without privileges: {err}"
+            err = error_of(b, f"DROP TABLE {s}.dropped CASCADE")
+            assert err is None, f"bob's DROP TABLE waited for a lock held by a role without privileges: {err}"
     finally:
         m.close()
+    with db(shared) as admin:
+        nid = one(admin, f"SELECT id FROM embed_sidecar.sources WHERE source = '{s}.next'::regclass")
+        queues = {r[0] for r in admin.execute("SELECT queue_name FROM pgmq.meta").fetchall()}
+        assert f"embed_sidecar_{nid}" in queues and f"embed_sidecar_{nid}_bulk" in queues
+        assert f"embed_sidecar_{sid}" not in queues and f"embed_sidecar_{sid}_bulk" not in queues
+        # the new table's backfill went through its queues to its sidecar
+        assert one(admin, f"SELECT embed_sidecar.wait('{s}.next', '60 s')") is True
+        side = one(admin, "SELECT sidecar::text FROM embed_sidecar.sources WHERE id = %s", (nid,))
+        assert one(admin, f"SELECT count(*) FROM {side}") == 1
+
+
+def test_queues_we_make_are_laid_out_as_pgmq_makes_them(shared):
+    """sql/queues.sql makes pgmq's tables itself (to avoid pgmq's advisory lock). A queue made by
+    pgmq.create() and one made by watch() must not differ in anything pgmq reads: columns, types,
+    defaults, NOT NULL, identity, indexes (names with the queue name replaced), the meta row; and
+    pgmq's own send/read/delete/archive/metrics/drop_queue work on ours."""
+    with db(shared) as admin:
+        s = schema_for(admin)
+        admin.execute(f"CREATE TABLE {s}.docs (id int PRIMARY KEY, body text)")
+        one(admin, f"SELECT embed_sidecar.watch('{s}.docs', 'body', backfill => false)")
+        ours = "embed_sidecar_" + str(one(admin, f"SELECT id FROM embed_sidecar.sources WHERE source = '{s}.docs'::regclass"))
+        theirs = f"layout_{TAG}"
+        admin.execute("SELECT pgmq.create(%s)", (theirs,))
+        try:
+            def shape(queue):
+                cols = admin.execute(
+                    """SELECT c.relname ~ '^a_', a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                              a.attidentity, pg_get_expr(d.adbin, d.adrelid)
+                         FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+                         LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+                        WHERE c.relnamespace = 'pgmq'::regnamespace AND c.relname IN ('q_' || %s, 'a_' || %s)
+                        ORDER BY 1, a.attnum""", (queue, queue)).fetchall()
+                idx = admin.execute(
+                    """SELECT replace(pg_get_indexdef(i.indexrelid), %s, 'Q')
+                         FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+                        WHERE c.relnamespace = 'pgmq'::regnamespace AND c.relname IN ('q_' || %s, 'a_' || %s)
+                        ORDER BY 1""", (queue, queue, queue)).fetchall()
+                meta = admin.execute("SELECT is_partitioned, is_unlogged FROM pgmq.meta WHERE queue_name = %s",
+                                     (queue,)).fetchall()
+                return cols, idx, meta
+            mine, pgmqs = shape(ours), shape(theirs)
+            assert len(mine[0]) == 15 and len(mine[1]) == 4 and mine[2] == [(False, False)], mine
+            assert mine == pgmqs
+            # pgmq's functions on our queue
+            msg = one(admin, "SELECT pgmq.send(%s, '{\"k\": 1}')", (ours,))
+            assert one(admin, "SELECT queue_length FROM pgmq.metrics(%s)", (ours,)) == 1
+            got = admin.execute("SELECT msg_id, message FROM pgmq.read(%s, 30, 5)", (ours,)).fetchall()
+            assert got == [(msg, {"k": 1})]
+            assert one(admin, "SELECT pgmq.archive(%s, %s::bigint)", (ours, msg)) is True
+            assert one(admin, "SELECT count(*) FROM pgmq.a_" + ours) == 1
+            assert one(admin, "SELECT pgmq.drop_queue(%s)", (ours + "_bulk",)) is True
+            assert one(admin, "SELECT count(*) FROM pgmq.meta WHERE queue_name = %s", (ours + "_bulk",)) == 0
+        finally:
+            admin.execute("SELECT pgmq.drop_queue(%s)", (theirs,))
 
 
 def test_owner_cannot_point_her_table_at_another_sources_queue(shared):
