@@ -8,7 +8,7 @@ mod embed_sidecar {
     use pgrx::prelude::*;
 
     use crate::error::OrReport;
-    use crate::model;
+    use crate::inference as model;
 
     /// Texts per call into the embedder: bounds the token ids held at once for huge arrays.
     const CHUNK: usize = 1024;

@@ -17,7 +17,7 @@ use pgrx::prelude::*;
 
 use crate::error::SidecarError;
 use crate::gucs;
-use crate::model;
+use crate::inference as model;
 
 /// Passage budgets below this say nothing a single sentence would not.
 const MIN_CHUNK_TOKENS: i32 = 16;

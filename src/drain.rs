@@ -23,7 +23,7 @@ use crate::chunking;
 use crate::enqueue::backfill;
 use crate::error::SidecarError;
 use crate::gucs;
-use crate::model::{self, Started};
+use crate::inference::{self, Started};
 use crate::settle::{self, Looked, Message, Settlement};
 use crate::xact::run_in_transaction;
 
@@ -390,8 +390,8 @@ impl Pass {
                 if mode == Mode::Worker && src.paused {
                     return Ok(None);
                 }
-                let current = model::model_id_of(&src.model)?;
-                model::ensure_loadable(&src.model, &current)?;
+                let current = inference::model_id_of(&src.model)?;
+                inference::ensure_loadable(&src.model, &current)?;
                 if current != src.model_id {
                     // the model's files changed under the same name: every vector is stale now
                     client.update(
@@ -629,7 +629,7 @@ fn start_embed(model_name: &str, texts: &[&str]) -> Started {
             return Started::Done(Err(SidecarError::Injected));
         }
     }
-    model::start_many_with(model_name, texts)
+    inference::start_many_with(model_name, texts)
 }
 
 /// Registry ids of the sources a drain should visit, oldest first.
@@ -688,7 +688,7 @@ mod embed_sidecar {
     /// Identity and dimension of a model, loading it if needed (watch() sizes the sidecar with it).
     #[pg_extern(volatile, parallel_restricted, name = "_model_identity")]
     fn model_identity(model: &str) -> TableIterator<'static, (name!(model_id, String), name!(dims, i32))> {
-        let row = crate::model::identity_of(model).or_report();
+        let row = crate::inference::identity_of(model).or_report();
         TableIterator::once(row)
     }
 }

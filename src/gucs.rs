@@ -250,7 +250,7 @@ pub fn init() {
             c"",
             &INFERENCE_WORKERS,
             0,
-            crate::service::WORKERS_MAX as i32,
+            crate::inference::client::WORKERS_MAX as i32,
             GucContext::Postmaster,
             GucFlags::default(),
         );
@@ -350,7 +350,7 @@ pub fn embed_settings(model: Option<&str>) -> EmbedSettings {
         library: expand(&string(&ORT_LIBRARY)),
         model_dir: model_root().join(&model),
         model,
-        intra_threads: if crate::service::in_worker() { inference_threads() } else { INTRA_THREADS.get() as usize },
+        intra_threads: if crate::inference::client::in_worker() { inference_threads() } else { INTRA_THREADS.get() as usize },
         max_batch: MAX_BATCH.get() as usize,
         max_batch_tokens: MAX_BATCH_TOKENS.get() as usize,
     }

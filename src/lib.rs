@@ -21,10 +21,8 @@ mod enqueue;
 mod error;
 mod gucs;
 mod launcher;
-mod model;
+mod inference;
 mod roster;
-mod service;
-mod service_worker;
 mod settle;
 mod wake;
 mod worker;
@@ -36,8 +34,8 @@ mod xact;
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     roster::init();
-    service::init();
-    service_worker::register();
+    inference::client::init();
+    inference::worker::register();
     launcher::register();
     db_guard::install();
 }

@@ -11,9 +11,12 @@ use std::time::SystemTime;
 
 use embed_core::{Embedder, ModelFiles};
 
+pub mod client;
+pub mod worker;
+
 use crate::error::SidecarError;
 use crate::gucs::{embed_settings, EmbedSettings};
-use crate::service::{self, Priority};
+use client::Priority;
 
 struct Loaded {
     settings: EmbedSettings,
@@ -129,7 +132,7 @@ fn embed_many_inner(model: Option<&str>, texts: &[&str], priority: Priority) -> 
 /// Texts on their way through the model: with the service they are embedded by another process
 /// while this one goes on until `wait()`; without it they were embedded by `start` itself.
 pub enum Started {
-    Service(service::Pending),
+    Service(client::Pending),
     Done(Result<Vec<Vec<f32>>, SidecarError>),
 }
 
@@ -150,8 +153,8 @@ pub fn start_many_with(model: &str, texts: &[&str]) -> Started {
 }
 
 fn start(model: Option<&str>, texts: &[&str], priority: Priority) -> Started {
-    if service::usable() {
-        return match model_name(model).and_then(|name| service::submit(&name, texts, priority)) {
+    if client::usable() {
+        return match model_name(model).and_then(|name| client::submit(&name, texts, priority)) {
             Ok(pending) => Started::Service(pending),
             Err(e) => Started::Done(Err(e)),
         };
@@ -179,7 +182,7 @@ pub fn embed_query(model: &str, model_id: &str, text: &str) -> Result<Vec<f32>, 
 }
 
 fn embed_one_as(model: Option<&str>, expected: Option<&str>, text: &str) -> Result<Vec<f32>, SidecarError> {
-    let id = if service::usable() {
+    let id = if client::usable() {
         model_id_of(&model_name(model)?)?
     } else {
         with_model(model, |e| Ok(e.model_id().to_string()))?
@@ -206,7 +209,7 @@ fn embed_one_as(model: Option<&str>, expected: Option<&str>, text: &str) -> Resu
 /// The id of a named model's current files. With the service, read from the files (hashed again
 /// only when they change) instead of loading the model here.
 pub fn model_id_of(model: &str) -> Result<String, SidecarError> {
-    if !service::usable() {
+    if !client::usable() {
         return with_model(Some(model), |e| Ok(e.model_id().to_string()));
     }
     Ok(model_files(model)?.model_id)
@@ -235,20 +238,20 @@ pub fn model_files(model: &str) -> Result<ModelFiles, SidecarError> {
 /// already; with it, only the files were hashed, so one text goes through the service, once per
 /// model id and process (a file replaced in place is a new id and is checked again).
 pub fn ensure_loadable(model: &str, model_id: &str) -> Result<(), SidecarError> {
-    if !service::usable() || LOADABLE.with(|ids| ids.borrow().contains(model_id)) {
+    if !client::usable() || LOADABLE.with(|ids| ids.borrow().contains(model_id)) {
         return Ok(());
     }
-    service::embed(model, &["loadable"], Priority::Drain)?;
+    client::embed(model, &["loadable"], Priority::Drain)?;
     LOADABLE.with(|ids| ids.borrow_mut().insert(model_id.to_string()));
     Ok(())
 }
 
 /// `(model_id, dims)` of a named model.
 pub fn identity_of(model: &str) -> Result<(String, i32), SidecarError> {
-    if !service::usable() {
+    if !client::usable() {
         return with_model(Some(model), |e| Ok((e.model_id().to_string(), e.dims() as i32)));
     }
-    let dims = service::embed(model, &["dimensions"], Priority::Interactive)?.pop().unwrap_or_default().len();
+    let dims = client::embed(model, &["dimensions"], Priority::Interactive)?.pop().unwrap_or_default().len();
     Ok((model_id_of(model)?, dims as i32))
 }
 

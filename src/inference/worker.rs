@@ -15,7 +15,7 @@ use pgrx::prelude::*;
 
 use crate::error::SidecarError;
 use crate::gucs;
-use crate::service::{self, Header, Priority, Slot, DONE, FAILED, FREE, SUBMITTED};
+use crate::inference::client::{self, Header, Priority, Slot, DONE, FAILED, FREE, SUBMITTED};
 
 /// Most drain texts in one round: a search that arrives meanwhile waits for at most this many.
 /// Rounds of 16 embed as fast as rounds of 64 (`embed_ceiling --window`), while a round of 64
@@ -52,18 +52,18 @@ pub fn register() {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
-    let me = arg.value().min(service::WORKERS_MAX - 1);
+    let me = arg.value().min(client::WORKERS_MAX - 1);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
-    service::become_worker();
-    let Some(header) = service::header() else { return };
+    client::become_worker();
+    let Some(header) = client::header() else { return };
     // SAFETY: this process's own pid and PGPROC number
     let (pid, procno) = unsafe { (pg_sys::MyProcPid, (*pg_sys::MyProc).pgprocno) };
     // what a predecessor in this place held goes back to the queue (its clients may be waiting)
     for i in 0..header.slots as usize {
-        let s = service::slot(header, i);
-        let _ = s.state.compare_exchange(service::taken_by(me), SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
-        let _ = s.state.compare_exchange(service::abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
+        let s = client::slot(header, i);
+        let _ = s.state.compare_exchange(client::taken_by(me), SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = s.state.compare_exchange(client::abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
     }
     header.worker_procno[me].store(procno, Ordering::Release);
     header.worker_pid[me].store(pid, Ordering::Release);
@@ -100,12 +100,12 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
 /// a crash, and a crash re-creates the ring.
 fn tidy(header: &'static Header) {
     for i in 0..header.slots as usize {
-        let s = service::slot(header, i);
+        let s = client::slot(header, i);
         let state = s.state.load(Ordering::Acquire);
         let orphan = match state {
-            SUBMITTED | DONE | FAILED => !service::owner_alive(s),
+            SUBMITTED | DONE | FAILED => !client::owner_alive(s),
             // abandoned while a worker that has since died held it
-            _ => service::abandoner(state).is_some_and(|w| !service::alive(header.worker_pid[w].load(Ordering::Acquire))),
+            _ => client::abandoner(state).is_some_and(|w| !client::alive(header.worker_pid[w].load(Ordering::Acquire))),
         };
         if orphan {
             let _ = s.state.compare_exchange(state, FREE, Ordering::AcqRel, Ordering::Relaxed);
@@ -119,7 +119,7 @@ fn tidy(header: &'static Header) {
 fn take(header: &'static Header, me: usize, drain_round: usize, drain_first: bool) -> (Vec<usize>, bool) {
     let mut waiting: Vec<(u32, u64, usize)> = (0..header.slots as usize)
         .filter_map(|i| {
-            let s = service::slot(header, i);
+            let s = client::slot(header, i);
             (s.state.load(Ordering::Acquire) == SUBMITTED).then(|| (s.priority, s.seq, i))
         })
         .collect();
@@ -132,8 +132,8 @@ fn take(header: &'static Header, me: usize, drain_round: usize, drain_first: boo
     let limit = if interactive > 0 { interactive } else { drain_round };
     let mut taken = Vec::new();
     for (_, _, i) in waiting.into_iter().take(limit) {
-        let s = service::slot(header, i);
-        if s.state.compare_exchange(SUBMITTED, service::taken_by(me), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        let s = client::slot(header, i);
+        if s.state.compare_exchange(SUBMITTED, client::taken_by(me), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
             taken.push(i);
         }
     }
@@ -149,7 +149,7 @@ fn serve(header: &'static Header, me: usize, taken: &[usize]) {
     let busy = Instant::now();
     let mut by_model: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for &i in taken {
-        let s = service::slot(header, i);
+        let s = client::slot(header, i);
         by_model.entry(String::from_utf8_lossy(&s.model[..s.model_len as usize]).into_owned()).or_default().push(i);
     }
     let mut results: Vec<(usize, Result<Vec<f32>, SidecarError>)> = Vec::with_capacity(taken.len());
@@ -157,17 +157,17 @@ fn serve(header: &'static Header, me: usize, taken: &[usize]) {
         let texts: Vec<String> = slots
             .iter()
             .map(|&i| {
-                let s = service::slot(header, i);
+                let s = client::slot(header, i);
                 String::from_utf8_lossy(&s.text[..s.text_len as usize]).into_owned()
             })
             .collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        match crate::model::embed_many_with(&model, &refs) {
+        match crate::inference::embed_many_with(&model, &refs) {
             Ok(vectors) => results.extend(slots.into_iter().zip(vectors.into_iter().map(Ok))),
             // one text may be the cause: each alone, so the others still get their vector
             Err(_) if slots.len() > 1 => {
                 for (i, text) in slots.into_iter().zip(&refs) {
-                    results.push((i, crate::model::embed_many_with(&model, &[text]).map(|mut v| v.pop().unwrap_or_default())));
+                    results.push((i, crate::inference::embed_many_with(&model, &[text]).map(|mut v| v.pop().unwrap_or_default())));
                 }
             }
             Err(e) => results.push((slots[0], Err(e))),
@@ -176,25 +176,25 @@ fn serve(header: &'static Header, me: usize, taken: &[usize]) {
     header.busy_us.fetch_add(busy.elapsed().as_micros() as u64, Ordering::Relaxed);
     header.texts_served.fetch_add(taken.len() as u64, Ordering::Release);
     for (i, result) in results {
-        finish(service::slot(header, i), me, result);
+        finish(client::slot(header, i), me, result);
     }
 }
 
 fn finish(s: &mut Slot, me: usize, result: Result<Vec<f32>, SidecarError>) {
     let state = match result {
-        Ok(v) if v.len() <= service::DIMS_MAX => {
+        Ok(v) if v.len() <= client::DIMS_MAX => {
             s.vector[..v.len()].copy_from_slice(&v);
             s.dims = v.len() as u32;
             DONE
         }
-        Ok(v) => fail(s, &SidecarError::Sql(format!("{} dimensions exceed the service's {}", v.len(), service::DIMS_MAX))),
+        Ok(v) => fail(s, &SidecarError::Sql(format!("{} dimensions exceed the service's {}", v.len(), client::DIMS_MAX))),
         Err(e) => fail(s, &e),
     };
-    if s.state.compare_exchange(service::taken_by(me), state, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-        service::wake_owner(s);
+    if s.state.compare_exchange(client::taken_by(me), state, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        client::wake_owner(s);
     } else {
         // the client gave up meanwhile (or a client resubmitted it, taking us for dead)
-        let _ = s.state.compare_exchange(service::abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = s.state.compare_exchange(client::abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
     }
 }
 
