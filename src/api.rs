@@ -67,6 +67,8 @@ mod embed_sidecar {
     /// Every model directory under `pg_embed_sidecar.model_path` (the `embed_sidecar.models` view).
     /// Dimensions come from loading the model (through the inference service when it runs); a
     /// directory that does not hold a usable model is listed with its error instead.
+    // (the row type is spelled out for pgrx, which names the SQL columns from it)
+    #[allow(clippy::type_complexity)]
     #[pg_extern(volatile, parallel_restricted, name = "_installed_models")]
     fn installed_models() -> TableIterator<
         'static,

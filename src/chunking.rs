@@ -22,9 +22,12 @@ use crate::inference as model;
 /// Passage budgets below this say nothing a single sentence would not.
 const MIN_CHUNK_TOKENS: i32 = 16;
 
+/// (model id, passage budget, overlap): the model id changes with the tokenizer file.
+type ChunkerKey = (String, usize, usize);
+
 thread_local! {
-    /// Chunkers by (model id, budget, overlap): the model id changes with the tokenizer file.
-    static CHUNKERS: RefCell<Vec<((String, usize, usize), Rc<Chunker>)>> = const { RefCell::new(Vec::new()) };
+    /// Chunkers by their key.
+    static CHUNKERS: RefCell<Vec<(ChunkerKey, Rc<Chunker>)>> = const { RefCell::new(Vec::new()) };
     /// Tokens a passage may take, by model id (verify() asks once per row).
     static ROOM: RefCell<HashMap<String, i32>> = RefCell::new(HashMap::new());
 }

@@ -8,19 +8,22 @@
 //! anyone may type `DROP DATABASE x`, and a loop of failing ones must not keep x's drain down.
 
 use std::ffi::CStr;
+use std::sync::OnceLock;
 
 use pgrx::prelude::*;
 use pgrx::{is_a, PgList};
 
 use crate::roster;
 
-static mut PREV_HOOK: pg_sys::ProcessUtility_hook_type = None;
+/// The `ProcessUtility` hook installed before ours, called in its place.
+static PREV_HOOK: OnceLock<pg_sys::ProcessUtility_hook_type> = OnceLock::new();
 
 pub fn install() {
-    // SAFETY: hooks are chained from _PG_init while preloading, before any query runs
+    // SAFETY: _PG_init runs in the postmaster while it loads shared_preload_libraries, before any
+    // other process exists: reading the flag and chaining the hook cannot race
     unsafe {
         if pg_sys::process_shared_preload_libraries_in_progress {
-            PREV_HOOK = pg_sys::ProcessUtility_hook;
+            let _ = PREV_HOOK.set(pg_sys::ProcessUtility_hook);
             pg_sys::ProcessUtility_hook = Some(guard_utility);
         }
     }
@@ -38,7 +41,13 @@ enum Needs {
 }
 
 /// The database a statement needs to itself, and how.
+///
+/// # Safety
+/// `stmt` is a valid parse node of the statement being executed, inside a transaction.
 unsafe fn database_needed(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, Needs)> {
+    // SAFETY: node tags are checked before each cast; names are NUL-terminated strings of the
+    // node; the catalog lookup runs in the statement's transaction
+    unsafe {
     let (name, needs) = if is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
         ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Needs::Drop)
     } else if is_a(stmt, pg_sys::NodeTag::T_RenameStmt) {
@@ -61,31 +70,43 @@ unsafe fn database_needed(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, Needs
     }
     let db = pg_sys::get_database_oid(name, true);
     (db != pg_sys::InvalidOid).then_some((db, needs))
+    }
 }
 
 /// Whether the command can pass its own privilege checks: it is the database's owner's (or a
 /// superuser's), and renaming or copying a database also takes CREATEDB (copying a template
 /// database one does not own is left to fail as it would without us); DROP DATABASE cannot run in
 /// a transaction block or a function.
-unsafe fn may_run(db: pg_sys::Oid, needs: Needs, context: pg_sys::ProcessUtilityContext::Type) -> bool {
-    let owner = pg_sys::superuser() || pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId());
-    match needs {
-        Needs::Drop => {
-            owner && context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL && !pg_sys::IsTransactionBlock()
+fn may_run(db: pg_sys::Oid, needs: Needs, context: pg_sys::ProcessUtilityContext::Type) -> bool {
+    // SAFETY: privilege and transaction-state lookups inside the statement's transaction
+    unsafe {
+        let owner = pg_sys::superuser() || pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId());
+        match needs {
+            Needs::Drop => {
+                owner && context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL && !pg_sys::IsTransactionBlock()
+            }
+            Needs::Rename | Needs::CopyFrom => owner && pg_sys::have_createdb_privilege(),
+            Needs::Move => owner,
         }
-        Needs::Rename | Needs::CopyFrom => owner && pg_sys::have_createdb_privilege(),
-        Needs::Move => owner,
     }
 }
 
 /// The string value of option `wanted` in a statement's option list.
+///
+/// # Safety
+/// `options` is NIL or a valid list of `DefElem` nodes of the statement being executed.
 unsafe fn option_value(options: *mut pg_sys::List, wanted: &CStr) -> Option<*mut std::ffi::c_char> {
-    PgList::<pg_sys::DefElem>::from_pg(options)
-        .iter_ptr()
-        .find(|d| !(**d).defname.is_null() && CStr::from_ptr((**d).defname) == wanted && !(**d).arg.is_null())
-        .map(|d| pg_sys::defGetString(d))
+    // SAFETY: the list and its elements are the statement's own, valid for its execution
+    unsafe {
+        PgList::<pg_sys::DefElem>::from_pg(options)
+            .iter_ptr()
+            .find(|d| !(**d).defname.is_null() && CStr::from_ptr((**d).defname) == wanted && !(**d).arg.is_null())
+            .map(|d| pg_sys::defGetString(d))
+    }
 }
 
+/// # Safety
+/// Called by PostgreSQL as its `ProcessUtility_hook`, with the arguments it passes every hook.
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn guard_utility(
@@ -98,11 +119,15 @@ unsafe extern "C-unwind" fn guard_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    let run = move || match PREV_HOOK {
-        Some(prev) => prev(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
-        None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
+    // SAFETY: the statement is handed on unchanged, to the previous hook or the standard one
+    let run = move || unsafe {
+        match PREV_HOOK.get().copied().flatten() {
+            Some(prev) => prev(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc),
+        }
     };
-    let Some((db, needs)) = database_needed((*pstmt).utilityStmt) else {
+    // SAFETY: pstmt is the planned utility statement PostgreSQL is executing
+    let Some((db, needs)) = (unsafe { database_needed((*pstmt).utilityStmt) }) else {
         return run();
     };
     // a command that will fail its own checks leaves the worker alone (and raises its own error)
@@ -112,7 +137,8 @@ unsafe extern "C-unwind" fn guard_utility(
     if let Some(pid) = roster::hold(db.to_u32()) {
         // the worker ends at its next interrupt check; the command itself waits up to 5 s for
         // the database's other sessions to go (CountOtherDBBackends)
-        libc::kill(pid, libc::SIGTERM);
+        // SAFETY: a signal to the worker's process
+        unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     PgTryBuilder::new(run)
         .catch_others(|e| {

@@ -23,7 +23,7 @@ use crate::chunking;
 use crate::enqueue::backfill;
 use crate::error::SidecarError;
 use crate::gucs;
-use crate::inference::{self, Started};
+use crate::inference::{self, InFlight};
 use crate::settle::{self, Looked, Message, Settlement};
 use crate::xact::run_in_transaction;
 
@@ -119,8 +119,8 @@ fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option
         &[id.into()],
     )?;
     let Some(row) = rows.into_iter().next() else {
-        let exists = client.select("SELECT 1 FROM embed_sidecar.sources WHERE id = $1", None, &[id.into()])?.len() > 0;
-        return if exists { Ok(None) } else { Err(SidecarError::Sql(format!("source {id} is no longer watched"))) };
+        let exists = client.select("SELECT 1 FROM embed_sidecar.sources WHERE id = $1", None, &[id.into()])?.is_empty();
+        return if !exists { Ok(None) } else { Err(SidecarError::Sql(format!("source {id} is no longer watched"))) };
     };
     let text = |i: usize| -> Result<String, SidecarError> { Ok(row.get::<String>(i)?.unwrap_or_default()) };
     Ok(Some(Source {
@@ -354,9 +354,9 @@ pub struct Pass {
 /// What a pass sent to the model, and the texts (kept to isolate a failing one).
 enum Work {
     /// One text per changed row: (key, text, content hash).
-    Rows(Vec<(String, String, Vec<u8>)>, Started),
+    Rows(Vec<(String, String, Vec<u8>)>, InFlight),
     /// A chunked source: the passages of each changed row that have no vector yet.
-    Passages(chunking::Split, Started),
+    Passages(chunking::Split, InFlight),
 }
 
 /// A pass whose vectors are back, ready to write.
@@ -604,7 +604,7 @@ fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> 
 
 /// The results of `started` (the whole of `texts`); when the batch failed, split it in halves
 /// until the failing texts are alone, so one bad row never blocks the rows around it.
-fn isolate(model_name: &str, texts: &[&str], started: Started) -> Vec<Result<Vec<f32>, String>> {
+fn isolate(model_name: &str, texts: &[&str], started: InFlight) -> Vec<Result<Vec<f32>, String>> {
     match started.wait() {
         Ok(vectors) => vectors.into_iter().map(Ok).collect(),
         Err(e) if texts.len() <= 1 => texts.iter().map(|_| Err(e.to_string())).collect(),
@@ -617,19 +617,19 @@ fn isolate(model_name: &str, texts: &[&str], started: Started) -> Vec<Result<Vec
     }
 }
 
-fn start_embed(model_name: &str, texts: &[&str]) -> Started {
+fn start_embed(model_name: &str, texts: &[&str]) -> InFlight {
     if texts.is_empty() {
-        return Started::Done(Ok(Vec::new()));
+        return InFlight::Done(Ok(Vec::new()));
     }
     // a cancel or SIGTERM is honoured before each inference call, not only between passes
     pg_sys::check_for_interrupts!();
     #[cfg(feature = "fault_injection")]
     if let Some(marker) = gucs::fail_marker() {
         if texts.iter().any(|t| t.contains(&marker)) {
-            return Started::Done(Err(SidecarError::Injected));
+            return InFlight::Done(Err(SidecarError::Injected));
         }
     }
-    inference::start_many_with(model_name, texts)
+    inference::start_for_drain(model_name, texts)
 }
 
 /// Registry ids of the sources a drain should visit, oldest first.

@@ -46,7 +46,6 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
                     None,
                     &[source_id.into(), writer.into(), KEY_BYTES.into()],
                 )?
-                .into_iter()
                 .next()
                 .map(|r| -> Result<_, SidecarError> {
                     Ok((

@@ -18,7 +18,7 @@ pub enum SidecarError {
     /// chunk_tokens / chunk_overlap out of range for the model.
     #[error("{0}")]
     Chunking(String),
-    /// An error the inference service raised for this request (src/service.rs), carried back
+    /// An error the inference service raised for this request (src/inference/client.rs), carried back
     /// with its SQLSTATE and hint.
     #[error("{message}")]
     Remote { code: i32, message: String, hint: Option<String> },

@@ -23,7 +23,7 @@ static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(64);
 static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 
 /// `shared`: when preloaded, sessions and drains embed through the inference workers
-/// (src/service.rs); `local`: every process loads and runs the model itself, as in 0.1.
+/// (src/inference/); `local`: every process loads and runs the model itself, as in 0.1.
 static INFERENCE: GucSetting<Inference> = GucSetting::<Inference>::new(Inference::Shared);
 
 #[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -35,6 +35,8 @@ pub enum Inference {
 }
 /// Inference workers (postmaster): each holds one copy of each model in use.
 static INFERENCE_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+/// The most `inference_workers` the ring has places for (src/inference/ring.rs).
+pub const INFERENCE_WORKERS_MAX: usize = 16;
 /// ONNX Runtime threads of each inference worker (postmaster); 0: one per CPU.
 static INFERENCE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Texts in flight at once through the service (postmaster; sizes shared memory, 74 KiB each).
@@ -250,7 +252,7 @@ pub fn init() {
             c"",
             &INFERENCE_WORKERS,
             0,
-            crate::inference::client::WORKERS_MAX as i32,
+            INFERENCE_WORKERS_MAX as i32,
             GucContext::Postmaster,
             GucFlags::default(),
         );
@@ -350,7 +352,7 @@ pub fn embed_settings(model: Option<&str>) -> EmbedSettings {
         library: expand(&string(&ORT_LIBRARY)),
         model_dir: model_root().join(&model),
         model,
-        intra_threads: if crate::inference::client::in_worker() { inference_threads() } else { INTRA_THREADS.get() as usize },
+        intra_threads: INTRA_THREADS.get() as usize,
         max_batch: MAX_BATCH.get() as usize,
         max_batch_tokens: MAX_BATCH_TOKENS.get() as usize,
     }
@@ -376,7 +378,7 @@ pub fn inference_workers() -> usize {
 pub fn inference_slots() -> usize {
     INFERENCE_SLOTS.get() as usize
 }
-fn inference_threads() -> usize {
+pub fn inference_threads() -> usize {
     match INFERENCE_THREADS.get() {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n as usize,

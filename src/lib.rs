@@ -1,7 +1,7 @@
 //! pg_embed_sidecar: embeddings computed inside PostgreSQL, kept in step with their source rows.
 //!
-//! Reading order: `gucs` (settings) → `model` (the per-process embedder, over the pgrx-free
-//! `embed_core` crate) → `api` (SQL functions) → sql/registry.sql (what is watched) →
+//! Reading order: `gucs` (settings) → `inference` (embedding: in this process over the pgrx-free
+//! `embed_core` crate, or through the instance's inference service) → `api` (SQL functions) → sql/registry.sql (what is watched) →
 //! sql/manage.sql (watch & co.) → sql/triggers.sql + `enqueue` (changed keys onto pgmq) →
 //! `drain` (queue → vectors, shared by `process()` and the worker; its decisions in `settle`,
 //! its SQL in sql/drain.sql, long texts cut into passages by `chunking`) → `authority` (whose
@@ -34,7 +34,7 @@ mod xact;
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     roster::init();
-    inference::client::init();
+    inference::ring::init();
     inference::worker::register();
     launcher::register();
     db_guard::install();

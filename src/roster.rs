@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
-use crate::inference::client::alive;
+use crate::inference::ring::alive;
 
 /// Databases tracked at once. Entries of dropped databases are recycled, so this bounds the
 /// databases that have (or had, since the last restart) the extension at the same time.

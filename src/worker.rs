@@ -161,7 +161,7 @@ fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Re
         return Ok(None);
     };
     let batch = gucs::batch_size();
-    let overlap = crate::inference::client::usable();
+    let overlap = crate::inference::overlaps();
     let mut full = false;
     let mut worked = false;
     let now = Instant::now();

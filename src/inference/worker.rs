@@ -1,21 +1,21 @@
 //! The inference workers (`pg_embed_sidecar.inference_workers`, default 1): background workers
-//! connected to no database, each holding one embedder per model in use (src/model.rs)
-//! and serving the ring of src/service.rs. Each round takes what is waiting, interactive requests
+//! connected to no database, each holding one embedder per model in use (src/inference/local.rs)
+//! and serving the ring (src/inference/ring.rs). Each round takes what is waiting, interactive requests
 //! first (all of them) and otherwise a few drain texts (16, or 4 while searches keep arriving), so
 //! a search waits behind at most one small drain batch; the embedder sorts by length and cuts by
 //! the token budget. Restarted by
 //! the postmaster after 1 s if it dies; clients resubmit what it held.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
+use super::local;
+use super::ring::{Failure, Priority, Ring, WORKERS_MAX};
 use crate::error::SidecarError;
 use crate::gucs;
-use crate::inference::client::{self, Header, Priority, Slot, DONE, FAILED, FREE, SUBMITTED};
 
 /// Most drain texts in one round: a search that arrives meanwhile waits for at most this many.
 /// Rounds of 16 embed as fast as rounds of 64 (`embed_ceiling --window`), while a round of 64
@@ -52,22 +52,15 @@ pub fn register() {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
-    let me = arg.value().min(client::WORKERS_MAX - 1);
+    let me = arg.value().min(WORKERS_MAX - 1);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
-    client::become_worker();
-    let Some(header) = client::header() else { return };
-    // SAFETY: this process's own pid and PGPROC number
-    let (pid, procno) = unsafe { (pg_sys::MyProcPid, (*pg_sys::MyProc).pgprocno) };
-    // what a predecessor in this place held goes back to the queue (its clients may be waiting)
-    for i in 0..header.slots as usize {
-        let s = client::slot(header, i);
-        let _ = s.state.compare_exchange(client::taken_by(me), SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
-        let _ = s.state.compare_exchange(client::abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
+    let Some(ring) = Ring::attached() else { return };
+    for i in 0..ring.len() {
+        ring.slot(i).reclaim_from_predecessor(me);
     }
-    header.worker_procno[me].store(procno, Ordering::Release);
-    header.worker_pid[me].store(pid, Ordering::Release);
-    log!("pg_embed_sidecar: inference worker {me} started ({} threads)", gucs::embed_settings(None).intra_threads);
+    ring.register_worker(me);
+    log!("pg_embed_sidecar: inference worker {me} started ({} threads)", gucs::inference_threads());
     let mut nap = Duration::ZERO;
     let mut last_search: Option<Instant> = None;
     let mut rounds: u64 = 0;
@@ -76,53 +69,36 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        tidy(header);
+        tidy(ring);
         let searching = last_search.is_some_and(|t| t.elapsed() < SEARCHES_RECENT);
         rounds += 1;
-        let drain_first = rounds % DRAIN_SHARE == 0;
-        let (batch, interactive) = take(header, me, if searching { DRAIN_ROUND_BUSY } else { DRAIN_ROUND }, drain_first);
+        let drain_first = rounds.is_multiple_of(DRAIN_SHARE);
+        let (batch, interactive) = take(ring, me, if searching { DRAIN_ROUND_BUSY } else { DRAIN_ROUND }, drain_first);
         if interactive {
             last_search = Some(Instant::now());
         }
         nap = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
-        serve(header, me, &batch);
+        serve(ring, me, &batch);
     }
-    header.worker_pid[me].store(0, Ordering::Release);
+    ring.retire_worker(me);
     // exit code 1: the postmaster starts it again after its restart time (0 would retire it)
     // SAFETY: ends this process through Postgres' normal exit path
     unsafe { pg_sys::proc_exit(1) };
 }
 
-/// Free what nobody waits for any more: abandoned slots (the client gave up) and slots whose
-/// client died. Never a FILLING slot: its owner pid may still be the previous client's (it is
-/// written after the claim), so a dead pid there does not mean a dead owner, and freeing it would
-/// let two clients share the slot. A client cannot die between its claim and its submit without
-/// a crash, and a crash re-creates the ring.
-fn tidy(header: &'static Header) {
-    for i in 0..header.slots as usize {
-        let s = client::slot(header, i);
-        let state = s.state.load(Ordering::Acquire);
-        let orphan = match state {
-            SUBMITTED | DONE | FAILED => !client::owner_alive(s),
-            // abandoned while a worker that has since died held it
-            _ => client::abandoner(state).is_some_and(|w| !client::alive(header.worker_pid[w].load(Ordering::Acquire))),
-        };
-        if orphan {
-            let _ = s.state.compare_exchange(state, FREE, Ordering::AcqRel, Ordering::Relaxed);
-        }
+/// Free what nobody waits for any more (src/inference/ring.rs, `free_if_orphaned`).
+fn tidy(ring: Ring) {
+    for i in 0..ring.len() {
+        ring.slot(i).free_if_orphaned(&ring);
     }
 }
 
-/// Take this round's slots (SUBMITTED → TAKEN): every interactive request waiting, or else the
-/// oldest `drain_round` drain requests; with `drain_first`, drain requests first when any wait.
-/// Also says whether they are interactive.
-fn take(header: &'static Header, me: usize, drain_round: usize, drain_first: bool) -> (Vec<usize>, bool) {
-    let mut waiting: Vec<(u32, u64, usize)> = (0..header.slots as usize)
-        .filter_map(|i| {
-            let s = client::slot(header, i);
-            (s.state.load(Ordering::Acquire) == SUBMITTED).then(|| (s.priority, s.seq, i))
-        })
-        .collect();
+/// Take this round's slots: every interactive request waiting, or else the oldest `drain_round`
+/// drain requests; with `drain_first`, drain requests first when any wait. Also says whether they
+/// are interactive.
+fn take(ring: Ring, me: usize, drain_round: usize, drain_first: bool) -> (Vec<usize>, bool) {
+    let mut waiting: Vec<(u32, u64, usize)> =
+        (0..ring.len()).filter_map(|i| ring.slot(i).waiting().map(|(priority, seq)| (priority, seq, i))).collect();
     waiting.sort_unstable();
     let mut interactive = waiting.iter().take_while(|w| w.0 == Priority::Interactive as u32).count();
     if drain_first && interactive < waiting.len() {
@@ -130,82 +106,47 @@ fn take(header: &'static Header, me: usize, drain_round: usize, drain_first: boo
         interactive = 0;
     }
     let limit = if interactive > 0 { interactive } else { drain_round };
-    let mut taken = Vec::new();
-    for (_, _, i) in waiting.into_iter().take(limit) {
-        let s = client::slot(header, i);
-        if s.state.compare_exchange(SUBMITTED, client::taken_by(me), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            taken.push(i);
-        }
-    }
+    let taken = waiting.into_iter().take(limit).map(|w| w.2).filter(|&i| ring.slot(i).take(me)).collect();
     (taken, interactive > 0)
 }
 
-/// Embed the taken slots, one call per model; count them in the header; then hand each result
-/// back. The counters come first: a client that has its vector must find it counted.
-fn serve(header: &'static Header, me: usize, taken: &[usize]) {
+/// Embed the taken slots, one call per model, in this process (src/inference/local.rs); count
+/// them; then hand each result back. The counters come first: a client that has its vector must
+/// find it counted.
+fn serve(ring: Ring, me: usize, taken: &[usize]) {
     if taken.is_empty() {
         return;
     }
     let busy = Instant::now();
-    let mut by_model: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut by_model: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
     for &i in taken {
-        let s = client::slot(header, i);
-        by_model.entry(String::from_utf8_lossy(&s.model[..s.model_len as usize]).into_owned()).or_default().push(i);
+        if let Some((model, text)) = ring.slot(i).request(me) {
+            by_model.entry(model).or_default().push((i, text));
+        }
     }
+    let threads = Some(gucs::inference_threads());
     let mut results: Vec<(usize, Result<Vec<f32>, SidecarError>)> = Vec::with_capacity(taken.len());
-    for (model, slots) in by_model {
-        let texts: Vec<String> = slots
-            .iter()
-            .map(|&i| {
-                let s = client::slot(header, i);
-                String::from_utf8_lossy(&s.text[..s.text_len as usize]).into_owned()
-            })
-            .collect();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        match crate::inference::embed_many_with(&model, &refs) {
-            Ok(vectors) => results.extend(slots.into_iter().zip(vectors.into_iter().map(Ok))),
+    for (model, requests) in by_model {
+        let texts: Vec<&str> = requests.iter().map(|(_, t)| t.as_str()).collect();
+        match local::embed(Some(&model), &texts, threads) {
+            Ok(vectors) => results.extend(requests.iter().map(|r| r.0).zip(vectors.into_iter().map(Ok))),
             // one text may be the cause: each alone, so the others still get their vector
-            Err(_) if slots.len() > 1 => {
-                for (i, text) in slots.into_iter().zip(&refs) {
-                    results.push((i, crate::inference::embed_many_with(&model, &[text]).map(|mut v| v.pop().unwrap_or_default())));
+            Err(_) if requests.len() > 1 => {
+                for (i, text) in &requests {
+                    let one = local::embed(Some(&model), &[text], threads).map(|mut v| v.pop().unwrap_or_default());
+                    results.push((*i, one));
                 }
             }
-            Err(e) => results.push((slots[0], Err(e))),
+            Err(e) => results.push((requests[0].0, Err(e))),
         }
     }
-    header.busy_us.fetch_add(busy.elapsed().as_micros() as u64, Ordering::Relaxed);
-    header.texts_served.fetch_add(taken.len() as u64, Ordering::Release);
+    ring.count_round(taken.len(), busy.elapsed().as_micros() as u64);
     for (i, result) in results {
-        finish(client::slot(header, i), me, result);
+        let result = result.as_deref().map_err(|e| Failure {
+            code: e.sqlstate() as i32,
+            message: e.to_string(),
+            hint: e.hint().map(str::to_string),
+        });
+        ring.slot(i).answer(me, result);
     }
-}
-
-fn finish(s: &mut Slot, me: usize, result: Result<Vec<f32>, SidecarError>) {
-    let state = match result {
-        Ok(v) if v.len() <= client::DIMS_MAX => {
-            s.vector[..v.len()].copy_from_slice(&v);
-            s.dims = v.len() as u32;
-            DONE
-        }
-        Ok(v) => fail(s, &SidecarError::Sql(format!("{} dimensions exceed the service's {}", v.len(), client::DIMS_MAX))),
-        Err(e) => fail(s, &e),
-    };
-    if s.state.compare_exchange(client::taken_by(me), state, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-        client::wake_owner(s);
-    } else {
-        // the client gave up meanwhile (or a client resubmitted it, taking us for dead)
-        let _ = s.state.compare_exchange(client::abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
-    }
-}
-
-fn fail(s: &mut Slot, e: &SidecarError) -> u32 {
-    let put = |buf: &mut [u8], text: &str| -> u32 {
-        let text = embed_core::cut_at_char_boundary(text, buf.len());
-        buf[..text.len()].copy_from_slice(text.as_bytes());
-        text.len() as u32
-    };
-    s.error_code = e.sqlstate() as i32;
-    s.message_len = put(&mut s.message, &e.to_string());
-    s.hint_len = put(&mut s.hint, e.hint().unwrap_or(""));
-    FAILED
 }
