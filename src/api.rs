@@ -42,11 +42,8 @@ mod embed_sidecar {
             vectors.extend(model::embed_many(chunk).or_report());
         }
         let mut vectors = vectors.into_iter();
-        let rows: Vec<(i32, Option<Vec<f32>>)> = texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (i as i32 + 1, t.and_then(|_| vectors.next())))
-            .collect();
+        let rows: Vec<(i32, Option<Vec<f32>>)> =
+            texts.iter().enumerate().map(|(i, t)| (i as i32 + 1, t.and_then(|_| vectors.next()))).collect();
         TableIterator::new(rows)
     }
 
@@ -54,7 +51,13 @@ mod embed_sidecar {
     #[pg_extern(stable, parallel_restricted)]
     fn model_info() -> TableIterator<
         'static,
-        (name!(model, String), name!(model_id, String), name!(dims, i32), name!(max_length, i32), name!(model_dir, String)),
+        (
+            name!(model, String),
+            name!(model_id, String),
+            name!(dims, i32),
+            name!(max_length, i32),
+            name!(model_dir, String),
+        ),
     > {
         let row = model::with_embedder(|e| {
             let f = e.files();
@@ -94,11 +97,17 @@ mod embed_sidecar {
         let rows: Vec<_> = names
             .into_iter()
             .map(|name| {
-                let described = embed_core::ModelFiles::resolve(&root.join(&name)).map_err(crate::error::SidecarError::from).and_then(|f| {
-                    let size = [&f.onnx, &f.tokenizer].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len() as i64).sum();
-                    let (id, dims) = model::identity_of(&name)?;
-                    Ok((id, dims, f.max_length as i32, size))
-                });
+                let described = embed_core::ModelFiles::resolve(&root.join(&name))
+                    .map_err(crate::error::SidecarError::from)
+                    .and_then(|f| {
+                        let size = [&f.onnx, &f.tokenizer]
+                            .iter()
+                            .filter_map(|p| std::fs::metadata(p).ok())
+                            .map(|m| m.len() as i64)
+                            .sum();
+                        let (id, dims) = model::identity_of(&name)?;
+                        Ok((id, dims, f.max_length as i32, size))
+                    });
                 match described {
                     Ok((id, dims, window, size)) => (name, Some(id), Some(dims), Some(window), Some(size), None),
                     Err(e) => (name, None, None, None, None, Some(e.to_string())),

@@ -63,7 +63,11 @@ impl Drop for Armed {
 /// tables); without it the switch is a plain local user-id change (for queue work done on behalf
 /// of a writer). Either way `search_path` is pinned while `f` runs, so nothing a user creates in a
 /// writable schema can shadow what our statements call.
-pub fn run_as<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
+pub fn run_as<R>(
+    role: pg_sys::Oid,
+    restricted: bool,
+    f: impl FnOnce() -> Result<R, SidecarError>,
+) -> Result<R, SidecarError> {
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_context = 0;
     let flag = if restricted { pg_sys::SECURITY_RESTRICTED_OPERATION } else { pg_sys::SECURITY_LOCAL_USERID_CHANGE };
@@ -218,5 +222,9 @@ mod embed_sidecar {
         unsafe { pg_sys::GetOuterUserId() }
     }
 
-    extension_sql_file!("../sql/registry.sql", name = "registry", requires = [calling_role, session_role, enter, leave]);
+    extension_sql_file!(
+        "../sql/registry.sql",
+        name = "registry",
+        requires = [calling_role, session_role, enter, leave]
+    );
 }

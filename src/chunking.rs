@@ -59,7 +59,9 @@ pub fn settings(model: &str, tokens: Option<i32>, overlap: Option<i32>, fit: boo
         overlap = overlap.min((tokens - 1) / 2);
     }
     if overlap < 0 || overlap * 2 >= tokens {
-        return Err(SidecarError::Chunking(format!("chunk_overlap {overlap} must be at least 0 and less than half of chunk_tokens {tokens}")));
+        return Err(SidecarError::Chunking(format!(
+            "chunk_overlap {overlap} must be at least 0 and less than half of chunk_tokens {tokens}"
+        )));
     }
     Ok((tokens, overlap))
 }
@@ -155,7 +157,8 @@ pub fn split(
             }
         };
         let have = known.get(&key).unwrap_or(&none);
-        let mut row = RowChunks { key, hash, spans: Vec::with_capacity(chunks.len()), slots: Vec::with_capacity(chunks.len()) };
+        let mut row =
+            RowChunks { key, hash, spans: Vec::with_capacity(chunks.len()), slots: Vec::with_capacity(chunks.len()) };
         for c in &chunks {
             let passage = c.text(&text);
             let h = hex(&content_hash(passage));

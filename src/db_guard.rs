@@ -48,28 +48,28 @@ unsafe fn database_needed(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, Needs
     // SAFETY: node tags are checked before each cast; names are NUL-terminated strings of the
     // node; the catalog lookup runs in the statement's transaction
     unsafe {
-    let (name, needs) = if is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
-        ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Needs::Drop)
-    } else if is_a(stmt, pg_sys::NodeTag::T_RenameStmt) {
-        let s = &*stmt.cast::<pg_sys::RenameStmt>();
-        if s.renameType != pg_sys::ObjectType::OBJECT_DATABASE {
+        let (name, needs) = if is_a(stmt, pg_sys::NodeTag::T_DropdbStmt) {
+            ((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, Needs::Drop)
+        } else if is_a(stmt, pg_sys::NodeTag::T_RenameStmt) {
+            let s = &*stmt.cast::<pg_sys::RenameStmt>();
+            if s.renameType != pg_sys::ObjectType::OBJECT_DATABASE {
+                return None;
+            }
+            (s.subname, Needs::Rename)
+        } else if is_a(stmt, pg_sys::NodeTag::T_CreatedbStmt) {
+            (option_value((*stmt.cast::<pg_sys::CreatedbStmt>()).options, c"template")?, Needs::CopyFrom)
+        } else if is_a(stmt, pg_sys::NodeTag::T_AlterDatabaseStmt) {
+            let s = &*stmt.cast::<pg_sys::AlterDatabaseStmt>();
+            option_value(s.options, c"tablespace")?;
+            (s.dbname, Needs::Move)
+        } else {
+            return None;
+        };
+        if name.is_null() {
             return None;
         }
-        (s.subname, Needs::Rename)
-    } else if is_a(stmt, pg_sys::NodeTag::T_CreatedbStmt) {
-        (option_value((*stmt.cast::<pg_sys::CreatedbStmt>()).options, c"template")?, Needs::CopyFrom)
-    } else if is_a(stmt, pg_sys::NodeTag::T_AlterDatabaseStmt) {
-        let s = &*stmt.cast::<pg_sys::AlterDatabaseStmt>();
-        option_value(s.options, c"tablespace")?;
-        (s.dbname, Needs::Move)
-    } else {
-        return None;
-    };
-    if name.is_null() {
-        return None;
-    }
-    let db = pg_sys::get_database_oid(name, true);
-    (db != pg_sys::InvalidOid).then_some((db, needs))
+        let db = pg_sys::get_database_oid(name, true);
+        (db != pg_sys::InvalidOid).then_some((db, needs))
     }
 }
 
@@ -83,7 +83,9 @@ fn may_run(db: pg_sys::Oid, needs: Needs, context: pg_sys::ProcessUtilityContext
         let owner = pg_sys::superuser() || pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId());
         match needs {
             Needs::Drop => {
-                owner && context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL && !pg_sys::IsTransactionBlock()
+                owner
+                    && context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
+                    && !pg_sys::IsTransactionBlock()
             }
             Needs::Rename | Needs::CopyFrom => owner && pg_sys::have_createdb_privilege(),
             Needs::Move => owner,

@@ -88,7 +88,10 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
         Mode::Caller => f(),
         Mode::Worker => {
             let result = run_in_transaction(|| {
-                Spi::run_with_args("SELECT pg_catalog.set_config('lock_timeout', $1, true)", &[WORKER_LOCK_TIMEOUT.into()])?;
+                Spi::run_with_args(
+                    "SELECT pg_catalog.set_config('lock_timeout', $1, true)",
+                    &[WORKER_LOCK_TIMEOUT.into()],
+                )?;
                 f()
             });
             // SAFETY: releases this process's session-level advisory locks; the worker takes none
@@ -107,14 +110,16 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
 /// (`None`) rather than waited for: the worker serves every source in turn.
 fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option<Source>, SidecarError> {
     let lock = if mode == Mode::Worker { "FOR SHARE OF s SKIP LOCKED" } else { "" };
-    let rows = client.update(&format!(
-        "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
+    let rows = client.update(
+        &format!(
+            "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
                 d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
                 s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused', d.trim_sql,
                 s.chunk_tokens, s.chunk_overlap, s.index_pending
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
-          WHERE s.id = $1 {lock}"),
+          WHERE s.id = $1 {lock}"
+        ),
         None,
         &[id.into()],
     )?;
@@ -595,7 +600,8 @@ fn assemble_passages(
 /// Serialise writers of one source until the end of the transaction: its registry row's lock
 /// (sql/manage.sql, `_lock_source`), which only the extension's own functions can take.
 fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> {
-    let locked = client.update("SELECT embed_sidecar._lock_source($1)", None, &[id.into()])?.first().get_one::<bool>()?;
+    let locked =
+        client.update("SELECT embed_sidecar._lock_source($1)", None, &[id.into()])?.first().get_one::<bool>()?;
     match locked {
         Some(true) => Ok(()),
         _ => Err(SidecarError::Sql(format!("source {id} is no longer watched"))),

@@ -64,7 +64,11 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
         }
         // as the writer: a domain check on a key type is the table owner's code
         let bad = client
-            .select("SELECT embed_sidecar._invalid_keys($1, $2)", None, &[check_sql.as_str().into(), keys.clone().into()])?
+            .select(
+                "SELECT embed_sidecar._invalid_keys($1, $2)",
+                None,
+                &[check_sql.as_str().into(), keys.clone().into()],
+            )?
             .first()
             .get_one::<String>()?;
         if let Some(why) = bad {
@@ -98,7 +102,8 @@ pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result
     let model_id = row.get::<String>(2)?.unwrap_or_default();
     let owner = row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid);
     let sql = row.get::<String>(4)?.ok_or_else(|| SidecarError::Sql(format!("source {id} is not watched")))?;
-    let mut cursor = as_table_owner(owner, || Ok(client.try_open_cursor(sql.as_str(), &[only_stale.into(), model_id.into()])?))?;
+    let mut cursor =
+        as_table_owner(owner, || Ok(client.try_open_cursor(sql.as_str(), &[only_stale.into(), model_id.into()])?))?;
     let mut total = 0i64;
     loop {
         // fetched as the owner too: the cursor's query runs as whoever fetches
@@ -113,7 +118,11 @@ pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result
             break;
         }
         total += keys.len() as i64;
-        client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.as_str().into(), keys.into()])?;
+        client.update(
+            "SELECT pgmq.send_batch($1, $2::text[]::jsonb[])",
+            None,
+            &[queue.as_str().into(), keys.into()],
+        )?;
     }
     if total > 0 {
         // progress and ETA in status count from the moment the bulk lane was last empty

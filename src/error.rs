@@ -48,7 +48,9 @@ impl SidecarError {
                 PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR
             }
             SidecarError::Embed(UnsupportedModel { .. }) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            SidecarError::BadModelName(_) | SidecarError::Chunking(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            SidecarError::BadModelName(_) | SidecarError::Chunking(_) => {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            }
             SidecarError::NotAllowed(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             SidecarError::Remote { code, .. } => PgSqlErrorCode::from(*code),
             SidecarError::Refused { code, .. } => *code,
@@ -79,7 +81,9 @@ impl SidecarError {
                 "chunk_tokens counts the model's tokens per passage (default and most: its window less the \
                  special tokens); chunk_overlap defaults to an eighth of it. Try embed_sidecar.chunk_text() first."
             }
-            SidecarError::NotAllowed(_) => "Only roles that may insert into or update a watched table can put its keys on its queue.",
+            SidecarError::NotAllowed(_) => {
+                "Only roles that may insert into or update a watched table can put its keys on its queue."
+            }
             SidecarError::Remote { hint, .. } => return hint.as_deref(),
             SidecarError::Refused { hint, .. } => hint,
             _ => return None,

@@ -55,19 +55,19 @@ mod tests {
 
     #[pg_test]
     fn batch_equals_single_in_input_order() {
-        let min_cos: f64 = one(
-            "WITH t AS (SELECT i, 'sentence number ' || i || repeat(' word', i % 37) AS s
+        let min_cos: f64 = one("WITH t AS (SELECT i, 'sentence number ' || i || repeat(' word', i % 37) AS s
                           FROM generate_series(1, 70) i),
                   b AS (SELECT embed_texts(array_agg(s ORDER BY i)) AS vs FROM t)
-             SELECT min(1 - (b.vs[t.i] <=> embed_text(t.s))) FROM t, b",
-        );
+             SELECT min(1 - (b.vs[t.i] <=> embed_text(t.s))) FROM t, b");
         assert!(min_cos > 0.9999, "min cosine {min_cos}");
     }
 
     #[pg_test]
     fn similar_sentences_are_closer() {
-        let close: f64 = one("SELECT 1 - (embed_text('A cat sits on the mat') <=> embed_text('A kitten is sitting on a rug'))");
-        let far: f64 = one("SELECT 1 - (embed_text('A cat sits on the mat') <=> embed_text('Stock markets fell sharply today'))");
+        let close: f64 =
+            one("SELECT 1 - (embed_text('A cat sits on the mat') <=> embed_text('A kitten is sitting on a rug'))");
+        let far: f64 =
+            one("SELECT 1 - (embed_text('A cat sits on the mat') <=> embed_text('Stock markets fell sharply today'))");
         assert!(close > far + 0.3, "close {close} far {far}");
     }
 

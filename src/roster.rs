@@ -121,7 +121,9 @@ impl Roster {
             .position(|e| e.db == db)
             .or_else(|| self.entries.iter().position(|e| e.db == 0))
             .or_else(|| {
-                self.entries.iter().position(|e| e.known_absent() && e.pid == 0 && e.held_since == 0 && e.waiting_since == 0)
+                self.entries
+                    .iter()
+                    .position(|e| e.known_absent() && e.pid == 0 && e.held_since == 0 && e.waiting_since == 0)
             })?;
         let e = &mut self.entries[i];
         if e.db != db {
@@ -286,7 +288,8 @@ mod embed_sidecar {
             return "not running: database not in pg_embed_sidecar.databases".into();
         }
         if !gucs::drain_worker() {
-            return "not running: pg_embed_sidecar.drain_worker is off here (drain with embed_sidecar.process())".into();
+            return "not running: pg_embed_sidecar.drain_worker is off here (drain with embed_sidecar.process())"
+                .into();
         }
         let entry = roster::get(roster::current_db());
         if entry.worker_alive() {

@@ -90,7 +90,15 @@ pub fn overdue(messages: &[Message], max_attempts: i32) -> HashMap<String, Strin
     messages
         .iter()
         .filter(|m| m.read_ct > max_attempts)
-        .map(|m| (m.key.clone(), format!("read {} times without being settled: its pass ended each time (a crash or a failed write)", m.read_ct)))
+        .map(|m| {
+            (
+                m.key.clone(),
+                format!(
+                    "read {} times without being settled: its pass ended each time (a crash or a failed write)",
+                    m.read_ct
+                ),
+            )
+        })
         .collect()
 }
 
@@ -140,8 +148,8 @@ mod tests {
         let p = plan(vec![
             looked("[9]", false, false, Some("nine"), None),
             looked("[10]", false, false, Some("ten"), None),
-            looked("[2]", true, false, None, None),           // blank or gone
-            looked("[3]", false, true, Some("same"), None),   // unchanged
+            looked("[2]", true, false, None, None),         // blank or gone
+            looked("[3]", false, true, Some("same"), None), // unchanged
             looked("[4]", false, false, None, Some("policy raised")),
         ]);
         assert_eq!(p.embed.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["[10]", "[9]"]);

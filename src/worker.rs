@@ -195,7 +195,9 @@ fn flush(carried: &mut Option<Ready>, benched: &mut HashMap<i32, Instant>) {
     let Some(ready) = carried.take() else { return };
     let id = ready.source_id();
     match ready.write(Mode::Worker) {
-        Ok(stats) => debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded),
+        Ok(stats) => {
+            debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded)
+        }
         Err(e) => bench(benched, id, e),
     }
 }

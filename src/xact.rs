@@ -25,13 +25,13 @@ pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Res
         let f = f;
         (f.0)()
     })
-        .catch_others(|e| {
-            Err(SidecarError::Sql(match e {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            }))
-        })
-        .execute();
+    .catch_others(|e| {
+        Err(SidecarError::Sql(match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+            CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+        }))
+    })
+    .execute();
     // SAFETY: ends the transaction started above, whichever way `f` finished
     unsafe {
         if result.is_ok() {

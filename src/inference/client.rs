@@ -198,8 +198,10 @@ mod embed_sidecar {
     /// embedding since the server started. Busy seconds that grow as fast as the clock mean the
     /// service is the bottleneck; NULLs when the library is not preloaded.
     #[pg_extern(volatile, parallel_safe)]
-    fn inference_service(
-    ) -> TableIterator<'static, (name!(workers, Option<i32>), name!(texts, Option<i64>), name!(busy_seconds, Option<f64>))> {
+    fn inference_service() -> TableIterator<
+        'static,
+        (name!(workers, Option<i32>), name!(texts, Option<i64>), name!(busy_seconds, Option<f64>)),
+    > {
         let row = match Ring::attached() {
             Some(ring) => {
                 let (texts, busy_us) = ring.served();

@@ -69,8 +69,8 @@ pub fn with_model<R>(
     LOADED.with(|cell| {
         let mut loaded = cell.borrow_mut();
         let found = loaded.iter().position(|l| l.settings.model == settings.model);
-        let fresh =
-            found.filter(|&i| loaded[i].settings == settings && files_stamp(loaded[i].embedder.files()) == loaded[i].stamp);
+        let fresh = found
+            .filter(|&i| loaded[i].settings == settings && files_stamp(loaded[i].embedder.files()) == loaded[i].stamp);
         let at = match fresh {
             Some(i) => i,
             None => {

@@ -156,7 +156,8 @@ pub fn identity_of(model: &str) -> Result<(String, i32), SidecarError> {
     let Some(ring) = through_service() else {
         return local::with_model(Some(model), None, |e| Ok((e.model_id().to_string(), e.dims() as i32)));
     };
-    let dims = client::submit(ring, model, &["dimensions"], Priority::Interactive)?.collect()?.pop().unwrap_or_default().len();
+    let dims =
+        client::submit(ring, model, &["dimensions"], Priority::Interactive)?.collect()?.pop().unwrap_or_default().len();
     Ok((model_id_of(model)?, dims as i32))
 }
 

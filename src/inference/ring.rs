@@ -238,7 +238,11 @@ impl Slot {
             }
             Ok(v) => {
                 let message = format!("{} dimensions exceed the inference service's {DIMS_MAX}", v.len());
-                p.put_failure(&Failure { code: pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED as i32, message, hint: None });
+                p.put_failure(&Failure {
+                    code: pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED as i32,
+                    message,
+                    hint: None,
+                });
                 FAILED
             }
             Err(f) => {

@@ -103,10 +103,9 @@ impl Embedder {
         };
         let outputs = session.outputs();
         let chosen = match &files.output {
-            Some(name) => outputs
-                .iter()
-                .find(|o| o.name() == name)
-                .ok_or_else(|| unsupported(format!("the manifest names output \"{name}\", which the graph does not have")))?,
+            Some(name) => outputs.iter().find(|o| o.name() == name).ok_or_else(|| {
+                unsupported(format!("the manifest names output \"{name}\", which the graph does not have"))
+            })?,
             None => outputs
                 .iter()
                 .find(|o| o.name() == "last_hidden_state")
@@ -218,7 +217,8 @@ impl Embedder {
             ("attention_mask", Tensor::from_array((shape, mask.clone())).map_err(err)?.into_dyn()),
         ];
         if self.has_token_type_ids {
-            inputs.push(("token_type_ids", Tensor::from_array((shape, vec![0i64; rows * seq])).map_err(err)?.into_dyn()));
+            inputs
+                .push(("token_type_ids", Tensor::from_array((shape, vec![0i64; rows * seq])).map_err(err)?.into_dyn()));
         }
         let output = self.output.clone();
         let outputs = self.session.run(inputs).map_err(err)?;

@@ -66,10 +66,8 @@ impl ModelFiles {
         }
         let manifest_path = dir.join(MANIFEST);
         let manifest: Manifest = match fs::read_to_string(&manifest_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| EmbedError::Manifest {
-                path: manifest_path.clone(),
-                reason: e.to_string(),
-            })?,
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| EmbedError::Manifest { path: manifest_path.clone(), reason: e.to_string() })?,
             Err(_) => Manifest::default(),
         };
 
@@ -86,10 +84,7 @@ impl ModelFiles {
 
         let max_length = match manifest.max_length {
             Some(0) => {
-                return Err(EmbedError::Manifest {
-                    path: manifest_path,
-                    reason: "max_length must be positive".into(),
-                })
+                return Err(EmbedError::Manifest { path: manifest_path, reason: "max_length must be positive".into() })
             }
             Some(n) => n,
             None => max_length_from_configs(dir),

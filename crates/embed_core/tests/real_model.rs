@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use embed_core::{cosine, Embedder, EmbedError, LoadOptions};
+use embed_core::{cosine, EmbedError, Embedder, LoadOptions};
 
 fn paths() -> (PathBuf, PathBuf) {
     let lib = std::env::var("EMBED_ORT_LIB")
@@ -36,7 +36,8 @@ fn vectors_have_model_dims_and_unit_length() {
 fn batching_and_order_do_not_change_results() {
     // texts of very different lengths land in different batches after sorting by length
     let texts: Vec<String> = (0..40).map(|i| "word ".repeat(1 + (i * 7) % 60) + &i.to_string()).collect();
-    let mut batched = load(LoadOptions { intra_threads: 2, max_batch: 8, max_batch_tokens: 300, ..LoadOptions::default() });
+    let mut batched =
+        load(LoadOptions { intra_threads: 2, max_batch: 8, max_batch_tokens: 300, ..LoadOptions::default() });
     let all = batched.embed(&texts).unwrap();
     let mut single = load(LoadOptions { max_batch: 1, ..LoadOptions::default() });
     for (t, v) in texts.iter().zip(&all) {
@@ -48,7 +49,9 @@ fn batching_and_order_do_not_change_results() {
 #[test]
 fn semantic_sanity() {
     let mut e = load(LoadOptions::default());
-    let v = e.embed(&["A cat sits on the mat", "A kitten is sitting on a rug", "Stock markets fell sharply today"]).unwrap();
+    let v = e
+        .embed(&["A cat sits on the mat", "A kitten is sitting on a rug", "Stock markets fell sharply today"])
+        .unwrap();
     let close = cosine(&v[0], &v[1]);
     let far = cosine(&v[0], &v[2]);
     assert!(close > far + 0.3, "close {close} far {far}");
@@ -123,7 +126,8 @@ fn check_chunks(text: &str, max_tokens: usize, overlap: usize) -> Vec<embed_core
 
 #[test]
 fn chunks_of_real_text_respect_paragraphs_and_the_budget() {
-    let para = |i: usize| format!("Paragraph {i} talks about topic {i}. It has a second sentence with more words in it. ");
+    let para =
+        |i: usize| format!("Paragraph {i} talks about topic {i}. It has a second sentence with more words in it. ");
     let text: String = (0..40).map(|i| para(i).repeat(3) + "\n\n").collect();
     let chunks = check_chunks(&text, 126, 16);
     assert!(chunks.len() > 5);
@@ -153,14 +157,17 @@ fn chunks_of_text_without_whitespace_and_mixed_scripts() {
 #[test]
 fn an_edit_changes_only_the_chunks_around_it() {
     let doc: Vec<String> = (0..30)
-        .map(|i| format!("Section {i}. The fox number {i} jumps over the lazy dog number {i} again and again. ").repeat(4))
+        .map(|i| {
+            format!("Section {i}. The fox number {i} jumps over the lazy dog number {i} again and again. ").repeat(4)
+        })
         .collect();
     let before = doc.join("\n\n");
     let mut edited = doc.clone();
     edited[15] = "A short replacement paragraph.".into();
     let after = edited.join("\n\n");
     let (c, _) = chunker(126, 16);
-    let old: std::collections::HashSet<_> = c.chunks(&before).unwrap().iter().map(|ch| ch.text(&before).to_string()).collect();
+    let old: std::collections::HashSet<_> =
+        c.chunks(&before).unwrap().iter().map(|ch| ch.text(&before).to_string()).collect();
     let new = c.chunks(&after).unwrap();
     let changed = new.iter().filter(|ch| !old.contains(ch.text(&after))).count();
     assert!(changed <= 3, "{changed} of {} chunks changed", new.len());

@@ -53,7 +53,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let secs = start.elapsed().as_secs_f64();
     // peak resident memory of this process: model, arena and activations
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let peak_kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches(" kB").trim().to_string());
+    let peak_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .map(|v| v.trim().trim_end_matches(" kB").trim().to_string());
     println!(
         "{{\"rows\": {rows}, \"seconds\": {secs:.3}, \"rows_per_s\": {:.1}, \"peak_rss_kib\": {}}}",
         rows as f64 / secs,
