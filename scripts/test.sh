@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): every tier, strictest last.
+#   0. gates, in seconds: rustfmt, clippy (warnings are errors; unsafe code documented), upgrade
+#      scripts generated from their hand-written change (scripts/upgrade_sql.py)
 #   1. inference core, plain cargo test (no Postgres)
 #   2. SQL functions inside a backend (#[pg_test], each rolled back) and the drain's decisions
 #      (src/settle.rs, plain #[test]): cargo pgrx test
@@ -9,6 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 bash scripts/setup.sh  # idempotent: seconds when everything is installed
+
+echo "== 0/4 gates: cargo fmt --check, cargo clippy -D warnings, upgrade scripts current"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+python3 scripts/upgrade_sql.py --check
 
 echo "== 1/4 inference core: cargo test -p embed_core"
 cargo test -p embed_core --release

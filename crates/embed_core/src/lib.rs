@@ -5,6 +5,9 @@
 //! `embedder` tokenises, batches by length, runs the session → `pooling` turns token states into
 //! one unit-length vector.
 
+// Everything unsafe (FFI, shared memory) lives in the extension crate; this one has none.
+#![forbid(unsafe_code)]
+
 mod chunker;
 mod embedder;
 mod error;

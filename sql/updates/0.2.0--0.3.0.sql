@@ -1,0 +1,59 @@
+-- 0.2.0 -> 0.3.0: what an adversarial read of 0.2.0 found, closed (CHANGELOG). Only the objects
+-- that changed, copied from sql/*.sql:
+-- * who is calling: each public management and search function records its caller
+--   (embed_sidecar._enter) and runs its body (embed_sidecar._do_<name>) for that role; nothing
+--   inside a security-restricted operation may manage or search;
+-- * the sidecar is as private as its table: SELECT for PUBLIC under row security that reads the
+--   source as the querying role (existing sidecars are converted below), written only by the drain;
+-- * search keys come from the sidecar's own key columns; keys a writer enqueues are checked;
+-- * the drain serialises on the registry row, not an advisory lock any role could hold;
+-- * search refuses a query whose model files changed since its vectors were made;
+-- * watched tables stay out of inheritance trees and partitioned tables;
+-- * fts_config is text (pg_upgrade refuses reg* columns); names that need quoting or are long in
+--   bytes work; a reader's view no longer blocks the owner's drops.
+
+-- objects whose signature or kind changed
+DROP FUNCTION embed_sidecar._create_embedding(regclass, text, text, smallint, text, smallint[], name, text, regconfig, boolean, int, int, text);
+DROP FUNCTION embed_sidecar._create_triggers(embed_sidecar.sources);
+DROP FUNCTION embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, regconfig, jsonb[], text, jsonb[]);
+
+-- (SQL-standard functions that take the registry's row type hold it fixed: out, then back)
+DROP FUNCTION embed_sidecar._backfill_sql(embed_sidecar.sources);
+DROP FUNCTION embed_sidecar._row_filter(embed_sidecar.sources, text);
+ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config TYPE text USING fts_config::text,
+    ADD COLUMN column_names jsonb NOT NULL DEFAULT '{}';
+
+-- who is calling (src/authority.rs)
+CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
+    STRICT VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'enter_wrapper';
+CREATE FUNCTION embed_sidecar."_leave"() RETURNS boolean
+    STRICT VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'leave_wrapper';
+CREATE FUNCTION embed_sidecar."_session_role"() RETURNS oid
+    STRICT STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'session_role_wrapper';
+-- a search's query vector, refused when the model's files changed since the vectors were made
+CREATE FUNCTION embed_sidecar."_embed_query"("model" text, "model_id" text, "content" text) RETURNS real[]
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_query_wrapper';
+CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
+
+-- changed functions and views, as the install files define them
+--@copy _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
+--@copy _check_owner _check_may _readable_source _create_triggers _clip _protect_sidecar
+--@copy _create_queue _drop_queues _create_queues _create_embedding _create_hnsw _do_watch watch
+--@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
+--@copy reembed _do_set_model set_model _do_rollback_model rollback_model _do_drop_previous
+--@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause
+--@copy pause _do_resume resume _do_process process _search_target search hybrid_search _drain_sql
+--@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
+--@copy _invalid_keys _on_ddl_end
+
+CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TRIGGER')
+    EXECUTE FUNCTION embed_sidecar._on_ddl_end();
+
+-- existing sidecars: SELECT for PUBLIC under row security instead of the table's copied grants
+SELECT embed_sidecar._protect_sidecar(s) FROM embed_sidecar.sources s;
+-- the names of the columns each embedding uses, for a later restore into a renumbered table
+UPDATE embed_sidecar.sources s SET column_names = embed_sidecar._column_names(s);
+
+-- who may call what (sql/privileges.sql, less its last step)
+--@privileges
