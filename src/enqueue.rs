@@ -10,8 +10,8 @@
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use crate::authority::{as_table_owner, current_role, run_as};
 use crate::error::SidecarError;
+use crate::pg::authority::{as_table_owner, current_role, run_as};
 
 /// Keys per `pgmq.send_batch` call in a backfill.
 const BACKFILL_CHUNK: i64 = 10_000;
@@ -80,7 +80,7 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
         }
         run_as(owner, false, || {
             client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.into(), keys.into()])?;
-            crate::wake::on_commit();
+            crate::roster::wake::on_commit();
             Ok(())
         })
     })
@@ -134,7 +134,7 @@ pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result
             None,
             &[id.into(), total.into(), queue.as_str().into()],
         )?;
-        crate::wake::on_commit();
+        crate::roster::wake::on_commit();
     }
     Ok(total)
 }

@@ -13,20 +13,14 @@
 use pgrx::prelude::*;
 
 mod api;
-mod authority;
-mod chunking;
-mod db_guard;
+mod bgw;
 mod drain;
 mod enqueue;
 mod error;
 mod gucs;
 mod inference;
-mod launcher;
+mod pg;
 mod roster;
-mod settle;
-mod wake;
-mod worker;
-mod xact;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -36,8 +30,8 @@ pub extern "C-unwind" fn _PG_init() {
     roster::init();
     inference::ring::init();
     inference::worker::register();
-    launcher::register();
-    db_guard::install();
+    bgw::launcher::register();
+    roster::db_guard::install();
 }
 
 // Hand-written SQL, in dependency order (each file says what it holds).

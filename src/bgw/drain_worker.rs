@@ -13,8 +13,8 @@ use pgrx::prelude::*;
 use crate::drain::{active_sources, record_error, Mode, Pass, Ready};
 use crate::error::SidecarError;
 use crate::gucs;
+use crate::pg::xact::run_in_transaction;
 use crate::roster;
-use crate::xact::run_in_transaction;
 
 /// How long a source whose pass failed (model missing, SQL error) is left alone: long enough not
 /// to spin, short enough that work resumes soon after the cause is fixed. A failed round (the
@@ -69,7 +69,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         String::new()
     });
     log!("pg_embed_sidecar: worker started for database \"{name}\"");
-    crate::authority::limit_owner_code(OWNER_CODE_LIMIT_MS);
+    crate::pg::authority::limit_owner_code(OWNER_CODE_LIMIT_MS);
 
     let mut nap = Duration::ZERO;
     let mut benched = HashMap::new();

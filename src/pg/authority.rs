@@ -223,7 +223,7 @@ mod embed_sidecar {
     }
 
     extension_sql_file!(
-        "../sql/registry.sql",
+        "../../sql/registry.sql",
         name = "registry",
         requires = [calling_role, session_role, enter, leave]
     );

@@ -17,7 +17,7 @@ pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Res
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        crate::authority::pin_search_path_local();
+        crate::pg::authority::pin_search_path_local();
     }
     // the closure's captures are only used again if it returns normally
     let f = std::panic::AssertUnwindSafe(f);

@@ -8,6 +8,9 @@
 //! command that needs the database to itself) is holding workers off. Without preloading there is
 //! no table and everything here is a no-op.
 
+pub mod db_guard;
+pub mod wake;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::prelude::*;
@@ -304,7 +307,7 @@ mod embed_sidecar {
     }
 
     // the status view shows the worker state
-    extension_sql_file!("../sql/status.sql", name = "status", requires = ["registry", worker_state]);
+    extension_sql_file!("../../sql/status.sql", name = "status", requires = ["registry", worker_state]);
 }
 
 #[cfg(test)]

@@ -19,8 +19,8 @@ use pgrx::PgMemoryContexts;
 
 use crate::error::SidecarError;
 use crate::gucs;
+use crate::pg::xact::run_in_transaction;
 use crate::roster;
-use crate::xact::run_in_transaction;
 
 /// How often the launcher looks for new or dropped databases when nothing wakes it.
 const HEARTBEAT: Duration = Duration::from_secs(10);

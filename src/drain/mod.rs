@@ -13,19 +13,21 @@
 //! up, hand the texts to the inference service) before it writes the previous one, so its SQL runs
 //! while the service embeds (`Pass` → `Ready`, src/worker.rs).
 
+pub mod chunking;
+pub mod settle;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use crate::authority::as_table_owner;
-use crate::chunking;
 use crate::enqueue::backfill;
 use crate::error::SidecarError;
 use crate::gucs;
 use crate::inference::{self, InFlight};
-use crate::settle::{self, Looked, Message, Settlement};
-use crate::xact::run_in_transaction;
+use crate::pg::authority::as_table_owner;
+use crate::pg::xact::run_in_transaction;
+use settle::{Looked, Message, Settlement};
 
 /// How long the worker waits for a lock (a table lock, the registry row a `process()` caller
 /// holds, a source row a writer holds `FOR UPDATE`) before giving the pass up: a lock any session
