@@ -12,6 +12,7 @@ use pgrx::spi::SpiClient;
 
 use crate::error::SidecarError;
 use crate::pg::authority::{as_table_owner, current_role, run_as};
+use crate::pg::row::required;
 
 /// Keys per `pgmq.send_batch` call in a backfill.
 const BACKFILL_CHUNK: i64 = 10_000;
@@ -21,11 +22,11 @@ const BACKFILL_CHUNK: i64 = 10_000;
 const KEY_BYTES: i32 = 2_000;
 
 fn extension_owner(client: &SpiClient<'_>) -> Result<pg_sys::Oid, SidecarError> {
-    Ok(client
+    client
         .select("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_embed_sidecar'", None, &[])?
         .first()
         .get_one::<pg_sys::Oid>()?
-        .unwrap_or(pg_sys::InvalidOid))
+        .ok_or_else(|| SidecarError::Corrupt("pg_embed_sidecar has no row in pg_extension".into()))
 }
 
 /// Send the keys a writer's statement changed to the source's queue. The keys are checked first,
@@ -48,11 +49,12 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
                 )?
                 .next()
                 .map(|r| -> Result<_, SidecarError> {
+                    let what = format!("the registry row of source {source_id}");
                     Ok((
-                        r.get::<String>(1)?.unwrap_or_default(),
-                        r.get::<String>(2)?.unwrap_or_default(),
-                        r.get::<bool>(3)?.unwrap_or(false),
-                        r.get::<String>(4)?.unwrap_or_default(),
+                        required::<String>(&r, 1, &what)?,
+                        required::<String>(&r, 2, &what)?,
+                        required::<bool>(&r, 3, &what)?,
+                        required::<String>(&r, 4, &what)?,
                     ))
                 })
                 .transpose()
@@ -98,10 +100,14 @@ pub fn backfill(client: &mut SpiClient<'_>, id: i32, only_stale: bool) -> Result
             &[id.into()],
         )?
         .first();
-    let queue = row.get::<String>(1)?.unwrap_or_default();
-    let model_id = row.get::<String>(2)?.unwrap_or_default();
-    let owner = row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid);
-    let sql = row.get::<String>(4)?.ok_or_else(|| SidecarError::Sql(format!("source {id} is not watched")))?;
+    if row.is_empty() {
+        return Err(SidecarError::Unwatched(id));
+    }
+    let what = format!("the registry row of source {id}");
+    let queue: String = required(&row, 1, &what)?;
+    let model_id: String = required(&row, 2, &what)?;
+    let owner: pg_sys::Oid = required(&row, 3, &what)?;
+    let sql: String = required(&row, 4, &what)?;
     let mut cursor =
         as_table_owner(owner, || Ok(client.try_open_cursor(sql.as_str(), &[only_stale.into(), model_id.into()])?))?;
     let mut total = 0i64;

@@ -11,8 +11,22 @@ pub enum SidecarError {
     Embed(#[from] EmbedError),
     #[error("invalid model name \"{0}\"")]
     BadModelName(String),
+    /// A failure of the SPI interface itself (a type mismatch reading a row, no tuple table).
     #[error("{0}")]
     Sql(String),
+    /// An error PostgreSQL raised inside a transaction of our own (src/pg/xact.rs), with its
+    /// SQLSTATE and hint.
+    #[error("{message}")]
+    Caught { code: PgSqlErrorCode, message: String, hint: Option<String> },
+    /// A registry row or queue message that cannot be as it is (a NOT NULL value missing).
+    #[error("{0}")]
+    Corrupt(String),
+    /// The source was unwatched while a pass was on its way.
+    #[error("source {0} is no longer watched")]
+    Unwatched(i32),
+    /// `pg_embed_sidecar.worker_role` names no role.
+    #[error("pg_embed_sidecar.worker_role \"{0}\" does not exist; no worker is started")]
+    NoWorkerRole(String),
     #[error("permission denied: {0}")]
     NotAllowed(String),
     /// chunk_tokens / chunk_overlap out of range for the model.
@@ -53,7 +67,10 @@ impl SidecarError {
             }
             SidecarError::NotAllowed(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             SidecarError::Remote { code, .. } => PgSqlErrorCode::from(*code),
-            SidecarError::Refused { code, .. } => *code,
+            SidecarError::Refused { code, .. } | SidecarError::Caught { code, .. } => *code,
+            SidecarError::Corrupt(_) => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            SidecarError::Unwatched(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            SidecarError::NoWorkerRole(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -84,7 +101,14 @@ impl SidecarError {
             SidecarError::NotAllowed(_) => {
                 "Only roles that may insert into or update a watched table can put its keys on its queue."
             }
-            SidecarError::Remote { hint, .. } => return hint.as_deref(),
+            SidecarError::Remote { hint, .. } | SidecarError::Caught { hint, .. } => return hint.as_deref(),
+            SidecarError::Corrupt(_) => {
+                "The extension's registry (embed_sidecar.sources) or a queue of it was changed by hand; \
+                 unwatch and watch the table again, or reinstall the extension."
+            }
+            SidecarError::NoWorkerRole(_) => {
+                "Create the role, or reset pg_embed_sidecar.worker_role to use the bootstrap superuser."
+            }
             SidecarError::Refused { hint, .. } => hint,
             _ => return None,
         })

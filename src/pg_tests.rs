@@ -157,4 +157,20 @@ mod tests {
         // embed_text is executable by default
         assert_eq!(one::<i32>("SELECT vector_dims(embed_text('hello'))"), 384);
     }
+
+    /// A NOT NULL value that is NULL (a registry changed by hand) stops with XX001 and says which,
+    /// instead of becoming "" or 0; a present value reads through.
+    #[pg_test]
+    fn required_columns_refuse_null() {
+        use crate::error::SidecarError;
+        use crate::pg::row::required;
+        Spi::connect(|client| {
+            let row = client.select("SELECT 7::oid, NULL::text", None, &[]).unwrap().first();
+            assert_eq!(required::<pg_sys::Oid>(&row, 1, "owner").unwrap(), pg_sys::Oid::from(7));
+            let e = required::<String>(&row, 2, "column queue_name of source 3").unwrap_err();
+            assert!(matches!(e, SidecarError::Corrupt(_)), "{e:?}");
+            assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_DATA_CORRUPTED);
+            assert_eq!(e.to_string(), "column queue_name of source 3 is NULL");
+        });
+    }
 }

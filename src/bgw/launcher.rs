@@ -216,13 +216,11 @@ fn worker_role() -> Result<Option<pg_sys::Oid>, SidecarError> {
     let Some(name) = gucs::worker_role() else {
         return Ok(None);
     };
-    let cname = CString::new(name.as_str()).map_err(|_| SidecarError::Sql("bad worker_role".into()))?;
+    let cname = CString::new(name.as_str()).map_err(|_| SidecarError::NoWorkerRole(name.clone()))?;
     // SAFETY: syscache lookup on a shared catalog inside the caller's transaction
     let oid = unsafe { pg_sys::get_role_oid(cname.as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
-        return Err(SidecarError::Sql(format!(
-            "pg_embed_sidecar.worker_role \"{name}\" does not exist; no worker is started"
-        )));
+        return Err(SidecarError::NoWorkerRole(name));
     }
     Ok(Some(oid))
 }

@@ -26,6 +26,7 @@ use crate::error::SidecarError;
 use crate::gucs;
 use crate::inference::{self, InFlight};
 use crate::pg::authority::as_table_owner;
+use crate::pg::row::required;
 use crate::pg::xact::run_in_transaction;
 use settle::{Looked, Message, Settlement};
 
@@ -126,30 +127,33 @@ fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option
         &[id.into()],
     )?;
     let Some(row) = rows.into_iter().next() else {
-        let exists = client.select("SELECT 1 FROM embed_sidecar.sources WHERE id = $1", None, &[id.into()])?.is_empty();
-        return if !exists { Ok(None) } else { Err(SidecarError::Sql(format!("source {id} is no longer watched"))) };
+        // still there: locked by someone else, skipped this round
+        let exists =
+            !client.select("SELECT 1 FROM embed_sidecar.sources WHERE id = $1", None, &[id.into()])?.is_empty();
+        return if exists { Ok(None) } else { Err(SidecarError::Unwatched(id)) };
     };
-    let text = |i: usize| -> Result<String, SidecarError> { Ok(row.get::<String>(i)?.unwrap_or_default()) };
+    let column = |name: &str| format!("column {name} of source {id}");
+    let text = |i: usize, name: &str| required::<String>(&row, i, &column(name));
     Ok(Some(Source {
-        queue: text(1)?,
-        model: text(2)?,
-        model_id: text(3)?,
-        dims: row.get::<i32>(4)?.unwrap_or(0),
+        queue: text(1, "queue_name")?,
+        model: text(2, "model")?,
+        model_id: text(3, "model_id")?,
+        dims: required(&row, 4, &column("dims"))?,
         fts_config: row.get::<String>(5)?,
-        owner: row.get::<pg_sys::Oid>(6)?.unwrap_or(pg_sys::InvalidOid),
-        lookup_sql: text(7)?,
-        upsert_sql: text(8)?,
-        clear_sql: text(9)?,
-        bulk_queue: text(10)?,
-        bulk_paused: row.get::<bool>(11)?.unwrap_or(false),
-        shadow: row.get::<bool>(12)?.unwrap_or(false),
-        paused: row.get::<bool>(13)?.unwrap_or(false),
+        owner: required(&row, 6, &column("owner"))?,
+        lookup_sql: text(7, "lookup_sql")?,
+        upsert_sql: text(8, "upsert_sql")?,
+        clear_sql: text(9, "clear_sql")?,
+        bulk_queue: text(10, "bulk queue")?,
+        bulk_paused: required(&row, 11, &column("state"))?,
+        shadow: required(&row, 12, &column("role"))?,
+        paused: required(&row, 13, &column("state"))?,
         trim_sql: row.get::<String>(14)?,
         chunking: match (row.get::<i32>(15)?, row.get::<i32>(16)?) {
             (Some(t), Some(o)) => Some((t as usize, o as usize)),
             _ => None,
         },
-        index_pending: row.get::<bool>(17)?.unwrap_or(false),
+        index_pending: required(&row, 17, &column("index_pending"))?,
     }))
 }
 
@@ -161,10 +165,11 @@ fn read_messages(client: &mut SpiClient<'_>, queue: &str, limit: i32) -> Result<
     )?;
     let mut messages = Vec::new();
     for row in rows {
+        let what = format!("a message of queue {queue}");
         messages.push(Message {
-            id: row.get::<i64>(1)?.unwrap_or_default(),
-            read_ct: row.get::<i32>(2)?.unwrap_or_default(),
-            key: row.get::<String>(3)?.unwrap_or_default(),
+            id: required(&row, 1, &what)?,
+            read_ct: required(&row, 2, &what)?,
+            key: required(&row, 3, &what)?,
         });
     }
     Ok(messages)
@@ -186,11 +191,10 @@ fn lookup(client: &mut SpiClient<'_>, src: &Source, keys: Vec<String>) -> Result
         let mut known = Known::new();
         for row in rows {
             if let Some(hashes) = row.get::<Vec<String>>(7)? {
-                let key = row.get::<String>(1)?.unwrap_or_default();
-                known.insert(key, hashes.into_iter().collect());
+                known.insert(required(&row, 1, "a looked-up key")?, hashes.into_iter().collect());
             }
             looked.push(Looked {
-                key: row.get::<String>(1)?.unwrap_or_default(),
+                key: required(&row, 1, "a looked-up key")?,
                 blank: row.get::<bool>(2)?.unwrap_or(true),
                 unchanged: row.get::<bool>(3)?.unwrap_or(false),
                 content: row.get::<String>(4)?,
@@ -606,7 +610,7 @@ fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> 
         client.update("SELECT embed_sidecar._lock_source($1)", None, &[id.into()])?.first().get_one::<bool>()?;
     match locked {
         Some(true) => Ok(()),
-        _ => Err(SidecarError::Sql(format!("source {id} is no longer watched"))),
+        _ => Err(SidecarError::Unwatched(id)),
     }
 }
 

@@ -1,5 +1,6 @@
 //! PostgreSQL mechanics the rest builds on: whose rights a step runs with (`authority`) and
-//! transactions of our own in background workers (`xact`).
+//! transactions of our own in background workers (`xact`), rows of our own queries (`row`).
 
 pub mod authority;
+pub mod row;
 pub mod xact;

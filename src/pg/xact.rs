@@ -26,10 +26,15 @@ pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Res
         (f.0)()
     })
     .catch_others(|e| {
-        Err(SidecarError::Sql(match e {
-            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
-            CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-        }))
+        let r = match &e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
+            CaughtError::RustPanic { ereport, .. } => ereport,
+        };
+        Err(SidecarError::Caught {
+            code: r.sql_error_code(),
+            message: r.message().to_string(),
+            hint: r.hint().map(str::to_string),
+        })
     })
     .execute();
     // SAFETY: ends the transaction started above, whichever way `f` finished
