@@ -72,7 +72,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
     crate::pg::authority::limit_owner_code(OWNER_CODE_LIMIT_MS);
 
     let mut nap = Duration::ZERO;
-    let mut benched = HashMap::new();
+    let mut resting = HashMap::new();
     let mut carried = None;
     let mut idle_since = Instant::now();
     while BackgroundWorker::wait_latch(Some(nap)) {
@@ -82,10 +82,10 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         }
         // read before looking, so a CREATE EXTENSION committed meanwhile is not taken for absent
         let requested = roster::get(db.to_u32()).requested;
-        let result = round(&mut benched, &mut carried);
+        let result = round(&mut resting, &mut carried);
         if !matches!(result, Ok(Some(Round { full: true, .. }))) {
             // no round follows at once: what was embedded is written before any nap
-            flush(&mut carried, &mut benched);
+            flush(&mut carried, &mut resting);
         }
         if !matches!(result, Ok(Some(Round { worked: false, .. }))) {
             idle_since = Instant::now();
@@ -141,7 +141,7 @@ struct Round {
 /// A source whose pass fails (model missing, table broken, queue dropped) is logged, its error is
 /// stored in `status.last_error`, and it is skipped for `ERROR_NAP`; the other sources go on at
 /// their own pace.
-fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Result<Option<Round>, SidecarError> {
+fn round(resting: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Result<Option<Round>, SidecarError> {
     let sources = run_in_transaction(|| {
         Spi::connect(|client| {
             // to_regclass cannot raise, so a missing extension is not an error in the log
@@ -165,47 +165,47 @@ fn round(benched: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Re
     let mut full = false;
     let mut worked = false;
     let now = Instant::now();
-    benched.retain(|_, until| *until > now);
+    resting.retain(|_, until| *until > now);
     for id in sources {
         // a pending SIGTERM ends the worker here, between sources
         pg_sys::check_for_interrupts!();
-        if benched.contains_key(&id) {
+        if resting.contains_key(&id) {
             continue;
         }
         if !overlap || carried.as_ref().is_some_and(|r| r.source_id() == id && r.chunked()) {
-            flush(carried, benched);
+            flush(carried, resting);
         }
         report_activity(&format!("pg_embed_sidecar: draining source {id}"));
         match Pass::begin(id, batch, Mode::Worker) {
             Ok(Some(pass)) => {
                 full |= pass.more();
                 worked = true;
-                flush(carried, benched);
+                flush(carried, resting);
                 *carried = Some(pass.wait());
             }
             Ok(None) => {}
-            Err(e) => bench(benched, id, e),
+            Err(e) => rest_after_error(resting, id, e),
         }
     }
     Ok(Some(Round { full, worked }))
 }
 
 /// Write the carried pass, if any.
-fn flush(carried: &mut Option<Ready>, benched: &mut HashMap<i32, Instant>) {
+fn flush(carried: &mut Option<Ready>, resting: &mut HashMap<i32, Instant>) {
     let Some(ready) = carried.take() else { return };
     let id = ready.source_id();
     match ready.write(Mode::Worker) {
         Ok(stats) => {
             debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded)
         }
-        Err(e) => bench(benched, id, e),
+        Err(e) => rest_after_error(resting, id, e),
     }
 }
 
 /// Log a source's failed pass, show it in `status.last_error`, and leave the source alone a while.
-fn bench(benched: &mut HashMap<i32, Instant>, id: i32, e: SidecarError) {
+fn rest_after_error(resting: &mut HashMap<i32, Instant>, id: i32, e: SidecarError) {
     warning!("pg_embed_sidecar: source {id}: {e}");
-    benched.insert(id, Instant::now() + ERROR_NAP);
+    resting.insert(id, Instant::now() + ERROR_NAP);
     if let Err(e2) = run_in_transaction(|| record_error(id, &e)) {
         warning!("pg_embed_sidecar: source {id}: could not record the error: {e2}");
     }

@@ -73,12 +73,13 @@ pub extern "C-unwind" fn pg_embed_sidecar_launcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-struct Started {
+/// A drain worker this launcher started, and when.
+struct Launched {
     handle: DynamicBackgroundWorker,
     at: Instant,
 }
 
-impl Started {
+impl Launched {
     fn running(&self) -> bool {
         matches!(self.handle.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted))
     }
@@ -87,7 +88,7 @@ impl Started {
 #[derive(Default)]
 struct Launcher {
     /// The last worker started per database (running or not).
-    started: HashMap<u32, Started>,
+    launched: HashMap<u32, Launched>,
     /// Databases whose missing worker slot was already logged (once until a start succeeds).
     told_no_slot: HashSet<u32>,
 }
@@ -102,9 +103,9 @@ impl Launcher {
         let wanted: HashMap<u32, String> =
             databases.into_iter().filter(|(_, name)| allowed.is_empty() || allowed.contains(name)).collect();
         // a database that was dropped or left the allow-list: its worker stops
-        let gone: Vec<u32> = self.started.keys().filter(|db| !wanted.contains_key(db)).copied().collect();
+        let gone: Vec<u32> = self.launched.keys().filter(|db| !wanted.contains_key(db)).copied().collect();
         for db in gone {
-            if let Some(s) = self.started.remove(&db).filter(Started::running) {
+            if let Some(s) = self.launched.remove(&db).filter(Launched::running) {
                 s.handle.terminate();
             }
         }
@@ -118,14 +119,14 @@ impl Launcher {
             since => since,
         });
         for (db, name) in order {
-            if self.started.get(db).is_some_and(Started::running) {
+            if self.launched.get(db).is_some_and(Launched::running) {
                 continue;
             }
             let entry = roster::get(*db);
             if entry.held() || entry.worker_alive() {
                 continue;
             }
-            if let Some(last) = self.started.get(db) {
+            if let Some(last) = self.launched.get(db) {
                 let delay = if entry.known_absent() {
                     REPROBE
                 } else if entry.absent_at.is_some() {
@@ -141,7 +142,7 @@ impl Launcher {
             }
             match start_worker(*db, name, role) {
                 Some(handle) => {
-                    self.started.insert(*db, Started { handle, at: Instant::now() });
+                    self.launched.insert(*db, Launched { handle, at: Instant::now() });
                     self.told_no_slot.remove(db);
                     roster::set_no_slot(*db, false);
                 }
