@@ -4,7 +4,7 @@
 #      scripts generated from their hand-written change (scripts/upgrade_sql.py)
 #   1. inference core, plain cargo test (no Postgres)
 #   2. SQL functions inside a backend (#[pg_test], each rolled back) and the drain's decisions
-#      (src/settle.rs, plain #[test]): cargo pgrx test
+#      (src/drain/settle.rs, plain #[test]): cargo pgrx test
 #   3. pg_regress golden files (SQL API) and pg_isolation_regress specs (concurrency promises)
 #   4. integration suite against a running cluster with the worker preloaded (pytest)
 set -euo pipefail

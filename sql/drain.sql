@@ -1,6 +1,6 @@
--- The drain's SQL half (the pass itself is src/drain.rs). Queue and registry statements run as
+-- The drain's SQL half (the pass itself is src/drain/mod.rs). Queue and registry statements run as
 -- the worker (or process()'s definer); the statements below touch the source and sidecar rows and
--- run as the source table's owner inside a security-restricted operation (src/authority.rs), so
+-- run as the source table's owner inside a security-restricted operation (src/pg/authority.rs), so
 -- whatever that owner attached to either table (triggers, index expressions, CHECKs, domain
 -- checks, defaults, policies) runs with the owner's rights and nobody else's.
 

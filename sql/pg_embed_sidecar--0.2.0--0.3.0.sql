@@ -26,7 +26,7 @@ DROP FUNCTION embed_sidecar._row_filter(embed_sidecar.sources, text);
 ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config TYPE text USING fts_config::text,
     ADD COLUMN column_names jsonb NOT NULL DEFAULT '{}';
 
--- who is calling (src/authority.rs)
+-- who is calling (src/pg/authority.rs)
 CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
     STRICT VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'enter_wrapper';
 CREATE FUNCTION embed_sidecar."_leave"() RETURNS boolean
@@ -101,7 +101,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar._vector_schema() RETURNS name
              WHERE e.extname = 'vector');
 
 -- Whether the calling role (who called the public function, as PostgreSQL judges it: after SET
--- ROLE, and inside a SECURITY DEFINER function its owner; src/authority.rs) may act as the table's
+-- ROLE, and inside a SECURITY DEFINER function its owner; src/pg/authority.rs) may act as the table's
 -- owner. A table that no longer exists has no owner to act as.
 CREATE OR REPLACE FUNCTION embed_sidecar._check_owner(rel regclass) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -116,7 +116,7 @@ END
 $$;
 
 -- Internal management functions are callable by anyone (their public wrapper runs as the caller,
--- src/authority.rs), so each first checks that the calling role may execute the public function it
+-- src/pg/authority.rs), so each first checks that the calling role may execute the public function it
 -- stands for: granting EXECUTE on embed_sidecar.watch() is what lets a role watch its tables.
 CREATE OR REPLACE FUNCTION embed_sidecar._check_may(fn regprocedure) RETURNS boolean
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
@@ -457,7 +457,7 @@ BEGIN
 END
 $$;
 
--- The public watch(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public watch(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.watch(source regclass, content_column name DEFAULT NULL, sidecar_name name DEFAULT NULL, model text DEFAULT NULL, backfill boolean DEFAULT true, fts_config regconfig DEFAULT 'english', embedding text DEFAULT NULL, template text DEFAULT NULL, chunking boolean DEFAULT false, chunk_tokens int DEFAULT NULL, chunk_overlap int DEFAULT NULL, vector_type text DEFAULT 'vector') RETURNS regclass
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -480,7 +480,7 @@ DECLARE
 BEGIN
     FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding ORDER BY x.id LOOP
         -- First wait for a drain writing this source, and keep the next one out: its write locks
-        -- the registry row first (src/drain.rs), then the sidecar and source; in the other order
+        -- the registry row first (src/drain/mod.rs), then the sidecar and source; in the other order
         -- the two deadlock.
         PERFORM embed_sidecar._lock_source(s.id);
         -- a shadow or previous sidecar is the extension's own working copy: it goes
@@ -489,7 +489,7 @@ BEGIN
 END
 $$;
 
--- The public unwatch(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public unwatch(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -606,7 +606,7 @@ BEGIN
 END
 $$;
 
--- The public reembed(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public reembed(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.reembed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -654,7 +654,7 @@ BEGIN
 END
 $$;
 
--- The public set_model(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public set_model(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.set_model(source regclass, model text, embedding text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -681,7 +681,7 @@ BEGIN
 END
 $$;
 
--- The public rollback_model(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public rollback_model(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.rollback_model(source regclass, embedding text DEFAULT NULL) RETURNS regclass
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -706,7 +706,7 @@ BEGIN
 END
 $$;
 
--- The public drop_previous(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public drop_previous(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.drop_previous(source regclass, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -740,7 +740,7 @@ BEGIN
 END
 $$;
 
--- The public retry_failed(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public retry_failed(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.retry_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -768,7 +768,7 @@ BEGIN
 END
 $$;
 
--- The public discard_failed(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public discard_failed(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.discard_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -794,7 +794,7 @@ BEGIN
 END
 $$;
 
--- The public pause(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public pause(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -816,7 +816,7 @@ BEGIN
 END
 $$;
 
--- The public resume(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public resume(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.resume(source regclass, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -855,7 +855,7 @@ BEGIN
 END
 $$;
 
--- The public process(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public process(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.process(source regclass DEFAULT NULL, max_rows int DEFAULT 1000) RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -895,7 +895,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar.search(source regclass, query text, k i
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
-    entered boolean := embed_sidecar._enter();  -- who searches (src/authority.rs)
+    entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
     t record := embed_sidecar._search_target(source, embedding);
     q real[] := embed_sidecar._embed_query(t.model, t.model_id, query);
     n int := embed_sidecar._candidates(t.chunked, k);
@@ -926,7 +926,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search(
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
-    entered boolean := embed_sidecar._enter();  -- who searches (src/authority.rs)
+    entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
     t record := embed_sidecar._search_target(source, embedding);
     q real[];
     old text;
@@ -1219,7 +1219,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar.verify(source regclass, embedding text 
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
-    entered boolean := embed_sidecar._enter();  -- who verifies (src/authority.rs)
+    entered boolean := embed_sidecar._enter();  -- who verifies (src/pg/authority.rs)
     s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     key_join text := embed_sidecar._side_join(s, 'sc', 'src');
@@ -1291,7 +1291,7 @@ BEGIN
 END
 $$;
 
--- The public wait(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public wait(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE OR REPLACE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interval DEFAULT '60 seconds') RETURNS boolean
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$

@@ -42,5 +42,5 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(
     embed_sidecar.inference_service() TO PUBLIC;
 
 -- The install script's last step: once it commits, the launcher starts this database's drain
--- worker (when the library is preloaded; src/launcher.rs).
+-- worker (when the library is preloaded; src/bgw/launcher.rs).
 SELECT embed_sidecar._announce_extension();

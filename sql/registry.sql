@@ -1,6 +1,6 @@
 -- The registry: which tables are watched and how, the dead letters, and the small helpers that
 -- turn registry rows into quoted SQL fragments. Everything that acts on these lives in
--- triggers.sql (enqueue), manage.sql (watch & co.), drain.sql (the drain's statements) and
+-- triggers.sql (enqueue), watch.sql, switch.sql and operations.sql (watch & co.), drain.sql (the drain's statements) and
 -- status.sql (monitoring).
 --
 -- Dynamic SQL is built only with format('%I' / %L) or regclass/format_type output: nothing a
@@ -52,7 +52,7 @@ CREATE TABLE embed_sidecar.sources (
     bulk_started_at  timestamptz,
     -- chunked (watch(..., chunking => true)): the sidecar holds one vector per passage of at most
     -- chunk_tokens of the model's tokens, consecutive passages sharing up to chunk_overlap tokens
-    -- (src/chunking.rs); NULL: one vector per row
+    -- (src/drain/chunking.rs); NULL: one vector per row
     chunk_tokens     int CHECK (chunk_tokens > 0),
     chunk_overlap    int CHECK (chunk_overlap >= 0),
     -- pgvector type of the sidecar's vectors: halfvec stores 2 bytes per dimension instead of 4
@@ -241,7 +241,7 @@ END
 $$;
 
 -- Whether the calling role (who called the public function, as PostgreSQL judges it: after SET
--- ROLE, and inside a SECURITY DEFINER function its owner; src/authority.rs) may act as the table's
+-- ROLE, and inside a SECURITY DEFINER function its owner; src/pg/authority.rs) may act as the table's
 -- owner. A table that no longer exists has no owner to act as.
 CREATE FUNCTION embed_sidecar._check_owner(rel regclass) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -256,7 +256,7 @@ END
 $$;
 
 -- Internal management functions are callable by anyone (their public wrapper runs as the caller,
--- src/authority.rs), so each first checks that the calling role may execute the public function it
+-- src/pg/authority.rs), so each first checks that the calling role may execute the public function it
 -- stands for: granting EXECUTE on embed_sidecar.watch() is what lets a role watch its tables.
 CREATE FUNCTION embed_sidecar._check_may(fn regprocedure) RETURNS boolean
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp

@@ -55,7 +55,7 @@ CREATE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
-    entered boolean := embed_sidecar._enter();  -- who searches (src/authority.rs)
+    entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
     t record := embed_sidecar._search_target(source, embedding);
     q real[] := embed_sidecar._embed_query(t.model, t.model_id, query);
     n int := embed_sidecar._candidates(t.chunked, k);
@@ -92,7 +92,7 @@ CREATE FUNCTION embed_sidecar.hybrid_search(
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
-    entered boolean := embed_sidecar._enter();  -- who searches (src/authority.rs)
+    entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
     t record := embed_sidecar._search_target(source, embedding);
     q real[];
     old text;

@@ -59,7 +59,7 @@ CREATE FUNCTION embed_sidecar.verify(source regclass, embedding text DEFAULT NUL
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
-    entered boolean := embed_sidecar._enter();  -- who verifies (src/authority.rs)
+    entered boolean := embed_sidecar._enter();  -- who verifies (src/pg/authority.rs)
     s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
     content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
     key_join text := embed_sidecar._side_join(s, 'sc', 'src');
@@ -158,7 +158,7 @@ BEGIN
 END
 $$;
 
--- The public wait(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public wait(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE FUNCTION embed_sidecar.wait(source regclass DEFAULT NULL, timeout interval DEFAULT '60 seconds') RETURNS boolean
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$

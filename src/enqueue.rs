@@ -5,7 +5,7 @@
 //! The triggers run with the writer's rights (sql/triggers.sql) and cannot write pgmq's tables, so
 //! they hand their keys to `_enqueue`, which checks that the writer may write the table and only
 //! then sends the batch as the extension's owner. The backfill lists keys by reading the source as
-//! its owner (src/authority.rs) and sends them the same way, in chunks.
+//! its owner (src/pg/authority.rs) and sends them the same way, in chunks.
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;

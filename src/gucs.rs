@@ -61,7 +61,7 @@ static BULK_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// demo's 64k vectors: building it takes 14 s where inserting row by row costs ~0.75 ms a row.
 static BULK_INDEX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Worker heartbeat when queues are empty, in milliseconds. A commit that enqueues wakes the
-/// worker at once (src/wake.rs), so this only bounds how late other work is noticed (a retry's
+/// worker at once (src/roster/wake.rs), so this only bounds how late other work is noticed (a retry's
 /// back-off running out, a resumed source, a replaced model file).
 static IDLE_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Attempts before a message moves to the dead-letter table.
@@ -70,7 +70,7 @@ static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
 /// tokenizer holds ~170 bytes per byte of input while it works, so an unbounded text is an
 /// unbounded allocation (60 MB took a backend to 10 GB).
 static CHUNK_TEXT_MAX_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
-/// Who called the management or search function running now (src/authority.rs): set by
+/// Who called the management or search function running now (src/pg/authority.rs): set by
 /// `embed_sidecar._enter()` in each public function, scoped to it by the function's own SET clause.
 /// Anyone may set it, but only `_enter()` can give it a value `_calling_role()` accepts.
 static CALLER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);

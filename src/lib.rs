@@ -1,14 +1,15 @@
 //! pg_embed_sidecar: embeddings computed inside PostgreSQL, kept in step with their source rows.
 //!
-//! Reading order: `gucs` (settings) → `inference` (embedding: in this process over the pgrx-free
-//! `embed_core` crate, or through the instance's inference service) → `api` (SQL functions) → sql/registry.sql (what is watched) →
-//! sql/manage.sql (watch & co.) → sql/triggers.sql + `enqueue` (changed keys onto pgmq) →
-//! `drain` (queue → vectors, shared by `process()` and the worker; its decisions in `settle`,
-//! its SQL in sql/drain.sql, long texts cut into passages by `chunking`) → `authority` (whose
-//! rights each step runs with) → `xact` →
-//! `roster` (which worker serves which database) → `launcher` → `worker` → `wake` (commit →
-//! worker latch, CREATE EXTENSION → launcher) → `db_guard` (DROP DATABASE with a worker) →
-//! sql/status.sql → `error` (how failures reach the user).
+//! One text's way, in folder order: sql/triggers.sql + `enqueue` (a writer's changed keys onto
+//! the source's pgmq queue) → `drain/` (a pass: read the queue, look the rows up, embed, write the
+//! sidecar; its decisions in `drain/settle`, its SQL in sql/drain.sql, long texts cut by
+//! `drain/chunking`) → `inference/` (in this process, or through the ring to the instance's
+//! inference workers) → the sidecar. Around it: `bgw/` (the launcher and one drain worker per
+//! database), `roster/` (which worker serves which database, commit wake-ups, DROP DATABASE),
+//! `pg/` (whose rights each step runs with, the workers' transactions, reading our rows).
+//! One query's way: sql/search.sql → `api` (`_embed_query`) → `inference/`. What is watched and
+//! how: sql/registry.sql, sql/watch.sql, sql/switch.sql, sql/operations.sql, sql/status.sql.
+//! Settings in `gucs` (imports nothing of ours), failures in `error`.
 
 use pgrx::prelude::*;
 
@@ -37,8 +38,10 @@ pub extern "C-unwind" fn _PG_init() {
 // Hand-written SQL, in dependency order (each file says what it holds).
 extension_sql_file!("../sql/drain.sql", name = "drain_sql", requires = ["registry"]);
 extension_sql_file!("../sql/queues.sql", name = "queues", requires = ["registry"]);
-extension_sql_file!("../sql/manage.sql", name = "manage", requires = ["registry", "queues", "triggers", "drain_sql"]);
-extension_sql_file!("../sql/events.sql", name = "events", requires = ["manage"]);
+extension_sql_file!("../sql/watch.sql", name = "watch", requires = ["registry", "queues", "triggers", "drain_sql"]);
+extension_sql_file!("../sql/switch.sql", name = "switch", requires = ["watch"]);
+extension_sql_file!("../sql/operations.sql", name = "operations", requires = ["watch"]);
+extension_sql_file!("../sql/events.sql", name = "events", requires = ["watch", "switch"]);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -173,7 +173,7 @@ def test_table_lock_on_one_source_does_not_stall_the_drain_of_the_others(fresh, 
     a role with no privilege at all on a: CREATE RULE ... ON INSERT TO a DO ALSO SELECT * FROM m
     takes ACCESS EXCLUSIVE on a before PostgreSQL checks ownership, then waits, holding it, for the
     lock the same role holds on its own table m. The worker's pass for a reads it (the lookup,
-    src/drain.rs Pass::begin -> lookup) with no lock_timeout (WORKER_LOCK_TIMEOUT is only set for
+    src/drain/mod.rs Pass::begin -> lookup) with no lock_timeout (WORKER_LOCK_TIMEOUT is only set for
     the write), so it waits for the lock and no other table of the database is drained. Promised:
     another table's new row is still embedded within 20 s."""
     d = fresh("tlock")
@@ -293,7 +293,7 @@ def test_a_writers_korean_row_in_a_chunked_table_does_not_kill_the_drain_worker(
     offset range, and the chunker's boundary() (crates/embed_core/src/chunker.rs) slices
     text[offsets[i-1].1..offsets[i].0] with begin > end: a Rust panic. chunk_text() and verify()
     turn it into an ERROR, but the drain calls chunking::split outside any transaction or catch
-    (src/drain.rs Pass::begin), so the panic ends the database's drain worker (exit code 1); the
+    (src/drain/mod.rs Pass::begin), so the panic ends the database's drain worker (exit code 1); the
     message comes back after the visibility timeout and kills it again, until read 4 times; every
     such row does the same. Promised: the worker survives (same pid) and another table still drains."""
     d = fresh("hangul")
@@ -468,7 +468,7 @@ def test_failing_database_command_without_createdb_leaves_the_drain_running(comm
     """Promise 5 (a failing DROP DATABASE-like command by a role that may not run it does not stop
     the drain). Attack: the owner of a database, without CREATEDB, runs CREATE DATABASE ... TEMPLATE
     it, or ALTER DATABASE ... RENAME: both always fail (42501, CREATEDB is required), but the guard
-    (src/db_guard.rs) only asks 'superuser or owner', so it SIGTERMs the drain worker first; a loop
+    (src/roster/db_guard.rs) only asks 'superuser or owner', so it SIGTERMs the drain worker first; a loop
     of such commands keeps the drain down. Promised: the same worker pid throughout."""
     bob = role("dbowner")
     name = make_db(f"guard_{uid()[:4]}", owner=bob)
@@ -529,7 +529,7 @@ def plant_advisory_lock(dbname, alice, key):
 def test_planted_session_advisory_lock_is_not_left_in_the_worker(fresh):
     """Promise 1 (nothing her planted code does may be left behind in the worker). Attack: a trigger
     the owner puts on her sidecar calls pg_advisory_lock() (session level, allowed inside a
-    security-restricted operation, and not undone by the GUC rollback of src/authority.rs run_as).
+    security-restricted operation, and not undone by the GUC rollback of src/pg/authority.rs run_as).
     The drain worker keeps holding it after the pass, for as long as it lives: whatever else waits
     for that key (another role's application mutex, pgmq's queue lock of another table) waits for
     the worker. Promised: after the drain, the worker holds no advisory lock."""
@@ -776,7 +776,7 @@ def rls_table(dbname, owner, s, tenants, sidecar_name=None):
 @pytest.mark.parametrize("sidecar_name", ["src", "sc", None])
 def test_sidecar_policy_holds_whatever_the_sidecar_is_called(shared, sidecar_name):
     """Promise 3 (a reader sees no row the table hides). Attack: the sidecar is given the name
-    'src' (watch(..., sidecar_name => 'src')). _protect_sidecar (sql/manage.sql) writes its policy
+    'src' (watch(..., sidecar_name => 'src')). _protect_sidecar (sql/watch.sql) writes its policy
     as EXISTS (SELECT src FROM <source> src WHERE <sidecar name>.id = src.id): with the sidecar called
     src, the inner alias captures the outer reference, the condition becomes src.id = src.id, and a
     reader who can see any one row of the source sees every vector and lexeme of the sidecar, and

@@ -23,7 +23,7 @@ DROP FUNCTION embed_sidecar._row_filter(embed_sidecar.sources, text);
 ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config TYPE text USING fts_config::text,
     ADD COLUMN column_names jsonb NOT NULL DEFAULT '{}';
 
--- who is calling (src/authority.rs)
+-- who is calling (src/pg/authority.rs)
 CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
     STRICT VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'enter_wrapper';
 CREATE FUNCTION embed_sidecar."_leave"() RETURNS boolean

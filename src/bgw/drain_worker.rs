@@ -1,6 +1,6 @@
 //! A drain worker: one per database that has the extension, started by the launcher
-//! (src/launcher.rs) as a dynamic background worker. It drains every active source in turn,
-//! back-to-back while there is work, on its latch (set when a commit enqueues, src/wake.rs) or a
+//! (src/bgw/launcher.rs) as a dynamic background worker. It drains every active source in turn,
+//! back-to-back while there is work, on its latch (set when a commit enqueues, src/roster/wake.rs) or a
 //! slow heartbeat when idle. It exits when its database no longer has the extension.
 
 use std::collections::HashMap;

@@ -1,13 +1,13 @@
 //! The launcher: one background worker per instance (registered when the library is preloaded)
-//! that starts a drain worker (src/worker.rs) for every database that has the extension, as
+//! that starts a drain worker (src/bgw/drain_worker.rs) for every database that has the extension, as
 //! dynamic background workers. Nothing to configure and nothing to restart when a database is
-//! added: `CREATE EXTENSION` asks for a worker when it commits (src/wake.rs), a new database is
+//! added: `CREATE EXTENSION` asks for a worker when it commits (src/roster/wake.rs), a new database is
 //! looked at on the next heartbeat, `DROP EXTENSION` makes the worker exit, and `DROP DATABASE`
-//! stops it first (src/db_guard.rs). `pg_embed_sidecar.databases`, if set, limits the databases.
+//! stops it first (src/roster/db_guard.rs). `pg_embed_sidecar.databases`, if set, limits the databases.
 //!
 //! The launcher connects to no database: it reads `pg_database` (a shared catalog) directly, and
 //! a worker decides for itself whether its database has the extension, recording the answer in
-//! the roster (src/roster.rs) so the launcher does not ask again until something changes.
+//! the roster (src/roster/mod.rs) so the launcher does not ask again until something changes.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};

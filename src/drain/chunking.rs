@@ -2,7 +2,7 @@
 //! model's own tokenizer (`embed_core::Chunker`) and each passage gets a vector of its own in the
 //! sidecar, keyed (source key, chunk number) with its character offsets and its hash.
 //!
-//! The drain (src/drain.rs) calls `split` between the lookup and the inference: a changed row is
+//! The drain (src/drain/mod.rs) calls `split` between the lookup and the inference: a changed row is
 //! chunked again, and only passages whose hash the row does not already have a vector for (with
 //! the current model) are embedded; the write copies the others' vectors over (sql/drain.sql).
 //! The tokenizer is loaded in this process even when the inference service embeds: it is small,

@@ -11,7 +11,7 @@
 //! by row) → settle every message (`settle::settle`) and apply that to the queue, the dead-letter
 //! table and the registry's counters (as the worker). The worker begins its next pass (read, look
 //! up, hand the texts to the inference service) before it writes the previous one, so its SQL runs
-//! while the service embeds (`Pass` → `Ready`, src/worker.rs).
+//! while the service embeds (`Pass` → `Ready`, src/bgw/drain_worker.rs).
 
 pub mod chunking;
 pub mod settle;
@@ -348,7 +348,7 @@ pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarE
 
 /// A pass whose messages are read and whose changed rows are on their way through the model.
 /// Through the inference service they are embedded by another process, so the worker can write
-/// its previous pass meanwhile (src/worker.rs): SQL and inference overlap.
+/// its previous pass meanwhile (src/bgw/drain_worker.rs): SQL and inference overlap.
 pub struct Pass {
     id: i32,
     src: Source,
@@ -433,11 +433,11 @@ impl Pass {
                 // (a pass read but not yet written keeps its messages in the queue, invisible: both
                 // checks below count them, so neither runs ahead of a pass still in flight)
                 if src.index_pending && bulk.is_empty() {
-                    // the backfill is done: its index, built once (sql/manage.sql)
+                    // the backfill is done: its index, built once (sql/watch.sql)
                     client.update("SELECT embed_sidecar._build_index_if_ready($1)", None, &[id.into()])?;
                 }
                 if src.shadow && live.is_empty() && bulk.is_empty() {
-                    // a complete shadow sidecar takes over (sql/manage.sql, set_model)
+                    // a complete shadow sidecar takes over (sql/switch.sql, set_model)
                     client.update("SELECT embed_sidecar._promote_if_ready($1)", None, &[id.into()])?;
                 }
                 Ok(Some((src, live, bulk, looked, known, more, overdue)))
@@ -604,7 +604,7 @@ fn assemble_passages(
 }
 
 /// Serialise writers of one source until the end of the transaction: its registry row's lock
-/// (sql/manage.sql, `_lock_source`), which only the extension's own functions can take.
+/// (sql/watch.sql, `_lock_source`), which only the extension's own functions can take.
 fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> {
     let locked =
         client.update("SELECT embed_sidecar._lock_source($1)", None, &[id.into()])?.first().get_one::<bool>()?;

@@ -35,7 +35,7 @@ pub struct Entry {
     pub absent_at: Option<u32>,
     /// Since when (`GetCurrentTimestamp`) the launcher has found no free background worker slot
     /// for this database; 0 when it is not waiting for one. Idle workers of other databases give
-    /// theirs up while any database waits (src/worker.rs).
+    /// theirs up while any database waits (src/bgw/drain_worker.rs).
     pub waiting_since: i64,
     /// Since when (`GetCurrentTimestamp`) a command that needs the database to itself has held
     /// workers off; 0 when none does.
@@ -160,7 +160,7 @@ pub fn claim_worker() -> bool {
     e.pid = pid;
     e.procno = procno;
     e.waiting_since = 0;
-    // a crash from now on is a crash, not "the extension was created since" (src/launcher.rs)
+    // a crash from now on is a crash, not "the extension was created since" (src/bgw/launcher.rs)
     e.absent_at = None;
     true
 }
@@ -238,7 +238,7 @@ pub fn forget_unless(keep: impl Fn(u32) -> bool) {
     }
 }
 
-// ---- commands that need a database to themselves (src/db_guard.rs) ----
+// ---- commands that need a database to themselves (src/roster/db_guard.rs) ----
 
 /// Hold workers off `db` and return the pid of the one running there, if any.
 pub fn hold(db: u32) -> Option<i32> {

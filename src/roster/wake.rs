@@ -1,7 +1,7 @@
 //! Wake on commit. A transaction that put keys on a queue sets the latch of its database's drain
 //! worker when it commits, so the worker starts at once instead of at its next heartbeat
 //! (`pg_embed_sidecar.idle_naptime`); a transaction that created the extension asks the launcher
-//! for a worker when it commits. Both go through the roster (src/roster.rs); without preloading
+//! for a worker when it commits. Both go through the roster (src/roster/mod.rs); without preloading
 //! there is none, and all of this is skipped.
 //!
 //! On commit, not at once: a worker woken before the commit would find nothing visible yet.

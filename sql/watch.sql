@@ -1,10 +1,13 @@
--- Managing watched tables: watch/unwatch, re-embedding, model changes, dead-letter replay,
--- pause/resume and process(). Each public function is a SECURITY INVOKER wrapper that records its
--- caller (embed_sidecar._enter, src/authority.rs) and calls its body, embed_sidecar._do_<name>,
--- which is SECURITY DEFINER (it writes the registry and pgmq's schema) and checks first that the
--- caller may execute the public function and act as the table's owner (_check_may, _check_owner).
--- They never read or write the source or sidecar rows themselves: that is the drain's and the
--- backfill's job, done as the table's owner (src/authority.rs).
+-- The life of an embedding: watch() makes it (sidecar, registry row, queues, triggers, backfill),
+-- DDL on its table keeps it in step (_reconcile_columns, _follow_owner, called by events.sql), and
+-- unwatch() or DROP TABLE removes it (_forget). Model changes are in switch.sql, day-to-day
+-- operations in operations.sql.
+-- Each public function is a SECURITY INVOKER wrapper that records its caller
+-- (embed_sidecar._enter, src/pg/authority.rs) and calls its body, embed_sidecar._do_<name>, which
+-- is SECURITY DEFINER (it writes the registry and pgmq's schema) and checks first that the caller
+-- may execute the public function and act as the table's owner (_check_may, _check_owner). They
+-- never read or write the source or sidecar rows themselves: that is the drain's and the
+-- backfill's job, done as the table's owner (src/pg/authority.rs).
 
 -- The statement triggers of one embedding (see triggers.sql), named by its registry id. With
 -- only_stale, only those that exist with other arguments are made again (after a restore into a
@@ -314,7 +317,7 @@ BEGIN
 END
 $$;
 
--- The public watch(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public watch(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE FUNCTION embed_sidecar.watch(source regclass, content_column name DEFAULT NULL, sidecar_name name DEFAULT NULL, model text DEFAULT NULL, backfill boolean DEFAULT true, fts_config regconfig DEFAULT 'english', embedding text DEFAULT NULL, template text DEFAULT NULL, chunking boolean DEFAULT false, chunk_tokens int DEFAULT NULL, chunk_overlap int DEFAULT NULL, vector_type text DEFAULT 'vector') RETURNS regclass
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -337,7 +340,7 @@ DECLARE
 BEGIN
     FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding ORDER BY x.id LOOP
         -- First wait for a drain writing this source, and keep the next one out: its write locks
-        -- the registry row first (src/drain.rs), then the sidecar and source; in the other order
+        -- the registry row first (src/drain/mod.rs), then the sidecar and source; in the other order
         -- the two deadlock.
         PERFORM embed_sidecar._lock_source(s.id);
         -- a shadow or previous sidecar is the extension's own working copy: it goes
@@ -346,7 +349,7 @@ BEGIN
 END
 $$;
 
--- The public unwatch(): records who calls (src/authority.rs, "who is calling"), then the body.
+-- The public unwatch(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
 CREATE FUNCTION embed_sidecar.unwatch(source regclass, drop_sidecar boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
@@ -443,320 +446,5 @@ BEGIN
         -- CASCADE: a view a reader made over the sidecar must not keep its owner from dropping it
         EXECUTE format('DROP TABLE %s CASCADE', s.sidecar);
     END IF;
-END
-$$;
-
--- Re-embed rows whose stored model or content hash is not current. Reloads the model identity
--- first, so a replaced model file (new hash) is noticed. Returns the number of keys enqueued.
-CREATE FUNCTION embed_sidecar._do_reembed(source regclass, embedding text) RETURNS bigint
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.reembed() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.reembed(regclass, text)');
-    s embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
-BEGIN
-    PERFORM embed_sidecar._reconcile_columns(s.id);
-    UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
-     WHERE id = s.id RETURNING * INTO s;
-    RETURN embed_sidecar._backfill(s.id, true);
-END
-$$;
-
--- The public reembed(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.reembed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    RETURN embed_sidecar._do_reembed(source, embedding);
-END
-$$;
-
--- Switch an embedding to another model, of any dimension, with no gap: a shadow sidecar is built
--- in the bulk lane (live edits reach it through its own triggers) while searches keep using the
--- current one with its own model; when the shadow's queues are empty it takes over in one
--- transaction (_promote_if_ready, run by the drain) and the replaced one is kept, in step, for
--- rollback_model() until drop_previous(). A switch in progress, and the previous one, make way for
--- this one. Returns the number of rows the shadow has to embed.
-CREATE FUNCTION embed_sidecar._do_set_model(source regclass, model text, embedding text) RETURNS bigint
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.set_model() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.set_model(regclass, text, text)');
-    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
-    old embed_sidecar.sources;
-    shadow embed_sidecar.sources;
-    chunk int[];
-BEGIN
-    IF model IS NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: model must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    FOR old IN SELECT * FROM embed_sidecar.sources x
-                WHERE x.source = cur.source AND x.embedding = cur.embedding AND x.role <> 'current' LOOP
-        PERFORM embed_sidecar._lock_source(old.id);  -- as in unwatch()
-        PERFORM embed_sidecar._forget(old, true);
-    END LOOP;
-    -- a chunked embedding stays chunked, its passages cut to the new model's window if smaller
-    chunk := CASE WHEN cur.chunk_tokens IS NOT NULL
-                  THEN embed_sidecar._chunking(model, cur.chunk_tokens, cur.chunk_overlap, true) END;
-    shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
-                                              cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2],
-                                              cur.vector_type);
-    UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
-    -- nothing to embed (an empty table): it takes over now
-    PERFORM embed_sidecar._promote_if_ready(shadow.id);
-    RETURN (SELECT x.bulk_total FROM embed_sidecar.sources x WHERE x.id = shadow.id);
-END
-$$;
-
--- The public set_model(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.set_model(source regclass, model text, embedding text DEFAULT NULL) RETURNS bigint
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    RETURN embed_sidecar._do_set_model(source, model, embedding);
-END
-$$;
-
--- Swap a complete shadow in (called by the drain when a pass finds its lanes empty, and by
--- set_model): in one statement the current embedding becomes 'previous' and the shadow 'current'.
--- Not while rows are dead-lettered: those would have no vector (status shows them; retry_failed()).
-CREATE FUNCTION embed_sidecar._promote_if_ready(source_id int) RETURNS boolean
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    s embed_sidecar.sources;
-    p embed_sidecar.sources;
-BEGIN
-    SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id AND role = 'shadow' FOR UPDATE;
-    IF NOT FOUND OR s.index_pending
-       OR EXISTS (SELECT 1 FROM embed_sidecar.failures f WHERE f.source_id = s.id)
-       OR (SELECT queue_length FROM pgmq.metrics(s.queue_name)) > 0
-       OR (SELECT queue_length FROM pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name))) > 0 THEN
-        RETURN false;
-    END IF;
-    -- a rollback during the build left a previous one: the new switch replaces it
-    FOR p IN SELECT * FROM embed_sidecar.sources x WHERE x.source = s.source AND x.embedding = s.embedding AND x.role = 'previous' LOOP
-        PERFORM embed_sidecar._forget(p, true);
-    END LOOP;
-    UPDATE embed_sidecar.sources SET role = CASE role WHEN 'shadow' THEN 'current' ELSE 'previous' END
-     WHERE source = s.source AND embedding = s.embedding AND role IN ('shadow', 'current');
-    RAISE LOG 'pg_embed_sidecar: % of % now uses model %', quote_literal(s.embedding), s.source, s.model_id;
-    RETURN true;
-END
-$$;
-
--- Undo the last switch: the previous embedding becomes current again and the current one previous
--- (both were kept in step, so either way round is complete). Returns the sidecar now in use.
-CREATE FUNCTION embed_sidecar._do_rollback_model(source regclass, embedding text) RETURNS regclass
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.rollback_model() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.rollback_model(regclass, text)');
-    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
-    prev embed_sidecar.sources := embed_sidecar._source(source, cur.embedding, 'previous');
-BEGIN
-    UPDATE embed_sidecar.sources SET role = CASE role WHEN 'previous' THEN 'current' ELSE 'previous' END
-     WHERE id IN (cur.id, prev.id);
-    RETURN prev.sidecar;
-END
-$$;
-
--- The public rollback_model(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.rollback_model(source regclass, embedding text DEFAULT NULL) RETURNS regclass
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    RETURN embed_sidecar._do_rollback_model(source, embedding);
-END
-$$;
-
--- Drop what the last switch replaced (its sidecar, queues and triggers): no more rollback.
-CREATE FUNCTION embed_sidecar._do_drop_previous(source regclass, embedding text) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.drop_previous() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.drop_previous(regclass, text)');
-    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
-    prev embed_sidecar.sources := embed_sidecar._source(source, cur.embedding, 'previous');
-BEGIN
-    PERFORM embed_sidecar._lock_source(prev.id);  -- as in unwatch()
-    PERFORM embed_sidecar._forget(prev, true);
-END
-$$;
-
--- The public drop_previous(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.drop_previous(source regclass, embedding text DEFAULT NULL) RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    PERFORM embed_sidecar._do_drop_previous(source, embedding);
-END
-$$;
-
--- Put dead-lettered rows of an embedding (all its versions) back on their queues. Returns how many.
-CREATE FUNCTION embed_sidecar._do_retry_failed(source regclass, embedding text) RETURNS bigint
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.retry_failed() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.retry_failed(regclass, text)');
-    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
-    s embed_sidecar.sources;
-    keys jsonb[];
-    total bigint := 0;
-BEGIN
-    FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding LOOP
-        WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
-        SELECT array_agg(key) INTO keys FROM d;
-        IF keys IS NOT NULL THEN
-            PERFORM pgmq.send_batch(s.queue_name, keys);
-            total := total + cardinality(keys);
-        END IF;
-    END LOOP;
-    RETURN total;
-END
-$$;
-
--- The public retry_failed(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.retry_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    RETURN embed_sidecar._do_retry_failed(source, embedding);
-END
-$$;
-
--- Delete the dead letters of an embedding (all its versions) without replaying them: rows known
--- to be bad, left without a vector, which then no longer hold up a model switch. Returns how many.
-CREATE FUNCTION embed_sidecar._do_discard_failed(source regclass, embedding text) RETURNS bigint
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.discard_failed() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.discard_failed(regclass, text)');
-    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
-    n bigint;
-BEGIN
-    DELETE FROM embed_sidecar.failures f USING embed_sidecar.sources x
-     WHERE f.source_id = x.id AND x.source = cur.source AND x.embedding = cur.embedding;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$$;
-
--- The public discard_failed(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.discard_failed(source regclass, embedding text DEFAULT NULL) RETURNS bigint
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    RETURN embed_sidecar._do_discard_failed(source, embedding);
-END
-$$;
-
--- Paused sources keep enqueueing; only draining stops. bulk_only pauses just the bulk lane
--- (backfill, reembed, set_model): writers' changes keep being embedded, the backfill resumes where
--- it stopped. Applies to every version of the embedding (current, shadow, previous).
-CREATE FUNCTION embed_sidecar._do_pause(source regclass, bulk_only boolean, embedding text) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.pause() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.pause(regclass, boolean, text)');
-    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
-BEGIN
-    UPDATE embed_sidecar.sources SET state = CASE WHEN bulk_only THEN 'bulk_paused' ELSE 'paused' END
-     WHERE sources.source = cur.source AND sources.embedding = cur.embedding;
-END
-$$;
-
--- The public pause(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.pause(source regclass, bulk_only boolean DEFAULT false, embedding text DEFAULT NULL) RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    PERFORM embed_sidecar._do_pause(source, bulk_only, embedding);
-END
-$$;
-
-CREATE FUNCTION embed_sidecar._do_resume(source regclass, embedding text) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.resume() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.resume(regclass, text)');
-    cur embed_sidecar.sources := embed_sidecar._owned_source(source, embedding);
-BEGIN
-    UPDATE embed_sidecar.sources SET state = 'active' WHERE sources.source = cur.source AND sources.embedding = cur.embedding;
-END
-$$;
-
--- The public resume(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.resume(source regclass, embedding text DEFAULT NULL) RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    PERFORM embed_sidecar._do_resume(source, embedding);
-END
-$$;
-
--- Raise 'not watched' unless the table has an embedding (for functions that act on all of them).
-CREATE FUNCTION embed_sidecar._check_watched(rel regclass) RETURNS void
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = rel) THEN
-        PERFORM embed_sidecar._source(rel);
-    END IF;
-END
-$$;
-
--- Drain queued changes in this session (no worker needed): the same code path the worker runs.
--- Returns the number of queue messages handled.
-CREATE FUNCTION embed_sidecar._do_process(source regclass, max_rows int) RETURNS bigint
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    -- called by embed_sidecar.process() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.process(regclass, int)');
-    s embed_sidecar.sources;
-    done bigint := 0;
-BEGIN
-    IF max_rows IS NULL OR max_rows < 1 THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: max_rows must be positive' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF source IS NOT NULL THEN
-        PERFORM embed_sidecar._check_watched(source);
-    END IF;
-    FOR s IN SELECT * FROM embed_sidecar.sources x
-              WHERE (_do_process.source IS NULL OR x.source = _do_process.source) ORDER BY x.id LOOP
-        CONTINUE WHEN _do_process.source IS NULL
-                  AND NOT pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = s.source), 'USAGE');
-        PERFORM embed_sidecar._check_owner(s.source);
-        done := done + embed_sidecar._process(s.id, max_rows - done::int);
-        EXIT WHEN done >= max_rows;
-    END LOOP;
-    RETURN done;
-END
-$$;
-
--- The public process(): records who calls (src/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.process(source regclass DEFAULT NULL, max_rows int DEFAULT 1000) RETURNS bigint
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
-AS $$
-BEGIN
-    PERFORM embed_sidecar._enter();
-    RETURN embed_sidecar._do_process(source, max_rows);
 END
 $$;
