@@ -11,7 +11,7 @@ ORT_VERSION=1.32.0
 # Everything the server loads lives outside /root (mode 700): the postgres user must read it.
 VENV=/opt/pg_embed_sidecar/venv
 ORT_LIB=$PG_PKGLIBDIR/pg_embed_sidecar/libonnxruntime.so
-# Debian package lists the demo loads (scripts/load_debian.py), copied there by setup.sh
+# Debian package lists the demo loads (scripts/demo/load_debian.py), copied there by setup.sh
 CORPUS_DIR=/opt/pg_embed_sidecar/corpus
 MODEL_ROOT=$PG_SHAREDIR/extension/pg_embed_sidecar/models
 export PGHOST=${PGHOST:-/tmp} PGPORT=${PGPORT:-5433} PGUSER=${PGUSER:-postgres}

@@ -7,7 +7,7 @@
 -- user types is spliced into SQL.
 
 -- A plain sequence rather than an identity column: pg_dump only carries a sequence's position
--- for extension members marked with pg_extension_config_dump (issue 8: a restored registry
+-- for extension members marked with pg_extension_config_dump (a restored registry
 -- otherwise hands out ids that already exist).
 CREATE SEQUENCE embed_sidecar.sources_id_seq AS int;
 

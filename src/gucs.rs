@@ -19,7 +19,7 @@ static INTRA_THREADS: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// Most texts in one inference call.
 static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// Most padded tokens in one inference call; bounds activation memory. 2048 measured fastest on
-/// this machine for short and long texts alike (benches: scripts/bench.sh; issue 4 note).
+/// this machine for short and long texts alike (benches: scripts/bench/all.sh; README, Performance).
 static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 
 /// `shared`: when preloaded, sessions and drains embed through the inference workers

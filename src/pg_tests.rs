@@ -145,7 +145,7 @@ mod tests {
         Spi::run("SET LOCAL ROLE pes_plain_user").unwrap();
         let e = error_of("SET pg_embed_sidecar.onnxruntime_library = '/tmp/evil.so'");
         assert!(e.starts_with("42501"), "{e}");
-        // nor threads and batch sizes: CPU and memory levers (issue 8)
+        // nor threads and batch sizes: CPU and memory levers
         for set in [
             "SET pg_embed_sidecar.intra_threads = 64",
             "SET pg_embed_sidecar.max_batch_tokens = 1048576",

@@ -1,4 +1,4 @@
-"""Issue 8: owning a watched table gives no more power than owning a table.
+"""Owning a watched table gives no more power than owning a table.
 
 Each attack plants code on a watched table owned by an ordinary role (pes_alice), then lets the
 drain run — through the background worker and through process() — and checks that the code ran
@@ -163,7 +163,7 @@ def test_owner_checks_follow_set_role(db, make_role):
 
 
 def test_quoted_role_names(db, make_role):
-    """Owners and grantees whose names need quotes (issue 8: they were quoted twice)."""
+    """Owners and grantees whose names need quotes (they were quoted twice)."""
     make_role("Alice")
     make_role("app-user")
     alice = connect_as("Alice", db.schema)

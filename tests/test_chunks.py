@@ -1,4 +1,4 @@
-"""Issue 12: chunked sidecars. A long row is cut into passages by the model's tokenizer, each with
+"""Chunked sidecars. A long row is cut into passages by the model's tokenizer, each with
 its own vector, offsets and hash; an edit re-embeds only passages whose text changed; search ranks
 rows by their best passage and says which one. The invariant is checked from the rows themselves
 (conftest.assert_chunks_in_step), not from the extension's own verify()."""

@@ -1,6 +1,6 @@
 """The main job's load path on a small sample: the Debian corpus that scripts/setup.sh installs,
-loaded by scripts/load_debian.py, watched, embedded and searched. A missing install step (issue 8:
-the corpus deleted by a later apt-get update) fails here, not first in front of a user."""
+loaded by scripts/demo/load_debian.py, watched, embedded and searched. A missing install step (the
+corpus deleted by a later apt-get update) fails here, not first in front of a user."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load(schema, rows):
     dsn = f"host={DSN['host']} port={DSN['port']} user=postgres dbname={DSN['dbname']} options=-csearch_path={schema}"
-    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts/load_debian.py"), "--rows", str(rows), "--dsn", dsn],
+    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts/demo/load_debian.py"), "--rows", str(rows), "--dsn", dsn],
                          check=True, capture_output=True, text=True).stdout
     return out.strip()
 

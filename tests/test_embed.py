@@ -1,4 +1,4 @@
-"""Issue 2: in-process embed_text/embed_texts against an independent reference, and error paths
+"""In-process embed_text/embed_texts against an independent reference, and error paths
 that need a fresh backend (ONNX Runtime is loaded once per process)."""
 import numpy as np
 import pytest

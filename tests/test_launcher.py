@@ -1,4 +1,4 @@
-"""Issue 10, the launcher: one per instance; CREATE EXTENSION in any database starts a drain worker
+"""The launcher: one per instance; CREATE EXTENSION in any database starts a drain worker
 there within seconds (no configuration, no restart), DROP EXTENSION and DROP DATABASE stop it,
 a worker or launcher that dies comes back without duplicates, a database can opt out, and a full
 max_worker_processes is reported in the log and in status."""

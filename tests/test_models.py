@@ -1,4 +1,4 @@
-"""Issue 11: a second model from the registries (paraphrase-MiniLM-L3-v2, the graph's own pooled
+"""A second model from the registries (paraphrase-MiniLM-L3-v2, the graph's own pooled
 output), the manifest's choice of output and pooling, and embed_sidecar.models."""
 import json
 import os

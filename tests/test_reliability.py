@@ -1,4 +1,4 @@
-"""Issue 5: crashes, concurrent writers, hostile input, privileges, resource bounds, upgrades.
+"""Crashes, concurrent writers, hostile input, privileges, resource bounds, upgrades.
 
 Short variants run by default; PES_LONG=1 runs the long ones (60 s of writers, 20k rows,
 100k embed_text calls)."""
@@ -441,7 +441,7 @@ def test_upgrade_from_0_1_0_through_0_2_0():
 
 def test_failing_source_is_isolated_and_its_error_shown(db, model_copy):
     """A source whose model is missing does not hold up the others, and its error is in
-    status.last_error (issue 8: the worker napped 5 s and the error never reached status)."""
+    status.last_error (the worker napped 5 s and the error never reached status)."""
     alt = model_copy("isolation-test")
     db.execute("CREATE TABLE broken (id int PRIMARY KEY, body text)")
     db.execute("CREATE TABLE healthy (id int PRIMARY KEY, body text)")
@@ -462,7 +462,7 @@ def test_failing_source_is_isolated_and_its_error_shown(db, model_copy):
 
 def test_dump_and_restore_keep_watching(db):
     """pg_dump -Fc / pg_restore into a new database: registry, its sequence, dead letters, queues
-    with pending messages and triggers all come along (issue 8: the next watch() failed), also
+    with pending messages and triggers all come along (the next watch() failed), also
     when the restored table numbers its columns anew (a column dropped before the content) and its
     content column was renamed after watch(): it is followed by name, never the next one."""
     src_db, dst_db = "pes_dump_src", "pes_dump_dst"

@@ -1,4 +1,4 @@
-"""Issue 4: semantic and hybrid search on a small fixture."""
+"""Semantic and hybrid search on a small fixture."""
 
 from conftest import error_of, one, wait
 
@@ -102,7 +102,7 @@ def test_search_uses_the_indexes_and_embeds_once(db):
 
 
 def test_hybrid_vector_ranks_follow_distance(db):
-    """vector_rank is the rank by distance, exactly as search() orders the rows (issue 8: it came
+    """vector_rank is the rank by distance, exactly as search() orders the rows (it came
     from row_number() OVER () and only followed the subquery's order by accident of the plan)."""
     fixture(db)
     for query in ("chess engine", "terminal programs", "sound"):
@@ -115,7 +115,7 @@ def test_hybrid_vector_ranks_follow_distance(db):
 
 
 def test_halfvec_storage_halves_the_vectors_and_finds_the_same_rows(db):
-    """watch(..., vector_type => 'halfvec') (issue 13): the same vectors to half precision in half
+    """watch(..., vector_type => 'halfvec'): the same vectors to half precision in half
     the bytes, a halfvec HNSW index, the same search results; chunked sidecars take it too."""
     from conftest import assert_chunks_in_step, assert_in_step, error_of, watch
     fixture(db)

@@ -1,4 +1,4 @@
-"""Issue 9, the inference service: with the library preloaded, sessions and drains embed through
+"""The inference service: with the library preloaded, sessions and drains embed through
 the instance's inference worker (one model copy, cross-session batches) instead of loading the
 model themselves. Results equal the local path's; a session's memory barely grows; many sessions
 at once, a cancel while waiting and an inference worker dying while sessions wait all end well."""

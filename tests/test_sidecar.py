@@ -1,4 +1,4 @@
-"""Issue 3: the sidecar engine end to end, with the background worker really running."""
+"""The sidecar engine end to end, with the background worker really running."""
 import json
 import os
 import signal
@@ -159,7 +159,7 @@ def test_poison_row_is_isolated_dead_lettered_and_replayable(db):
     st = db.execute("SELECT failed, pending, dead_lettered FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone()
     assert st == (1, 0, 1)
     assert one(db, "SELECT missing FROM embed_sidecar.verify('docs')") == 1
-    # a dead letter settles the row: wait() does not hang on it (issue 8)
+    # a dead letter settles the row: wait() does not hang on it
     assert one(db, "SELECT embed_sidecar.wait('docs', '5 s')") is True
     # the cause goes away; the dead letter is replayed
     db.execute("RESET pg_embed_sidecar.test_fail_marker")
@@ -249,7 +249,7 @@ def test_consistency_after_concurrent_process_and_worker(db):
 @pytest.mark.parametrize("changed", ["model.onnx", "tokenizer.json"])
 def test_model_file_replaced_in_place_is_noticed(db, changed, model_copy):
     """A changed file under the same model name is a new model: vectors are re-embedded. The
-    identity covers the tokenizer too (issue 8: replacing it used to re-embed nothing)."""
+    identity covers the tokenizer too (replacing it used to re-embed nothing)."""
     alt = model_copy("swap-test")
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     db.execute("INSERT INTO docs SELECT i, 'swap ' || i FROM generate_series(1, 30) i")
@@ -277,7 +277,7 @@ def test_model_file_replaced_in_place_is_noticed(db, changed, model_copy):
 
 def test_commit_wakes_the_worker(db):
     """With a 60 s heartbeat the worker still embeds committed rows at once: a commit that
-    enqueued sets the worker's latch (issue 10's wake on commit)."""
+    enqueued sets the worker's latch (the wake on commit)."""
     with connect(dbname="postgres") as c:
         c.execute("ALTER SYSTEM SET pg_embed_sidecar.idle_naptime = '60s'")
         c.execute("SELECT pg_reload_conf()")
@@ -298,7 +298,7 @@ def test_commit_wakes_the_worker(db):
 
 def test_writers_changes_go_before_the_backfill(db):
     """Two lanes: a row a writer inserts while a backfill runs is embedded before the backfill
-    is through (issue 10), and status shows the backfill's progress."""
+    is through, and status shows the backfill's progress."""
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     db.execute("INSERT INTO docs SELECT i, 'backfill row ' || i || ' about ' || md5(i::text) FROM generate_series(1, 3000) i")
     watch(db, "docs")
@@ -319,7 +319,7 @@ def test_writers_changes_go_before_the_backfill(db):
 
 
 def test_large_backfill_builds_its_index_once_at_the_end(db, model_copy):
-    """Issue 13's bulk path: a backfill of at least bulk_index_rows rows writes without the HNSW
+    """The bulk path: a backfill of at least bulk_index_rows rows writes without the HNSW
     index, which the pass that finds the bulk lane empty builds in one statement; searches before
     that scan exactly. A small backfill gets the index up front; a model switch's shadow gets its
     index before it takes over."""

@@ -1,4 +1,4 @@
-"""Issue 10, replicas and failover: with a streaming-replication standby (scripts/standby.sh),
+"""Replicas and failover: with a streaming-replication standby (scripts/standby.sh),
 embed_text, search and hybrid_search work there read-only, no worker runs there, and after the
 primary goes away and the standby is promoted, its worker drains what was pending."""
 import os

@@ -1,4 +1,4 @@
-"""Issue 11: several embeddings per table and the zero-gap model switch.
+"""Several embeddings per table and the zero-gap model switch.
 
 A reader runs search() in a loop while set_model() switches the embedding to another model of the
 same dimension and to one of another dimension (a genuine 128-d model built with the onnx package:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Long documents (issue 12): truncation against chunking, on real manuals.
+"""Long documents: truncation against chunking, on real manuals.
 
 Corpus: the GNU info manuals of Debian packages (coreutils, grep, sed, wget, gettext, gnupg, ...),
 taken from the .deb files themselves (apt-get download, kept under CORPUS_DIR/info) so nothing
@@ -14,7 +14,7 @@ window) and `passages` (chunked); each is searched with vectors alone and hybrid
 Also measured: drain throughput of both (rows/s, passages/s, through the worker), passages per row,
 and what a one-paragraph edit costs (passages re-embedded / passages of the edited rows).
 
-Usage: scripts/eval_chunks.py [--queries N] (a database pes_eval_chunks is created afresh)."""
+Usage: scripts/eval/chunks.py [--queries N] (a database pes_eval_chunks is created afresh)."""
 import argparse
 import glob
 import gzip

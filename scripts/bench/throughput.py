@@ -7,7 +7,7 @@ Same model, same threads, same texts, same batching for every contender:
   worker     watch() → wait(): triggers, queue, background worker, sidecar writes, end to end
   external   a Python worker (psycopg + onnxruntime + tokenizers) draining the same pgmq queue
 Plus: idle latency insert → embedded, backend/worker RSS, and sidecar vs inline vector column.
-Needs the demo's `packages` table in database postgres (scripts/demo.sh loads it)."""
+Needs the demo's `packages` table in database postgres (scripts/demo/demo.sh loads it)."""
 import argparse
 import json
 import os
@@ -15,31 +15,15 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import psycopg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-ORT_LIB = "/usr/lib/postgresql/15/lib/pg_embed_sidecar/libonnxruntime.so"
-MODEL_DIR = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/, for shared/
+from shared.ceiling import ceiling  # noqa: E402
+from shared.db import connect, rss_kb  # noqa: E402
+
 SUPABASE_DOCS_PER_MIN = 87  # published rate of the pg_cron → Edge Function → gte-small pipeline
-
-
-def connect(dsn):
-    return psycopg.connect(dsn, autocommit=True)
-
-
-def rss_kb(pid):
-    """(VmRSS, RssAnon) in KiB. VmRSS also counts the shared buffers a process has touched;
-    RssAnon is the process's own memory (model, session, heap)."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value
-    return int(fields["VmRSS"].split()[0]), int(fields["RssAnon"].split()[0])
 
 
 def texts_for(conn, column, n):
@@ -52,16 +36,6 @@ def texts_for_sweep(dsn, n):
     with connect(dsn) as c:
         base = [r[0] for r in c.execute("SELECT synopsis FROM packages ORDER BY md5(name) LIMIT %s", (n,))]
     return [f"{t} ({i})" for i, t in enumerate((base * (n // max(1, len(base)) + 1))[:n])]
-
-
-def ceiling(texts, threads, window):
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-        for t in texts:
-            f.write(json.dumps(t) + "\n")
-    out = subprocess.run([os.path.join(ROOT, "target/release/embed_ceiling"), ORT_LIB, MODEL_DIR, f.name,
-                          "--threads", str(threads), "--window", str(window)], check=True, capture_output=True, text=True)
-    os.unlink(f.name)
-    return len(texts) / json.loads(out.stdout)["seconds"]
 
 
 def sql_batched(dsn, texts, threads, window):

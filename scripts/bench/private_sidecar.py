@@ -4,7 +4,7 @@ as the table's owner (row security does not apply to owners) and as a reader wit
 table (the sidecar's policy looks each candidate's source row up as the reader), side by side in
 one run on the demo's packages table, with the ratio.
 
-    scripts/demo.sh (once), then scripts/bench_private_sidecar.py [--runs 30]
+    scripts/demo/demo.sh (once), then scripts/bench/private_sidecar.py [--runs 30]
 
 The owner here is the superuser that ran the demo, which bypasses row security like any owner."""
 import argparse

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""The bulk path (issue 13): a backfill with the HNSW index maintained row by row against one that
+"""The bulk path: a backfill with the HNSW index maintained row by row against one that
 builds it once at the end (pg_embed_sidecar.bulk_index_rows), side by side in one run, on the same
 synthetic short rows ('backfill row N about <md5>', ~35 tokens) drained by the worker. Time runs
 from watch() until every row has its vector and the index exists. Also: embed_texts() on the same
 texts, the inference ceiling through SQL.
 
-Usage: scripts/bench_bulk_index.py [--rows N] (in a database pes_bench_bulk, created afresh)"""
+Usage: scripts/bench/bulk_index.py [--rows N] (in a database pes_bench_bulk, created afresh)"""
 import argparse
 import time
 

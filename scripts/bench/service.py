@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
-"""Issue 9: many sessions calling embed_text, local inference (a model per session) against the
+"""Many sessions calling embed_text, local inference (a model per session) against the
 instance's inference service (one model, cross-session batches), side by side in one run, plus
 `embed_texts` batched as the ceiling and embed_text latency during a backfill. Prints markdown.
 
-    scripts/bench_service.py [--seconds 20] [--sessions 1,4,16,64] [--backfill-rows 20000]
+    scripts/bench/service.py [--seconds 20] [--sessions 1,4,16,64] [--backfill-rows 20000]
 
 Needs the cluster of scripts/cluster.sh (library preloaded). Memory: the private (unshared)
 memory of every backend and inference worker at the end of each run, from /proc/PID/smaps_rollup."""
 import argparse
-import statistics
 import threading
 import time
 

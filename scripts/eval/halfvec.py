@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""halfvec against vector storage (issue 13), on the demo's embedded Debian packages (needs
-`bash scripts/demo.sh --rows all`). The same vectors are stored both ways, in two scratch copies
+"""halfvec against vector storage, on the demo's embedded Debian packages (needs
+`bash scripts/demo/demo.sh --rows all`). The same vectors are stored both ways, in two scratch copies
 of the sidecar built side by side: build time and size of each HNSW index, size of the vectors,
 and search quality with the same query vectors (query = a package's synopsis, relevant = every
-package with that long description, as scripts/eval.py), plus how many of the 10 results agree."""
+package with that long description, as scripts/eval/quality.py), plus how many of the 10 results agree."""
 import argparse
 import time
 
 import psycopg
 
-from eval import queries  # scripts/eval.py: the same queries and relevance
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/, for shared/
+from shared.relevance import queries  # noqa: E402  (the same queries and relevance as quality.py)
 
 
 def main():

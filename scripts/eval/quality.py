@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
 """Search-quality evaluation on the Debian corpus (needs all packages loaded and embedded:
-`bash scripts/demo.sh --rows all`).
+`bash scripts/demo/demo.sh --rows all`).
 
 Query = a package's synopsis; relevant document = that package's long description (the embedded
 content). Packages whose long descriptions are identical (e.g. a library and its -dev package)
 cannot be told apart by content, so any of them counts as the hit. A fixed sample of queries
 (md5 order of the name) is run through full text alone, vectors alone and hybrid (RRF).
 
---ab MODEL compares the watched model with MODEL on the same corpus (issue 11): it switches the
+--ab MODEL compares the watched model with MODEL on the same corpus: it switches the
 packages' embedding to MODEL with set_model() while a reader keeps searching (switch time, search
 latency and errors during the switch), evaluates, rolls back to the first model, evaluates again,
 and drops MODEL's sidecar, so the demo's table ends as it started."""
 import argparse
-import hashlib
+import os
+import sys
 import statistics
 import threading
 import time
-from collections import defaultdict
 
 import psycopg
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/, for shared/
+from shared.relevance import queries  # noqa: E402
 
 METHODS = {
     "full text (ts_rank, OR of words)": """
@@ -28,20 +31,6 @@ METHODS = {
     "hybrid (RRF, k=60, 100 candidates each)":
         "SELECT key->>0 FROM embed_sidecar.hybrid_search('packages', %s, 10) ORDER BY score DESC",
 }
-
-
-def queries(conn, sidecar, n):
-    """The query sample (name, synopsis) and the relevance sets: packages grouped by identical long
-    description (`by_text`, keyed by its hash, and `desc_of` each package's hash)."""
-    by_text = defaultdict(set)
-    desc_of = {}
-    for name, desc in conn.execute("SELECT name, description FROM packages"):
-        h = hashlib.sha256((desc or "").encode()).hexdigest()
-        by_text[h].add(name)
-        desc_of[name] = h
-    sample = conn.execute(f"""SELECT p.name, p.synopsis FROM packages p JOIN {sidecar} e USING (name)
-                              WHERE p.synopsis <> '' ORDER BY md5(p.name) LIMIT %s""", (n,)).fetchall()
-    return by_text, desc_of, sample
 
 
 def evaluate(conn, sample, by_text, desc_of, methods, tag=""):

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Throughput of the drain (issue 13), printed as markdown tables:
+"""Throughput of the drain, printed as markdown tables:
 
   scale curve  backfills of 1k, 10k and 64k rows of the demo's package texts, short (synopsis)
                and long (description), each from an empty sidecar: rows/s from watch() until every
                row has its vector and the HNSW index exists, against two ceilings on the same texts
-               measured in the same run — embed_core with no PostgreSQL (scripts/bench.sh's
+               measured in the same run — embed_core with no PostgreSQL (scripts/bench/all.sh's
                ceiling) and embed_texts() through the inference service — plus how busy the
                service was, what it embedded per busy second, the memory of both workers, and
                the CPU each kind of server process spent per row; the largest size of each
@@ -15,17 +15,20 @@
   steady load  short rows inserted at fixed rates (shares of the embed_texts ceiling) for a minute
                each: whether the queue's backlog grows
 
-Needs the demo's `packages` table in database postgres (scripts/demo.sh); works in a database
+Needs the demo's `packages` table in database postgres (scripts/demo/demo.sh); works in a database
 pes_bench_scale, created afresh and dropped after; `cargo build --release -p embed_core --bin embed_ceiling`
-first (scripts/bench.sh does).
-Usage: scripts/bench_scale.py [--short 1000,10000,64000] [--long 1000,10000] [--wide 256] [--fts-rows 10000] [--grown 10000]
+first (scripts/bench/all.sh does).
+Usage: scripts/bench/scale.py [--short 1000,10000,64000] [--long 1000,10000] [--wide 256] [--fts-rows 10000] [--grown 10000]
                               [--steady-share 0.5,0.65,0.8] [--steady-seconds 60]"""
 import argparse
 import os
+import sys
 import threading
 import time
 
-from bench import ceiling, connect, rss_kb
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/, for shared/
+from shared.ceiling import ceiling  # noqa: E402
+from shared.db import connect, rss_kb  # noqa: E402
 
 DB = "pes_bench_scale"
 

@@ -2,7 +2,7 @@
 """What monitoring costs on a big source: the status view and wait() of 0.2 against 0.1's status
 computation (every source row hashed and joined to its sidecar row), side by side on one table.
 
-    scripts/bench_status.py [--rows 1000000]
+    scripts/bench/status.py [--rows 1000000]
 
 Builds bench_status.docs with N rows and an in-step sidecar written directly (constant vectors, no
 HNSW index: the cost measured here is the scan and the hash, not the index), then times each
