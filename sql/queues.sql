@@ -8,7 +8,7 @@
 -- that registry row's lock (or by the transaction that inserts the row), so it guards nothing
 -- here. What follows makes the tables exactly as pgmq 1.11's create_non_partitioned() lays them
 -- out (columns, defaults, index names, its pgmq.meta row), so every other pgmq function treats
--- them as its own; tests/test_review_attacks.py compares them with a queue pgmq.create() makes,
+-- them as its own; tests/security/test_review_attacks.py compares them with a queue pgmq.create() makes,
 -- so a pgmq whose layout differs fails the test suite, not a user's watch().
 
 CREATE FUNCTION embed_sidecar._create_queue(queue_name text) RETURNS void

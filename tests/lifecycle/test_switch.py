@@ -17,7 +17,7 @@ import pytest
 
 from conftest import MODELS, assert_in_step, connect, one, wait, watch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 L6, L3, P128 = "all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "proj128-test"
 QUERY = "a database that keeps vectors next to the rows"
 TOPICS = ["databases and indexes", "cooking pasta at home", "mountain hiking trails", "vector search engines",

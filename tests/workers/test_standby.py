@@ -7,7 +7,7 @@ import time
 
 from conftest import assert_in_step, connect, one, wait, watch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STANDBY_PORT = 5434
 
 

@@ -7,7 +7,7 @@ import sys
 
 from conftest import DSN, assert_in_step, one, wait, watch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load(schema, rows):

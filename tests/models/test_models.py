@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import MODELS, connect, error_of, one
-from reference import Reference
-from test_embed import SENTENCES
+from reference import SENTENCES, Reference
 
 L3 = "paraphrase-MiniLM-L3-v2"
 

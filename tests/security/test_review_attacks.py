@@ -13,7 +13,7 @@ the tests) and roles called pes_rev_<what>_<tag>_<n> (dropped at the end). Nothi
 conftest's session fixture `extension` (which re-creates the extension in pes_test) is overridden
 below by a no-op. Run with:
 
-    /opt/pg_embed_sidecar/venv/bin/python -m pytest tests/test_review_attacks.py -p no:cacheprovider -q
+    /opt/pg_embed_sidecar/venv/bin/python -m pytest tests/security/test_review_attacks.py -p no:cacheprovider -q
 """
 import threading
 import time

@@ -14,7 +14,7 @@ import pytest
 from conftest import watch, error_of, DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid, quiet_database
 
 LONG = os.environ.get("PES_LONG") == "1"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 

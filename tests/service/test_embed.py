@@ -4,34 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import connect, error_of, one
-from reference import Reference
-
-SENTENCES = [
-    "A cat sits on the mat",
-    "The quick brown fox jumps over the lazy dog.",
-    "PostgreSQL is a powerful, open source object-relational database system.",
-    "Vectors are kept in a sidecar table next to the source rows.",
-    "",
-    "   ",
-    "a",
-    "Ünïcödé àccents, naïve café, façade, Zürich",
-    "Emoji: 🎉🚀🐘 are fun 😀",
-    "日本語のテキストを埋め込みます。東京は日本の首都です。",
-    "中文文本嵌入测试，北京是中国的首都。",
-    "한국어 문장 임베딩 테스트입니다.",
-    "نص عربي من اليمين إلى اليسار",
-    "עברית היא שפה שנכתבת מימין לשמאל",
-    "Combining marks: e\u0301 a\u0300 o\u0308 n\u0303",
-    "Control chars:\t tab \x01 \x07 bell\nnew line\r\n",
-    "Ελληνικά κείμενα για δοκιμή",
-    "Русский текст для проверки",
-    "SELECT * FROM users WHERE name = 'x'; DROP TABLE users; --",
-    "Numbers 1234567890 and symbols !@#$%^&*()_+-=[]{}|;:',.<>/?",
-    "Mixed: English, 日本語, العربية, emoji 🐘 and ñ",
-    "The same sentence twice. The same sentence twice.",
-    " ".join(f"word{i}" for i in range(600)),  # far beyond the 256-token window
-    "Long prose. " + "Databases store data and answer questions about it quickly. " * 80,
-]
+from reference import SENTENCES, Reference
 
 
 @pytest.fixture(scope="module")
