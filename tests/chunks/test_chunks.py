@@ -6,7 +6,6 @@ import random
 import threading
 import time
 
-
 from conftest import assert_chunks_in_step, connect, error_of, one, wait, watch
 
 L3 = "paraphrase-MiniLM-L3-v2"
