@@ -18,8 +18,8 @@ static ORT_LIBRARY: GucSetting<Option<CString>> =
 static INTRA_THREADS: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// Most texts in one inference call.
 static MAX_BATCH: GucSetting<i32> = GucSetting::<i32>::new(64);
-/// Most padded tokens in one inference call; bounds activation memory. 2048 measured fastest on
-/// this machine for short and long texts alike (benches: scripts/bench/all.sh; README, Performance).
+/// Most padded tokens in one inference call; bounds activation memory. The default is the fastest
+/// measured for short and long texts alike (scripts/bench/all.sh; README, Performance).
 static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 
 /// `shared`: when preloaded, sessions and drains embed through the inference workers
@@ -54,11 +54,11 @@ static DRAIN_WORKER: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Queue messages read per drain pass.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
 /// Most bulk-lane (backfill) messages in one drain pass: bounds how long a writer's change can wait
-/// behind a backfill (one such pass). 64 short texts take about 0.15 s to embed here.
+/// behind a backfill (one such pass).
 static BULK_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// A new sidecar whose backfill enqueues at least this many rows gets its HNSW index once, after
-/// the backfill (read by watch() and set_model() in SQL, so no accessor here). Measured on the
-/// demo's 64k vectors: building it takes 14 s where inserting row by row costs ~0.75 ms a row.
+/// the backfill (read by watch() and set_model() in SQL, so no accessor here): one build costs far
+/// less than inserting row by row into the graph (README, "Drain throughput and scale").
 static BULK_INDEX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Worker heartbeat when queues are empty, in milliseconds. A commit that enqueues wakes the
 /// worker at once (src/roster/wake.rs), so this only bounds how late other work is noticed (a retry's

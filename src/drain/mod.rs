@@ -15,20 +15,21 @@
 
 pub mod chunking;
 pub mod settle;
+mod store;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub use store::{active_sources, record_error};
+use store::{apply, load_source, lock_source, lookup, read_messages, write, Embedded, Source};
+
+use std::collections::HashMap;
 
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
 
 use crate::enqueue::backfill;
 use crate::error::SidecarError;
 use crate::gucs;
 use crate::inference::{self, InFlight};
-use crate::pg::authority::as_table_owner;
-use crate::pg::row::required;
 use crate::pg::xact::run_in_transaction;
-use settle::{Looked, Message, Settlement};
+use settle::Message;
 
 /// How long the worker waits for a lock (a table lock, the registry row a `process()` caller
 /// holds, a source row a writer holds `FOR UPDATE`) before giving the pass up: a lock any session
@@ -36,8 +37,8 @@ use settle::{Looked, Message, Settlement};
 const WORKER_LOCK_TIMEOUT: &str = "2s";
 
 /// Most rows one pass takes from a chunked source's lanes: a long row is dozens of passages, and
-/// a pass should end well within the visibility timeout (60 s). Measured on two cores: ~23 full
-/// passages/s; 8 GNU info nodes, 55 passages at most each, take under 20 s.
+/// a pass should end well within the visibility timeout (60 s), also on a small machine (README,
+/// "Long documents", has the passages per second).
 const CHUNKED_ROWS_PER_PASS: i32 = 8;
 
 /// How a pass maps onto transactions.
@@ -53,33 +54,6 @@ pub enum Mode {
 pub struct PassStats {
     pub messages: usize,
     pub embedded: usize,
-}
-
-/// A registry row with what a pass needs, and the statements built for it (sql/drain.sql).
-struct Source {
-    queue: String,
-    bulk_queue: String,
-    model: String,
-    model_id: String,
-    dims: i32,
-    /// NULL (`watch(..., fts_config => NULL)`): no full text, `fts` stays NULL at no cost.
-    fts_config: Option<String>,
-    owner: pg_sys::Oid,
-    lookup_sql: String,
-    upsert_sql: String,
-    clear_sql: String,
-    /// Chunked sources: drops a row's passages past its new last one (sql/drain.sql).
-    trim_sql: Option<String>,
-    /// Chunked sources: (tokens per passage, overlap).
-    chunking: Option<(usize, usize)>,
-    /// `pause(source, bulk_only => true)`: the live lane drains, the bulk lane waits.
-    bulk_paused: bool,
-    /// Being built by `set_model()`: takes over when a pass finds both lanes empty.
-    shadow: bool,
-    /// `pause(source)`: the worker leaves both lanes alone; `process()` still drains them.
-    paused: bool,
-    /// A large backfill runs without the HNSW index; it is built once the bulk lane is empty.
-    index_pending: bool,
 }
 
 /// A phase of a pass: in the caller's transaction, or (the worker) in its own, which waits at most
@@ -103,239 +77,6 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
             result
         }
     }
-}
-
-/// The worker share-locks the row until the pass' first transaction ends: a `pause()` either
-/// waits for that transaction (whose reads then saw none of the rows written after the pause) or
-/// commits first and is seen here. Without the lock a worker that listed the source just before a
-/// pause could still take the messages of rows inserted just after it. A row locked by someone
-/// else (a `pause()` under way, a `process()` caller's open transaction) is skipped for this round
-/// (`None`) rather than waited for: the worker serves every source in turn.
-fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option<Source>, SidecarError> {
-    let lock = if mode == Mode::Worker { "FOR SHARE OF s SKIP LOCKED" } else { "" };
-    let rows = client.update(
-        &format!(
-            "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
-                d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
-                s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused', d.trim_sql,
-                s.chunk_tokens, s.chunk_overlap, s.index_pending
-           FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
-                LATERAL embed_sidecar._drain_sql(s) d
-          WHERE s.id = $1 {lock}"
-        ),
-        None,
-        &[id.into()],
-    )?;
-    let Some(row) = rows.into_iter().next() else {
-        // still there: locked by someone else, skipped this round
-        let exists =
-            !client.select("SELECT 1 FROM embed_sidecar.sources WHERE id = $1", None, &[id.into()])?.is_empty();
-        return if exists { Ok(None) } else { Err(SidecarError::Unwatched(id)) };
-    };
-    let column = |name: &str| format!("column {name} of source {id}");
-    let text = |i: usize, name: &str| required::<String>(&row, i, &column(name));
-    Ok(Some(Source {
-        queue: text(1, "queue_name")?,
-        model: text(2, "model")?,
-        model_id: text(3, "model_id")?,
-        dims: required(&row, 4, &column("dims"))?,
-        fts_config: row.get::<String>(5)?,
-        owner: required(&row, 6, &column("owner"))?,
-        lookup_sql: text(7, "lookup_sql")?,
-        upsert_sql: text(8, "upsert_sql")?,
-        clear_sql: text(9, "clear_sql")?,
-        bulk_queue: text(10, "bulk queue")?,
-        bulk_paused: required(&row, 11, &column("state"))?,
-        shadow: required(&row, 12, &column("role"))?,
-        paused: required(&row, 13, &column("state"))?,
-        trim_sql: row.get::<String>(14)?,
-        chunking: match (row.get::<i32>(15)?, row.get::<i32>(16)?) {
-            (Some(t), Some(o)) => Some((t as usize, o as usize)),
-            _ => None,
-        },
-        index_pending: required(&row, 17, &column("index_pending"))?,
-    }))
-}
-
-fn read_messages(client: &mut SpiClient<'_>, queue: &str, limit: i32) -> Result<Vec<Message>, SidecarError> {
-    let rows = client.update(
-        "SELECT msg_id, read_ct, message::text FROM pgmq.read($1, $2, $3) ORDER BY msg_id",
-        None,
-        &[queue.into(), gucs::visibility_timeout_s().into(), limit.into()],
-    )?;
-    let mut messages = Vec::new();
-    for row in rows {
-        let what = format!("a message of queue {queue}");
-        messages.push(Message {
-            id: required(&row, 1, &what)?,
-            read_ct: required(&row, 2, &what)?,
-            key: required(&row, 3, &what)?,
-        });
-    }
-    Ok(messages)
-}
-
-/// Hashes (hex) of the passages each key of a chunked source has vectors for (with the current model).
-type Known = HashMap<String, HashSet<String>>;
-
-/// Current text, hash and state of each key, read as the table's owner; for a chunked source
-/// also the passages it has vectors for.
-fn lookup(client: &mut SpiClient<'_>, src: &Source, keys: Vec<String>) -> Result<(Vec<Looked>, Known), SidecarError> {
-    as_table_owner(src.owner, || {
-        let rows = client.update(
-            "SELECT key, blank, unchanged, content, hash, error, known FROM embed_sidecar._lookup($1, $2::text[]::jsonb[], $3)",
-            None,
-            &[src.lookup_sql.as_str().into(), keys.into(), src.model_id.as_str().into()],
-        )?;
-        let mut looked = Vec::new();
-        let mut known = Known::new();
-        for row in rows {
-            if let Some(hashes) = row.get::<Vec<String>>(7)? {
-                known.insert(required(&row, 1, "a looked-up key")?, hashes.into_iter().collect());
-            }
-            looked.push(Looked {
-                key: required(&row, 1, "a looked-up key")?,
-                blank: row.get::<bool>(2)?.unwrap_or(true),
-                unchanged: row.get::<bool>(3)?.unwrap_or(false),
-                content: row.get::<String>(4)?,
-                hash: row.get::<Vec<u8>>(5)?,
-                error: row.get::<String>(6)?,
-            });
-        }
-        Ok((looked, known))
-    })
-}
-
-/// Vectors of one pass, ready to write.
-#[derive(Default)]
-struct Embedded {
-    keys: Vec<String>,
-    hashes: Vec<Vec<u8>>,
-    flat: Vec<f32>,
-    /// Chunked sources: per key, its passages as JSON `[[char_start, char_end, vector], ...]`,
-    /// `vector` a 1-based index into `flat`, or 0 to keep the row's vector of the same passage.
-    layouts: Vec<String>,
-}
-
-/// Write vectors and clear blanks as the table's owner. Returns rows written and the keys whose
-/// write failed, with the error.
-fn write(
-    client: &mut SpiClient<'_>,
-    src: &Source,
-    embedded: Embedded,
-    clear: Vec<String>,
-) -> Result<(i64, Vec<(String, String)>), SidecarError> {
-    if embedded.keys.is_empty() && clear.is_empty() {
-        return Ok((0, Vec::new()));
-    }
-    as_table_owner(src.owner, || {
-        let row = client
-            .update(
-                "SELECT written, failed_keys::text[], failed_errors
-                   FROM embed_sidecar._write($1, $2, $3::text[]::jsonb[], $4, $5, $6, $7, $8, $9::text[]::jsonb[],
-                                             $10, $11::text[]::jsonb[])",
-                None,
-                &[
-                    src.upsert_sql.as_str().into(),
-                    src.clear_sql.as_str().into(),
-                    embedded.keys.into(),
-                    embedded.hashes.into(),
-                    embedded.flat.into(),
-                    src.dims.into(),
-                    src.model_id.as_str().into(),
-                    src.fts_config.as_deref().into(),
-                    clear.into(),
-                    src.trim_sql.as_deref().into(),
-                    src.chunking.map(|_| embedded.layouts).into(),
-                ],
-            )?
-            .first();
-        let written = row.get::<i64>(1)?.unwrap_or(0);
-        let keys = row.get::<Vec<String>>(2)?.unwrap_or_default();
-        let errors = row.get::<Vec<String>>(3)?.unwrap_or_default();
-        Ok((written, keys.into_iter().zip(errors).collect()))
-    })
-}
-
-/// Apply the settlements of both lanes as the worker: queues, dead letters, counters.
-fn apply(
-    client: &mut SpiClient<'_>,
-    id: i32,
-    lanes: [(&str, Settlement); 2],
-    written: i64,
-) -> Result<(), SidecarError> {
-    // a key can be dead in both lanes at once: one dead letter, the larger attempt count
-    let mut dead_letters: BTreeMap<String, (String, i32)> = BTreeMap::new();
-    let (mut acked, mut dead, mut last_error) = (0i64, 0i64, None);
-    for (queue, s) in lanes {
-        for (key, error, attempts) in s.dead_letters {
-            let entry = dead_letters.entry(key).or_insert((error, attempts));
-            entry.1 = entry.1.max(attempts);
-        }
-        acked += s.ack.len() as i64;
-        dead += s.dead_ids.len() as i64;
-        last_error = last_error.or(s.last_error);
-        settle_queue(client, queue, s.ack, s.dead_ids, s.retry)?;
-    }
-    if !dead_letters.is_empty() {
-        let (keys, rest): (Vec<String>, Vec<(String, i32)>) = dead_letters.into_iter().unzip();
-        let (errors, attempts): (Vec<String>, Vec<i32>) = rest.into_iter().unzip();
-        client.update(
-            "INSERT INTO embed_sidecar.failures AS f (source_id, key, error, attempts)
-             SELECT $1, k::jsonb, e, a FROM unnest($2::text[], $3::text[], $4::int[]) AS u(k, e, a)
-             ON CONFLICT (source_id, key) DO UPDATE
-                SET error = EXCLUDED.error, attempts = f.attempts + EXCLUDED.attempts, last_failed = pg_catalog.now()",
-            None,
-            &[id.into(), keys.into(), errors.into(), attempts.into()],
-        )?;
-    }
-    client.update(
-        "UPDATE embed_sidecar.sources
-            SET acked = acked + $2, embedded = embedded + $3, dead_lettered = dead_lettered + $4,
-                last_embedded_at = CASE WHEN $3 > 0 THEN pg_catalog.now() ELSE last_embedded_at END,
-                last_error = coalesce($5, last_error),
-                last_error_at = CASE WHEN $5 IS NULL THEN last_error_at ELSE pg_catalog.now() END
-          WHERE id = $1",
-        None,
-        &[id.into(), acked.into(), written.into(), dead.into(), last_error.into()],
-    )?;
-    Ok(())
-}
-
-/// Delete acked and dead messages from one queue; push retried ones back by their back-off.
-fn settle_queue(
-    client: &mut SpiClient<'_>,
-    queue: &str,
-    ack: Vec<i64>,
-    dead: Vec<i64>,
-    retry: Vec<(i64, i32)>,
-) -> Result<(), SidecarError> {
-    let mut delete = ack;
-    delete.extend(dead);
-    if !delete.is_empty() {
-        client.update("SELECT pgmq.delete($1, $2::bigint[])", None, &[queue.into(), delete.into()])?;
-    }
-    if !retry.is_empty() {
-        let (ids, delays): (Vec<i64>, Vec<i32>) = retry.into_iter().unzip();
-        client.update(
-            "SELECT pgmq.set_vt($1, u.id, u.delay) FROM unnest($2::bigint[], $3::int[]) AS u(id, delay)",
-            None,
-            &[queue.into(), ids.into(), delays.into()],
-        )?;
-    }
-    Ok(())
-}
-
-/// Record an error that ended a pass early (model missing, source broken) where `status` shows it.
-pub fn record_error(id: i32, error: &SidecarError) -> Result<(), SidecarError> {
-    Spi::connect_mut(|client| {
-        client.update(
-            "UPDATE embed_sidecar.sources SET last_error = $2, last_error_at = pg_catalog.now() WHERE id = $1",
-            None,
-            &[id.into(), error.to_string().into()],
-        )?;
-        Ok(())
-    })
 }
 
 /// One pass over source `id`, handling at most `limit` messages, start to end.
@@ -603,17 +344,6 @@ fn assemble_passages(
     out
 }
 
-/// Serialise writers of one source until the end of the transaction: its registry row's lock
-/// (sql/watch.sql, `_lock_source`), which only the extension's own functions can take.
-fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> {
-    let locked =
-        client.update("SELECT embed_sidecar._lock_source($1)", None, &[id.into()])?.first().get_one::<bool>()?;
-    match locked {
-        Some(true) => Ok(()),
-        _ => Err(SidecarError::Unwatched(id)),
-    }
-}
-
 /// The results of `started` (the whole of `texts`); when the batch failed, split it in halves
 /// until the failing texts are alone, so one bad row never blocks the rows around it.
 fn isolate(model_name: &str, texts: &[&str], started: InFlight) -> Vec<Result<Vec<f32>, String>> {
@@ -642,18 +372,6 @@ fn start_embed(model_name: &str, texts: &[&str]) -> InFlight {
         }
     }
     inference::start_for_drain(model_name, texts)
-}
-
-/// Registry ids of the sources a drain should visit, oldest first.
-pub fn active_sources(client: &SpiClient<'_>) -> Result<Vec<i32>, SidecarError> {
-    let rows = client.select("SELECT id FROM embed_sidecar.sources WHERE state <> 'paused' ORDER BY id", None, &[])?;
-    let mut ids = Vec::new();
-    for row in rows {
-        if let Some(id) = row.get::<i32>(1)? {
-            ids.push(id);
-        }
-    }
-    Ok(ids)
 }
 
 #[pg_schema]

@@ -18,11 +18,11 @@ use crate::error::SidecarError;
 use crate::gucs;
 
 /// Most drain texts in one round: a search that arrives meanwhile waits for at most this many.
-/// Rounds of 16 embed as fast as rounds of 64 (`embed_ceiling --window`), while a round of 64
-/// kept searches waiting ~0.25 s during a backfill.
+/// Larger rounds embed no faster (`embed_ceiling --window`) and keep searches waiting longer
+/// (README, "One model per instance").
 const DRAIN_ROUND: usize = 16;
-/// While searches keep arriving (one served within `SEARCHES_RECENT`), rounds shrink to this:
-/// a search then waits ~15 ms of drain work instead of ~60, and the drain runs at ~0.76× meanwhile.
+/// While searches keep arriving (one served within `SEARCHES_RECENT`), rounds shrink to this, so a
+/// search waits for a quarter of the drain work, at some cost to the drain (README).
 const DRAIN_ROUND_BUSY: usize = 4;
 const SEARCHES_RECENT: Duration = Duration::from_secs(1);
 /// While both wait, one round in this many serves drain texts before interactive ones: sessions

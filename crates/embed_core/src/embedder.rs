@@ -27,8 +27,7 @@ pub struct LoadOptions {
     pub max_batch_tokens: usize,
     /// ONNX Runtime's CPU arena allocator, and its memory-pattern planning. Measured with
     /// `embed_ceiling --arena/--mem-pattern` (README "Performance"): patterns are planned per input
-    /// shape and nearly every batch has a new one, so they mostly add memory (peak 561 → 356 MiB on
-    /// 400 texts of varying length at 0.97× the speed; 364 → 253 MiB on short texts at 1.01×);
+    /// shape and nearly every batch has a new one, so they mostly add memory at no gain in speed;
     /// without the arena, peak memory and time both rise. Defaults: arena on, patterns off.
     pub cpu_arena: bool,
     pub memory_pattern: bool,
