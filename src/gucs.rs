@@ -80,6 +80,10 @@ static VISIBILITY_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// builds with the `fault_injection` feature (scripts/test.sh), never in a release install.
 #[cfg(feature = "fault_injection")]
 static FAIL_MARKER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Test hook: milliseconds an index builder waits before it builds, so a test can watch the drain
+/// go on meanwhile. Superuser only; `fault_injection` builds only.
+#[cfg(feature = "fault_injection")]
+static INDEX_BUILD_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 pub fn init() {
     // Threads and batch sizes decide how much CPU and memory one backend's inference takes: a lever
@@ -294,6 +298,17 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::NO_SHOW_ALL,
     );
+    #[cfg(feature = "fault_injection")]
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.test_index_build_delay_ms",
+        c"Testing only: milliseconds an index builder waits before it builds.",
+        c"",
+        &INDEX_BUILD_DELAY_MS,
+        0,
+        600_000,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {
@@ -419,6 +434,10 @@ pub fn caller() -> String {
 }
 pub fn visibility_timeout_s() -> i32 {
     VISIBILITY_TIMEOUT_S.get()
+}
+#[cfg(feature = "fault_injection")]
+pub fn index_build_delay_ms() -> u64 {
+    INDEX_BUILD_DELAY_MS.get() as u64
 }
 #[cfg(feature = "fault_injection")]
 pub fn fail_marker() -> Option<String> {

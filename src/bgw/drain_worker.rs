@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
-use crate::drain::{active_sources, record_error, Mode, Pass, Ready};
+use super::index_builder;
+use crate::drain::{active_sources, build_index_now, record_error, Mode, Pass, Ready};
 use crate::error::SidecarError;
 use crate::gucs;
 use crate::pg::xact::run_in_transaction;
@@ -40,7 +41,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
     // check, even in the middle of a pass: the messages it held reappear after the visibility
     // timeout, so nothing is lost, and DROP DATABASE need not wait for a whole batch.
     // SAFETY: `die` is Postgres' own SIGTERM handler for processes connected to a database
-    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(die)) };
+    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(super::die)) };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), role);
     if !gucs::drain_worker() {
         // ALTER DATABASE ... SET pg_embed_sidecar.drain_worker = off: treated like a database
@@ -72,8 +73,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
     crate::pg::authority::limit_owner_code(OWNER_CODE_LIMIT_MS);
 
     let mut nap = Duration::ZERO;
-    let mut resting = HashMap::new();
-    let mut carried = None;
+    let mut drainer = Drainer::default();
     let mut idle_since = Instant::now();
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
@@ -82,10 +82,10 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         }
         // read before looking, so a CREATE EXTENSION committed meanwhile is not taken for absent
         let requested = roster::get(db.to_u32()).requested;
-        let result = round(&mut resting, &mut carried);
+        let result = drainer.round();
         if !matches!(result, Ok(Some(Round { full: true, .. }))) {
             // no round follows at once: what was embedded is written before any nap
-            flush(&mut carried, &mut resting);
+            drainer.flush();
         }
         if !matches!(result, Ok(Some(Round { worked: false, .. }))) {
             idle_since = Instant::now();
@@ -112,12 +112,8 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(0) };
 }
 
-// Postgres' `die` itself: pgrx's binding wraps it for calls from Rust, which a signal handler
-// must not go through.
-extern "C-unwind" {
-    fn die(signal: std::ffi::c_int);
-}
-
+/// # Safety
+/// Called by PostgreSQL on process exit (registered with `before_shmem_exit`).
 #[pg_guard]
 unsafe extern "C-unwind" fn release(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     roster::release_worker();
@@ -131,83 +127,127 @@ struct Round {
     worked: bool,
 }
 
-/// One round over all active sources. `None` when the extension is absent.
-///
-/// Passes are pipelined: a pass is begun (read, looked up, its texts handed to the inference
-/// service) before the previous pass, whose vectors are back (`carried`), is written; so the
-/// worker's SQL runs while the service embeds, instead of the service waiting for it. Without the
-/// service the model runs in this process and nothing would overlap: each pass is written first.
-///
-/// A source whose pass fails (model missing, table broken, queue dropped) is logged, its error is
-/// stored in `status.last_error`, and it is skipped for `ERROR_NAP`; the other sources go on at
-/// their own pace.
-fn round(resting: &mut HashMap<i32, Instant>, carried: &mut Option<Ready>) -> Result<Option<Round>, SidecarError> {
-    let sources = run_in_transaction(|| {
-        Spi::connect(|client| {
-            // to_regclass cannot raise, so a missing extension is not an error in the log
-            let present = client
-                .select("SELECT to_regclass('embed_sidecar.sources') IS NOT NULL", None, &[])?
-                .first()
-                .get_one::<bool>()?
-                .unwrap_or(false);
-            if present {
-                Ok(Some(active_sources(client)?))
-            } else {
-                Ok(None)
-            }
-        })
-    })?;
-    let Some(sources) = sources else {
-        return Ok(None);
-    };
-    let batch = gucs::batch_size();
-    let overlap = crate::inference::overlaps();
-    let mut full = false;
-    let mut worked = false;
-    let now = Instant::now();
-    resting.retain(|_, until| *until > now);
-    for id in sources {
-        // a pending SIGTERM ends the worker here, between sources
-        pg_sys::check_for_interrupts!();
-        if resting.contains_key(&id) {
-            continue;
-        }
-        if !overlap || carried.as_ref().is_some_and(|r| r.source_id() == id && r.chunked()) {
-            flush(carried, resting);
-        }
-        report_activity(&format!("pg_embed_sidecar: draining source {id}"));
-        match Pass::begin(id, batch, Mode::Worker) {
-            Ok(Some(pass)) => {
-                full |= pass.more();
-                worked = true;
-                flush(carried, resting);
-                *carried = Some(pass.wait());
-            }
-            Ok(None) => {}
-            Err(e) => rest_after_error(resting, id, e),
-        }
-    }
-    Ok(Some(Round { full, worked }))
+/// What a drain worker carries from one round to the next.
+#[derive(Default)]
+struct Drainer {
+    /// Sources whose last pass failed, left alone until the instant given.
+    resting: HashMap<i32, Instant>,
+    /// The last pass begun, its vectors on their way, not written yet.
+    carried: Option<Ready>,
+    /// The index builder this worker started last (src/bgw/index_builder.rs), and when.
+    builder: Option<(DynamicBackgroundWorker, Instant)>,
 }
 
-/// Write the carried pass, if any.
-fn flush(carried: &mut Option<Ready>, resting: &mut HashMap<i32, Instant>) {
-    let Some(ready) = carried.take() else { return };
-    let id = ready.source_id();
-    match ready.write(Mode::Worker) {
-        Ok(stats) => {
-            debug1!("pg_embed_sidecar: source {id}: {} messages, {} vectors written", stats.messages, stats.embedded)
+impl Drainer {
+    /// One round over all active sources. `None` when the extension is absent.
+    ///
+    /// Passes are pipelined: a pass is begun (read, looked up, its texts handed to the inference
+    /// service) before the previous pass, whose vectors are back (`carried`), is written; so the
+    /// worker's SQL runs while the service embeds, instead of the service waiting for it. Without
+    /// the service the model runs in this process and nothing would overlap: each pass is written
+    /// first.
+    ///
+    /// A source whose pass fails (model missing, table broken, queue dropped) is logged, its error
+    /// is stored in `status.last_error`, and it is skipped for `ERROR_NAP`; the other sources go on
+    /// at their own pace.
+    fn round(&mut self) -> Result<Option<Round>, SidecarError> {
+        let sources = run_in_transaction(|| {
+            Spi::connect(|client| {
+                // to_regclass cannot raise, so a missing extension is not an error in the log
+                let present = client
+                    .select("SELECT to_regclass('embed_sidecar.sources') IS NOT NULL", None, &[])?
+                    .first()
+                    .get_one::<bool>()?
+                    .unwrap_or(false);
+                if present {
+                    Ok(Some(active_sources(client)?))
+                } else {
+                    Ok(None)
+                }
+            })
+        })?;
+        let Some(sources) = sources else {
+            return Ok(None);
+        };
+        let batch = gucs::batch_size();
+        let overlap = crate::inference::overlaps();
+        let mut full = false;
+        let mut worked = false;
+        let now = Instant::now();
+        self.resting.retain(|_, until| *until > now);
+        for id in sources {
+            // a pending SIGTERM ends the worker here, between sources
+            pg_sys::check_for_interrupts!();
+            if self.resting.contains_key(&id) {
+                continue;
+            }
+            if !overlap || self.carried.as_ref().is_some_and(|r| r.source_id() == id && r.chunked()) {
+                self.flush();
+            }
+            report_activity(&format!("pg_embed_sidecar: draining source {id}"));
+            match Pass::begin(id, batch, Mode::Worker) {
+                Ok(begun) => {
+                    if begun.index_due {
+                        self.build_index(id);
+                    }
+                    if let Some(pass) = begun.pass {
+                        full |= pass.more();
+                        worked = true;
+                        self.flush();
+                        self.carried = Some(pass.wait());
+                    }
+                }
+                Err(e) => self.rest_after_error(id, e),
+            }
         }
-        Err(e) => rest_after_error(resting, id, e),
+        Ok(Some(Round { full, worked }))
     }
-}
 
-/// Log a source's failed pass, show it in `status.last_error`, and leave the source alone a while.
-fn rest_after_error(resting: &mut HashMap<i32, Instant>, id: i32, e: SidecarError) {
-    warning!("pg_embed_sidecar: source {id}: {e}");
-    resting.insert(id, Instant::now() + ERROR_NAP);
-    if let Err(e2) = run_in_transaction(|| record_error(id, &e)) {
-        warning!("pg_embed_sidecar: source {id}: could not record the error: {e2}");
+    /// Write the carried pass, if any.
+    fn flush(&mut self) {
+        let Some(ready) = self.carried.take() else { return };
+        let id = ready.source_id();
+        match ready.write(Mode::Worker) {
+            Ok(stats) => {
+                debug1!(
+                    "pg_embed_sidecar: source {id}: {} messages, {} vectors written",
+                    stats.messages,
+                    stats.embedded
+                )
+            }
+            Err(e) => self.rest_after_error(id, e),
+        }
+    }
+
+    /// Source `id`'s backfill is done: have its index built by a builder of its own, unless one
+    /// runs for this database (it may be this source's; another's waits for the next round). When
+    /// no builder can be started the index is built here, holding the other sources meanwhile.
+    fn build_index(&mut self, id: i32) {
+        // one builder at a time, and not again within ERROR_NAP of the last (a build that failed
+        // is retried, not in a loop)
+        let recent = self.builder.as_ref().is_some_and(|(b, at)| {
+            matches!(b.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)) || at.elapsed() < ERROR_NAP
+        });
+        if recent || roster::builder_running(roster::current_db()) {
+            return;
+        }
+        self.builder = index_builder::start(id).map(|b| (b, Instant::now()));
+        if self.builder.is_none() {
+            report_activity(&format!("pg_embed_sidecar: building the index of source {id}"));
+            if let Err(e) = build_index_now(id) {
+                self.rest_after_error(id, e);
+            }
+        }
+    }
+
+    /// Log a source's failed pass, show it in `status.last_error`, and leave the source alone a
+    /// while.
+    fn rest_after_error(&mut self, id: i32, e: SidecarError) {
+        warning!("pg_embed_sidecar: source {id}: {e}");
+        self.resting.insert(id, Instant::now() + ERROR_NAP);
+        if let Err(e2) = run_in_transaction(|| record_error(id, &e)) {
+            warning!("pg_embed_sidecar: source {id}: could not record the error: {e2}");
+        }
     }
 }
 

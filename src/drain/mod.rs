@@ -18,7 +18,7 @@ pub mod settle;
 mod store;
 
 pub use store::{active_sources, record_error};
-use store::{apply, load_source, lock_source, lookup, read_messages, write, Embedded, Source};
+use store::{apply, build_index, load_source, lock_source, lookup, read_messages, write, Embedded, Source};
 
 use std::collections::HashMap;
 
@@ -81,10 +81,23 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
 
 /// One pass over source `id`, handling at most `limit` messages, start to end.
 pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarError> {
-    match Pass::begin(id, limit, mode)? {
+    match Pass::begin(id, limit, mode)?.pass {
         Some(pass) => pass.wait().write(mode),
         None => Ok(PassStats::default()),
     }
+}
+
+/// Build source `id`'s deferred index, if its backfill is done, in a worker transaction of its own
+/// (the index builder's; the drain worker's own when no builder could be started). Whether it did.
+pub fn build_index_now(id: i32) -> Result<bool, SidecarError> {
+    in_tx(Mode::Worker, || Spi::connect_mut(|client| build_index(client, id)))
+}
+
+/// What `Pass::begin` found: a pass to carry on with, if there were messages, and (worker mode)
+/// whether the source's deferred HNSW index is due, its backfill being done.
+pub struct Begun {
+    pub pass: Option<Pass>,
+    pub index_due: bool,
 }
 
 /// A pass whose messages are read and whose changed rows are on their way through the model.
@@ -126,7 +139,8 @@ impl Pass {
     /// Phase 1 (short transaction): make sure the model loads before touching the queue, so an
     /// outage (missing file) costs no attempts; notice a replaced model; read messages; look up;
     /// decide (`settle::plan`); then hand the changed texts to the model. `None`: nothing to do.
-    pub fn begin(id: i32, limit: i32, mode: Mode) -> Result<Option<Pass>, SidecarError> {
+    pub fn begin(id: i32, limit: i32, mode: Mode) -> Result<Begun, SidecarError> {
+        let mut index_due = false;
         let Some((src, live, bulk, looked, known, more, overdue)) = in_tx(mode, || {
             Spi::connect_mut(|client| {
                 if mode == Mode::Caller {
@@ -174,8 +188,15 @@ impl Pass {
                 // (a pass read but not yet written keeps its messages in the queue, invisible: both
                 // checks below count them, so neither runs ahead of a pass still in flight)
                 if src.index_pending && bulk.is_empty() {
-                    // the backfill is done: its index, built once (sql/watch.sql)
-                    client.update("SELECT embed_sidecar._build_index_if_ready($1)", None, &[id.into()])?;
+                    // the backfill is done: its index, built once (sql/watch.sql). The worker has it
+                    // built by a process of its own (src/bgw/index_builder.rs) and goes on with the
+                    // other sources meanwhile; process() builds it in the caller's transaction.
+                    match mode {
+                        Mode::Worker => index_due = true,
+                        Mode::Caller => {
+                            build_index(client, id)?;
+                        }
+                    }
                 }
                 if src.shadow && live.is_empty() && bulk.is_empty() {
                     // a complete shadow sidecar takes over (sql/switch.sql, set_model)
@@ -185,10 +206,10 @@ impl Pass {
             })
         })?
         else {
-            return Ok(None);
+            return Ok(Begun { pass: None, index_due });
         };
         if live.is_empty() && bulk.is_empty() {
-            return Ok(None);
+            return Ok(Begun { pass: None, index_due });
         }
         // decide, then start embedding (no transaction in the worker)
         let plan = settle::plan(looked);
@@ -217,7 +238,7 @@ impl Pass {
                 Work::Passages(split, started)
             }
         };
-        Ok(Some(Pass { id, src, live, bulk, more, clear: plan.clear, failed, work }))
+        Ok(Begun { pass: Some(Pass { id, src, live, bulk, more, clear: plan.clear, failed, work }), index_due })
     }
 
     /// A lane filled its window: more is probably waiting.

@@ -300,3 +300,12 @@ pub fn active_sources(client: &SpiClient<'_>) -> Result<Vec<i32>, SidecarError> 
     }
     Ok(ids)
 }
+
+/// Build a source's deferred HNSW index if its backfill is done (sql/watch.sql); whether it did.
+pub(super) fn build_index(client: &mut SpiClient<'_>, id: i32) -> Result<bool, SidecarError> {
+    let built = client
+        .update("SELECT embed_sidecar._build_index_if_ready($1)", None, &[id.into()])?
+        .first()
+        .get_one::<bool>()?;
+    Ok(built.unwrap_or(false))
+}

@@ -2,7 +2,7 @@
 //! `ALTER DATABASE ... RENAME TO` / `SET TABLESPACE` and `CREATE DATABASE ... TEMPLATE` while any
 //! other session is connected there ("database is being accessed by other users"). This
 //! `ProcessUtility` hook (installed only when preloaded, like the workers) holds the launcher off
-//! that database and stops its worker before such a command runs, so the command proceeds as if
+//! that database and stops its drain worker (and index builder) before such a command runs, so the command proceeds as if
 //! the extension were not there; afterwards (or if it fails) the worker comes back, except after a
 //! successful `DROP DATABASE`. Only a command that can pass its own checks does so (`may_run`):
 //! anyone may type `DROP DATABASE x`, and a loop of failing ones must not keep x's drain down.
@@ -136,10 +136,10 @@ unsafe extern "C-unwind" fn guard_utility(
     if !may_run(db, needs, context) {
         return run();
     }
-    if let Some(pid) = roster::hold(db.to_u32()) {
-        // the worker ends at its next interrupt check; the command itself waits up to 5 s for
-        // the database's other sessions to go (CountOtherDBBackends)
-        // SAFETY: a signal to the worker's process
+    for pid in roster::hold(db.to_u32()) {
+        // each ends at its next interrupt check; the command itself waits up to 5 s for the
+        // database's other sessions to go (CountOtherDBBackends)
+        // SAFETY: a signal to our worker's process
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     PgTryBuilder::new(run)

@@ -1,7 +1,8 @@
 //! Who serves which database: a small table in shared memory that the launcher, the drain workers,
 //! committing backends and the DROP DATABASE guard all read and write under one lock.
 //!
-//! Per database it holds the drain worker (pid, and pgprocno for setting its latch), a request
+//! Per database it holds the drain worker (pid, and pgprocno for setting its latch), the index
+//! builder it started (pid), a request
 //! counter bumped when `CREATE EXTENSION` commits there, the counter's value when a worker last
 //! found no extension (so a request made while that worker was looking is never lost), whether
 //! the last start found no free background worker slot, and whether a `DROP DATABASE` (or another
@@ -29,6 +30,8 @@ pub struct Entry {
     /// The drain worker's pid, 0 when none runs.
     pub pid: i32,
     procno: i32,
+    /// The index builder's pid (src/bgw/index_builder.rs), 0 when none runs.
+    pub builder_pid: i32,
     /// Bumped by each committed `CREATE EXTENSION` in this database.
     pub requested: u32,
     /// `requested` as a worker saw it when it found no extension, if one did.
@@ -43,8 +46,16 @@ pub struct Entry {
 }
 
 impl Entry {
-    const FREE: Entry =
-        Entry { db: 0, pid: 0, procno: 0, requested: 0, absent_at: None, waiting_since: 0, held_since: 0 };
+    const FREE: Entry = Entry {
+        db: 0,
+        pid: 0,
+        procno: 0,
+        builder_pid: 0,
+        requested: 0,
+        absent_at: None,
+        waiting_since: 0,
+        held_since: 0,
+    };
 
     /// A worker found no extension and nothing asked for one since.
     pub fn known_absent(&self) -> bool {
@@ -124,9 +135,9 @@ impl Roster {
             .position(|e| e.db == db)
             .or_else(|| self.entries.iter().position(|e| e.db == 0))
             .or_else(|| {
-                self.entries
-                    .iter()
-                    .position(|e| e.known_absent() && e.pid == 0 && e.held_since == 0 && e.waiting_since == 0)
+                self.entries.iter().position(|e| {
+                    e.known_absent() && e.pid == 0 && e.builder_pid == 0 && e.held_since == 0 && e.waiting_since == 0
+                })
             })?;
         let e = &mut self.entries[i];
         if e.db != db {
@@ -173,6 +184,38 @@ pub fn release_worker() {
     if let Some(e) = roster.entry(db).filter(|e| e.pid == pid) {
         e.pid = 0;
     }
+}
+
+// ---- the index builder of the current database ----
+
+/// Become the database's index builder, unless another live one is, or its database is held.
+pub fn claim_builder() -> bool {
+    // SAFETY: backend globals of this (connected) process
+    let (db, pid) = unsafe { (current_db(), pg_sys::MyProcPid) };
+    let mut roster = ROSTER.exclusive();
+    let Some(e) = roster.entry(db) else {
+        return false;
+    };
+    if (e.builder_pid != pid && alive(e.builder_pid)) || e.held() {
+        return false;
+    }
+    e.builder_pid = pid;
+    true
+}
+
+/// The builder leaves (any exit path: registered with `before_shmem_exit`).
+pub fn release_builder() {
+    // SAFETY: backend globals
+    let (db, pid) = unsafe { (current_db(), pg_sys::MyProcPid) };
+    let mut roster = ROSTER.exclusive();
+    if let Some(e) = roster.entry(db).filter(|e| e.builder_pid == pid) {
+        e.builder_pid = 0;
+    }
+}
+
+/// Whether an index builder runs for `db`.
+pub fn builder_running(db: u32) -> bool {
+    ROSTER.share().find(db).is_some_and(|e| alive(e.builder_pid))
 }
 
 /// The worker found no extension; `seen` is `requested` as read before it looked.
@@ -240,12 +283,15 @@ pub fn forget_unless(keep: impl Fn(u32) -> bool) {
 
 // ---- commands that need a database to themselves (src/roster/db_guard.rs) ----
 
-/// Hold workers off `db` and return the pid of the one running there, if any.
-pub fn hold(db: u32) -> Option<i32> {
+/// Hold workers off `db` and return the pids of ours connected there (drain worker, index
+/// builder).
+pub fn hold(db: u32) -> Vec<i32> {
     let mut roster = ROSTER.exclusive();
-    let e = roster.entry(db)?;
+    let Some(e) = roster.entry(db) else {
+        return Vec::new();
+    };
     e.held_since = now();
-    Some(e.pid).filter(|&p| alive(p))
+    [e.pid, e.builder_pid].into_iter().filter(|&p| alive(p)).collect()
 }
 
 /// Lift the hold and let the launcher start the worker again.

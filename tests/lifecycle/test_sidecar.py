@@ -354,3 +354,48 @@ def test_large_backfill_builds_its_index_once_at_the_end(db, model_copy):
     side = one(db, "SELECT sidecar::text FROM embed_sidecar.sources WHERE source = 'docs'::regclass AND role = 'current'")
     assert side != "docs_embeddings" and one(db, hnsw, (side,)) == 1 and one(db, pending) is False
     assert_in_step(db, "docs")
+
+
+def test_deferred_index_is_built_beside_the_drain(db):
+    """A deferred HNSW index is built by a process of its own (src/bgw/index_builder.rs), so the
+    database's drain worker goes on with its other tables meanwhile: the test hook
+    test_index_build_delay_ms holds the builder 30 s before it builds, and a row written to another
+    table in that time is embedded while the build is still pending (when the drain worker built
+    the index itself, every other table waited for the build). A builder that is terminated is
+    started again, and the index comes."""
+    builders = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_embed_sidecar index build' AND datname = current_database()"
+    pending = "SELECT index_pending FROM embed_sidecar.sources WHERE source = 'docs'::regclass AND role = 'current'"
+    hnsw = "SELECT count(*) FROM pg_indexes WHERE tablename = 'docs_embeddings' AND schemaname = current_schema() AND indexdef LIKE '%%USING hnsw%%'"
+    db.execute("CREATE TABLE others (id int PRIMARY KEY, body text)")
+    db.execute("INSERT INTO others VALUES (1, 'another table of the same database')")
+    watch(db, "others")
+    wait(db, "others")
+    dbname = one(db, "SELECT current_database()")
+    db.execute(f'ALTER DATABASE "{dbname}" SET pg_embed_sidecar.test_index_build_delay_ms = 30000')
+    try:
+        db.execute("SET pg_embed_sidecar.bulk_index_rows = 30")
+        db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        db.execute("INSERT INTO docs SELECT i, 'deferred index row ' || i FROM generate_series(1, 40) i")
+        watch(db, "docs")
+        assert one(db, pending) is True
+        deadline = time.time() + 90
+        while time.time() < deadline and not one(db, builders):
+            time.sleep(0.1)
+        builder = one(db, builders)
+        assert builder, "no index builder started once the backfill was drained"
+        assert one(db, "SELECT count(*) FROM docs_embeddings") == 40
+        # the build waits 30 s; the drain meanwhile serves the other table
+        db.execute("INSERT INTO others VALUES (2, 'written while the index of docs is being built')")
+        wait(db, "others", 20)
+        assert one(db, "SELECT count(*) FROM others_embeddings") == 2
+        assert one(db, builders) == builder and one(db, pending) is True and one(db, hnsw) == 0
+    finally:
+        db.execute(f'ALTER DATABASE "{dbname}" RESET pg_embed_sidecar.test_index_build_delay_ms')
+    # a builder that dies is replaced (without the delay now) and the index comes
+    one(db, "SELECT pg_terminate_backend(%s)", (builder,))
+    deadline = time.time() + 60
+    while time.time() < deadline and one(db, pending):
+        time.sleep(0.2)
+    assert one(db, pending) is False and one(db, hnsw) == 1
+    assert_in_step(db, "docs")
+    assert_in_step(db, "others")
