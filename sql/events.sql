@@ -27,28 +27,43 @@ CREATE EVENT TRIGGER embed_sidecar_sql_drop ON sql_drop EXECUTE FUNCTION embed_s
 
 -- After DDL on a watched table: its columns' names and numbers are reconciled (a rename, or a
 -- dump restored after a DROP COLUMN: _reconcile_columns); its sidecar passes to its new owner
--- (ALTER TABLE ... OWNER TO: the former owner keeps no hold on it); and it may not join an inheritance tree
--- or a partitioned table (CREATE TABLE ... INHERITS / PARTITION OF, ALTER TABLE ... INHERIT /
--- ATTACH PARTITION): statement triggers on one table of a hierarchy miss the writes made through
--- another, so its sidecar would silently fall behind. watch() refuses such tables for the same
--- reason.
+-- (ALTER TABLE ... OWNER TO: the former owner keeps no hold on it); and it may not join an
+-- inheritance tree or a partitioned table (CREATE [FOREIGN] TABLE ... INHERITS / PARTITION OF,
+-- ALTER TABLE ... INHERIT / ATTACH PARTITION): statement triggers on one table of a hierarchy
+-- miss the writes made through another, so its sidecar would silently fall behind. watch()
+-- refuses such tables for the same reason. Only the tables this command touched are judged, so a
+-- hierarchy made some other way never blocks other roles' DDL. After GRANT and REVOKE (which name
+-- no object here) every sidecar's readers are set to its source's again (_protect_sidecar).
 CREATE FUNCTION embed_sidecar._on_ddl_end() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    touched oid[];
     rel regclass;
-    id int;
+    s embed_sidecar.sources;
 BEGIN
-    FOR id IN SELECT x.id FROM embed_sidecar.sources x
-               WHERE x.source IN (SELECT c.objid FROM pg_event_trigger_ddl_commands() c WHERE c.classid = 'pg_class'::regclass
-                                  UNION ALL
-                                  SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() c JOIN pg_trigger t ON t.oid = c.objid
-                                   WHERE c.classid = 'pg_trigger'::regclass) LOOP
-        PERFORM embed_sidecar._reconcile_columns(id);
-        PERFORM embed_sidecar._follow_owner(id);
+    IF tg_tag IN ('GRANT', 'REVOKE') THEN
+        FOR s IN SELECT * FROM embed_sidecar.sources x
+                  WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.source)
+                    AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.sidecar) LOOP
+            PERFORM embed_sidecar._protect_sidecar(s);
+        END LOOP;
+        RETURN;
+    END IF;
+    SELECT array_agg(o) INTO touched
+      FROM (SELECT c.objid AS o FROM pg_event_trigger_ddl_commands() c WHERE c.classid = 'pg_class'::regclass
+            UNION ALL
+            SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() c JOIN pg_trigger t ON t.oid = c.objid
+             WHERE c.classid = 'pg_trigger'::regclass) t;
+    FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = ANY (touched) LOOP
+        PERFORM embed_sidecar._reconcile_columns(s.id);
+        PERFORM embed_sidecar._follow_owner(s.id);
+        -- (read again: the two above may have changed the row and the sidecar's owner)
+        PERFORM embed_sidecar._protect_sidecar(x) FROM embed_sidecar.sources x WHERE x.id = s.id;
     END LOOP;
     SELECT x.source INTO rel FROM embed_sidecar.sources x
-     WHERE EXISTS (SELECT 1 FROM pg_inherits i WHERE x.source IN (i.inhparent, i.inhrelid))
+      JOIN pg_inherits i ON x.source IN (i.inhparent, i.inhrelid)
+     WHERE i.inhparent = ANY (touched) OR i.inhrelid = ANY (touched)
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'pg_embed_sidecar: watched table % cannot be part of an inheritance tree or a partitioned table', rel
@@ -57,5 +72,7 @@ BEGIN
     END IF;
 END
 $$;
-CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TRIGGER')
+CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE', 'CREATE TRIGGER',
+                 'GRANT', 'REVOKE')
     EXECUTE FUNCTION embed_sidecar._on_ddl_end();

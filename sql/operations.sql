@@ -122,6 +122,12 @@ CREATE FUNCTION embed_sidecar._check_watched(rel regclass) RETURNS void
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- whether a table is watched is no business of a role that may not read it
+    IF NOT has_table_privilege(embed_sidecar._calling_role(), rel, 'SELECT')
+       AND NOT pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = rel), 'USAGE') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', rel
+            USING ERRCODE = 'insufficient_privilege', HINT = 'wait() and process() need SELECT on the table.';
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = rel) THEN
         PERFORM embed_sidecar._source(rel);
     END IF;
@@ -143,6 +149,8 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: max_rows must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF source IS NOT NULL THEN
+        -- the owner check first: whether a table is watched is no business of other roles
+        PERFORM embed_sidecar._check_owner(source);
         PERFORM embed_sidecar._check_watched(source);
     END IF;
     FOR s IN SELECT * FROM embed_sidecar.sources x

@@ -100,6 +100,65 @@ CREATE OR REPLACE FUNCTION embed_sidecar._vector_schema() RETURNS name
     RETURN (SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
              WHERE e.extname = 'vector');
 
+-- Raise 'not watched' unless the table has an embedding (for functions that act on all of them).
+CREATE OR REPLACE FUNCTION embed_sidecar._check_watched(rel regclass) RETURNS void
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- whether a table is watched is no business of a role that may not read it
+    IF NOT has_table_privilege(embed_sidecar._calling_role(), rel, 'SELECT')
+       AND NOT pg_has_role(embed_sidecar._calling_role(), (SELECT relowner FROM pg_class WHERE oid = rel), 'USAGE') THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: permission denied for table %', rel
+            USING ERRCODE = 'insufficient_privilege', HINT = 'wait() and process() need SELECT on the table.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM embed_sidecar.sources x WHERE x.source = rel) THEN
+        PERFORM embed_sidecar._source(rel);
+    END IF;
+END
+$$;
+
+-- The statement-level triggers on a watched table. They run with the writer's own rights (not
+-- SECURITY DEFINER): whatever the table's owner planted in a key's type (a cast to json, say)
+-- runs as the writer, exactly as the owner's own triggers would. The one privileged step,
+-- putting keys on the queue, is embed_sidecar._enqueue (src/enqueue.rs), which checks that the
+-- writer may write the table.
+--
+-- Arguments, fixed by watch(): source id, content attnum ('' with a template), key attnums
+-- ('{1,2}'), template ('' without).
+-- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
+-- whose content is distinct from before (a row whose key changed has no OLD partner and counts
+-- as changed).
+-- The keys' text form must not depend on the writer's session: floats are printed exactly
+-- (extra_float_digits >= 1) and intervals in the form interval_in reads back without doubt.
+CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET extra_float_digits = 1 SET IntervalStyle = 'postgres'
+AS $$
+DECLARE
+    key_nums smallint[] := TG_ARGV[2]::smallint[];
+    keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
+    attnum smallint := nullif(TG_ARGV[1], '')::smallint;
+    template text := nullif(TG_ARGV[3], '');
+    content_new text := embed_sidecar._content_sql(TG_RELID, attnum, template, 'n');
+    batch text[];
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n WHERE NOT embed_sidecar._is_blank(%s)',
+                       keys, content_new)
+           INTO batch;
+    ELSE
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
+                         WHERE %s IS DISTINCT FROM %s',
+                       keys, embed_sidecar._key_join(TG_RELID, key_nums, 'o', 'n'),
+                       embed_sidecar._content_sql(TG_RELID, attnum, template, 'o'), content_new)
+           INTO batch;
+    END IF;
+    IF batch IS NOT NULL THEN
+        PERFORM embed_sidecar._enqueue(TG_ARGV[0]::int, batch);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 -- Whether the calling role (who called the public function, as PostgreSQL judges it: after SET
 -- ROLE, and inside a SECURITY DEFINER function its owner; src/pg/authority.rs) may act as the table's
 -- owner. A table that no longer exists has no owner to act as.
@@ -190,13 +249,16 @@ BEGIN
 END
 $$;
 
--- Who may read a sidecar: exactly who may read its source's rows. SELECT is granted to PUBLIC and
--- row security keeps each sidecar row to the roles that can see the source row of the same key:
--- the policy reads the source as the querying role, so the source's grants, its REVOKEs and its
--- own row security all apply, now and after any later change. The whole source row is named in
--- the policy, so reading a vector needs the right to read every column (the text included) but
--- no column of the source depends on the policy (its content column can still be retyped or
--- dropped). Only the owner (the drain, which runs as the owner) writes the sidecar.
+-- Who may read a sidecar: exactly who may read its source's rows. The sidecar's SELECT grantees
+-- are the source's (table-level SELECT, PUBLIC included), set again after every GRANT, REVOKE and
+-- change of owner (events.sql), so a role that may not read the table cannot read, or lock, its
+-- sidecar, BYPASSRLS or not. Row security then keeps each sidecar row to the roles that can see
+-- the source row of the same key: the policy reads the source as the querying role, so the
+-- source's own row security applies too. The whole source row is named in the policy, so reading
+-- a vector needs the right to read every column (the text included) but no column of the source
+-- depends on the policy (its content column can still be retyped or dropped). Only the owner
+-- (the drain, which runs as the owner) writes the sidecar; a grant made on the sidecar itself is
+-- undone at the next sync.
 CREATE OR REPLACE FUNCTION embed_sidecar._protect_sidecar(s embed_sidecar.sources) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -204,11 +266,24 @@ DECLARE
     side_name name := (SELECT relname FROM pg_class WHERE oid = s.sidecar);
     g record;
 BEGIN
-    FOR g IN SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
-              WHERE c.oid = s.sidecar AND a.grantee <> c.relowner LOOP
-        EXECUTE format('REVOKE ALL ON %s FROM %s', s.sidecar, CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    FOR g IN WITH readers AS (
+                 SELECT a.grantee FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
+                  WHERE c.oid = s.source AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner),
+             granted AS (
+                 SELECT a.grantee, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a
+                  WHERE c.oid = s.sidecar AND a.grantee <> c.relowner),
+             -- anything but SELECT, or anyone who may not read the source
+             revoked AS (
+                 SELECT DISTINCT grantee FROM granted
+                  WHERE privilege_type <> 'SELECT' OR grantee NOT IN (SELECT grantee FROM readers))
+             SELECT grantee, 'REVOKE ALL ON %s FROM %s' AS command FROM revoked
+             UNION ALL
+             SELECT DISTINCT grantee, 'GRANT SELECT ON %s TO %s' FROM readers
+              WHERE grantee IN (SELECT grantee FROM revoked)
+                 OR grantee NOT IN (SELECT grantee FROM granted WHERE privilege_type = 'SELECT')
+             ORDER BY 2 DESC LOOP  -- the REVOKEs first
+        EXECUTE format(g.command, s.sidecar, CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
     END LOOP;
-    EXECUTE format('GRANT SELECT ON %s TO PUBLIC', s.sidecar);
     EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', s.sidecar);
     IF NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = s.sidecar AND polname = 'embed_sidecar_readable') THEN
         -- the sidecar's columns go by its name, the source's by that name plus a suffix: an alias
@@ -254,15 +329,21 @@ BEGIN
 END
 $$;
 
--- Both lanes of a queue name; tolerates lanes that are already gone.
+-- Both lanes of a queue name; tolerates lanes that are already gone (without IF EXISTS, whose
+-- notices a caller of watch() would see for every new embedding).
 CREATE OR REPLACE FUNCTION embed_sidecar._drop_queues(queue_name text) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     lane text;
+    t text;
 BEGIN
     FOREACH lane IN ARRAY ARRAY[queue_name, embed_sidecar._bulk_queue(queue_name)] LOOP
-        EXECUTE format('DROP TABLE IF EXISTS pgmq.%I, pgmq.%I', 'q_' || lane, 'a_' || lane);
+        FOREACH t IN ARRAY ARRAY['q_' || lane, 'a_' || lane] LOOP
+            IF to_regclass(format('pgmq.%I', t)) IS NOT NULL THEN
+                EXECUTE format('DROP TABLE pgmq.%I', t);
+            END IF;
+        END LOOP;
         DELETE FROM pgmq.meta m WHERE m.queue_name = lane;
     END LOOP;
 END
@@ -841,6 +922,8 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: max_rows must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF source IS NOT NULL THEN
+        -- the owner check first: whether a table is watched is no business of other roles
+        PERFORM embed_sidecar._check_owner(source);
         PERFORM embed_sidecar._check_watched(source);
     END IF;
     FOR s IN SELECT * FROM embed_sidecar.sources x
@@ -1182,7 +1265,9 @@ END;
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
 -- chunks: passages in a chunked sidecar (from the statistics, like coverage; verify() counts).
-CREATE OR REPLACE VIEW embed_sidecar.status AS
+-- security_barrier: the view's own filter (tables the querying role may read) runs before any
+-- condition the querier adds, so a cheap function in a WHERE clause never sees other rows.
+CREATE OR REPLACE VIEW embed_sidecar.status WITH (security_barrier) AS
 SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
                           / nullif(greatest(c.reltuples::numeric, pg_stat_get_live_tuples(s.source), s.bulk_total,
@@ -1354,28 +1439,43 @@ $$;
 
 -- After DDL on a watched table: its columns' names and numbers are reconciled (a rename, or a
 -- dump restored after a DROP COLUMN: _reconcile_columns); its sidecar passes to its new owner
--- (ALTER TABLE ... OWNER TO: the former owner keeps no hold on it); and it may not join an inheritance tree
--- or a partitioned table (CREATE TABLE ... INHERITS / PARTITION OF, ALTER TABLE ... INHERIT /
--- ATTACH PARTITION): statement triggers on one table of a hierarchy miss the writes made through
--- another, so its sidecar would silently fall behind. watch() refuses such tables for the same
--- reason.
+-- (ALTER TABLE ... OWNER TO: the former owner keeps no hold on it); and it may not join an
+-- inheritance tree or a partitioned table (CREATE [FOREIGN] TABLE ... INHERITS / PARTITION OF,
+-- ALTER TABLE ... INHERIT / ATTACH PARTITION): statement triggers on one table of a hierarchy
+-- miss the writes made through another, so its sidecar would silently fall behind. watch()
+-- refuses such tables for the same reason. Only the tables this command touched are judged, so a
+-- hierarchy made some other way never blocks other roles' DDL. After GRANT and REVOKE (which name
+-- no object here) every sidecar's readers are set to its source's again (_protect_sidecar).
 CREATE OR REPLACE FUNCTION embed_sidecar._on_ddl_end() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    touched oid[];
     rel regclass;
-    id int;
+    s embed_sidecar.sources;
 BEGIN
-    FOR id IN SELECT x.id FROM embed_sidecar.sources x
-               WHERE x.source IN (SELECT c.objid FROM pg_event_trigger_ddl_commands() c WHERE c.classid = 'pg_class'::regclass
-                                  UNION ALL
-                                  SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() c JOIN pg_trigger t ON t.oid = c.objid
-                                   WHERE c.classid = 'pg_trigger'::regclass) LOOP
-        PERFORM embed_sidecar._reconcile_columns(id);
-        PERFORM embed_sidecar._follow_owner(id);
+    IF tg_tag IN ('GRANT', 'REVOKE') THEN
+        FOR s IN SELECT * FROM embed_sidecar.sources x
+                  WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.source)
+                    AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.sidecar) LOOP
+            PERFORM embed_sidecar._protect_sidecar(s);
+        END LOOP;
+        RETURN;
+    END IF;
+    SELECT array_agg(o) INTO touched
+      FROM (SELECT c.objid AS o FROM pg_event_trigger_ddl_commands() c WHERE c.classid = 'pg_class'::regclass
+            UNION ALL
+            SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() c JOIN pg_trigger t ON t.oid = c.objid
+             WHERE c.classid = 'pg_trigger'::regclass) t;
+    FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = ANY (touched) LOOP
+        PERFORM embed_sidecar._reconcile_columns(s.id);
+        PERFORM embed_sidecar._follow_owner(s.id);
+        -- (read again: the two above may have changed the row and the sidecar's owner)
+        PERFORM embed_sidecar._protect_sidecar(x) FROM embed_sidecar.sources x WHERE x.id = s.id;
     END LOOP;
     SELECT x.source INTO rel FROM embed_sidecar.sources x
-     WHERE EXISTS (SELECT 1 FROM pg_inherits i WHERE x.source IN (i.inhparent, i.inhrelid))
+      JOIN pg_inherits i ON x.source IN (i.inhparent, i.inhrelid)
+     WHERE i.inhparent = ANY (touched) OR i.inhrelid = ANY (touched)
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'pg_embed_sidecar: watched table % cannot be part of an inheritance tree or a partitioned table', rel
@@ -1386,7 +1486,9 @@ END
 $$;
 
 
-CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TRIGGER')
+CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE', 'CREATE TRIGGER',
+                 'GRANT', 'REVOKE')
     EXECUTE FUNCTION embed_sidecar._on_ddl_end();
 
 -- existing sidecars: SELECT for PUBLIC under row security instead of the table's copied grants

@@ -45,15 +45,21 @@ BEGIN
 END
 $$;
 
--- Both lanes of a queue name; tolerates lanes that are already gone.
+-- Both lanes of a queue name; tolerates lanes that are already gone (without IF EXISTS, whose
+-- notices a caller of watch() would see for every new embedding).
 CREATE FUNCTION embed_sidecar._drop_queues(queue_name text) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     lane text;
+    t text;
 BEGIN
     FOREACH lane IN ARRAY ARRAY[queue_name, embed_sidecar._bulk_queue(queue_name)] LOOP
-        EXECUTE format('DROP TABLE IF EXISTS pgmq.%I, pgmq.%I', 'q_' || lane, 'a_' || lane);
+        FOREACH t IN ARRAY ARRAY['q_' || lane, 'a_' || lane] LOOP
+            IF to_regclass(format('pgmq.%I', t)) IS NOT NULL THEN
+                EXECUTE format('DROP TABLE pgmq.%I', t);
+            END IF;
+        END LOOP;
         DELETE FROM pgmq.meta m WHERE m.queue_name = lane;
     END LOOP;
 END

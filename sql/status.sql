@@ -22,7 +22,9 @@ END;
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
 -- chunks: passages in a chunked sidecar (from the statistics, like coverage; verify() counts).
-CREATE VIEW embed_sidecar.status AS
+-- security_barrier: the view's own filter (tables the querying role may read) runs before any
+-- condition the querier adds, so a cheap function in a WHERE clause never sees other rows.
+CREATE VIEW embed_sidecar.status WITH (security_barrier) AS
 SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q.pending, f.failed,
        coalesce(round(1 - (q.pending + q.bulk_pending + f.failed)::numeric
                           / nullif(greatest(c.reltuples::numeric, pg_stat_get_live_tuples(s.source), s.bulk_total,

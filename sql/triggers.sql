@@ -9,8 +9,10 @@
 -- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
 -- whose content is distinct from before (a row whose key changed has no OLD partner and counts
 -- as changed).
+-- The keys' text form must not depend on the writer's session: floats are printed exactly
+-- (extra_float_digits >= 1) and intervals in the form interval_in reads back without doubt.
 CREATE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET extra_float_digits = 1 SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     key_nums smallint[] := TG_ARGV[2]::smallint[];

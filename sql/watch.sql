@@ -49,13 +49,16 @@ BEGIN
 END
 $$;
 
--- Who may read a sidecar: exactly who may read its source's rows. SELECT is granted to PUBLIC and
--- row security keeps each sidecar row to the roles that can see the source row of the same key:
--- the policy reads the source as the querying role, so the source's grants, its REVOKEs and its
--- own row security all apply, now and after any later change. The whole source row is named in
--- the policy, so reading a vector needs the right to read every column (the text included) but
--- no column of the source depends on the policy (its content column can still be retyped or
--- dropped). Only the owner (the drain, which runs as the owner) writes the sidecar.
+-- Who may read a sidecar: exactly who may read its source's rows. The sidecar's SELECT grantees
+-- are the source's (table-level SELECT, PUBLIC included), set again after every GRANT, REVOKE and
+-- change of owner (events.sql), so a role that may not read the table cannot read, or lock, its
+-- sidecar, BYPASSRLS or not. Row security then keeps each sidecar row to the roles that can see
+-- the source row of the same key: the policy reads the source as the querying role, so the
+-- source's own row security applies too. The whole source row is named in the policy, so reading
+-- a vector needs the right to read every column (the text included) but no column of the source
+-- depends on the policy (its content column can still be retyped or dropped). Only the owner
+-- (the drain, which runs as the owner) writes the sidecar; a grant made on the sidecar itself is
+-- undone at the next sync.
 CREATE FUNCTION embed_sidecar._protect_sidecar(s embed_sidecar.sources) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -63,11 +66,24 @@ DECLARE
     side_name name := (SELECT relname FROM pg_class WHERE oid = s.sidecar);
     g record;
 BEGIN
-    FOR g IN SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
-              WHERE c.oid = s.sidecar AND a.grantee <> c.relowner LOOP
-        EXECUTE format('REVOKE ALL ON %s FROM %s', s.sidecar, CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    FOR g IN WITH readers AS (
+                 SELECT a.grantee FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
+                  WHERE c.oid = s.source AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner),
+             granted AS (
+                 SELECT a.grantee, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a
+                  WHERE c.oid = s.sidecar AND a.grantee <> c.relowner),
+             -- anything but SELECT, or anyone who may not read the source
+             revoked AS (
+                 SELECT DISTINCT grantee FROM granted
+                  WHERE privilege_type <> 'SELECT' OR grantee NOT IN (SELECT grantee FROM readers))
+             SELECT grantee, 'REVOKE ALL ON %s FROM %s' AS command FROM revoked
+             UNION ALL
+             SELECT DISTINCT grantee, 'GRANT SELECT ON %s TO %s' FROM readers
+              WHERE grantee IN (SELECT grantee FROM revoked)
+                 OR grantee NOT IN (SELECT grantee FROM granted WHERE privilege_type = 'SELECT')
+             ORDER BY 2 DESC LOOP  -- the REVOKEs first
+        EXECUTE format(g.command, s.sidecar, CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
     END LOOP;
-    EXECUTE format('GRANT SELECT ON %s TO PUBLIC', s.sidecar);
     EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', s.sidecar);
     IF NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = s.sidecar AND polname = 'embed_sidecar_readable') THEN
         -- the sidecar's columns go by its name, the source's by that name plus a suffix: an alias

@@ -7,7 +7,7 @@ use pgrx::prelude::*;
 mod embed_sidecar {
     use pgrx::prelude::*;
 
-    use crate::error::OrReport;
+    use crate::error::{OrReport, SidecarError};
     use crate::inference as model;
 
     /// Texts per call into the embedder: bounds the token ids held at once for huge arrays.
@@ -35,6 +35,15 @@ mod embed_sidecar {
     fn embed_many(
         contents: Array<'_, &str>,
     ) -> TableIterator<'static, (name!(ord, i32), name!(embedding, Option<Vec<f32>>))> {
+        let max = crate::gucs::embed_texts_max();
+        if contents.len() > max {
+            SidecarError::Refused {
+                code: PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                message: format!("embed_texts() takes at most {max} texts, not {}", contents.len()),
+                hint: "Call it once per slice of the array, or raise pg_embed_sidecar.embed_texts_max (superuser).",
+            }
+            .report();
+        }
         let texts: Vec<Option<&str>> = contents.iter().collect();
         let present: Vec<&str> = texts.iter().flatten().copied().collect();
         let mut vectors = Vec::with_capacity(present.len());

@@ -70,6 +70,9 @@ static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
 /// tokenizer holds ~170 bytes per byte of input while it works, so an unbounded text is an
 /// unbounded allocation (60 MB took a backend to 10 GB).
 static CHUNK_TEXT_MAX_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+/// Most texts one `embed_texts()` call takes: its vectors are all held until it returns (1.5 KiB
+/// each at 384 dimensions), and any role may call it.
+static EMBED_TEXTS_MAX: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Who called the management or search function running now (src/pg/authority.rs): set by
 /// `embed_sidecar._enter()` in each public function, scoped to it by the function's own SET clause.
 /// Anyone may set it, but only `_enter()` can give it a value `_calling_role()` accepts.
@@ -219,6 +222,16 @@ pub fn init() {
         1024 * 1024,
         GucContext::Suset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.embed_texts_max",
+        c"Most texts one embed_texts() call takes.",
+        c"",
+        &EMBED_TEXTS_MAX,
+        1,
+        10_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"pg_embed_sidecar.caller",
@@ -428,6 +441,9 @@ pub fn max_attempts() -> i32 {
 }
 pub fn chunk_text_max_bytes() -> usize {
     CHUNK_TEXT_MAX_KB.get() as usize * 1024
+}
+pub fn embed_texts_max() -> usize {
+    EMBED_TEXTS_MAX.get() as usize
 }
 pub fn caller() -> String {
     string(&CALLER)

@@ -38,7 +38,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 
 -- changed functions and views, as the install files define them
 --@copy _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
---@copy _check_owner _check_may _readable_source _create_triggers _clip _protect_sidecar
+--@copy _check_watched _enqueue_changes _check_owner _check_may _readable_source _create_triggers _clip _protect_sidecar
 --@copy _create_queue _drop_queues _create_queues _create_embedding _create_hnsw _do_watch watch
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
 --@copy reembed _do_set_model set_model _do_rollback_model rollback_model _do_drop_previous
@@ -47,7 +47,9 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _on_ddl_end
 
-CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TRIGGER')
+CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE', 'CREATE TRIGGER',
+                 'GRANT', 'REVOKE')
     EXECUTE FUNCTION embed_sidecar._on_ddl_end();
 
 -- existing sidecars: SELECT for PUBLIC under row security instead of the table's copied grants

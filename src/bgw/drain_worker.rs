@@ -11,9 +11,10 @@ use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
 use super::index_builder;
-use crate::drain::{active_sources, build_index_now, record_error, Mode, Pass, Ready};
+use crate::drain::{active_sources, build_index_now, record_error, record_note, Mode, Pass, Ready};
 use crate::error::SidecarError;
 use crate::gucs;
+use crate::pg;
 use crate::pg::xact::run_in_transaction;
 use crate::roster;
 
@@ -28,6 +29,13 @@ const YIELD_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// one step of a pass; then the pass fails and is retried later, and the other sources go on.
 /// Lookups and writes of a full pass take well under a second.
 const OWNER_CODE_LIMIT_MS: i32 = 10_000;
+/// A source whose table's own code (triggers, checks, policies on the source or sidecar) took this
+/// long in one pass waits `SLOW_PASS_PENALTY` times as long (at most `SLOW_PASS_REST_MAX`) before
+/// its next pass, so the other sources go first: one worker serves them all, and an owner may not
+/// make the others wait pass after pass. Our own statements on a table take milliseconds.
+const SLOW_OWNER_CODE: Duration = Duration::from_secs(1);
+const SLOW_PASS_PENALTY: u32 = 10;
+const SLOW_PASS_REST_MAX: Duration = Duration::from_secs(60);
 
 /// Main function of a drain worker; the argument is its database's oid, `bgw_extra` the role's oid
 /// (empty: the bootstrap superuser).
@@ -185,7 +193,10 @@ impl Drainer {
                 self.flush();
             }
             report_activity(&format!("pg_embed_sidecar: draining source {id}"));
-            match Pass::begin(id, batch, Mode::Worker) {
+            let owner_time = pg::authority::owner_code_time();
+            let begun = Pass::begin(id, batch, Mode::Worker);
+            self.charge(id, owner_time);
+            match begun {
                 Ok(begun) => {
                     if begun.index_due {
                         self.build_index(id);
@@ -207,7 +218,10 @@ impl Drainer {
     fn flush(&mut self) {
         let Some(ready) = self.carried.take() else { return };
         let id = ready.source_id();
-        match ready.write(Mode::Worker) {
+        let owner_time = pg::authority::owner_code_time();
+        let written = ready.write(Mode::Worker);
+        self.charge(id, owner_time);
+        match written {
             Ok(stats) => {
                 debug1!(
                     "pg_embed_sidecar: source {id}: {} messages, {} vectors written",
@@ -237,6 +251,30 @@ impl Drainer {
             if let Err(e) = build_index_now(id) {
                 self.rest_after_error(id, e);
             }
+        }
+    }
+
+    /// Charge source `id` with the owner code time spent since `before`; a slow step sends it to
+    /// rest (see `SLOW_OWNER_CODE`), with why in `status.last_error`.
+    fn charge(&mut self, id: i32, before: Duration) {
+        let spent = pg::authority::owner_code_time().saturating_sub(before);
+        if spent < SLOW_OWNER_CODE {
+            return;
+        }
+        let rest = (spent * SLOW_PASS_PENALTY).min(SLOW_PASS_REST_MAX);
+        let until = Instant::now() + rest;
+        if self.resting.get(&id).is_some_and(|&u| u >= until) {
+            return;
+        }
+        self.resting.insert(id, until);
+        let why = format!(
+            "the table's own code (triggers, checks, policies) took {:.1} s in one pass; its next pass waits {} s so that other tables go first",
+            spent.as_secs_f64(),
+            rest.as_secs()
+        );
+        log!("pg_embed_sidecar: source {id}: {why}");
+        if let Err(e) = run_in_transaction(|| record_note(id, &why)) {
+            warning!("pg_embed_sidecar: source {id}: could not record why it waits: {e}");
         }
     }
 

@@ -268,11 +268,17 @@ pub(super) fn settle_queue(
 
 /// Record an error that ended a pass early (model missing, source broken) where `status` shows it.
 pub fn record_error(id: i32, error: &SidecarError) -> Result<(), SidecarError> {
+    record_note(id, &error.to_string())
+}
+
+/// Record why a source is held back (an error, a slow pass) where `status.last_error` shows it to
+/// the table's owner.
+pub fn record_note(id: i32, note: &str) -> Result<(), SidecarError> {
     Spi::connect_mut(|client| {
         client.update(
             "UPDATE embed_sidecar.sources SET last_error = $2, last_error_at = pg_catalog.now() WHERE id = $1",
             None,
-            &[id.into(), error.to_string().into()],
+            &[id.into(), note.into()],
         )?;
         Ok(())
     })

@@ -1,10 +1,11 @@
 //! The inference workers (`pg_embed_sidecar.inference_workers`, default 1): background workers
 //! connected to no database, each holding one embedder per model in use (src/inference/local.rs)
-//! and serving the ring (src/inference/ring.rs). Each round takes what is waiting, interactive requests
-//! first (all of them) and otherwise a few drain texts (16, or 4 while searches keep arriving), so
-//! a search waits behind at most one small drain batch; the embedder sorts by length and cuts by
-//! the token budget. Restarted by
-//! the postmaster after 1 s if it dies; clients resubmit what it held.
+//! and serving the ring (src/inference/ring.rs). Each round takes what is waiting, interactive
+//! requests first (all of them) and otherwise a few drain texts (16, or 4 while searches keep
+//! arriving), so a search waits behind at most one small drain batch; while drains wait they are
+//! owed a quarter of the busy time, and get rounds of their own until they have had it (`Share`).
+//! The embedder sorts by length and cuts by the token budget. Restarted by the postmaster after
+//! 1 s if it dies; clients resubmit what it held.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -25,9 +26,36 @@ const DRAIN_ROUND: usize = 16;
 /// search waits for a quarter of the drain work, at some cost to the drain (README).
 const DRAIN_ROUND_BUSY: usize = 4;
 const SEARCHES_RECENT: Duration = Duration::from_secs(1);
-/// While both wait, one round in this many serves drain texts before interactive ones: sessions
+/// While drains wait, they are owed this share of the busy time (1 in `DRAIN_SHARE_OF`): sessions
 /// calling `embed_texts` in a loop (any role may) must not starve every database's drain.
-const DRAIN_SHARE: u64 = 4;
+const DRAIN_SHARE_OF: u32 = 4;
+
+/// Busy time of each kind of round since drains last had nothing waiting. Time, not rounds: a
+/// round of a hundred window-long interactive texts takes seconds, a drain round of short texts
+/// milliseconds, so a share counted in rounds left the drains a sliver when callers sent long texts.
+#[derive(Default)]
+struct Share {
+    interactive: Duration,
+    drain: Duration,
+}
+
+impl Share {
+    /// Whether the next round serves drains first (they have had less than their share).
+    fn drains_owed(&self) -> bool {
+        self.drain * (DRAIN_SHARE_OF - 1) < self.interactive
+    }
+
+    /// Count a round; `drains_waiting` whether any drain text was waiting when it was taken.
+    fn record(&mut self, drains_waiting: bool, interactive_round: bool, took: Duration) {
+        if !drains_waiting {
+            *self = Share::default();
+        } else if interactive_round {
+            self.interactive += took;
+        } else {
+            self.drain += took;
+        }
+    }
+}
 
 pub fn register() {
     // SAFETY: reading a flag the postmaster sets while loading shared_preload_libraries
@@ -63,7 +91,7 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
     log!("pg_embed_sidecar: inference worker {me} started ({} threads)", gucs::inference_threads());
     let mut nap = Duration::ZERO;
     let mut last_search: Option<Instant> = None;
-    let mut rounds: u64 = 0;
+    let mut share = Share::default();
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload postgresql.conf
@@ -71,14 +99,17 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
         }
         tidy(ring);
         let searching = last_search.is_some_and(|t| t.elapsed() < SEARCHES_RECENT);
-        rounds += 1;
-        let drain_first = rounds.is_multiple_of(DRAIN_SHARE);
-        let (batch, interactive) = take(ring, me, if searching { DRAIN_ROUND_BUSY } else { DRAIN_ROUND }, drain_first);
-        if interactive {
+        let drain_first = share.drains_owed();
+        // a round drains owe is a full one; otherwise small while searches keep arriving
+        let drain_round = if searching && !drain_first { DRAIN_ROUND_BUSY } else { DRAIN_ROUND };
+        let round = take(ring, me, drain_round, drain_first);
+        if round.interactive {
             last_search = Some(Instant::now());
         }
-        nap = if batch.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
-        serve(ring, me, &batch);
+        nap = if round.slots.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
+        let started = Instant::now();
+        serve(ring, me, &round.slots);
+        share.record(round.drains_waiting, round.interactive, started.elapsed());
     }
     ring.retire_worker(me);
     // exit code 1: the postmaster starts it again after its restart time (0 would retire it)
@@ -93,21 +124,28 @@ fn tidy(ring: Ring) {
     }
 }
 
+/// The slots of one round, what they are, and whether drain texts were waiting.
+struct Round {
+    slots: Vec<usize>,
+    interactive: bool,
+    drains_waiting: bool,
+}
+
 /// Take this round's slots: every interactive request waiting, or else the oldest `drain_round`
-/// drain requests; with `drain_first`, drain requests first when any wait. Also says whether they
-/// are interactive.
-fn take(ring: Ring, me: usize, drain_round: usize, drain_first: bool) -> (Vec<usize>, bool) {
+/// drain requests; with `drain_first`, drain requests first when any wait.
+fn take(ring: Ring, me: usize, drain_round: usize, drain_first: bool) -> Round {
     let mut waiting: Vec<(u32, u64, usize)> =
         (0..ring.len()).filter_map(|i| ring.slot(i).waiting().map(|(priority, seq)| (priority, seq, i))).collect();
     waiting.sort_unstable();
     let mut interactive = waiting.iter().take_while(|w| w.0 == Priority::Interactive as u32).count();
-    if drain_first && interactive < waiting.len() {
+    let drains_waiting = interactive < waiting.len();
+    if drain_first && drains_waiting {
         waiting.drain(..interactive);
         interactive = 0;
     }
     let limit = if interactive > 0 { interactive } else { drain_round };
-    let taken = waiting.into_iter().take(limit).map(|w| w.2).filter(|&i| ring.slot(i).take(me)).collect();
-    (taken, interactive > 0)
+    let slots = waiting.into_iter().take(limit).map(|w| w.2).filter(|&i| ring.slot(i).take(me)).collect();
+    Round { slots, interactive: interactive > 0, drains_waiting }
 }
 
 /// Embed the taken slots, one call per model, in this process (src/inference/local.rs); count
@@ -148,5 +186,33 @@ fn serve(ring: Ring, me: usize, taken: &[usize]) {
             hint: e.hint().map(str::to_string),
         });
         ring.slot(i).answer(me, result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Share;
+
+    #[test]
+    fn drains_get_a_quarter_of_the_busy_time_while_they_wait() {
+        let mut share = Share::default();
+        assert!(!share.drains_owed());
+        // long interactive rounds while drains wait: owed once interactive time passes 3× theirs
+        share.record(true, true, Duration::from_secs(2));
+        assert!(share.drains_owed());
+        share.record(true, false, Duration::from_millis(500));
+        assert!(share.drains_owed(), "0.5 s of 2.5 s is less than a quarter");
+        share.record(true, false, Duration::from_millis(200));
+        assert!(!share.drains_owed(), "0.7 s of 2.7 s is more than a quarter");
+        share.record(true, true, Duration::from_millis(200));
+        assert!(share.drains_owed());
+        // nothing of the drains waiting: the account starts again
+        share.record(false, true, Duration::from_secs(5));
+        assert!(!share.drains_owed());
+        // drains alone never owe anything to themselves
+        share.record(true, false, Duration::from_secs(1));
+        assert!(!share.drains_owed());
     }
 }

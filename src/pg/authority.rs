@@ -32,6 +32,15 @@ pub fn limit_owner_code(ms: i32) {
     OWNER_CODE_LIMIT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Microseconds this process has spent in restricted operations (a table owner's code and our
+/// statements on the owner's tables), since it started: the drain worker charges them to the
+/// source whose pass ran them.
+static OWNER_CODE_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn owner_code_time() -> std::time::Duration {
+    std::time::Duration::from_micros(OWNER_CODE_US.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 // The statement timeout's timer (utils/timeout.h), which pgrx does not bind; SPI does not arm it,
 // so the worker arms it itself around the owner's code.
 extern "C-unwind" {
@@ -62,7 +71,9 @@ impl Drop for Armed {
 /// Run `f` as `role`. `restricted` adds SECURITY_RESTRICTED_OPERATION (for code that touches user
 /// tables); without it the switch is a plain local user-id change (for queue work done on behalf
 /// of a writer). Either way `search_path` is pinned while `f` runs, so nothing a user creates in a
-/// writable schema can shadow what our statements call.
+/// writable schema can shadow what our statements call, and so is how keys are printed (floats
+/// exactly, intervals in one style), so a key made in a session with other settings (a backfill
+/// run by `watch()`) is the key the drain looks up.
 pub fn run_as<R>(
     role: pg_sys::Oid,
     restricted: bool,
@@ -78,11 +89,17 @@ pub fn run_as<R>(
         pg_sys::SetUserIdAndSecContext(role, saved_context | flag as i32);
         let level = pg_sys::NewGUCNestLevel();
         set_setting(c"search_path", PINNED_SEARCH_PATH, pg_sys::GucAction::GUC_ACTION_SAVE);
+        set_setting(c"extra_float_digits", c"1", pg_sys::GucAction::GUC_ACTION_SAVE);
+        set_setting(c"IntervalStyle", c"postgres", pg_sys::GucAction::GUC_ACTION_SAVE);
         level
     };
     let limit = OWNER_CODE_LIMIT_MS.load(std::sync::atomic::Ordering::Relaxed);
     let armed = (restricted && limit > 0).then(|| Armed::arm(limit));
+    let started = std::time::Instant::now();
     let result = f();
+    if restricted {
+        OWNER_CODE_US.fetch_add(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     drop(armed);
     // SAFETY: undoes exactly the switch above, in reverse order; `false` discards every setting
     // changed at this level or below (the pinned path and whatever the owner's code set)
