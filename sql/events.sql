@@ -33,7 +33,7 @@ CREATE EVENT TRIGGER embed_sidecar_sql_drop ON sql_drop EXECUTE FUNCTION embed_s
 -- miss the writes made through another, so its sidecar would silently fall behind. watch()
 -- refuses such tables for the same reason. Only the tables this command touched are judged, so a
 -- hierarchy made some other way never blocks other roles' DDL. After GRANT and REVOKE (which name
--- no object here) every sidecar's readers are set to its source's again (_protect_sidecar).
+-- no object here) every sidecar's readers are set to its source's again (_sync_readers).
 CREATE FUNCTION embed_sidecar._on_ddl_end() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -46,7 +46,7 @@ BEGIN
         FOR s IN SELECT * FROM embed_sidecar.sources x
                   WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.source)
                     AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.sidecar) LOOP
-            PERFORM embed_sidecar._protect_sidecar(s);
+            PERFORM embed_sidecar._sync_readers(s);
         END LOOP;
         RETURN;
     END IF;
@@ -59,7 +59,7 @@ BEGIN
         PERFORM embed_sidecar._reconcile_columns(s.id);
         PERFORM embed_sidecar._follow_owner(s.id);
         -- (read again: the two above may have changed the row and the sidecar's owner)
-        PERFORM embed_sidecar._protect_sidecar(x) FROM embed_sidecar.sources x WHERE x.id = s.id;
+        PERFORM embed_sidecar._sync_readers(x) FROM embed_sidecar.sources x WHERE x.id = s.id;
     END LOOP;
     SELECT x.source INTO rel FROM embed_sidecar.sources x
       JOIN pg_inherits i ON x.source IN (i.inhparent, i.inhrelid)

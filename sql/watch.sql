@@ -51,19 +51,18 @@ $$;
 
 -- Who may read a sidecar: exactly who may read its source's rows. The sidecar's SELECT grantees
 -- are the source's (table-level SELECT, PUBLIC included), set again after every GRANT, REVOKE and
--- change of owner (events.sql), so a role that may not read the table cannot read, or lock, its
--- sidecar, BYPASSRLS or not. Row security then keeps each sidecar row to the roles that can see
+-- change of owner (_sync_readers, called by events.sql), so a role that may not read the table
+-- cannot read, or lock, its sidecar, BYPASSRLS or not. Row security then keeps each sidecar row to the roles that can see
 -- the source row of the same key: the policy reads the source as the querying role, so the
 -- source's own row security applies too. The whole source row is named in the policy, so reading
 -- a vector needs the right to read every column (the text included) but no column of the source
 -- depends on the policy (its content column can still be retyped or dropped). Only the owner
 -- (the drain, which runs as the owner) writes the sidecar; a grant made on the sidecar itself is
 -- undone at the next sync.
-CREATE FUNCTION embed_sidecar._protect_sidecar(s embed_sidecar.sources) RETURNS void
+CREATE FUNCTION embed_sidecar._sync_readers(s embed_sidecar.sources) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    side_name name := (SELECT relname FROM pg_class WHERE oid = s.sidecar);
     g record;
 BEGIN
     FOR g IN WITH readers AS (
@@ -84,7 +83,20 @@ BEGIN
              ORDER BY 2 DESC LOOP  -- the REVOKEs first
         EXECUTE format(g.command, s.sidecar, CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
     END LOOP;
-    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', s.sidecar);
+END
+$$;
+
+CREATE FUNCTION embed_sidecar._protect_sidecar(s embed_sidecar.sources) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    side_name name := (SELECT relname FROM pg_class WHERE oid = s.sidecar);
+BEGIN
+    PERFORM embed_sidecar._sync_readers(s);
+    -- (only when needed: ALTER TABLE takes the sidecar's strongest lock)
+    IF NOT (SELECT relrowsecurity FROM pg_class WHERE oid = s.sidecar) THEN
+        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', s.sidecar);
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = s.sidecar AND polname = 'embed_sidecar_readable') THEN
         -- the sidecar's columns go by its name, the source's by that name plus a suffix: an alias
         -- equal to the sidecar's name would make the condition compare the source with itself
