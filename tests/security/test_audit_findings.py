@@ -541,8 +541,9 @@ def test_owner_discards_dead_letters(db, make_role):
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     db.execute("INSERT INTO docs VALUES (1, 'fine'), (2, 'POISON row')")
     db.execute(f'GRANT SELECT ON docs TO "{other}"')
-    watch(db, "docs")
-    one(db, "SELECT embed_sidecar.pause('docs')")
+    with db.transaction():  # paused before the worker can see the backfill
+        watch(db, "docs")
+        one(db, "SELECT embed_sidecar.pause('docs')")
     db.execute("SET pg_embed_sidecar.test_fail_marker = 'POISON'")
     db.execute("SET pg_embed_sidecar.max_attempts = 1")
     one(db, "SELECT embed_sidecar.process('docs')")
@@ -722,16 +723,18 @@ def test_short_lived_sessions_never_get_each_others_vectors():
     assert worst > 0.9999, f"a session got a vector that is not its text's: cosine {worst}"
 
 
-# one call keeps a session on the ring for about a minute here (on 0.2.0, two of them kept every
-# drain waiting until both ended: interactive requests always went first)
+# one call of the most texts a call may take (embed_texts_max) keeps a session on the ring for
+# about half a minute here (on 0.2.0, two of them kept every drain waiting until both ended:
+# interactive requests always went first)
 FLOOD = ("SELECT count(*) FROM unnest(embed_texts(ARRAY(SELECT 'flood ' || i || ' ' || md5(random()::text) "
-         "FROM generate_series(1, 20000) i)))")
+         "FROM generate_series(1, 10000) i)))")
 
 
 def test_drain_is_served_while_two_sessions_flood_embed_texts(db):
-    """M8: while two sessions run embed_texts() over 20,000 texts each (about a minute per call
-    here), a row inserted into a watched table is still embedded within 30 s: drains get one
-    round in four and a quarter of the ring of their own."""
+    """M8: while two sessions run embed_texts() over 10,000 texts each (the most a call may take;
+    about half a minute per call here), a row inserted into a watched table is still embedded
+    within 30 s: drains waiting are owed a quarter of the service's busy time and have a quarter
+    of the ring of their own."""
     db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     watch(db, "docs")
     stop, pids, errors = threading.Event(), [], []
