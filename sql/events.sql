@@ -43,6 +43,14 @@ DECLARE
     s embed_sidecar.sources;
 BEGIN
     IF tg_tag IN ('GRANT', 'REVOKE') THEN
+        -- The GRANTs and REVOKEs _sync_readers makes need no sync of their own (it marks them):
+        -- re-entering once per statement would nest as deep as there are statements. The mark
+        -- is a plain setting anyone can set, which only skips this sync for that session's own
+        -- GRANT and REVOKE: a sidecar's grants then lag its table's, and a role whose SELECT on
+        -- the table was revoked still cannot read it (the policy reads the table as that role).
+        IF current_setting('embed_sidecar.syncing_readers', true) = 'on' THEN
+            RETURN;
+        END IF;
         FOR s IN SELECT * FROM embed_sidecar.sources x
                   WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.source)
                     AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.sidecar) LOOP

@@ -263,26 +263,30 @@ CREATE OR REPLACE FUNCTION embed_sidecar._sync_readers(s embed_sidecar.sources) 
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    g record;
+    owner oid := (SELECT relowner FROM pg_class WHERE oid = s.sidecar);
+    readers oid[] := ARRAY(SELECT a.grantee FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
+                            WHERE c.oid = s.source AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner);
+    marked text := current_setting('embed_sidecar.syncing_readers', true);
+    g oid;
 BEGIN
-    FOR g IN WITH readers AS (
-                 SELECT a.grantee FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
-                  WHERE c.oid = s.source AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner),
-             granted AS (
-                 SELECT a.grantee, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a
-                  WHERE c.oid = s.sidecar AND a.grantee <> c.relowner),
-             -- anything but SELECT, or anyone who may not read the source
-             revoked AS (
-                 SELECT DISTINCT grantee FROM granted
-                  WHERE privilege_type <> 'SELECT' OR grantee NOT IN (SELECT grantee FROM readers))
-             SELECT grantee, 'REVOKE ALL ON %s FROM %s' AS command FROM revoked
-             UNION ALL
-             SELECT DISTINCT grantee, 'GRANT SELECT ON %s TO %s' FROM readers
-              WHERE grantee IN (SELECT grantee FROM revoked)
-                 OR grantee NOT IN (SELECT grantee FROM granted WHERE privilege_type = 'SELECT')
-             ORDER BY 2 DESC LOOP  -- the REVOKEs first
-        EXECUTE format(g.command, s.sidecar, CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    -- our own GRANTs and REVOKEs below fire the GRANT/REVOKE event trigger: it need not sync again
+    PERFORM set_config('embed_sidecar.syncing_readers', 'on', true);
+    -- What may stay: SELECT granted by the owner, without grant option, to a reader. Anything
+    -- else granted by the owner goes, with CASCADE: every grant made by some other role descends
+    -- from a grant option the owner gave, so this removes those too (a superuser's REVOKE acts as
+    -- the owner, and could not remove another grantor's grant directly).
+    FOR g IN SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
+              WHERE c.oid = s.sidecar AND a.grantor = owner AND a.grantee <> owner
+                AND (a.privilege_type <> 'SELECT' OR a.is_grantable OR NOT a.grantee = ANY (readers)) LOOP
+        EXECUTE format('REVOKE ALL ON %s FROM %s CASCADE', s.sidecar, CASE WHEN g = 0 THEN 'PUBLIC' ELSE g::regrole::text END);
     END LOOP;
+    FOR g IN SELECT r FROM unnest(readers) r
+              WHERE NOT EXISTS (SELECT 1 FROM pg_class c, aclexplode(c.relacl) a
+                                 WHERE c.oid = s.sidecar AND a.grantor = owner AND a.grantee = r
+                                   AND a.privilege_type = 'SELECT') LOOP
+        EXECUTE format('GRANT SELECT ON %s TO %s', s.sidecar, CASE WHEN g = 0 THEN 'PUBLIC' ELSE g::regrole::text END);
+    END LOOP;
+    PERFORM set_config('embed_sidecar.syncing_readers', coalesce(marked, ''), true);
 END
 $$;
 
@@ -1467,6 +1471,14 @@ DECLARE
     s embed_sidecar.sources;
 BEGIN
     IF tg_tag IN ('GRANT', 'REVOKE') THEN
+        -- The GRANTs and REVOKEs _sync_readers makes need no sync of their own (it marks them):
+        -- re-entering once per statement would nest as deep as there are statements. The mark
+        -- is a plain setting anyone can set, which only skips this sync for that session's own
+        -- GRANT and REVOKE: a sidecar's grants then lag its table's, and a role whose SELECT on
+        -- the table was revoked still cannot read it (the policy reads the table as that role).
+        IF current_setting('embed_sidecar.syncing_readers', true) = 'on' THEN
+            RETURN;
+        END IF;
         FOR s IN SELECT * FROM embed_sidecar.sources x
                   WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.source)
                     AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = x.sidecar) LOOP

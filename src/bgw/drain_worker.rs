@@ -36,6 +36,8 @@ const OWNER_CODE_LIMIT_MS: i32 = 10_000;
 const SLOW_OWNER_CODE: Duration = Duration::from_secs(1);
 const SLOW_PASS_PENALTY: u32 = 10;
 const SLOW_PASS_REST_MAX: Duration = Duration::from_secs(60);
+/// Longest wait between two index builds of one source whose build keeps failing.
+const INDEX_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Main function of a drain worker; the argument is its database's oid, `bgw_extra` the role's oid
 /// (empty: the bootstrap superuser).
@@ -138,12 +140,19 @@ struct Round {
 /// What a drain worker carries from one round to the next.
 #[derive(Default)]
 struct Drainer {
-    /// Sources whose last pass failed, left alone until the instant given.
+    /// Sources whose last pass failed or whose owner's code was slow, left alone until the
+    /// instant given.
     resting: HashMap<i32, Instant>,
+    /// The owner of each active source, as of this round.
+    owners: HashMap<i32, pg_sys::Oid>,
     /// The last pass begun, its vectors on their way, not written yet.
     carried: Option<Ready>,
-    /// The index builder this worker started last (src/bgw/index_builder.rs), and when.
-    builder: Option<(DynamicBackgroundWorker, Instant)>,
+    /// The index builder this worker started last (src/bgw/index_builder.rs).
+    builder: Option<DynamicBackgroundWorker>,
+    /// Sources whose index a builder was started for and is still due: when the next may be
+    /// started for each, and the wait after that one (doubling), so a build that keeps failing (a
+    /// lock on its sidecar) never keeps another source's index from being built.
+    index_tries: HashMap<i32, (Instant, Duration)>,
 }
 
 impl Drainer {
@@ -183,7 +192,8 @@ impl Drainer {
         let mut worked = false;
         let now = Instant::now();
         self.resting.retain(|_, until| *until > now);
-        for id in sources {
+        self.owners = sources.iter().copied().collect();
+        for (id, _) in sources {
             // a pending SIGTERM ends the worker here, between sources
             pg_sys::check_for_interrupts!();
             if self.resting.contains_key(&id) {
@@ -193,13 +203,17 @@ impl Drainer {
                 self.flush();
             }
             report_activity(&format!("pg_embed_sidecar: draining source {id}"));
-            let owner_time = pg::authority::owner_code_time();
+            let before = pg::authority::owner_code_time();
             let begun = Pass::begin(id, batch, Mode::Worker);
-            self.charge(id, owner_time);
+            let spent = pg::authority::owner_code_time().saturating_sub(before);
             match begun {
                 Ok(begun) => {
-                    if begun.index_due {
-                        self.build_index(id);
+                    self.charge(id, spent);
+                    match begun.index_due {
+                        Some(true) => self.build_index(id),
+                        // built (or never deferred): its tries are over
+                        Some(false) => _ = self.index_tries.remove(&id),
+                        None => {}
                     }
                     if let Some(pass) = begun.pass {
                         full |= pass.more();
@@ -208,7 +222,10 @@ impl Drainer {
                         self.carried = Some(pass.wait());
                     }
                 }
-                Err(e) => self.rest_after_error(id, e),
+                Err(e) => {
+                    self.rest_after_error(id, e);
+                    self.charge(id, spent);
+                }
             }
         }
         Ok(Some(Round { full, worked }))
@@ -218,9 +235,9 @@ impl Drainer {
     fn flush(&mut self) {
         let Some(ready) = self.carried.take() else { return };
         let id = ready.source_id();
-        let owner_time = pg::authority::owner_code_time();
+        let before = pg::authority::owner_code_time();
         let written = ready.write(Mode::Worker);
-        self.charge(id, owner_time);
+        let spent = pg::authority::owner_code_time().saturating_sub(before);
         match written {
             Ok(stats) => {
                 debug1!(
@@ -231,21 +248,26 @@ impl Drainer {
             }
             Err(e) => self.rest_after_error(id, e),
         }
+        self.charge(id, spent);
     }
 
     /// Source `id`'s backfill is done: have its index built by a builder of its own, unless one
-    /// runs for this database (it may be this source's; another's waits for the next round). When
-    /// no builder can be started the index is built here, holding the other sources meanwhile.
+    /// runs for this database (another due source waits for the next round) or this source's last
+    /// try is too recent. When no builder can be started the index is built here, holding the
+    /// other sources meanwhile.
     fn build_index(&mut self, id: i32) {
-        // one builder at a time, and not again within ERROR_NAP of the last (a build that failed
-        // is retried, not in a loop)
-        let recent = self.builder.as_ref().is_some_and(|(b, at)| {
-            matches!(b.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)) || at.elapsed() < ERROR_NAP
-        });
-        if recent || roster::builder_running(roster::current_db()) {
+        let running = self
+            .builder
+            .as_ref()
+            .is_some_and(|b| matches!(b.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)));
+        let now = Instant::now();
+        let too_soon = self.index_tries.get(&id).is_some_and(|&(next, _)| now < next);
+        if running || too_soon || roster::builder_running(roster::current_db()) {
             return;
         }
-        self.builder = index_builder::start(id).map(|b| (b, Instant::now()));
+        let wait = self.index_tries.get(&id).map_or(ERROR_NAP, |&(_, wait)| (wait * 2).min(INDEX_RETRY_MAX));
+        self.index_tries.insert(id, (now + wait, wait));
+        self.builder = index_builder::start(id);
         if self.builder.is_none() {
             report_activity(&format!("pg_embed_sidecar: building the index of source {id}"));
             if let Err(e) = build_index_now(id) {
@@ -254,21 +276,23 @@ impl Drainer {
         }
     }
 
-    /// Charge source `id` with the owner code time spent since `before`; a slow step sends it to
-    /// rest (see `SLOW_OWNER_CODE`), with why in `status.last_error`.
-    fn charge(&mut self, id: i32, before: Duration) {
-        let spent = pg::authority::owner_code_time().saturating_sub(before);
+    /// Charge source `id` with the time its owner's code took in one step (`spent`): when slow,
+    /// every source of that owner rests (see `SLOW_OWNER_CODE`; an owner with many slow tables
+    /// must not hold the others once per table), with why in `status.last_error`.
+    fn charge(&mut self, id: i32, spent: Duration) {
         if spent < SLOW_OWNER_CODE {
             return;
         }
         let rest = (spent * SLOW_PASS_PENALTY).min(SLOW_PASS_REST_MAX);
         let until = Instant::now() + rest;
-        if self.resting.get(&id).is_some_and(|&u| u >= until) {
-            return;
+        let owner = self.owners.get(&id).copied();
+        let theirs: Vec<i32> =
+            self.owners.iter().filter(|(_, &o)| Some(o) == owner).map(|(&s, _)| s).chain([id]).collect();
+        for s in theirs {
+            self.resting.entry(s).and_modify(|u| *u = (*u).max(until)).or_insert(until);
         }
-        self.resting.insert(id, until);
         let why = format!(
-            "the table's own code (triggers, checks, policies) took {:.1} s in one pass; its next pass waits {} s so that other tables go first",
+            "the table's own code (triggers, checks, policies) took {:.1} s in one pass; its owner's tables wait {} s so that other tables go first",
             spent.as_secs_f64(),
             rest.as_secs()
         );
@@ -282,7 +306,9 @@ impl Drainer {
     /// while.
     fn rest_after_error(&mut self, id: i32, e: SidecarError) {
         warning!("pg_embed_sidecar: source {id}: {e}");
-        self.resting.insert(id, Instant::now() + ERROR_NAP);
+        // (a longer rest for slow owner code, set by `charge`, stands)
+        let until = Instant::now() + ERROR_NAP;
+        self.resting.entry(id).and_modify(|u| *u = (*u).max(until)).or_insert(until);
         if let Err(e2) = run_in_transaction(|| record_error(id, &e)) {
             warning!("pg_embed_sidecar: source {id}: could not record the error: {e2}");
         }

@@ -94,10 +94,11 @@ pub fn build_index_now(id: i32) -> Result<bool, SidecarError> {
 }
 
 /// What `Pass::begin` found: a pass to carry on with, if there were messages, and (worker mode)
-/// whether the source's deferred HNSW index is due, its backfill being done.
+/// whether the source's deferred HNSW index is due, its backfill being done (None: the source was
+/// not looked at this time — paused, or its registry row locked by someone else).
 pub struct Begun {
     pub pass: Option<Pass>,
-    pub index_due: bool,
+    pub index_due: Option<bool>,
 }
 
 /// A pass whose messages are read and whose changed rows are on their way through the model.
@@ -140,7 +141,7 @@ impl Pass {
     /// outage (missing file) costs no attempts; notice a replaced model; read messages; look up;
     /// decide (`settle::plan`); then hand the changed texts to the model. `None`: nothing to do.
     pub fn begin(id: i32, limit: i32, mode: Mode) -> Result<Begun, SidecarError> {
-        let mut index_due = false;
+        let mut index_due = None;
         let Some((src, live, bulk, looked, known, more, overdue)) = in_tx(mode, || {
             Spi::connect_mut(|client| {
                 if mode == Mode::Caller {
@@ -156,6 +157,7 @@ impl Pass {
                 if mode == Mode::Worker && src.paused {
                     return Ok(None);
                 }
+                index_due = Some(false);
                 let current = inference::model_id_of(&src.model)?;
                 inference::ensure_loadable(&src.model, &current)?;
                 if current != src.model_id {
@@ -192,7 +194,7 @@ impl Pass {
                     // built by a process of its own (src/bgw/index_builder.rs) and goes on with the
                     // other sources meanwhile; process() builds it in the caller's transaction.
                     match mode {
-                        Mode::Worker => index_due = true,
+                        Mode::Worker => index_due = Some(true),
                         Mode::Caller => {
                             build_index(client, id)?;
                         }

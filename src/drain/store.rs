@@ -296,15 +296,19 @@ pub(super) fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), Sid
 }
 
 /// Registry ids of the sources a drain should visit, oldest first.
-pub fn active_sources(client: &SpiClient<'_>) -> Result<Vec<i32>, SidecarError> {
-    let rows = client.select("SELECT id FROM embed_sidecar.sources WHERE state <> 'paused' ORDER BY id", None, &[])?;
-    let mut ids = Vec::new();
+/// With each, its table's owner.
+pub fn active_sources(client: &SpiClient<'_>) -> Result<Vec<(i32, pg_sys::Oid)>, SidecarError> {
+    let rows = client.select(
+        "SELECT s.id, c.relowner FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source
+          WHERE s.state <> 'paused' ORDER BY s.id",
+        None,
+        &[],
+    )?;
+    let mut sources = Vec::new();
     for row in rows {
-        if let Some(id) = row.get::<i32>(1)? {
-            ids.push(id);
-        }
+        sources.push((required(&row, 1, "a source id")?, required(&row, 2, "a source's owner")?));
     }
-    Ok(ids)
+    Ok(sources)
 }
 
 /// Build a source's deferred HNSW index if its backfill is done (sql/watch.sql); whether it did.

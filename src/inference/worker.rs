@@ -1,7 +1,7 @@
 //! The inference workers (`pg_embed_sidecar.inference_workers`, default 1): background workers
 //! connected to no database, each holding one embedder per model in use (src/inference/local.rs)
 //! and serving the ring (src/inference/ring.rs). Each round takes what is waiting, interactive
-//! requests first (all of them) and otherwise a few drain texts (16, or 4 while searches keep
+//! requests first (up to 64) and otherwise a few drain texts (16, or 4 while searches keep
 //! arriving), so a search waits behind at most one small drain batch; while drains wait they are
 //! owed a quarter of the busy time, and get rounds of their own until they have had it (`Share`).
 //! The embedder sorts by length and cuts by the token budget. Restarted by the postmaster after
@@ -29,6 +29,9 @@ const SEARCHES_RECENT: Duration = Duration::from_secs(1);
 /// While drains wait, they are owed this share of the busy time (1 in `DRAIN_SHARE_OF`): sessions
 /// calling `embed_texts` in a loop (any role may) must not starve every database's drain.
 const DRAIN_SHARE_OF: u32 = 4;
+/// Most interactive texts in one round, so a round (and a drain that waits for its end) lasts
+/// about one inference call, however many sessions have texts waiting.
+const INTERACTIVE_ROUND: usize = 64;
 
 /// Busy time of each kind of round since drains last had nothing waiting. Time, not rounds: a
 /// round of a hundred window-long interactive texts takes seconds, a drain round of short texts
@@ -109,7 +112,9 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
         nap = if round.slots.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
         let started = Instant::now();
         serve(ring, me, &round.slots);
-        share.record(round.drains_waiting, round.interactive, started.elapsed());
+        // a drain that came during the round is owed its share of it too
+        let drains_waiting = round.drains_waiting || drains_waiting(ring);
+        share.record(drains_waiting, round.interactive, started.elapsed());
     }
     ring.retire_worker(me);
     // exit code 1: the postmaster starts it again after its restart time (0 would retire it)
@@ -124,6 +129,11 @@ fn tidy(ring: Ring) {
     }
 }
 
+/// Whether any drain text waits for a worker.
+fn drains_waiting(ring: Ring) -> bool {
+    (0..ring.len()).any(|i| ring.slot(i).waiting().is_some_and(|(priority, _)| priority == Priority::Drain as u32))
+}
+
 /// The slots of one round, what they are, and whether drain texts were waiting.
 struct Round {
     slots: Vec<usize>,
@@ -131,8 +141,9 @@ struct Round {
     drains_waiting: bool,
 }
 
-/// Take this round's slots: every interactive request waiting, or else the oldest `drain_round`
-/// drain requests; with `drain_first`, drain requests first when any wait.
+/// Take this round's slots: the oldest interactive requests waiting (at most
+/// `INTERACTIVE_ROUND`), or else the oldest `drain_round` drain requests; with `drain_first`,
+/// drain requests first when any wait.
 fn take(ring: Ring, me: usize, drain_round: usize, drain_first: bool) -> Round {
     let mut waiting: Vec<(u32, u64, usize)> =
         (0..ring.len()).filter_map(|i| ring.slot(i).waiting().map(|(priority, seq)| (priority, seq, i))).collect();
@@ -143,7 +154,7 @@ fn take(ring: Ring, me: usize, drain_round: usize, drain_first: bool) -> Round {
         waiting.drain(..interactive);
         interactive = 0;
     }
-    let limit = if interactive > 0 { interactive } else { drain_round };
+    let limit = if interactive > 0 { interactive.min(INTERACTIVE_ROUND) } else { drain_round };
     let slots = waiting.into_iter().take(limit).map(|w| w.2).filter(|&i| ring.slot(i).take(me)).collect();
     Round { slots, interactive: interactive > 0, drains_waiting }
 }

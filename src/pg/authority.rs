@@ -50,6 +50,16 @@ extern "C-unwind" {
 /// `STATEMENT_TIMEOUT` in `enum TimeoutId` (the same in PostgreSQL 15 to 18).
 const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 
+/// Adds the time since it was made to `OWNER_CODE_US` when dropped, also when an ERROR unwinds
+/// through `run_as`: owner code that ends in an error (the step limit, say) is charged too.
+struct Charged(std::time::Instant);
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        OWNER_CODE_US.fetch_add(self.0.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Disarms the statement timeout when dropped, also when an ERROR unwinds through `run_as`.
 struct Armed;
 
@@ -95,11 +105,9 @@ pub fn run_as<R>(
     };
     let limit = OWNER_CODE_LIMIT_MS.load(std::sync::atomic::Ordering::Relaxed);
     let armed = (restricted && limit > 0).then(|| Armed::arm(limit));
-    let started = std::time::Instant::now();
+    let charged = restricted.then(|| Charged(std::time::Instant::now()));
     let result = f();
-    if restricted {
-        OWNER_CODE_US.fetch_add(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
+    drop(charged);
     drop(armed);
     // SAFETY: undoes exactly the switch above, in reverse order; `false` discards every setting
     // changed at this level or below (the pinned path and whatever the owner's code set)
