@@ -145,6 +145,9 @@ struct Drainer {
     resting: HashMap<i32, Instant>,
     /// The owner of each active source, as of this round.
     owners: HashMap<i32, pg_sys::Oid>,
+    /// Owners one of whose tables' code was slow, until that table's rest ends: a second slow
+    /// table of theirs in that time sends all of their tables to rest.
+    slow_owners: HashMap<pg_sys::Oid, Instant>,
     /// The last pass begun, its vectors on their way, not written yet.
     carried: Option<Ready>,
     /// The index builder this worker started last (src/bgw/index_builder.rs).
@@ -192,6 +195,7 @@ impl Drainer {
         let mut worked = false;
         let now = Instant::now();
         self.resting.retain(|_, until| *until > now);
+        self.slow_owners.retain(|_, until| *until > now);
         self.owners = sources.iter().copied().collect();
         for (id, _) in sources {
             // a pending SIGTERM ends the worker here, between sources
@@ -276,23 +280,35 @@ impl Drainer {
         }
     }
 
-    /// Charge source `id` with the time its owner's code took in one step (`spent`): when slow,
-    /// every source of that owner rests (see `SLOW_OWNER_CODE`; an owner with many slow tables
-    /// must not hold the others once per table), with why in `status.last_error`.
+    /// Charge source `id` with the time its table's own code took in one step (`spent`). A slow
+    /// step (see `SLOW_OWNER_CODE`) sends the source to rest; a second slow table of the same owner
+    /// while the first rests sends all of that owner's tables to rest (an owner with many slow
+    /// tables must not hold the others once per table). Only the source itself at first: its
+    /// slowness may be a writer's doing (row locks it waits for), not its owner's. Why goes to
+    /// `status.last_error`.
     fn charge(&mut self, id: i32, spent: Duration) {
         if spent < SLOW_OWNER_CODE {
             return;
         }
         let rest = (spent * SLOW_PASS_PENALTY).min(SLOW_PASS_REST_MAX);
-        let until = Instant::now() + rest;
+        let now = Instant::now();
+        let until = now + rest;
         let owner = self.owners.get(&id).copied();
-        let theirs: Vec<i32> =
-            self.owners.iter().filter(|(_, &o)| Some(o) == owner).map(|(&s, _)| s).chain([id]).collect();
-        for s in theirs {
+        let again = owner.and_then(|o| self.slow_owners.get(&o)).is_some_and(|&u| u > now);
+        let resting: Vec<i32> = if again {
+            self.owners.iter().filter(|(_, &o)| Some(o) == owner).map(|(&s, _)| s).chain([id]).collect()
+        } else {
+            vec![id]
+        };
+        for s in resting {
             self.resting.entry(s).and_modify(|u| *u = (*u).max(until)).or_insert(until);
         }
+        if let Some(o) = owner {
+            self.slow_owners.entry(o).and_modify(|u| *u = (*u).max(until)).or_insert(until);
+        }
+        let who = if again { "every table of its owner waits" } else { "it waits" };
         let why = format!(
-            "the table's own code (triggers, checks, policies) took {:.1} s in one pass; its owner's tables wait {} s so that other tables go first",
+            "the table's own code (triggers, checks, policies) took {:.1} s in one pass; {who} {} s so that other tables go first",
             spent.as_secs_f64(),
             rest.as_secs()
         );
