@@ -138,7 +138,9 @@ impl Slot {
     /// Fill a slot this client claimed and hand it to the workers (FILLING → SUBMITTED). The owner
     /// and the payload are written before the release that makes the slot visible.
     pub fn submit(&self, model: &str, text: &str, priority: Priority, seq: u64) {
-        debug_assert_eq!(self.state.load(Ordering::Relaxed), FILLING);
+        if self.state.load(Ordering::Acquire) != FILLING {
+            return;
+        }
         let text = embed_core::cut_at_char_boundary(text, TEXT_MAX);
         let model = embed_core::cut_at_char_boundary(model, MODEL_MAX);
         // SAFETY: FILLING, claimed by this client (try_claim): nobody else reads the payload
@@ -158,13 +160,17 @@ impl Slot {
         let _ = self.state.compare_exchange(FILLING, SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
     }
 
-    /// The answer, once the slot is DONE or FAILED; None while it is still on its way.
+    /// The answer, once the slot is DONE or FAILED; None while it is still on its way, and for a
+    /// slot this process did not submit (whose answer is not its to read).
     pub fn outcome(&self) -> Option<Result<Vec<f32>, Failure>> {
         let state = self.state.load(Ordering::Acquire);
-        if state != DONE && state != FAILED {
+        // SAFETY: this process's own pid
+        let mine = self.owner_pid.load(Ordering::Relaxed) == unsafe { pg_sys::MyProcPid };
+        if (state != DONE && state != FAILED) || !mine {
             return None;
         }
-        // SAFETY: DONE/FAILED of a slot this client submitted: the worker is done with it
+        // SAFETY: DONE/FAILED of a slot this process submitted (its pid, written before the
+        // submit's release and seen after the answer's): the worker is done with it
         let p = unsafe { self.payload() };
         if state == DONE {
             return Some(Ok(p.vector[..p.dims as usize].to_vec()));
