@@ -274,7 +274,7 @@ $$;
 
 -- The view an application reads an embedding through, under a name that stays: one row per vector
 -- (per passage when chunked) made by the embedding's current model, with the sidecar's key
--- columns, the vector, the passage's place, and the source row itself as one column named after
+-- columns, the vector and its model id, the passage's place, and the source row itself as one column named after
 -- the table (a whole-row reference: a column the table gains shows up in it, and dropping one
 -- does not have to drop the view first). SECURITY INVOKER: whoever reads it reads the source and
 -- the sidecar with their own rights, row security included, so it can be PUBLIC. watch() makes it
@@ -304,7 +304,7 @@ BEGIN
     ELSE
         target := format('%I.%I', embed_sidecar._schema_of(s.source), view_name);
         row_col := (SELECT relname FROM pg_class WHERE oid = s.source);
-        IF row_col IN ('embedding', 'chunk', 'char_start', 'char_end')
+        IF row_col IN ('embedding', 'model', 'chunk', 'char_start', 'char_end')
            OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attname = row_col
                                                      AND a.attnum = ANY (embed_sidecar._sidecar_keys(s))) THEN
             row_col := 'source_row';
@@ -314,7 +314,7 @@ BEGIN
       FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
     -- the vector's type without dimensions: the next model's may have others
     EXECUTE format('CREATE %s VIEW %s WITH (security_invoker = true) AS
-                    SELECT %s, sc.embedding::%I.%I AS embedding%s, src AS %I
+                    SELECT %s, sc.embedding::%I.%I AS embedding, sc.model%s, src AS %I
                       FROM %s src JOIN %s sc ON %s
                      WHERE sc.model = %L',
                    CASE WHEN view_name IS NULL THEN 'OR REPLACE' ELSE '' END, target, keys,

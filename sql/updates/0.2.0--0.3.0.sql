@@ -24,6 +24,10 @@ ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config TYPE text USING fts_co
     ADD COLUMN column_names jsonb NOT NULL DEFAULT '{}',
     ADD COLUMN search_view regclass,
     ADD COLUMN sync boolean NOT NULL DEFAULT false;
+-- search() and hybrid_search() take a filter; the target is read by _readable_source
+DROP FUNCTION embed_sidecar.search(regclass, text, int, text);
+DROP FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text);
+DROP FUNCTION embed_sidecar._search_target(regclass, text);
 -- watch() takes view_name, sync and adopt
 DROP FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
 DROP FUNCTION embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
@@ -38,6 +42,9 @@ CREATE FUNCTION embed_sidecar."_session_role"() RETURNS oid
 -- a search's query vector, refused when the model's files changed since the vectors were made
 CREATE FUNCTION embed_sidecar."_embed_query"("model" text, "model_id" text, "content" text) RETURNS real[]
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_query_wrapper';
+-- a search's filter is one expression (src/search_filter.rs)
+CREATE FUNCTION embed_sidecar."_check_filter"("filter" text) RETURNS text
+    STRICT IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_filter_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
@@ -48,7 +55,8 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
 --@copy reembed _do_set_model set_model _promote_if_ready _do_rollback_model rollback_model _do_drop_previous
 --@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause
---@copy pause _do_resume resume _do_process process _search_target search hybrid_search _drain_sql
+--@copy pause _do_resume resume _do_process process _filter_rows _filtered_sidecar _nearest_sql _nearest _search search
+--@copy search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _on_ddl_end
 
