@@ -39,7 +39,7 @@ AS $$
 DECLARE
     plan json;
 BEGIN
-    EXECUTE format(E'EXPLAIN (FORMAT JSON) SELECT 1 FROM %s src WHERE (%s\n)', source, filter) INTO plan;
+    EXECUTE format(E'EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE (%s\n)', source, filter) INTO plan;
     RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8;
 END
 $$;
@@ -52,13 +52,16 @@ $$;
 --   else:   the HNSW index is walked for the $4 nearest vectors, iteratively (the caller sets
 --           hnsw.iterative_scan) until $4 of them pass the filter or max_scan_tuples are seen.
 -- The sidecar (alias sc) of a search, joined with the source's rows the filter lets through (the
--- filter being a sub-select of the source, it names the source's columns and nothing else).
+-- filter being a sub-select of the source, it names the source's columns and nothing else; the
+-- source keeps its own name there, so docs.tenant works as well as tenant).
 CREATE FUNCTION embed_sidecar._filtered_sidecar(s embed_sidecar.sources, filter text) RETURNS text
     LANGUAGE sql STABLE
     RETURN CASE WHEN filter IS NULL THEN format('%s sc', s.sidecar)
-                ELSE format(E'%s sc JOIN (SELECT %s FROM %s src WHERE (%s\n)) f ON %s',
-                            s.sidecar, embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, filter,
-                            embed_sidecar._side_join(s, 'sc', 'f')) END;
+                ELSE format(E'%s sc JOIN (SELECT %s FROM %s WHERE (%s\n)) f ON %s',
+                            s.sidecar,
+                            embed_sidecar._columns(s.source, s.key_attnums,
+                                                   (SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = s.source)),
+                            s.source, filter, embed_sidecar._side_join(s, 'sc', 'f')) END;
 
 CREATE FUNCTION embed_sidecar._nearest_sql(s embed_sidecar.sources, filter text, exact boolean) RETURNS text
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
