@@ -36,6 +36,9 @@ CREATE FUNCTION embed_sidecar."_session_role"() RETURNS oid
 -- a search's query vector, refused when the model's files changed since the vectors were made
 CREATE FUNCTION embed_sidecar."_embed_query"("model" text, "model_id" text, "content" text) RETURNS real[]
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_query_wrapper';
+-- a query with the session's model (embed_query(): the model's query prefix)
+CREATE FUNCTION embed_sidecar."_embed_as_query"("content" text) RETURNS real[]
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_as_query_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
@@ -1509,6 +1512,18 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION embed_text(content text) RETURNS vector
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    RETURN embed_sidecar._embed(content)::vector;
+COMMENT ON FUNCTION embed_text(text) IS
+    'Embedding of one text (a document: the model''s passage prefix, if any) with the session''s model (pg_embed_sidecar.model); NULL in, NULL out';
+
+CREATE OR REPLACE FUNCTION embed_query(content text) RETURNS vector
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    RETURN embed_sidecar._embed_as_query(content)::vector;
+COMMENT ON FUNCTION embed_query(text) IS
+    'Embedding of one search query with the session''s model (its query prefix, where the model has one; embed_text takes the passage prefix); NULL in, NULL out';
+
 
 CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE', 'CREATE TRIGGER',
@@ -1559,6 +1574,6 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
-    embed_sidecar._embed_query(text, text, text),
+    embed_sidecar._embed_query(text, text, text), embed_sidecar._embed_as_query(text),
     embed_sidecar.model_info(), embed_sidecar.texts_embedded(), embed_sidecar.chunk_text(text, text, int, int),
     embed_sidecar.inference_service() TO PUBLIC;
