@@ -7,7 +7,13 @@ CREATE FUNCTION embed_text(content text) RETURNS vector
     LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
     RETURN embed_sidecar._embed(content)::vector;
 COMMENT ON FUNCTION embed_text(text) IS
-    'Embedding of one text with the session''s model (pg_embed_sidecar.model); NULL in, NULL out';
+    'Embedding of one text (a document: the model''s passage prefix, if any) with the session''s model (pg_embed_sidecar.model); NULL in, NULL out';
+
+CREATE FUNCTION embed_query(content text) RETURNS vector
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    RETURN embed_sidecar._embed_as_query(content)::vector;
+COMMENT ON FUNCTION embed_query(text) IS
+    'Embedding of one search query with the session''s model (its query prefix, where the model has one; embed_text takes the passage prefix); NULL in, NULL out';
 
 CREATE FUNCTION embed_texts(contents text[]) RETURNS vector[]
     LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED

@@ -48,6 +48,9 @@ CREATE FUNCTION embed_sidecar."_embed_query"("model" text, "model_id" text, "con
 -- a search's filter is one expression (src/search_filter.rs)
 CREATE FUNCTION embed_sidecar."_check_filter"("filter" text) RETURNS text
     STRICT IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_filter_wrapper';
+-- a query with the session's model (embed_query(): the model's query prefix)
+CREATE FUNCTION embed_sidecar."_embed_as_query"("content" text) RETURNS real[]
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_as_query_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
@@ -1099,7 +1102,7 @@ AS $$
 DECLARE
     plan json;
 BEGIN
-    EXECUTE format(E'EXPLAIN (FORMAT JSON) SELECT 1 FROM %s src WHERE (%s\n)', source, filter) INTO plan;
+    EXECUTE format(E'EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE (%s\n)', source, filter) INTO plan;
     RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8;
 END
 $$;
@@ -1112,13 +1115,16 @@ $$;
 --   else:   the HNSW index is walked for the $4 nearest vectors, iteratively (the caller sets
 --           hnsw.iterative_scan) until $4 of them pass the filter or max_scan_tuples are seen.
 -- The sidecar (alias sc) of a search, joined with the source's rows the filter lets through (the
--- filter being a sub-select of the source, it names the source's columns and nothing else).
+-- filter being a sub-select of the source, it names the source's columns and nothing else; the
+-- source keeps its own name there, so docs.tenant works as well as tenant).
 CREATE OR REPLACE FUNCTION embed_sidecar._filtered_sidecar(s embed_sidecar.sources, filter text) RETURNS text
     LANGUAGE sql STABLE
     RETURN CASE WHEN filter IS NULL THEN format('%s sc', s.sidecar)
-                ELSE format(E'%s sc JOIN (SELECT %s FROM %s src WHERE (%s\n)) f ON %s',
-                            s.sidecar, embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, filter,
-                            embed_sidecar._side_join(s, 'sc', 'f')) END;
+                ELSE format(E'%s sc JOIN (SELECT %s FROM %s WHERE (%s\n)) f ON %s',
+                            s.sidecar,
+                            embed_sidecar._columns(s.source, s.key_attnums,
+                                                   (SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = s.source)),
+                            s.source, filter, embed_sidecar._side_join(s, 'sc', 'f')) END;
 
 CREATE OR REPLACE FUNCTION embed_sidecar._nearest_sql(s embed_sidecar.sources, filter text, exact boolean) RETURNS text
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
@@ -1769,6 +1775,18 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION embed_text(content text) RETURNS vector
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    RETURN embed_sidecar._embed(content)::vector;
+COMMENT ON FUNCTION embed_text(text) IS
+    'Embedding of one text (a document: the model''s passage prefix, if any) with the session''s model (pg_embed_sidecar.model); NULL in, NULL out';
+
+CREATE OR REPLACE FUNCTION embed_query(content text) RETURNS vector
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    RETURN embed_sidecar._embed_as_query(content)::vector;
+COMMENT ON FUNCTION embed_query(text) IS
+    'Embedding of one search query with the session''s model (its query prefix, where the model has one; embed_text takes the passage prefix); NULL in, NULL out';
+
 
 CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE', 'CREATE TRIGGER',
@@ -1835,6 +1853,6 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
-    embed_sidecar._embed_query(text, text, text),
+    embed_sidecar._embed_query(text, text, text), embed_sidecar._embed_as_query(text),
     embed_sidecar.model_info(), embed_sidecar.texts_embedded(), embed_sidecar.chunk_text(text, text, int, int),
     embed_sidecar.inference_service() TO PUBLIC;

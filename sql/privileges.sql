@@ -43,7 +43,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),
-    embed_sidecar._embed_query(text, text, text),
+    embed_sidecar._embed_query(text, text, text), embed_sidecar._embed_as_query(text),
     embed_sidecar.model_info(), embed_sidecar.texts_embedded(), embed_sidecar.chunk_text(text, text, int, int),
     embed_sidecar.inference_service() TO PUBLIC;
 

@@ -8,20 +8,28 @@ mod embed_sidecar {
     use pgrx::prelude::*;
 
     use crate::error::{OrReport, SidecarError};
-    use crate::inference as model;
+    use crate::inference::{self as model, Side};
 
     /// Texts per call into the embedder: bounds the token ids held at once for huge arrays.
     const CHUNK: usize = 1024;
 
+    /// `embed_text()`: a document, embedded as the drain embeds one (the passage prefix).
     #[pg_extern(stable, strict, parallel_restricted, name = "_embed")]
     fn embed(content: &str) -> Vec<f32> {
-        model::embed_one_with(None, content).or_report()
+        model::embed_one(None, Side::Passage, content).or_report()
     }
 
-    /// One text with a named model (search embeds the query with the source's model).
+    /// `embed_query()`: a search query with the session's model (the query prefix).
+    #[pg_extern(stable, strict, parallel_restricted, name = "_embed_as_query")]
+    fn embed_as_query(content: &str) -> Vec<f32> {
+        model::embed_one(None, Side::Query, content).or_report()
+    }
+
+    /// One text with a named model, as a sidecar of that model stores it (the passage prefix):
+    /// what a stored vector is compared with (search uses `_embed_query`).
     #[pg_extern(stable, strict, parallel_restricted, name = "_embed_with")]
     fn embed_with(model: &str, content: &str) -> Vec<f32> {
-        model::embed_one_with(Some(model), content).or_report()
+        model::embed_one(Some(model), Side::Passage, content).or_report()
     }
 
     /// A search's query vector (sql/search.sql): refused when the model's files are no longer those
@@ -132,6 +140,10 @@ mod embed_sidecar {
         model::texts_embedded()
     }
 
-    extension_sql_file!("../sql/api.sql", name = "api", requires = [embed, embed_many, installed_models]);
+    extension_sql_file!(
+        "../sql/api.sql",
+        name = "api",
+        requires = [embed, embed_as_query, embed_many, installed_models]
+    );
     extension_sql_file!("../sql/search.sql", name = "search", requires = [embed_with, embed_query, "registry"]);
 }

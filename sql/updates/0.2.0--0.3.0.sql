@@ -45,6 +45,9 @@ CREATE FUNCTION embed_sidecar."_embed_query"("model" text, "model_id" text, "con
 -- a search's filter is one expression (src/search_filter.rs)
 CREATE FUNCTION embed_sidecar."_check_filter"("filter" text) RETURNS text
     STRICT IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_filter_wrapper';
+-- a query with the session's model (embed_query(): the model's query prefix)
+CREATE FUNCTION embed_sidecar."_embed_as_query"("content" text) RETURNS real[]
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_as_query_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
@@ -58,7 +61,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 --@copy pause _do_resume resume _do_process process _filter_rows _filtered_sidecar _nearest_sql _nearest _search search
 --@copy search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
---@copy _invalid_keys _on_ddl_end
+--@copy _invalid_keys _on_ddl_end embed_text embed_query
 
 CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE', 'CREATE TRIGGER',

@@ -17,7 +17,7 @@ use pgrx::prelude::*;
 
 use crate::error::SidecarError;
 use crate::gucs;
-use crate::inference as model;
+use crate::inference::{self as model, Side};
 
 /// Passage budgets below this say nothing a single sentence would not.
 const MIN_CHUNK_TOKENS: i32 = 16;
@@ -33,14 +33,16 @@ thread_local! {
 }
 
 /// `(chunk_tokens, chunk_overlap)` for `model`: the defaults filled in (the model's window less its
-/// special tokens; an eighth of that) and checked. With `fit` (a model switch) values that are too
-/// large for the new model shrink to fit instead of failing.
+/// special tokens and its passage prefix; an eighth of that) and checked. With `fit` (a model
+/// switch) values that are too large for the new model shrink to fit instead of failing.
 pub fn settings(model: &str, tokens: Option<i32>, overlap: Option<i32>, fit: bool) -> Result<(i32, i32), SidecarError> {
     let files = model::model_files(model)?;
     let room = match ROOM.with(|r| r.borrow().get(&files.model_id).copied()) {
         Some(room) => room,
         None => {
-            let room = Chunker::room(&files.tokenizer, files.max_length)? as i32;
+            // the passage prefix comes off the budget (see `Chunker::room`), so truncation to the
+            // window never cuts a passage: its offsets stay offsets of what was embedded
+            let room = Chunker::room(&files.tokenizer, files.max_length, Side::Passage.prefix(&files))? as i32;
             ROOM.with(|r| r.borrow_mut().insert(files.model_id.clone(), room));
             room
         }

@@ -10,18 +10,25 @@ use std::time::SystemTime;
 
 use embed_core::{Embedder, ModelFiles};
 
+use super::Side;
 use crate::error::SidecarError;
 use crate::gucs::{embed_settings, EmbedSettings};
 
 struct Loaded {
     settings: EmbedSettings,
     embedder: Embedder,
-    /// Size and mtime of the ONNX and tokenizer files when loaded: a file replaced in place is a
-    /// new model.
+    /// Size and mtime of the ONNX, tokenizer and manifest files when loaded: a file replaced in
+    /// place is a new model (a manifest edit can change the window, pooling or prefixes).
     stamp: Stamp,
 }
 
-type Stamp = [Option<(u64, SystemTime)>; 2];
+/// ONNX file, tokenizer, manifest. The manifest may be absent (`None`); the other two may not.
+type Stamp = [Option<(u64, SystemTime)>; 3];
+
+/// Whether a stamp was taken from files that were all there (an absent manifest is fine).
+fn complete(stamp: &Stamp) -> bool {
+    stamp[..2].iter().all(Option::is_some)
+}
 
 /// Models one process keeps loaded at most.
 const RESIDENT: usize = 3;
@@ -32,7 +39,7 @@ fn file_stamp(path: &Path) -> Option<(u64, SystemTime)> {
 }
 
 fn files_stamp(files: &ModelFiles) -> Stamp {
-    [file_stamp(&files.onnx), file_stamp(&files.tokenizer)]
+    [file_stamp(&files.onnx), file_stamp(&files.tokenizer), file_stamp(&files.dir.join(embed_core::MANIFEST))]
 }
 
 thread_local! {
@@ -82,7 +89,7 @@ pub fn with_model<R>(
                 }
                 let embedder = Embedder::load(&settings.library, &settings.model_dir, settings.load_options())?;
                 let stamp = files_stamp(embedder.files());
-                if stamp.iter().any(Option::is_none) {
+                if !complete(&stamp) {
                     // the files went away while they were being read: without a stamp the next
                     // call could not notice, so this is not a usable model
                     return Err(embed_core::EmbedError::ModelFileMissing(settings.model_dir).into());
@@ -99,14 +106,26 @@ pub fn with_model<R>(
     })
 }
 
-/// Embed `texts` in input order with `model` in this process. The interrupt check may raise
-/// (cancel, statement_timeout): that unwinds out of the embedder between two batches, which
-/// leaves it intact for the next call.
-pub fn embed(model: Option<&str>, texts: &[&str], threads: Option<usize>) -> Result<Vec<Vec<f32>>, SidecarError> {
+/// Embed `texts` in input order with `model` in this process, as `side` (its prefix taken from
+/// the files of the very embedder used, so prefix and model always agree; `None`: the texts come
+/// prefixed already, as the inference workers get them). The interrupt check may raise (cancel,
+/// statement_timeout): that unwinds out of the embedder between two batches, which leaves it
+/// intact for the next call.
+pub fn embed(
+    model: Option<&str>,
+    side: Option<Side>,
+    texts: &[&str],
+    threads: Option<usize>,
+) -> Result<Vec<Vec<f32>>, SidecarError> {
     with_model(model, threads, |e| {
-        Ok(e.embed_checked(texts, &mut || {
+        let shaped = side.and_then(|s| s.shape(e.files(), texts));
+        let check = &mut || {
             pgrx::check_for_interrupts!();
-        })?)
+        };
+        Ok(match &shaped {
+            Some(prefixed) => e.embed_checked(prefixed, check)?,
+            None => e.embed_checked(texts, check)?,
+        })
     })
 }
 
@@ -117,7 +136,7 @@ pub fn model_files(model: &str) -> Result<ModelFiles, SidecarError> {
     FILES.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some((stamp, files)) = cache.get(&settings.model_dir) {
-            if stamp.iter().all(Option::is_some) && files_stamp(files) == *stamp {
+            if complete(stamp) && files_stamp(files) == *stamp {
                 return Ok(files.clone());
             }
         }

@@ -19,15 +19,48 @@ pub mod worker;
 
 use ring::{Priority, Ring};
 
+/// `LAST`: (model id, side, text) and the text's vector.
+type Memo = (String, Side, String, Vec<f32>);
+
 thread_local! {
     /// Texts run through the model by this process: lets tests prove a query is embedded once.
     static TEXTS_EMBEDDED: Cell<i64> = const { Cell::new(0) };
-    /// The last single text embedded and its vector. `embed_text` is STABLE (it depends on
-    /// settings), so a plan that evaluates `embed_text('query')` per row hits this memo instead
-    /// of the model.
-    static LAST: RefCell<Option<(String, String, Vec<f32>)>> = const { RefCell::new(None) };
+    /// The last single text embedded, by model id and side, and its vector. `embed_text` is
+    /// STABLE (it depends on settings), so a plan that evaluates `embed_text('query')` per row
+    /// hits this memo instead of the model. (The side is part of the key: with a prefixed model
+    /// a query and a passage of the same text are different vectors.)
+    static LAST: RefCell<Option<Memo>> = const { RefCell::new(None) };
     /// Model ids the inference service was seen to load (`ensure_loadable`).
     static LOADABLE: RefCell<HashSet<String>> = RefCell::new(HashSet::new());
+}
+
+/// Which end of a search a text is on. A model's manifest may ask for a prefix before each
+/// (`query_prefix`, `passage_prefix`; e5 wants "query: " and "passage: "): every text embedded
+/// here has a side, and `Side::shape` is the one place its prefix goes on, for local embedding
+/// (src/inference/local.rs) and for the service (`start`) alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// A search query (search(), hybrid_search(), embed_query()).
+    Query,
+    /// A document or passage: what the drain stores in a sidecar, embed_text(), embed_texts().
+    Passage,
+}
+
+impl Side {
+    /// This side's prefix for a model, if its manifest sets a non-empty one.
+    pub fn prefix(self, files: &ModelFiles) -> Option<&str> {
+        match self {
+            Side::Query => files.query_prefix.as_deref(),
+            Side::Passage => files.passage_prefix.as_deref(),
+        }
+        .filter(|p| !p.is_empty())
+    }
+
+    /// `texts` as the model must see them on this side, or `None` when they go as they are.
+    pub fn shape(self, files: &ModelFiles, texts: &[&str]) -> Option<Vec<String>> {
+        let prefix = self.prefix(files)?;
+        Some(texts.iter().map(|t| format!("{prefix}{t}")).collect())
+    }
 }
 
 /// The ring, when this call should embed through the service: preloaded, the service chosen, and
@@ -42,9 +75,9 @@ pub fn with_embedder<R>(f: impl FnOnce(&mut Embedder) -> Result<R, SidecarError>
     local::with_model(None, None, f)
 }
 
-/// Embed many texts in input order with the session's model, counting them.
+/// Embed many documents (`Side::Passage`) in input order with the session's model, counting them.
 pub fn embed_many(texts: &[&str]) -> Result<Vec<Vec<f32>>, SidecarError> {
-    start(None, texts, Priority::Interactive).wait()
+    start(None, Side::Passage, texts, Priority::Interactive).wait()
 }
 
 fn model_name(model: Option<&str>) -> Result<String, SidecarError> {
@@ -71,35 +104,47 @@ impl InFlight {
     }
 }
 
-/// Start embedding texts with a named model for a drain (the service serves searches first).
+/// Start embedding a sidecar's texts (`Side::Passage`) with a named model for a drain (the
+/// service serves searches first).
 pub fn start_for_drain(model: &str, texts: &[&str]) -> InFlight {
-    start(Some(model), texts, Priority::Drain)
+    start(Some(model), Side::Passage, texts, Priority::Drain)
 }
 
-fn start(model: Option<&str>, texts: &[&str], priority: Priority) -> InFlight {
+fn start(model: Option<&str>, side: Side, texts: &[&str], priority: Priority) -> InFlight {
     match through_service() {
-        Some(ring) => match model_name(model).and_then(|name| client::submit(ring, &name, texts, priority)) {
-            Ok(pending) => InFlight::Service(pending),
-            Err(e) => InFlight::Done(Err(e)),
-        },
-        None => InFlight::Done(local::embed(model, texts, None)),
+        Some(ring) => {
+            let submitted = model_name(model).and_then(|name| {
+                // the workers embed the texts they are given, so the prefix goes on before they go
+                let shaped = side.shape(&local::model_files(&name)?, texts);
+                let texts: Vec<&str> = match &shaped {
+                    Some(prefixed) => prefixed.iter().map(String::as_str).collect(),
+                    None => texts.to_vec(),
+                };
+                client::submit(ring, &name, &texts, priority)
+            });
+            match submitted {
+                Ok(pending) => InFlight::Service(pending),
+                Err(e) => InFlight::Done(Err(e)),
+            }
+        }
+        None => InFlight::Done(local::embed(model, Some(side), texts, None)),
     }
 }
 
-/// Embed one text with `model` (default: the session's), answering a repeat of the previous
-/// text from the memo.
-pub fn embed_one_with(model: Option<&str>, text: &str) -> Result<Vec<f32>, SidecarError> {
-    embed_one_as(model, None, text)
+/// Embed one text as `side` with `model` (default: the session's), answering a repeat of the
+/// previous text from the memo.
+pub fn embed_one(model: Option<&str>, side: Side, text: &str) -> Result<Vec<f32>, SidecarError> {
+    embed_one_as(model, None, side, text)
 }
 
 /// Embed a search query with `model`, whose vectors in the sidecar were made by `model_id`: if
 /// the model's files have changed since (replaced in place, the source not re-embedded yet), the
 /// query would be ranked against another model's vectors, so it is refused instead.
 pub fn embed_query(model: &str, model_id: &str, text: &str) -> Result<Vec<f32>, SidecarError> {
-    embed_one_as(Some(model), Some(model_id), text)
+    embed_one_as(Some(model), Some(model_id), Side::Query, text)
 }
 
-fn embed_one_as(model: Option<&str>, expected: Option<&str>, text: &str) -> Result<Vec<f32>, SidecarError> {
+fn embed_one_as(model: Option<&str>, expected: Option<&str>, side: Side, text: &str) -> Result<Vec<f32>, SidecarError> {
     let id = match through_service() {
         Some(_) => model_id_of(&model_name(model)?)?,
         None => local::with_model(model, None, |e| Ok(e.model_id().to_string()))?,
@@ -112,14 +157,14 @@ fn embed_one_as(model: Option<&str>, expected: Option<&str>, text: &str) -> Resu
         });
     }
     let hit = LAST.with(|m| match &*m.borrow() {
-        Some((last_id, t, v)) if *last_id == id && t == text => Some(v.clone()),
+        Some((last_id, last_side, t, v)) if *last_id == id && *last_side == side && t == text => Some(v.clone()),
         _ => None,
     });
     if let Some(v) = hit {
         return Ok(v);
     }
-    let v = start(model, &[text], Priority::Interactive).wait()?.pop().unwrap_or_default();
-    LAST.with(|m| *m.borrow_mut() = Some((id, text.to_string(), v.clone())));
+    let v = start(model, side, &[text], Priority::Interactive).wait()?.pop().unwrap_or_default();
+    LAST.with(|m| *m.borrow_mut() = Some((id, side, text.to_string(), v.clone())));
     Ok(v)
 }
 

@@ -177,12 +177,14 @@ fn serve(ring: Ring, me: usize, taken: &[usize]) {
     let mut results: Vec<(usize, Result<Vec<f32>, SidecarError>)> = Vec::with_capacity(taken.len());
     for (model, requests) in by_model {
         let texts: Vec<&str> = requests.iter().map(|(_, t)| t.as_str()).collect();
-        match local::embed(Some(&model), &texts, threads) {
+        // (clients put the prefix on before submitting: the texts are embedded as they are)
+        match local::embed(Some(&model), None, &texts, threads) {
             Ok(vectors) => results.extend(requests.iter().map(|r| r.0).zip(vectors.into_iter().map(Ok))),
             // one text may be the cause: each alone, so the others still get their vector
             Err(_) if requests.len() > 1 => {
                 for (i, text) in &requests {
-                    let one = local::embed(Some(&model), &[text], threads).map(|mut v| v.pop().unwrap_or_default());
+                    let one =
+                        local::embed(Some(&model), None, &[text], threads).map(|mut v| v.pop().unwrap_or_default());
                     results.push((*i, one));
                 }
             }

@@ -49,11 +49,22 @@ pub struct Chunker {
 
 impl Chunker {
     /// The tokens one passage may take in a model whose window is `window`: the window less the
-    /// special tokens the tokenizer adds around every text ([CLS] and [SEP] for BERT).
-    pub fn room(tokenizer_path: &Path, window: usize) -> Result<usize, EmbedError> {
+    /// special tokens the tokenizer adds around every text ([CLS] and [SEP] for BERT), and less
+    /// the `prefix` put before every passage (the manifest's `passage_prefix`, e5's "passage: ").
+    ///
+    /// The prefix is taken off the budget because the embedder truncates prefix + passage to the
+    /// window, which would cut the passage's end off unseen. Its tokens are counted alone, plus one:
+    /// where the tokenizer splits at the prefix's end (a prefix ending in a space or punctuation,
+    /// as e5's, bge's and nomic's do), prefix + passage tokenise to exactly the sum of the two; the
+    /// one more covers a prefix whose last piece the tokenizer joins to the passage's first.
+    pub fn room(tokenizer_path: &Path, window: usize, prefix: Option<&str>) -> Result<usize, EmbedError> {
         let tokenizer = load(tokenizer_path)?;
         let specials = tokenizer.get_post_processor().map(|p| p.added_tokens(false)).unwrap_or(0);
-        Ok(window.saturating_sub(specials).max(1))
+        let prefixed = match prefix.filter(|p| !p.is_empty()) {
+            Some(p) => tokenizer.encode(p, false).map_err(|e| EmbedError::Tokenize(e.to_string()))?.len() + 1,
+            None => 0,
+        };
+        Ok(window.saturating_sub(specials + prefixed).max(1))
     }
 
     /// A chunker with the tokenizer at `tokenizer_path`. `max_tokens` must be at least 2 and

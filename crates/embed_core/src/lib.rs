@@ -18,6 +18,6 @@ mod runtime;
 pub use chunker::{content_hash, Chunk, Chunker};
 pub use embedder::{cut_at_char_boundary, Embedder, LoadOptions};
 pub use error::EmbedError;
-pub use model_dir::{ModelFiles, Pooling};
+pub use model_dir::{ModelFiles, Pooling, MANIFEST};
 pub use pooling::{cosine, l2_normalize, mean_pool};
 pub use runtime::init_runtime;

@@ -29,6 +29,10 @@ struct Manifest {
     /// `mean` (token states `[batch, seq, dims]`, averaged over the attention mask) or `none`
     /// (the output is already one vector per text, `[batch, dims]`). Default: by the output's rank.
     pooling: Option<Pooling>,
+    /// Put before every search query (e5: `"query: "`), and before every passage the model embeds
+    /// for storage (e5: `"passage: "`): models trained with such prefixes rank worse without them.
+    query_prefix: Option<String>,
+    passage_prefix: Option<String>,
     #[serde(default)]
     #[allow(dead_code)] // documentation fields the installer writes
     source: Option<serde_json::Value>,
@@ -53,8 +57,12 @@ pub struct ModelFiles {
     /// What the manifest chose; `None` leaves the choice to the output's name and rank.
     pub output: Option<String>,
     pub pooling: Option<Pooling>,
+    /// What goes before a query / a passage (`embed_model.json`); `None` when the manifest sets none.
+    pub query_prefix: Option<String>,
+    pub passage_prefix: Option<String>,
     /// `name@` + the first 12 hex digits of a sha256 over everything that shapes a vector: the
-    /// ONNX file (graph and weights), the tokenizer, the window, the output read and its pooling.
+    /// ONNX file (graph and weights), the tokenizer, the window, the output read and its pooling,
+    /// and the query and passage prefixes (a passage embedded with another prefix is another vector).
     /// Changing any of them is a new model, so every vector made with the old one is stale.
     pub model_id: String,
 }
@@ -101,6 +109,13 @@ impl ModelFiles {
         if let Some(p) = manifest.pooling {
             shaping += &format!(";pooling={p:?}");
         }
+        // quoted (Debug), so a prefix holding `;` or `=` cannot pass for another field
+        if let Some(p) = &manifest.query_prefix {
+            shaping += &format!(";query_prefix={p:?}");
+        }
+        if let Some(p) = &manifest.passage_prefix {
+            shaping += &format!(";passage_prefix={p:?}");
+        }
         let model_id = format!("{name}@{}", &identity_digest(&onnx, &tokenizer, &shaping)?[..12]);
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -110,6 +125,8 @@ impl ModelFiles {
             max_length,
             output: manifest.output,
             pooling: manifest.pooling,
+            query_prefix: manifest.query_prefix,
+            passage_prefix: manifest.passage_prefix,
             model_id,
         })
     }
@@ -227,5 +244,43 @@ mod tests {
         assert_eq!(id(), seen[5], "the same files give the same identity");
         fs::write(dir.join(MANIFEST), br#"{"pooling": "max"}"#).unwrap();
         assert!(matches!(ModelFiles::resolve(&dir), Err(EmbedError::Manifest { .. })), "unknown pooling is refused");
+    }
+
+    #[test]
+    fn identity_covers_each_prefix_and_no_prefix_keeps_the_old_id() {
+        let dir = scratch("prefixes");
+        fs::write(dir.join("model.onnx"), b"graph").unwrap();
+        fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+        let resolve = || ModelFiles::resolve(&dir).unwrap();
+        let plain = resolve();
+        assert_eq!((plain.query_prefix.as_deref(), plain.passage_prefix.as_deref()), (None, None));
+        // the shaping string of a manifest without prefixes, as before prefixes existed
+        let old = identity_digest(&plain.onnx, &plain.tokenizer, &format!("max_length={}", plain.max_length)).unwrap();
+        assert_eq!(plain.model_id, format!("{}@{}", plain.name, &old[..12]), "models without prefixes keep their id");
+        fs::write(dir.join(MANIFEST), br#"{"max_length": 512}"#).unwrap();
+        assert_eq!(resolve().model_id, plain.model_id, "a manifest that sets no prefix changes nothing");
+
+        let mut seen = vec![plain.model_id.clone()];
+        for manifest in [
+            r#"{"query_prefix": "query: "}"#,
+            r#"{"passage_prefix": "query: "}"#,
+            r#"{"query_prefix": "query: ", "passage_prefix": "passage: "}"#,
+            r#"{"query_prefix": "query: ", "passage_prefix": "passage:"}"#,
+            r#"{"query_prefix": "search_query: ", "passage_prefix": "passage: "}"#,
+            r#"{"query_prefix": ""}"#,
+        ] {
+            fs::write(dir.join(MANIFEST), manifest).unwrap();
+            seen.push(resolve().model_id);
+        }
+        let distinct: std::collections::HashSet<_> = seen.iter().collect();
+        assert_eq!(distinct.len(), seen.len(), "{seen:?}");
+
+        fs::write(dir.join(MANIFEST), br#"{"query_prefix": "query: ", "passage_prefix": "passage: "}"#).unwrap();
+        let files = resolve();
+        assert_eq!(files.query_prefix.as_deref(), Some("query: "));
+        assert_eq!(files.passage_prefix.as_deref(), Some("passage: "));
+        assert_eq!(files.model_id, seen[3], "the same prefixes give the same identity");
+        fs::write(dir.join(MANIFEST), br#"{"query_prefix": 3}"#).unwrap();
+        assert!(matches!(ModelFiles::resolve(&dir), Err(EmbedError::Manifest { .. })), "a prefix is a string");
     }
 }

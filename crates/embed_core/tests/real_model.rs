@@ -176,5 +176,8 @@ fn an_edit_changes_only_the_chunks_around_it() {
 #[test]
 fn room_leaves_space_for_special_tokens() {
     let (_, dir) = paths();
-    assert_eq!(embed_core::Chunker::room(&dir.join("tokenizer.json"), 256).unwrap(), 254);
+    assert_eq!(embed_core::Chunker::room(&dir.join("tokenizer.json"), 256, None).unwrap(), 254);
+    // "passage: " is two WordPiece tokens ("passage", ":"), and one more is kept in reserve
+    assert_eq!(embed_core::Chunker::room(&dir.join("tokenizer.json"), 256, Some("passage: ")).unwrap(), 251);
+    assert_eq!(embed_core::Chunker::room(&dir.join("tokenizer.json"), 256, Some("")).unwrap(), 254);
 }
