@@ -24,7 +24,16 @@ DROP FUNCTION embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, te
 DROP FUNCTION embed_sidecar._backfill_sql(embed_sidecar.sources);
 DROP FUNCTION embed_sidecar._row_filter(embed_sidecar.sources, text);
 ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config TYPE text USING fts_config::text,
-    ADD COLUMN column_names jsonb NOT NULL DEFAULT '{}';
+    ADD COLUMN column_names jsonb NOT NULL DEFAULT '{}',
+    ADD COLUMN search_view regclass,
+    ADD COLUMN sync boolean NOT NULL DEFAULT false;
+-- search() and hybrid_search() take a filter; the target is read by _readable_source
+DROP FUNCTION embed_sidecar.search(regclass, text, int, text);
+DROP FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text);
+DROP FUNCTION embed_sidecar._search_target(regclass, text);
+-- watch() takes view_name, sync and adopt
+DROP FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
+DROP FUNCTION embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
 
 -- who is calling (src/pg/authority.rs)
 CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
@@ -36,6 +45,9 @@ CREATE FUNCTION embed_sidecar."_session_role"() RETURNS oid
 -- a search's query vector, refused when the model's files changed since the vectors were made
 CREATE FUNCTION embed_sidecar."_embed_query"("model" text, "model_id" text, "content" text) RETURNS real[]
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_query_wrapper';
+-- a search's filter is one expression (src/search_filter.rs)
+CREATE FUNCTION embed_sidecar."_check_filter"("filter" text) RETURNS text
+    STRICT IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_filter_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
@@ -477,16 +489,78 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION embed_sidecar._do_watch(source regclass, content_column name, sidecar_name name, model text, backfill boolean, fts_config regconfig, embedding text, template text, chunking boolean, chunk_tokens int, chunk_overlap int, vector_type text) RETURNS regclass
+-- The view an application reads an embedding through, under a name that stays: one row per vector
+-- (per passage when chunked) made by the embedding's current model, with the sidecar's key
+-- columns, the vector and its model id, the passage's place, and the source row itself as one column named after
+-- the table (a whole-row reference: a column the table gains shows up in it, and dropping one
+-- does not have to drop the view first). SECURITY INVOKER: whoever reads it reads the source and
+-- the sidecar with their own rights, row security included, so it can be PUBLIC. watch() makes it
+-- (view_name given); the transaction that promotes a shadow, rolls a switch back or re-embeds
+-- after a model's files changed redefines it over the sidecar and model now current (no
+-- view_name: CREATE OR REPLACE under its current name, same columns, so what depends on it
+-- stays; nothing if it was dropped).
+CREATE OR REPLACE FUNCTION embed_sidecar._define_view(s embed_sidecar.sources, view_name name DEFAULT NULL) RETURNS regclass
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target text;
+    row_col name;
+    keys text;
+    v regclass;
+BEGIN
+    IF view_name IS NULL AND s.role <> 'current' THEN
+        RETURN NULL;  -- a shadow's or a previous version's vectors are not what it shows
+    ELSIF view_name IS NULL THEN
+        SELECT format('%I.%I', n.nspname, c.relname), a.attname INTO target, row_col
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.atttypid = (SELECT reltype FROM pg_class WHERE oid = s.source)
+         WHERE c.oid = s.search_view AND c.relkind = 'v';
+        IF target IS NULL OR row_col IS NULL THEN
+            RETURN NULL;
+        END IF;
+    ELSE
+        target := format('%I.%I', embed_sidecar._schema_of(s.source), view_name);
+        row_col := (SELECT relname FROM pg_class WHERE oid = s.source);
+        IF row_col IN ('embedding', 'model', 'chunk', 'char_start', 'char_end')
+           OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attname = row_col
+                                                     AND a.attnum = ANY (embed_sidecar._sidecar_keys(s))) THEN
+            row_col := 'source_row';
+        END IF;
+    END IF;
+    SELECT string_agg(format('sc.%I', a.attname), ', ' ORDER BY a.attnum) INTO keys
+      FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+    -- the vector's type without dimensions: the next model's may have others
+    EXECUTE format('CREATE %s VIEW %s WITH (security_invoker = true) AS
+                    SELECT %s, sc.embedding::%I.%I AS embedding, sc.model%s, src AS %I
+                      FROM %s src JOIN %s sc ON %s
+                     WHERE sc.model = %L',
+                   CASE WHEN view_name IS NULL THEN 'OR REPLACE' ELSE '' END, target, keys,
+                   embed_sidecar._vector_schema(), s.vector_type,
+                   CASE WHEN s.chunk_tokens IS NOT NULL THEN ', sc.chunk, sc.char_start, sc.char_end' ELSE '' END,
+                   row_col, s.source, s.sidecar, embed_sidecar._side_join(s, 'sc', 'src'), s.model_id);
+    v := target::regclass;
+    IF view_name IS NOT NULL THEN
+        EXECUTE format('ALTER VIEW %s OWNER TO %s', v, (SELECT relowner FROM pg_class WHERE oid = s.source)::regrole);
+        EXECUTE format('GRANT SELECT ON %s TO PUBLIC', v);
+        EXECUTE format('COMMENT ON VIEW %s IS %L', v,
+                       format('Rows of %s with their vectors of embedding %s (pg_embed_sidecar): follows model switches',
+                              s.source, quote_literal(s.embedding)));
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION embed_sidecar._do_watch(source regclass, content_column name, sidecar_name name, model text, backfill boolean, fts_config regconfig, embedding text, template text, chunking boolean, chunk_tokens int, chunk_overlap int, vector_type text, view_name name, sync boolean, adopt name) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     -- called by embed_sidecar.watch() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text)');
+    may boolean := embed_sidecar._check_may('embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name)');
     rel        pg_class;
     key_nums   smallint[];
     is_first   boolean;
     chunk      int[];
+    s          embed_sidecar.sources;
 BEGIN
     IF source IS NULL OR (content_column IS NULL) = (template IS NULL) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: watch() needs a source and either content_column or template'
@@ -543,28 +617,42 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'halfvec stores each dimension in 2 bytes instead of 4 (README: "Performance" measures what it costs in recall).';
     END IF;
-    RETURN (embed_sidecar._create_embedding(
+    -- the view's name is checked before anything is made (the first embedding of a table gets
+    -- the plain name)
+    view_name := coalesce(_do_watch.view_name,
+                          CASE WHEN is_first THEN embed_sidecar._clip(rel.relname, 55) || '_vectors'
+                               ELSE embed_sidecar._clip(rel.relname || '_' || embedding, 55) || '_vectors' END);
+    IF to_regclass(format('%I.%I', embed_sidecar._schema_of(source), view_name)) IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in the schema of %', view_name, source
+            USING ERRCODE = 'duplicate_table',
+                  HINT = 'Name the view this embedding is read through with view_name => ''...''.';
+    END IF;
+    s := embed_sidecar._create_embedding(
         source, embedding, 'current',
         CASE WHEN template IS NULL THEN embed_sidecar._text_column(source, content_column) END,
         CASE WHEN template IS NOT NULL THEN embed_sidecar._compile_template(source, template) END,
         key_nums,
         -- the first embedding of a table gets the plain name
         coalesce(sidecar_name, CASE WHEN is_first THEN embed_sidecar._clip(rel.relname, 52) || '_embeddings' END),
-        model, fts_config::text, backfill, chunk[1], chunk[2], vector_type)).sidecar;
+        model, fts_config::text, backfill, chunk[1], chunk[2], vector_type);
+    UPDATE embed_sidecar.sources x SET sync = coalesce(_do_watch.sync, false),
+                                       search_view = embed_sidecar._define_view(s, view_name)
+     WHERE x.id = s.id;
+    RETURN s.sidecar;
 END
 $$;
 
 -- The public watch(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
-CREATE OR REPLACE FUNCTION embed_sidecar.watch(source regclass, content_column name DEFAULT NULL, sidecar_name name DEFAULT NULL, model text DEFAULT NULL, backfill boolean DEFAULT true, fts_config regconfig DEFAULT 'english', embedding text DEFAULT NULL, template text DEFAULT NULL, chunking boolean DEFAULT false, chunk_tokens int DEFAULT NULL, chunk_overlap int DEFAULT NULL, vector_type text DEFAULT 'vector') RETURNS regclass
+CREATE OR REPLACE FUNCTION embed_sidecar.watch(source regclass, content_column name DEFAULT NULL, sidecar_name name DEFAULT NULL, model text DEFAULT NULL, backfill boolean DEFAULT true, fts_config regconfig DEFAULT 'english', embedding text DEFAULT NULL, template text DEFAULT NULL, chunking boolean DEFAULT false, chunk_tokens int DEFAULT NULL, chunk_overlap int DEFAULT NULL, vector_type text DEFAULT 'vector', view_name name DEFAULT NULL, sync boolean DEFAULT false, adopt name DEFAULT NULL) RETURNS regclass
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 BEGIN
     PERFORM embed_sidecar._enter();
-    RETURN embed_sidecar._do_watch(source, content_column, sidecar_name, model, backfill, fts_config, embedding, template, chunking, chunk_tokens, chunk_overlap, vector_type);
+    RETURN embed_sidecar._do_watch(source, content_column, sidecar_name, model, backfill, fts_config, embedding, template, chunking, chunk_tokens, chunk_overlap, vector_type, view_name, sync, adopt);
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text) IS
-    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row; vector or halfvec), and enqueue its existing rows';
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name) IS
+    'Create a sidecar table, queues, triggers and a view for one embedding of a table (a column or a template; chunked into passages or one vector per row; vector or halfvec), and enqueue its existing rows (or adopt the vectors a column holds)';
 
 CREATE OR REPLACE FUNCTION embed_sidecar._do_unwatch(source regclass, drop_sidecar boolean, embedding text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -655,6 +743,9 @@ BEGIN
     IF owner IS DISTINCT FROM (SELECT relowner FROM pg_class WHERE oid = s.sidecar) THEN
         EXECUTE format('ALTER TABLE %s OWNER TO %s', s.sidecar, owner::regrole);
     END IF;
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = s.search_view AND relkind = 'v' AND relowner <> owner) THEN
+        EXECUTE format('ALTER VIEW %s OWNER TO %s', s.search_view, owner::regrole);
+    END IF;
 END
 $$;
 
@@ -679,6 +770,10 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
     END IF;
     PERFORM embed_sidecar._drop_queues(s.queue_name);
+    -- the view is the embedding's, not a version's: it goes with the current one
+    IF s.role = 'current' AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.search_view AND relkind = 'v') THEN
+        EXECUTE format('DROP VIEW %s CASCADE', s.search_view);
+    END IF;
     IF drop_sidecar AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.sidecar) THEN
         -- CASCADE: a view a reader made over the sidecar must not keep its owner from dropping it
         EXECUTE format('DROP TABLE %s CASCADE', s.sidecar);
@@ -699,6 +794,7 @@ BEGIN
     PERFORM embed_sidecar._reconcile_columns(s.id);
     UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
      WHERE id = s.id RETURNING * INTO s;
+    PERFORM embed_sidecar._define_view(s);
     RETURN embed_sidecar._backfill(s.id, true);
 END
 $$;
@@ -744,7 +840,7 @@ BEGIN
     shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
                                               cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2],
                                               cur.vector_type);
-    UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
+    UPDATE embed_sidecar.sources SET state = cur.state, search_view = cur.search_view, sync = cur.sync WHERE id = shadow.id;
     -- nothing to embed (an empty table): it takes over now
     PERFORM embed_sidecar._promote_if_ready(shadow.id);
     RETURN (SELECT x.bulk_total FROM embed_sidecar.sources x WHERE x.id = shadow.id);
@@ -761,6 +857,36 @@ BEGIN
 END
 $$;
 
+-- Swap a complete shadow in (called by the drain when a pass finds its lanes empty, and by
+-- set_model): in one statement the current embedding becomes 'previous' and the shadow 'current'.
+-- Not while rows are dead-lettered: those would have no vector (status shows them; retry_failed()).
+CREATE OR REPLACE FUNCTION embed_sidecar._promote_if_ready(source_id int) RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+    p embed_sidecar.sources;
+BEGIN
+    SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id AND role = 'shadow' FOR UPDATE;
+    IF NOT FOUND OR s.index_pending
+       OR EXISTS (SELECT 1 FROM embed_sidecar.failures f WHERE f.source_id = s.id)
+       OR (SELECT queue_length FROM pgmq.metrics(s.queue_name)) > 0
+       OR (SELECT queue_length FROM pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name))) > 0 THEN
+        RETURN false;
+    END IF;
+    -- a rollback during the build left a previous one: the new switch replaces it
+    FOR p IN SELECT * FROM embed_sidecar.sources x WHERE x.source = s.source AND x.embedding = s.embedding AND x.role = 'previous' LOOP
+        PERFORM embed_sidecar._forget(p, true);
+    END LOOP;
+    UPDATE embed_sidecar.sources SET role = CASE role WHEN 'shadow' THEN 'current' ELSE 'previous' END
+     WHERE source = s.source AND embedding = s.embedding AND role IN ('shadow', 'current');
+    -- in the same transaction, the embedding's view shows the new sidecar and model
+    PERFORM embed_sidecar._define_view(x) FROM embed_sidecar.sources x WHERE x.id = s.id;
+    RAISE LOG 'pg_embed_sidecar: % of % now uses model %', quote_literal(s.embedding), s.source, s.model_id;
+    RETURN true;
+END
+$$;
+
 -- Undo the last switch: the previous embedding becomes current again and the current one previous
 -- (both were kept in step, so either way round is complete). Returns the sidecar now in use.
 CREATE OR REPLACE FUNCTION embed_sidecar._do_rollback_model(source regclass, embedding text) RETURNS regclass
@@ -774,6 +900,7 @@ DECLARE
 BEGIN
     UPDATE embed_sidecar.sources SET role = CASE role WHEN 'previous' THEN 'current' ELSE 'previous' END
      WHERE id IN (cur.id, prev.id);
+    PERFORM embed_sidecar._define_view(x) FROM embed_sidecar.sources x WHERE x.id = prev.id;
     RETURN prev.sidecar;
 END
 $$;
@@ -964,94 +1091,214 @@ BEGIN
 END
 $$;
 
--- What a search needs to know about one embedding of a source, read from one registry row: the
--- sidecar and the model that made its vectors always come as a pair, so a model switch committing
--- meanwhile leaves this search on the old pair (kept until drop_previous()). The searches also keep
--- to vectors whose model id is the pair's, so a query never meets vectors of another model.
-CREATE OR REPLACE FUNCTION embed_sidecar._search_target(source regclass, embedding text,
-    OUT sidecar regclass, OUT model text, OUT model_id text, OUT key_json text, OUT vec_type text, OUT dist_op text,
-    OUT fts_config regconfig, OUT passage_cols text, OUT chunked boolean)
+-- How many rows a search's filter lets through, as the planner expects (VOLATILE: EXPLAIN is a
+-- utility statement, which read-only functions may not run). Planning only: nothing is read.
+CREATE OR REPLACE FUNCTION embed_sidecar._filter_rows(source regclass, filter text) RETURNS float8
+    LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    plan json;
+BEGIN
+    EXECUTE format(E'EXPLAIN (FORMAT JSON) SELECT 1 FROM %s src WHERE (%s\n)', source, filter) INTO plan;
+    RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8;
+END
+$$;
+
+-- The statement of one search over one embedding: the $2 rows nearest to the query vector $1 with
+-- model id $3, among those the filter lets through (_filtered_sidecar: judged with the caller's
+-- rights and row security, as is the sidecar), each row with its nearest passage when chunked;
+-- its result is one jsonb array of [key, distance, chunk, char_start, char_end], nearest first.
+--   exact:  every vector of the matching rows is compared (OFFSET 0 keeps the index out);
+--   else:   the HNSW index is walked for the $4 nearest vectors, iteratively (the caller sets
+--           hnsw.iterative_scan) until $4 of them pass the filter or max_scan_tuples are seen.
+-- The sidecar (alias sc) of a search, joined with the source's rows the filter lets through (the
+-- filter being a sub-select of the source, it names the source's columns and nothing else).
+CREATE OR REPLACE FUNCTION embed_sidecar._filtered_sidecar(s embed_sidecar.sources, filter text) RETURNS text
+    LANGUAGE sql STABLE
+    RETURN CASE WHEN filter IS NULL THEN format('%s sc', s.sidecar)
+                ELSE format(E'%s sc JOIN (SELECT %s FROM %s src WHERE (%s\n)) f ON %s',
+                            s.sidecar, embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, filter,
+                            embed_sidecar._side_join(s, 'sc', 'f')) END;
+
+CREATE OR REPLACE FUNCTION embed_sidecar._nearest_sql(s embed_sidecar.sources, filter text, exact boolean) RETURNS text
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
+    vec text := format('%I.%I', embed_sidecar._vector_schema(), s.vector_type);
+    dist text := format('sc.embedding OPERATOR(%I.<=>) $1::%s', embed_sidecar._vector_schema(), vec);
+    chunked boolean := s.chunk_tokens IS NOT NULL;
+    keys_sc text;
+    keys_c text;
+    candidates text;
 BEGIN
-    sidecar := s.sidecar;
-    model := s.model;
-    model_id := s.model_id;
-    key_json := embed_sidecar._key_json(s, 'sc');
-    SELECT format('%I.%I', n, s.vector_type), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
-      FROM embed_sidecar._vector_schema() n;
-    fts_config := s.fts_config::regconfig;
-    chunked := s.chunk_tokens IS NOT NULL;
-    passage_cols := CASE WHEN chunked THEN 'sc.chunk, sc.char_start, sc.char_end'
-                         ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END;
+    SELECT string_agg(format('sc.%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('c.%I', a.attname), ', ' ORDER BY a.attnum) INTO keys_sc, keys_c
+      FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+    candidates := format('SELECT %s, (%s)::float8 AS d, %s FROM %s WHERE sc.model = $3',
+                         keys_sc, dist,
+                         CASE WHEN chunked THEN 'sc.chunk, sc.char_start, sc.char_end'
+                              ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END,
+                         embed_sidecar._filtered_sidecar(s, filter));
+    candidates := CASE WHEN exact THEN candidates || ' OFFSET 0'
+                       ELSE format('%s ORDER BY %s LIMIT $4', candidates, dist) END;
+    -- a row's nearest passage stands for it
+    IF chunked THEN
+        candidates := format('SELECT DISTINCT ON (%s) c.* FROM (%s) c ORDER BY %s, c.d', keys_c, candidates, keys_c);
+    END IF;
+    RETURN format('SELECT coalesce(jsonb_agg(pg_catalog.jsonb_build_array(r.key, r.d, r.chunk, r.char_start, r.char_end)
+                                             ORDER BY r.d, r.key), ''[]'')
+                     FROM (SELECT %s AS key, b.d, b.chunk, b.char_start, b.char_end
+                             FROM (%s) b ORDER BY b.d, 1 LIMIT $2) r',
+                  embed_sidecar._key_json(s, 'b'), candidates);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10, embedding text DEFAULT NULL)
-    RETURNS TABLE (key jsonb, distance float8, chunk int, char_start int, char_end int)
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+-- The nearest rows of a search, as _nearest_sql's jsonb array. A filter expected to let few rows
+-- through (pg_embed_sidecar.exact_search_rows) has them ranked exactly: walking the index for
+-- them would visit many vectors that fail it. Otherwise the index is walked iteratively, and
+-- should that still bring fewer than k rows (the filter let fewer through than the planner
+-- thought, or its rows are far from the query: hnsw.max_scan_tuples were seen first) the
+-- search is done again exactly, so it always returns min(k, rows matching). The filter runs
+-- with the caller's search path (callers_path), as in the caller's own SELECT.
+CREATE OR REPLACE FUNCTION embed_sidecar._nearest(s embed_sidecar.sources, q real[], k int, filter text, callers_path text)
+    RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
-    t record := embed_sidecar._search_target(source, embedding);
-    q real[] := embed_sidecar._embed_query(t.model, t.model_id, query);
-    n int := embed_sidecar._candidates(t.chunked, k);
-    old text := embed_sidecar._widen_ef_search(n);
+    n int := embed_sidecar._candidates(s.chunk_tokens IS NOT NULL, k);
+    old_ef text := embed_sidecar._widen_ef_search(n);
+    old_iter text := coalesce(current_setting('hnsw.iterative_scan', true), 'off');
+    exact boolean := false;
+    hits jsonb;
 BEGIN
-    -- the caller was needed to find the target; code of others (policies, operators) runs next
-    PERFORM embed_sidecar._leave();
-    -- the nearest n vectors (HNSW), each row's nearest of them, the k nearest rows
-    RETURN QUERY EXECUTE format(
-        'SELECT b.key, b.d, b.chunk, b.char_start, b.char_end
-           FROM (SELECT DISTINCT ON (c.key) c.*
-                   FROM (SELECT %1$s AS key, (sc.embedding %4$s $1::%2$s)::float8 AS d, %5$s
-                           FROM %3$s sc WHERE sc.model = $3 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $4) c
-                  ORDER BY c.key, c.d) b
-          ORDER BY b.d, b.key LIMIT $2',
-        t.key_json, t.vec_type, t.sidecar, t.dist_op, t.passage_cols) USING q, k, t.model_id, n;
-    PERFORM set_config('hnsw.ef_search', old, true);
+    IF filter IS NOT NULL THEN
+        filter := embed_sidecar._check_filter(filter);
+        PERFORM set_config('search_path', callers_path, true);
+        exact := embed_sidecar._filter_rows(s.source, filter) <= current_setting('pg_embed_sidecar.exact_search_rows')::float8;
+    END IF;
+    IF NOT exact THEN
+        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+        EXECUTE embed_sidecar._nearest_sql(s, filter, false) INTO hits USING q, k, s.model_id, n;
+        PERFORM set_config('hnsw.iterative_scan', old_iter, true);
+    END IF;
+    IF exact OR jsonb_array_length(hits) < k THEN
+        EXECUTE embed_sidecar._nearest_sql(s, filter, true) INTO hits USING q, k, s.model_id, n;
+    END IF;
+    PERFORM set_config('hnsw.ef_search', old_ef, true);
+    RETURN hits;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int, text) IS
-    'k nearest rows of a watched table by cosine distance to the query''s embedding (HNSW index); chunked: by each row''s nearest passage among the nearest max(5k, 50), with its offsets';
 
-CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search(
-    source regclass, query text, k int DEFAULT 10,
-    candidates int DEFAULT 100, vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0,
-    rrf_k int DEFAULT 60, embedding text DEFAULT NULL)
-    RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int, chunk int, char_start int, char_end int)
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+-- What search() and search_rows() share: who searches, which embedding, the query's vector,
+-- then the nearest rows (the caller is forgotten before code of others, policies and operators,
+-- runs in the search's statements).
+CREATE OR REPLACE FUNCTION embed_sidecar._search(source regclass, query text, k int, embedding text, filter text, callers_path text,
+    OUT s embed_sidecar.sources, OUT hits jsonb)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
     entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
-    t record := embed_sidecar._search_target(source, embedding);
     q real[];
-    old text;
 BEGIN
-    -- the caller was needed to find the target; code of others (policies, operators) runs next
+    s := embed_sidecar._readable_source(source, embedding);
+    IF k IS NULL OR k < 1 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: k must be at least 1, not %', coalesce(k::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'k is how many rows the search returns.';
+    END IF;
+    q := embed_sidecar._embed_query(s.model, s.model_id, query);
     PERFORM embed_sidecar._leave();
-    IF t.fts_config IS NULL THEN
+    hits := embed_sidecar._nearest(s, q, k, filter, callers_path);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10, embedding text DEFAULT NULL,
+                                     filter text DEFAULT NULL)
+    RETURNS TABLE (key jsonb, distance float8, chunk int, char_start int, char_end int)
+    LANGUAGE sql VOLATILE
+BEGIN ATOMIC
+    SELECT h.value -> 0, (h.value ->> 1)::float8, (h.value ->> 2)::int, (h.value ->> 3)::int, (h.value ->> 4)::int
+      FROM embed_sidecar._search(source, query, k, embedding, filter, pg_catalog.current_setting('search_path')) r,
+           pg_catalog.jsonb_array_elements(r.hits) WITH ORDINALITY AS h(value, ord)
+     ORDER BY h.ord;
+END;
+COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int, text, text) IS
+    'k nearest rows of a watched table by cosine distance to the query''s embedding, among those the filter (a boolean expression over the table''s columns) lets through; chunked: by each row''s nearest passage, with its offsets';
+
+-- search() returning the source's rows themselves: search_rows(NULL::docs, 'query', 10, filter => ...)
+-- gives (hit docs, distance, ...), read as (r.hit).title or (r.hit).*. Read with the caller's
+-- rights (row security of the table applies, as in a plain SELECT).
+CREATE OR REPLACE FUNCTION embed_sidecar.search_rows(source anyelement, query text, k int DEFAULT 10, embedding text DEFAULT NULL,
+                                          filter text DEFAULT NULL)
+    RETURNS TABLE (hit anyelement, distance float8, chunk int, char_start int, char_end int)
+    -- no search_path of its own: it hands the caller's to _search (the filter's), and every name
+    -- here is qualified
+    LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    rel regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
+                      WHERE t.oid = pg_catalog.pg_typeof(source) AND t.typrelid OPERATOR(pg_catalog.<>) 0);
+    res record;
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: search_rows() takes a table''s row type, not %', pg_catalog.pg_typeof(source)
+            USING ERRCODE = 'datatype_mismatch', HINT = 'Pass NULL cast to the table''s type: search_rows(NULL::docs, ''query'').';
+    END IF;
+    res := embed_sidecar._search(rel, query, k, embedding, filter, pg_catalog.current_setting('search_path'));
+    RETURN QUERY EXECUTE pg_catalog.format(
+        'SELECT src, (h.value ->> 1)::float8, (h.value ->> 2)::int, (h.value ->> 3)::int, (h.value ->> 4)::int
+           FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS h(value, ord)
+                CROSS JOIN LATERAL (SELECT h.value -> 0 AS _pes_key) k
+                JOIN %s src ON %s
+          ORDER BY h.ord',
+        rel, embed_sidecar._key_from_json(rel, (res.s).key_attnums, 'src', '_pes_key')) USING res.hits;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.search_rows(anyelement, text, int, text, text) IS
+    'search() returning the rows of the table whose row type the first argument has (NULL::docs), with their distance';
+
+CREATE OR REPLACE FUNCTION embed_sidecar._hybrid_search(
+    source regclass, query text, k int, candidates int, vector_weight float8, text_weight float8, rrf_k int,
+    embedding text, filter text, callers_path text)
+    RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int, chunk int, char_start int, char_end int)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+DECLARE
+    entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
+    s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
+    q real[];
+    v jsonb;
+BEGIN
+    IF s.fts_config IS NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: the sidecar of % keeps no full text for hybrid_search', source
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'It was watched with fts_config => NULL: use search(), or unwatch() and watch() it again with a text search configuration.';
     END IF;
-    q := embed_sidecar._embed_query(t.model, t.model_id, query);
-    old := embed_sidecar._widen_ef_search(candidates);
-    -- candidates are vectors (passages, when chunked) from each side; a row ranks by its best one
-    -- on each side, and shows the passage of its vector side (else of its text side)
+    IF k IS NULL OR k < 1 OR candidates IS NULL OR candidates < k THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: hybrid_search() needs 1 <= k <= candidates (k %, candidates %)',
+                        coalesce(k::text, 'NULL'), coalesce(candidates::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'candidates is how many rows each side ranks before they are fused.';
+    END IF;
+    q := embed_sidecar._embed_query(s.model, s.model_id, query);
+    -- the caller was needed to find the target; code of others (policies, operators) runs next
+    PERFORM embed_sidecar._leave();
+    -- the vector side: the nearest rows, as search() finds them (filtered, at any selectivity)
+    v := embed_sidecar._nearest(s, q, candidates, filter, callers_path);
+    IF filter IS NOT NULL THEN
+        PERFORM set_config('search_path', callers_path, true);  -- the filter's, as in _nearest
+    END IF;
+    -- candidates from each side; a row ranks by its best passage on each side, and shows the
+    -- passage of its vector side (else of its text side)
     RETURN QUERY EXECUTE format(
-        -- ranks come from an explicit ORDER BY: row_number() OVER () would only follow the
-        -- subquery's order by accident of the plan
-        'WITH vc AS (SELECT %1$s AS key, sc.embedding %4$s $1::%2$s AS d, %5$s
-                       FROM %3$s sc WHERE sc.model = $9 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3),
-              v AS (SELECT b.*, row_number() OVER (ORDER BY b.d, b.key)::int AS r
-                      FROM (SELECT DISTINCT ON (vc.key) vc.* FROM vc ORDER BY vc.key, vc.d) b),
-              fc AS (SELECT %1$s AS key, ts_rank(sc.fts, tq, 1) AS rank, %5$s
-                       FROM %3$s sc, embed_sidecar.any_words_tsquery($4, $5) tq
-                      WHERE sc.fts @@ tq AND sc.model = $9 ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3),
-              f AS (SELECT b.*, row_number() OVER (ORDER BY b.rank DESC, b.key)::int AS r
+        'WITH v AS (SELECT h.value -> 0 AS key, h.ord::int AS r, (h.value ->> 2)::int AS chunk,
+                           (h.value ->> 3)::int AS char_start, (h.value ->> 4)::int AS char_end
+                      FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS h(value, ord)),
+              fc AS (SELECT %1$s AS key, pg_catalog.ts_rank(sc.fts, tq, 1) AS rank, %2$s
+                       FROM %3$s, embed_sidecar.any_words_tsquery($4, $5) tq
+                      WHERE sc.fts OPERATOR(pg_catalog.@@) tq AND sc.model OPERATOR(pg_catalog.=) $9
+                      ORDER BY 2 DESC LIMIT $3),
+              -- ranks come from an explicit ORDER BY: row_number() OVER () would only follow the
+              -- subquery''s order by accident of the plan
+              f AS (SELECT b.*, pg_catalog.row_number() OVER (ORDER BY b.rank DESC, b.key)::int AS r
                       FROM (SELECT DISTINCT ON (fc.key) fc.* FROM fc ORDER BY fc.key, fc.rank DESC) b)
          SELECT coalesce(v.key, f.key),
                 coalesce($6 / ($8 + v.r), 0) + coalesce($7 / ($8 + f.r), 0),
@@ -1059,15 +1306,28 @@ BEGIN
                 CASE WHEN v.key IS NOT NULL THEN v.chunk ELSE f.chunk END,
                 CASE WHEN v.key IS NOT NULL THEN v.char_start ELSE f.char_start END,
                 CASE WHEN v.key IS NOT NULL THEN v.char_end ELSE f.char_end END
-           FROM v FULL JOIN f ON v.key = f.key
+           FROM v FULL JOIN f ON v.key OPERATOR(pg_catalog.=) f.key
           ORDER BY 2 DESC, 1 LIMIT $2',
-        t.key_json, t.vec_type, t.sidecar, t.dist_op, t.passage_cols)
-    USING q, k, candidates, t.fts_config, query, vector_weight, text_weight, rrf_k::float8, t.model_id;
-    PERFORM set_config('hnsw.ef_search', old, true);
+        embed_sidecar._key_json(s, 'sc'),
+        CASE WHEN s.chunk_tokens IS NOT NULL THEN 'sc.chunk, sc.char_start, sc.char_end'
+             ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END,
+        embed_sidecar._filtered_sidecar(s, filter))
+    USING v, k, candidates, s.fts_config::regconfig, query, vector_weight, text_weight, rrf_k::float8, s.model_id;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text) IS
-    'Vector and full-text candidates fused by reciprocal rank fusion: score = vector_weight/(rrf_k + vector_rank) + text_weight/(rrf_k + text_rank)';
+
+CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search(
+    source regclass, query text, k int DEFAULT 10,
+    candidates int DEFAULT 100, vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0,
+    rrf_k int DEFAULT 60, embedding text DEFAULT NULL, filter text DEFAULT NULL)
+    RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int, chunk int, char_start int, char_end int)
+    LANGUAGE sql VOLATILE
+BEGIN ATOMIC
+    SELECT * FROM embed_sidecar._hybrid_search(source, query, k, candidates, vector_weight, text_weight, rrf_k,
+                                               embedding, filter, pg_catalog.current_setting('search_path'));
+END;
+COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text, text) IS
+    'Vector and full-text candidates (among the rows the filter lets through) fused by reciprocal rank fusion: score = vector_weight/(rrf_k + vector_rank) + text_weight/(rrf_k + text_rank)';
 
 -- The statements for one source, built once per pass. The unnested key is called _pes_key
 -- because _key_from_json refers to it unqualified and a source may well have a column "key".
@@ -1519,6 +1779,16 @@ CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
 SELECT embed_sidecar._protect_sidecar(s) FROM embed_sidecar.sources s;
 -- the names of the columns each embedding uses, for a later restore into a renumbered table
 UPDATE embed_sidecar.sources s SET column_names = embed_sidecar._column_names(s);
+-- each embedding gets its view, under the name watch() would give it, where that name is free
+-- (else none: status shows it; unwatch() and watch() again with view_name => ... to have one)
+UPDATE embed_sidecar.sources s SET search_view = embed_sidecar._define_view(s, v.name)
+  FROM (SELECT x.id, CASE WHEN x.id = min(x.id) OVER (PARTITION BY x.source)
+                          THEN embed_sidecar._clip(c.relname, 55) || '_vectors'
+                          ELSE embed_sidecar._clip(c.relname || '_' || x.embedding, 55) || '_vectors' END AS name
+          FROM embed_sidecar.sources x JOIN pg_class c ON c.oid = x.source WHERE x.role = 'current') v
+ WHERE s.id = v.id AND to_regclass(format('%I.%I', embed_sidecar._schema_of(s.source), v.name)) IS NULL;
+UPDATE embed_sidecar.sources s SET search_view = c.search_view
+  FROM embed_sidecar.sources c WHERE c.source = s.source AND c.embedding = s.embedding AND c.role = 'current' AND s.role <> 'current';
 
 -- who may call what (sql/privileges.sql, less its last step)
 
@@ -1527,10 +1797,16 @@ REVOKE ALL ON ALL TABLES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
 GRANT SELECT ON embed_sidecar.status, embed_sidecar.models TO PUBLIC;
-GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_sidecar._readable_source(regclass, text),
+GRANT EXECUTE ON FUNCTION embed_sidecar._readable_source(regclass, text),
     embed_sidecar._widen_ef_search(int), embed_sidecar._candidates(boolean, int), embed_sidecar.any_words_tsquery(regconfig, text),
-    embed_sidecar.search(regclass, text, int, text),
-    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text),
+    embed_sidecar._check_filter(text), embed_sidecar._filter_rows(regclass, text),
+    embed_sidecar._filtered_sidecar(embed_sidecar.sources, text), embed_sidecar._nearest_sql(embed_sidecar.sources, text, boolean),
+    embed_sidecar._nearest(embed_sidecar.sources, real[], int, text, text),
+    embed_sidecar._search(regclass, text, int, text, text, text), embed_sidecar.search(regclass, text, int, text, text),
+    embed_sidecar.search_rows(anyelement, text, int, text, text),
+    embed_sidecar._hybrid_search(regclass, text, int, int, float8, float8, int, text, text, text),
+    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text, text),
+    embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_from_json(regclass, smallint[], text, text),
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
     embed_sidecar._worker_state(), embed_sidecar._installed_models(), embed_sidecar._key_json(embed_sidecar.sources, text),
     embed_sidecar._side_join(embed_sidecar.sources, text, text), embed_sidecar._sidecar_keys(embed_sidecar.sources),
@@ -1538,7 +1814,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_si
 -- The bodies of the management functions: each checks that its caller may execute the public one
 -- (embed_sidecar._check_may), so the administrator grants those, as before.
 GRANT EXECUTE ON FUNCTION
-    embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text),
+    embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name),
     embed_sidecar._do_unwatch(regclass, boolean, text), embed_sidecar._do_reembed(regclass, text),
     embed_sidecar._do_set_model(regclass, text, text), embed_sidecar._do_rollback_model(regclass, text),
     embed_sidecar._do_drop_previous(regclass, text), embed_sidecar._do_retry_failed(regclass, text),

@@ -5,10 +5,16 @@ REVOKE ALL ON ALL TABLES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA embed_sidecar FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
 GRANT SELECT ON embed_sidecar.status, embed_sidecar.models TO PUBLIC;
-GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_sidecar._readable_source(regclass, text),
+GRANT EXECUTE ON FUNCTION embed_sidecar._readable_source(regclass, text),
     embed_sidecar._widen_ef_search(int), embed_sidecar._candidates(boolean, int), embed_sidecar.any_words_tsquery(regconfig, text),
-    embed_sidecar.search(regclass, text, int, text),
-    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text),
+    embed_sidecar._check_filter(text), embed_sidecar._filter_rows(regclass, text),
+    embed_sidecar._filtered_sidecar(embed_sidecar.sources, text), embed_sidecar._nearest_sql(embed_sidecar.sources, text, boolean),
+    embed_sidecar._nearest(embed_sidecar.sources, real[], int, text, text),
+    embed_sidecar._search(regclass, text, int, text, text, text), embed_sidecar.search(regclass, text, int, text, text),
+    embed_sidecar.search_rows(anyelement, text, int, text, text),
+    embed_sidecar._hybrid_search(regclass, text, int, int, float8, float8, int, text, text, text),
+    embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text, text),
+    embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_from_json(regclass, smallint[], text, text),
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
     embed_sidecar._worker_state(), embed_sidecar._installed_models(), embed_sidecar._key_json(embed_sidecar.sources, text),
     embed_sidecar._side_join(embed_sidecar.sources, text, text), embed_sidecar._sidecar_keys(embed_sidecar.sources),
@@ -16,7 +22,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._search_target(regclass, text), embed_si
 -- The bodies of the management functions: each checks that its caller may execute the public one
 -- (embed_sidecar._check_may), so the administrator grants those, as before.
 GRANT EXECUTE ON FUNCTION
-    embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text),
+    embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name),
     embed_sidecar._do_unwatch(regclass, boolean, text), embed_sidecar._do_reembed(regclass, text),
     embed_sidecar._do_set_model(regclass, text, text), embed_sidecar._do_rollback_model(regclass, text),
     embed_sidecar._do_drop_previous(regclass, text), embed_sidecar._do_retry_failed(regclass, text),

@@ -64,6 +64,14 @@ CREATE TABLE embed_sidecar.sources (
     -- current across renames (events.sql): a dump restored after a DROP COLUMN renumbers the
     -- table's columns, and these names map the numbers back (_reconcile_columns)
     column_names     jsonb NOT NULL DEFAULT '{}',
+    -- the view that joins each source row with this embedding's vectors, under a name that stays
+    -- (watch(view_name => ...)): every role of an embedding carries it, and the transaction that
+    -- promotes a shadow, or rolls a switch back, points it at the sidecar now current
+    -- (_define_view). NULL: none (it was dropped).
+    search_view      regclass,
+    -- watch(sync => true): a writer's change is also embedded inside the writer's transaction
+    -- when the inference service has room for it (src/drain/sync.rs); the queue has it anyway
+    sync             boolean NOT NULL DEFAULT false,
     -- deferrable: checked at the end of a statement, so one UPDATE can swap two roles
     UNIQUE (source, embedding, role) DEFERRABLE,
     CHECK ((content_attnum IS NULL) <> (template IS NULL)),

@@ -1,35 +1,16 @@
 -- Search over a watched table's sidecar: semantic (HNSW, cosine) and hybrid (HNSW + full text,
--- fused by reciprocal rank fusion). Both run with the caller's privileges on the sidecar, embed
--- the query once, with the source's model, and return the source key as a JSON array
--- (join back with e.g. `ON p.name = r.key->>0`). Over a chunked sidecar they rank rows by their
--- best passage and say which passage that was (chunk number and character offsets into the
--- content, for a snippet: substr(content, char_start + 1, char_end - char_start)); over an
--- unchunked one those columns are NULL.
-
--- What a search needs to know about one embedding of a source, read from one registry row: the
--- sidecar and the model that made its vectors always come as a pair, so a model switch committing
--- meanwhile leaves this search on the old pair (kept until drop_previous()). The searches also keep
--- to vectors whose model id is the pair's, so a query never meets vectors of another model.
-CREATE FUNCTION embed_sidecar._search_target(source regclass, embedding text,
-    OUT sidecar regclass, OUT model text, OUT model_id text, OUT key_json text, OUT vec_type text, OUT dist_op text,
-    OUT fts_config regconfig, OUT passage_cols text, OUT chunked boolean)
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
-BEGIN
-    sidecar := s.sidecar;
-    model := s.model;
-    model_id := s.model_id;
-    key_json := embed_sidecar._key_json(s, 'sc');
-    SELECT format('%I.%I', n, s.vector_type), format('OPERATOR(%I.<=>)', n) INTO vec_type, dist_op
-      FROM embed_sidecar._vector_schema() n;
-    fts_config := s.fts_config::regconfig;
-    chunked := s.chunk_tokens IS NOT NULL;
-    passage_cols := CASE WHEN chunked THEN 'sc.chunk, sc.char_start, sc.char_end'
-                         ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END;
-END
-$$;
+-- fused by reciprocal rank fusion), optionally among the rows a filter lets through (a boolean
+-- expression over the table's columns, judged like the caller's own SELECT). They run with the
+-- caller's privileges, embed the query once, with the source's model, and return the source key
+-- as a JSON array (search_rows() returns the rows themselves). Over a chunked sidecar they rank
+-- rows by their best passage and say which passage that was (chunk number and character offsets
+-- into the content, for a snippet: substr(content, char_start + 1, char_end - char_start)); over
+-- an unchunked one those columns are NULL. The searches keep to vectors whose model id is the
+-- embedding's, so a query never meets vectors of another model; a model switch committing
+-- meanwhile leaves a search on the pair (sidecar, model) it read.
+--
+-- The public functions are SQL wrappers that hand the caller's search_path on: the filter is
+-- evaluated with it, everything else with ours.
 
 -- HNSW returns at most hnsw.ef_search rows: raise it for this query when more are asked for.
 CREATE FUNCTION embed_sidecar._widen_ef_search(wanted int) RETURNS text
@@ -50,33 +31,170 @@ CREATE FUNCTION embed_sidecar._candidates(chunked boolean, k int) RETURNS int
     LANGUAGE sql IMMUTABLE
     RETURN CASE WHEN chunked THEN greatest(k * 5, 50) ELSE k END;
 
-CREATE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10, embedding text DEFAULT NULL)
-    RETURNS TABLE (key jsonb, distance float8, chunk int, char_start int, char_end int)
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+-- How many rows a search's filter lets through, as the planner expects (VOLATILE: EXPLAIN is a
+-- utility statement, which read-only functions may not run). Planning only: nothing is read.
+CREATE FUNCTION embed_sidecar._filter_rows(source regclass, filter text) RETURNS float8
+    LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    plan json;
+BEGIN
+    EXECUTE format(E'EXPLAIN (FORMAT JSON) SELECT 1 FROM %s src WHERE (%s\n)', source, filter) INTO plan;
+    RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8;
+END
+$$;
+
+-- The statement of one search over one embedding: the $2 rows nearest to the query vector $1 with
+-- model id $3, among those the filter lets through (_filtered_sidecar: judged with the caller's
+-- rights and row security, as is the sidecar), each row with its nearest passage when chunked;
+-- its result is one jsonb array of [key, distance, chunk, char_start, char_end], nearest first.
+--   exact:  every vector of the matching rows is compared (OFFSET 0 keeps the index out);
+--   else:   the HNSW index is walked for the $4 nearest vectors, iteratively (the caller sets
+--           hnsw.iterative_scan) until $4 of them pass the filter or max_scan_tuples are seen.
+-- The sidecar (alias sc) of a search, joined with the source's rows the filter lets through (the
+-- filter being a sub-select of the source, it names the source's columns and nothing else).
+CREATE FUNCTION embed_sidecar._filtered_sidecar(s embed_sidecar.sources, filter text) RETURNS text
+    LANGUAGE sql STABLE
+    RETURN CASE WHEN filter IS NULL THEN format('%s sc', s.sidecar)
+                ELSE format(E'%s sc JOIN (SELECT %s FROM %s src WHERE (%s\n)) f ON %s',
+                            s.sidecar, embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, filter,
+                            embed_sidecar._side_join(s, 'sc', 'f')) END;
+
+CREATE FUNCTION embed_sidecar._nearest_sql(s embed_sidecar.sources, filter text, exact boolean) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    vec text := format('%I.%I', embed_sidecar._vector_schema(), s.vector_type);
+    dist text := format('sc.embedding OPERATOR(%I.<=>) $1::%s', embed_sidecar._vector_schema(), vec);
+    chunked boolean := s.chunk_tokens IS NOT NULL;
+    keys_sc text;
+    keys_c text;
+    candidates text;
+BEGIN
+    SELECT string_agg(format('sc.%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('c.%I', a.attname), ', ' ORDER BY a.attnum) INTO keys_sc, keys_c
+      FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+    candidates := format('SELECT %s, (%s)::float8 AS d, %s FROM %s WHERE sc.model = $3',
+                         keys_sc, dist,
+                         CASE WHEN chunked THEN 'sc.chunk, sc.char_start, sc.char_end'
+                              ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END,
+                         embed_sidecar._filtered_sidecar(s, filter));
+    candidates := CASE WHEN exact THEN candidates || ' OFFSET 0'
+                       ELSE format('%s ORDER BY %s LIMIT $4', candidates, dist) END;
+    -- a row's nearest passage stands for it
+    IF chunked THEN
+        candidates := format('SELECT DISTINCT ON (%s) c.* FROM (%s) c ORDER BY %s, c.d', keys_c, candidates, keys_c);
+    END IF;
+    RETURN format('SELECT coalesce(jsonb_agg(pg_catalog.jsonb_build_array(r.key, r.d, r.chunk, r.char_start, r.char_end)
+                                             ORDER BY r.d, r.key), ''[]'')
+                     FROM (SELECT %s AS key, b.d, b.chunk, b.char_start, b.char_end
+                             FROM (%s) b ORDER BY b.d, 1 LIMIT $2) r',
+                  embed_sidecar._key_json(s, 'b'), candidates);
+END
+$$;
+
+-- The nearest rows of a search, as _nearest_sql's jsonb array. A filter expected to let few rows
+-- through (pg_embed_sidecar.exact_search_rows) has them ranked exactly: walking the index for
+-- them would visit many vectors that fail it. Otherwise the index is walked iteratively, and
+-- should that still bring fewer than k rows (the filter let fewer through than the planner
+-- thought, or its rows are far from the query: hnsw.max_scan_tuples were seen first) the
+-- search is done again exactly, so it always returns min(k, rows matching). The filter runs
+-- with the caller's search path (callers_path), as in the caller's own SELECT.
+CREATE FUNCTION embed_sidecar._nearest(s embed_sidecar.sources, q real[], k int, filter text, callers_path text)
+    RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n int := embed_sidecar._candidates(s.chunk_tokens IS NOT NULL, k);
+    old_ef text := embed_sidecar._widen_ef_search(n);
+    old_iter text := coalesce(current_setting('hnsw.iterative_scan', true), 'off');
+    exact boolean := false;
+    hits jsonb;
+BEGIN
+    IF filter IS NOT NULL THEN
+        filter := embed_sidecar._check_filter(filter);
+        PERFORM set_config('search_path', callers_path, true);
+        exact := embed_sidecar._filter_rows(s.source, filter) <= current_setting('pg_embed_sidecar.exact_search_rows')::float8;
+    END IF;
+    IF NOT exact THEN
+        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+        EXECUTE embed_sidecar._nearest_sql(s, filter, false) INTO hits USING q, k, s.model_id, n;
+        PERFORM set_config('hnsw.iterative_scan', old_iter, true);
+    END IF;
+    IF exact OR jsonb_array_length(hits) < k THEN
+        EXECUTE embed_sidecar._nearest_sql(s, filter, true) INTO hits USING q, k, s.model_id, n;
+    END IF;
+    PERFORM set_config('hnsw.ef_search', old_ef, true);
+    RETURN hits;
+END
+$$;
+
+-- What search() and search_rows() share: who searches, which embedding, the query's vector,
+-- then the nearest rows (the caller is forgotten before code of others, policies and operators,
+-- runs in the search's statements).
+CREATE FUNCTION embed_sidecar._search(source regclass, query text, k int, embedding text, filter text, callers_path text,
+    OUT s embed_sidecar.sources, OUT hits jsonb)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
     entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
-    t record := embed_sidecar._search_target(source, embedding);
-    q real[] := embed_sidecar._embed_query(t.model, t.model_id, query);
-    n int := embed_sidecar._candidates(t.chunked, k);
-    old text := embed_sidecar._widen_ef_search(n);
+    q real[];
 BEGIN
-    -- the caller was needed to find the target; code of others (policies, operators) runs next
+    s := embed_sidecar._readable_source(source, embedding);
+    IF k IS NULL OR k < 1 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: k must be at least 1, not %', coalesce(k::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'k is how many rows the search returns.';
+    END IF;
+    q := embed_sidecar._embed_query(s.model, s.model_id, query);
     PERFORM embed_sidecar._leave();
-    -- the nearest n vectors (HNSW), each row's nearest of them, the k nearest rows
-    RETURN QUERY EXECUTE format(
-        'SELECT b.key, b.d, b.chunk, b.char_start, b.char_end
-           FROM (SELECT DISTINCT ON (c.key) c.*
-                   FROM (SELECT %1$s AS key, (sc.embedding %4$s $1::%2$s)::float8 AS d, %5$s
-                           FROM %3$s sc WHERE sc.model = $3 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $4) c
-                  ORDER BY c.key, c.d) b
-          ORDER BY b.d, b.key LIMIT $2',
-        t.key_json, t.vec_type, t.sidecar, t.dist_op, t.passage_cols) USING q, k, t.model_id, n;
-    PERFORM set_config('hnsw.ef_search', old, true);
+    hits := embed_sidecar._nearest(s, q, k, filter, callers_path);
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int, text) IS
-    'k nearest rows of a watched table by cosine distance to the query''s embedding (HNSW index); chunked: by each row''s nearest passage among the nearest max(5k, 50), with its offsets';
+
+CREATE FUNCTION embed_sidecar.search(source regclass, query text, k int DEFAULT 10, embedding text DEFAULT NULL,
+                                     filter text DEFAULT NULL)
+    RETURNS TABLE (key jsonb, distance float8, chunk int, char_start int, char_end int)
+    LANGUAGE sql VOLATILE
+BEGIN ATOMIC
+    SELECT h.value -> 0, (h.value ->> 1)::float8, (h.value ->> 2)::int, (h.value ->> 3)::int, (h.value ->> 4)::int
+      FROM embed_sidecar._search(source, query, k, embedding, filter, pg_catalog.current_setting('search_path')) r,
+           pg_catalog.jsonb_array_elements(r.hits) WITH ORDINALITY AS h(value, ord)
+     ORDER BY h.ord;
+END;
+COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int, text, text) IS
+    'k nearest rows of a watched table by cosine distance to the query''s embedding, among those the filter (a boolean expression over the table''s columns) lets through; chunked: by each row''s nearest passage, with its offsets';
+
+-- search() returning the source's rows themselves: search_rows(NULL::docs, 'query', 10, filter => ...)
+-- gives (hit docs, distance, ...), read as (r.hit).title or (r.hit).*. Read with the caller's
+-- rights (row security of the table applies, as in a plain SELECT).
+CREATE FUNCTION embed_sidecar.search_rows(source anyelement, query text, k int DEFAULT 10, embedding text DEFAULT NULL,
+                                          filter text DEFAULT NULL)
+    RETURNS TABLE (hit anyelement, distance float8, chunk int, char_start int, char_end int)
+    -- no search_path of its own: it hands the caller's to _search (the filter's), and every name
+    -- here is qualified
+    LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    rel regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
+                      WHERE t.oid = pg_catalog.pg_typeof(source) AND t.typrelid OPERATOR(pg_catalog.<>) 0);
+    res record;
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: search_rows() takes a table''s row type, not %', pg_catalog.pg_typeof(source)
+            USING ERRCODE = 'datatype_mismatch', HINT = 'Pass NULL cast to the table''s type: search_rows(NULL::docs, ''query'').';
+    END IF;
+    res := embed_sidecar._search(rel, query, k, embedding, filter, pg_catalog.current_setting('search_path'));
+    RETURN QUERY EXECUTE pg_catalog.format(
+        'SELECT src, (h.value ->> 1)::float8, (h.value ->> 2)::int, (h.value ->> 3)::int, (h.value ->> 4)::int
+           FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS h(value, ord)
+                CROSS JOIN LATERAL (SELECT h.value -> 0 AS _pes_key) k
+                JOIN %s src ON %s
+          ORDER BY h.ord',
+        rel, embed_sidecar._key_from_json(rel, (res.s).key_attnums, 'src', '_pes_key')) USING res.hits;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.search_rows(anyelement, text, int, text, text) IS
+    'search() returning the rows of the table whose row type the first argument has (NULL::docs), with their distance';
 
 -- Full-text query with OR semantics: a long natural-language query should rank documents that
 -- share many of its words, not only those that contain all of them.
@@ -84,41 +202,49 @@ CREATE FUNCTION embed_sidecar.any_words_tsquery(config regconfig, query text) RE
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN nullif(replace(plainto_tsquery(config, query)::text, ' & ', ' | '), '')::tsquery;
 
-CREATE FUNCTION embed_sidecar.hybrid_search(
-    source regclass, query text, k int DEFAULT 10,
-    candidates int DEFAULT 100, vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0,
-    rrf_k int DEFAULT 60, embedding text DEFAULT NULL)
+CREATE FUNCTION embed_sidecar._hybrid_search(
+    source regclass, query text, k int, candidates int, vector_weight float8, text_weight float8, rrf_k int,
+    embedding text, filter text, callers_path text)
     RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int, chunk int, char_start int, char_end int)
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
     entered boolean := embed_sidecar._enter();  -- who searches (src/pg/authority.rs)
-    t record := embed_sidecar._search_target(source, embedding);
+    s embed_sidecar.sources := embed_sidecar._readable_source(source, embedding);
     q real[];
-    old text;
+    v jsonb;
 BEGIN
-    -- the caller was needed to find the target; code of others (policies, operators) runs next
-    PERFORM embed_sidecar._leave();
-    IF t.fts_config IS NULL THEN
+    IF s.fts_config IS NULL THEN
         RAISE EXCEPTION 'pg_embed_sidecar: the sidecar of % keeps no full text for hybrid_search', source
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'It was watched with fts_config => NULL: use search(), or unwatch() and watch() it again with a text search configuration.';
     END IF;
-    q := embed_sidecar._embed_query(t.model, t.model_id, query);
-    old := embed_sidecar._widen_ef_search(candidates);
-    -- candidates are vectors (passages, when chunked) from each side; a row ranks by its best one
-    -- on each side, and shows the passage of its vector side (else of its text side)
+    IF k IS NULL OR k < 1 OR candidates IS NULL OR candidates < k THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: hybrid_search() needs 1 <= k <= candidates (k %, candidates %)',
+                        coalesce(k::text, 'NULL'), coalesce(candidates::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'candidates is how many rows each side ranks before they are fused.';
+    END IF;
+    q := embed_sidecar._embed_query(s.model, s.model_id, query);
+    -- the caller was needed to find the target; code of others (policies, operators) runs next
+    PERFORM embed_sidecar._leave();
+    -- the vector side: the nearest rows, as search() finds them (filtered, at any selectivity)
+    v := embed_sidecar._nearest(s, q, candidates, filter, callers_path);
+    IF filter IS NOT NULL THEN
+        PERFORM set_config('search_path', callers_path, true);  -- the filter's, as in _nearest
+    END IF;
+    -- candidates from each side; a row ranks by its best passage on each side, and shows the
+    -- passage of its vector side (else of its text side)
     RETURN QUERY EXECUTE format(
-        -- ranks come from an explicit ORDER BY: row_number() OVER () would only follow the
-        -- subquery's order by accident of the plan
-        'WITH vc AS (SELECT %1$s AS key, sc.embedding %4$s $1::%2$s AS d, %5$s
-                       FROM %3$s sc WHERE sc.model = $9 ORDER BY sc.embedding %4$s $1::%2$s LIMIT $3),
-              v AS (SELECT b.*, row_number() OVER (ORDER BY b.d, b.key)::int AS r
-                      FROM (SELECT DISTINCT ON (vc.key) vc.* FROM vc ORDER BY vc.key, vc.d) b),
-              fc AS (SELECT %1$s AS key, ts_rank(sc.fts, tq, 1) AS rank, %5$s
-                       FROM %3$s sc, embed_sidecar.any_words_tsquery($4, $5) tq
-                      WHERE sc.fts @@ tq AND sc.model = $9 ORDER BY ts_rank(sc.fts, tq, 1) DESC LIMIT $3),
-              f AS (SELECT b.*, row_number() OVER (ORDER BY b.rank DESC, b.key)::int AS r
+        'WITH v AS (SELECT h.value -> 0 AS key, h.ord::int AS r, (h.value ->> 2)::int AS chunk,
+                           (h.value ->> 3)::int AS char_start, (h.value ->> 4)::int AS char_end
+                      FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS h(value, ord)),
+              fc AS (SELECT %1$s AS key, pg_catalog.ts_rank(sc.fts, tq, 1) AS rank, %2$s
+                       FROM %3$s, embed_sidecar.any_words_tsquery($4, $5) tq
+                      WHERE sc.fts OPERATOR(pg_catalog.@@) tq AND sc.model OPERATOR(pg_catalog.=) $9
+                      ORDER BY 2 DESC LIMIT $3),
+              -- ranks come from an explicit ORDER BY: row_number() OVER () would only follow the
+              -- subquery''s order by accident of the plan
+              f AS (SELECT b.*, pg_catalog.row_number() OVER (ORDER BY b.rank DESC, b.key)::int AS r
                       FROM (SELECT DISTINCT ON (fc.key) fc.* FROM fc ORDER BY fc.key, fc.rank DESC) b)
          SELECT coalesce(v.key, f.key),
                 coalesce($6 / ($8 + v.r), 0) + coalesce($7 / ($8 + f.r), 0),
@@ -126,12 +252,25 @@ BEGIN
                 CASE WHEN v.key IS NOT NULL THEN v.chunk ELSE f.chunk END,
                 CASE WHEN v.key IS NOT NULL THEN v.char_start ELSE f.char_start END,
                 CASE WHEN v.key IS NOT NULL THEN v.char_end ELSE f.char_end END
-           FROM v FULL JOIN f ON v.key = f.key
+           FROM v FULL JOIN f ON v.key OPERATOR(pg_catalog.=) f.key
           ORDER BY 2 DESC, 1 LIMIT $2',
-        t.key_json, t.vec_type, t.sidecar, t.dist_op, t.passage_cols)
-    USING q, k, candidates, t.fts_config, query, vector_weight, text_weight, rrf_k::float8, t.model_id;
-    PERFORM set_config('hnsw.ef_search', old, true);
+        embed_sidecar._key_json(s, 'sc'),
+        CASE WHEN s.chunk_tokens IS NOT NULL THEN 'sc.chunk, sc.char_start, sc.char_end'
+             ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END,
+        embed_sidecar._filtered_sidecar(s, filter))
+    USING v, k, candidates, s.fts_config::regconfig, query, vector_weight, text_weight, rrf_k::float8, s.model_id;
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text) IS
-    'Vector and full-text candidates fused by reciprocal rank fusion: score = vector_weight/(rrf_k + vector_rank) + text_weight/(rrf_k + text_rank)';
+
+CREATE FUNCTION embed_sidecar.hybrid_search(
+    source regclass, query text, k int DEFAULT 10,
+    candidates int DEFAULT 100, vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0,
+    rrf_k int DEFAULT 60, embedding text DEFAULT NULL, filter text DEFAULT NULL)
+    RETURNS TABLE (key jsonb, score float8, vector_rank int, text_rank int, chunk int, char_start int, char_end int)
+    LANGUAGE sql VOLATILE
+BEGIN ATOMIC
+    SELECT * FROM embed_sidecar._hybrid_search(source, query, k, candidates, vector_weight, text_weight, rrf_k,
+                                               embedding, filter, pg_catalog.current_setting('search_path'));
+END;
+COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text, text) IS
+    'Vector and full-text candidates (among the rows the filter lets through) fused by reciprocal rank fusion: score = vector_weight/(rrf_k + vector_rank) + text_weight/(rrf_k + text_rank)';

@@ -21,6 +21,7 @@ BEGIN
     PERFORM embed_sidecar._reconcile_columns(s.id);
     UPDATE embed_sidecar.sources SET model_id = (SELECT m.model_id FROM embed_sidecar._model_identity(s.model) m)
      WHERE id = s.id RETURNING * INTO s;
+    PERFORM embed_sidecar._define_view(s);
     RETURN embed_sidecar._backfill(s.id, true);
 END
 $$;
@@ -66,7 +67,7 @@ BEGIN
     shadow := embed_sidecar._create_embedding(cur.source, cur.embedding, 'shadow', cur.content_attnum, cur.template,
                                               cur.key_attnums, NULL, model, cur.fts_config, true, chunk[1], chunk[2],
                                               cur.vector_type);
-    UPDATE embed_sidecar.sources SET state = cur.state WHERE id = shadow.id;
+    UPDATE embed_sidecar.sources SET state = cur.state, search_view = cur.search_view, sync = cur.sync WHERE id = shadow.id;
     -- nothing to embed (an empty table): it takes over now
     PERFORM embed_sidecar._promote_if_ready(shadow.id);
     RETURN (SELECT x.bulk_total FROM embed_sidecar.sources x WHERE x.id = shadow.id);
@@ -106,6 +107,8 @@ BEGIN
     END LOOP;
     UPDATE embed_sidecar.sources SET role = CASE role WHEN 'shadow' THEN 'current' ELSE 'previous' END
      WHERE source = s.source AND embedding = s.embedding AND role IN ('shadow', 'current');
+    -- in the same transaction, the embedding's view shows the new sidecar and model
+    PERFORM embed_sidecar._define_view(x) FROM embed_sidecar.sources x WHERE x.id = s.id;
     RAISE LOG 'pg_embed_sidecar: % of % now uses model %', quote_literal(s.embedding), s.source, s.model_id;
     RETURN true;
 END
@@ -124,6 +127,7 @@ DECLARE
 BEGIN
     UPDATE embed_sidecar.sources SET role = CASE role WHEN 'previous' THEN 'current' ELSE 'previous' END
      WHERE id IN (cur.id, prev.id);
+    PERFORM embed_sidecar._define_view(x) FROM embed_sidecar.sources x WHERE x.id = prev.id;
     RETURN prev.sidecar;
 END
 $$;

@@ -272,16 +272,78 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION embed_sidecar._do_watch(source regclass, content_column name, sidecar_name name, model text, backfill boolean, fts_config regconfig, embedding text, template text, chunking boolean, chunk_tokens int, chunk_overlap int, vector_type text) RETURNS regclass
+-- The view an application reads an embedding through, under a name that stays: one row per vector
+-- (per passage when chunked) made by the embedding's current model, with the sidecar's key
+-- columns, the vector and its model id, the passage's place, and the source row itself as one column named after
+-- the table (a whole-row reference: a column the table gains shows up in it, and dropping one
+-- does not have to drop the view first). SECURITY INVOKER: whoever reads it reads the source and
+-- the sidecar with their own rights, row security included, so it can be PUBLIC. watch() makes it
+-- (view_name given); the transaction that promotes a shadow, rolls a switch back or re-embeds
+-- after a model's files changed redefines it over the sidecar and model now current (no
+-- view_name: CREATE OR REPLACE under its current name, same columns, so what depends on it
+-- stays; nothing if it was dropped).
+CREATE FUNCTION embed_sidecar._define_view(s embed_sidecar.sources, view_name name DEFAULT NULL) RETURNS regclass
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target text;
+    row_col name;
+    keys text;
+    v regclass;
+BEGIN
+    IF view_name IS NULL AND s.role <> 'current' THEN
+        RETURN NULL;  -- a shadow's or a previous version's vectors are not what it shows
+    ELSIF view_name IS NULL THEN
+        SELECT format('%I.%I', n.nspname, c.relname), a.attname INTO target, row_col
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.atttypid = (SELECT reltype FROM pg_class WHERE oid = s.source)
+         WHERE c.oid = s.search_view AND c.relkind = 'v';
+        IF target IS NULL OR row_col IS NULL THEN
+            RETURN NULL;
+        END IF;
+    ELSE
+        target := format('%I.%I', embed_sidecar._schema_of(s.source), view_name);
+        row_col := (SELECT relname FROM pg_class WHERE oid = s.source);
+        IF row_col IN ('embedding', 'model', 'chunk', 'char_start', 'char_end')
+           OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attname = row_col
+                                                     AND a.attnum = ANY (embed_sidecar._sidecar_keys(s))) THEN
+            row_col := 'source_row';
+        END IF;
+    END IF;
+    SELECT string_agg(format('sc.%I', a.attname), ', ' ORDER BY a.attnum) INTO keys
+      FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+    -- the vector's type without dimensions: the next model's may have others
+    EXECUTE format('CREATE %s VIEW %s WITH (security_invoker = true) AS
+                    SELECT %s, sc.embedding::%I.%I AS embedding, sc.model%s, src AS %I
+                      FROM %s src JOIN %s sc ON %s
+                     WHERE sc.model = %L',
+                   CASE WHEN view_name IS NULL THEN 'OR REPLACE' ELSE '' END, target, keys,
+                   embed_sidecar._vector_schema(), s.vector_type,
+                   CASE WHEN s.chunk_tokens IS NOT NULL THEN ', sc.chunk, sc.char_start, sc.char_end' ELSE '' END,
+                   row_col, s.source, s.sidecar, embed_sidecar._side_join(s, 'sc', 'src'), s.model_id);
+    v := target::regclass;
+    IF view_name IS NOT NULL THEN
+        EXECUTE format('ALTER VIEW %s OWNER TO %s', v, (SELECT relowner FROM pg_class WHERE oid = s.source)::regrole);
+        EXECUTE format('GRANT SELECT ON %s TO PUBLIC', v);
+        EXECUTE format('COMMENT ON VIEW %s IS %L', v,
+                       format('Rows of %s with their vectors of embedding %s (pg_embed_sidecar): follows model switches',
+                              s.source, quote_literal(s.embedding)));
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE FUNCTION embed_sidecar._do_watch(source regclass, content_column name, sidecar_name name, model text, backfill boolean, fts_config regconfig, embedding text, template text, chunking boolean, chunk_tokens int, chunk_overlap int, vector_type text, view_name name, sync boolean, adopt name) RETURNS regclass
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     -- called by embed_sidecar.watch() (see embed_sidecar._check_may)
-    may boolean := embed_sidecar._check_may('embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text)');
+    may boolean := embed_sidecar._check_may('embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name)');
     rel        pg_class;
     key_nums   smallint[];
     is_first   boolean;
     chunk      int[];
+    s          embed_sidecar.sources;
 BEGIN
     IF source IS NULL OR (content_column IS NULL) = (template IS NULL) THEN
         RAISE EXCEPTION 'pg_embed_sidecar: watch() needs a source and either content_column or template'
@@ -338,28 +400,42 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'halfvec stores each dimension in 2 bytes instead of 4 (README: "Performance" measures what it costs in recall).';
     END IF;
-    RETURN (embed_sidecar._create_embedding(
+    -- the view's name is checked before anything is made (the first embedding of a table gets
+    -- the plain name)
+    view_name := coalesce(_do_watch.view_name,
+                          CASE WHEN is_first THEN embed_sidecar._clip(rel.relname, 55) || '_vectors'
+                               ELSE embed_sidecar._clip(rel.relname || '_' || embedding, 55) || '_vectors' END);
+    IF to_regclass(format('%I.%I', embed_sidecar._schema_of(source), view_name)) IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: relation "%" already exists in the schema of %', view_name, source
+            USING ERRCODE = 'duplicate_table',
+                  HINT = 'Name the view this embedding is read through with view_name => ''...''.';
+    END IF;
+    s := embed_sidecar._create_embedding(
         source, embedding, 'current',
         CASE WHEN template IS NULL THEN embed_sidecar._text_column(source, content_column) END,
         CASE WHEN template IS NOT NULL THEN embed_sidecar._compile_template(source, template) END,
         key_nums,
         -- the first embedding of a table gets the plain name
         coalesce(sidecar_name, CASE WHEN is_first THEN embed_sidecar._clip(rel.relname, 52) || '_embeddings' END),
-        model, fts_config::text, backfill, chunk[1], chunk[2], vector_type)).sidecar;
+        model, fts_config::text, backfill, chunk[1], chunk[2], vector_type);
+    UPDATE embed_sidecar.sources x SET sync = coalesce(_do_watch.sync, false),
+                                       search_view = embed_sidecar._define_view(s, view_name)
+     WHERE x.id = s.id;
+    RETURN s.sidecar;
 END
 $$;
 
 -- The public watch(): records who calls (src/pg/authority.rs, "who is calling"), then the body.
-CREATE FUNCTION embed_sidecar.watch(source regclass, content_column name DEFAULT NULL, sidecar_name name DEFAULT NULL, model text DEFAULT NULL, backfill boolean DEFAULT true, fts_config regconfig DEFAULT 'english', embedding text DEFAULT NULL, template text DEFAULT NULL, chunking boolean DEFAULT false, chunk_tokens int DEFAULT NULL, chunk_overlap int DEFAULT NULL, vector_type text DEFAULT 'vector') RETURNS regclass
+CREATE FUNCTION embed_sidecar.watch(source regclass, content_column name DEFAULT NULL, sidecar_name name DEFAULT NULL, model text DEFAULT NULL, backfill boolean DEFAULT true, fts_config regconfig DEFAULT 'english', embedding text DEFAULT NULL, template text DEFAULT NULL, chunking boolean DEFAULT false, chunk_tokens int DEFAULT NULL, chunk_overlap int DEFAULT NULL, vector_type text DEFAULT 'vector', view_name name DEFAULT NULL, sync boolean DEFAULT false, adopt name DEFAULT NULL) RETURNS regclass
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 BEGIN
     PERFORM embed_sidecar._enter();
-    RETURN embed_sidecar._do_watch(source, content_column, sidecar_name, model, backfill, fts_config, embedding, template, chunking, chunk_tokens, chunk_overlap, vector_type);
+    RETURN embed_sidecar._do_watch(source, content_column, sidecar_name, model, backfill, fts_config, embedding, template, chunking, chunk_tokens, chunk_overlap, vector_type, view_name, sync, adopt);
 END
 $$;
-COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text) IS
-    'Create a sidecar table, queues and triggers for one embedding of a table (a column or a template; chunked into passages or one vector per row; vector or halfvec), and enqueue its existing rows';
+COMMENT ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name) IS
+    'Create a sidecar table, queues, triggers and a view for one embedding of a table (a column or a template; chunked into passages or one vector per row; vector or halfvec), and enqueue its existing rows (or adopt the vectors a column holds)';
 
 CREATE FUNCTION embed_sidecar._do_unwatch(source regclass, drop_sidecar boolean, embedding text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -450,6 +526,9 @@ BEGIN
     IF owner IS DISTINCT FROM (SELECT relowner FROM pg_class WHERE oid = s.sidecar) THEN
         EXECUTE format('ALTER TABLE %s OWNER TO %s', s.sidecar, owner::regrole);
     END IF;
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = s.search_view AND relkind = 'v' AND relowner <> owner) THEN
+        EXECUTE format('ALTER VIEW %s OWNER TO %s', s.search_view, owner::regrole);
+    END IF;
 END
 $$;
 
@@ -474,6 +553,10 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
     END IF;
     PERFORM embed_sidecar._drop_queues(s.queue_name);
+    -- the view is the embedding's, not a version's: it goes with the current one
+    IF s.role = 'current' AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.search_view AND relkind = 'v') THEN
+        EXECUTE format('DROP VIEW %s CASCADE', s.search_view);
+    END IF;
     IF drop_sidecar AND EXISTS (SELECT 1 FROM pg_class WHERE oid = s.sidecar) THEN
         -- CASCADE: a view a reader made over the sidecar must not keep its owner from dropping it
         EXECUTE format('DROP TABLE %s CASCADE', s.sidecar);

@@ -73,6 +73,10 @@ static CHUNK_TEXT_MAX_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 /// Most texts one `embed_texts()` call takes: its vectors are all held until it returns (1.5 KiB
 /// each at 384 dimensions), and any role may call it.
 static EMBED_TEXTS_MAX: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// A filtered search ranks every matching row exactly, without the HNSW index, when the planner
+/// expects at most this many to match (sql/search.sql); above it, it walks the index iteratively.
+/// README "Filtered search" has the measurement the default comes from.
+static EXACT_SEARCH_ROWS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Who called the management or search function running now (src/pg/authority.rs): set by
 /// `embed_sidecar._enter()` in each public function, scoped to it by the function's own SET clause.
 /// Anyone may set it, but only `_enter()` can give it a value `_calling_role()` accepts.
@@ -231,6 +235,16 @@ pub fn init() {
         1,
         10_000_000,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.exact_search_rows",
+        c"A filtered search expected to match at most this many rows ranks them exactly instead of walking the index.",
+        c"",
+        &EXACT_SEARCH_ROWS,
+        0,
+        i32::MAX,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(

@@ -7,7 +7,8 @@
 //! inference workers) → the sidecar. Around it: `bgw/` (the launcher and one drain worker per
 //! database), `roster/` (which worker serves which database, commit wake-ups, DROP DATABASE),
 //! `pg/` (whose rights each step runs with, the workers' transactions, reading our rows).
-//! One query's way: sql/search.sql → `api` (`_embed_query`) → `inference/`. What is watched and
+//! One query's way: sql/search.sql (its filter checked by `search_filter`) → `api` (`_embed_query`) →
+//! `inference/`. What is watched and
 //! how: sql/registry.sql, sql/watch.sql, sql/switch.sql, sql/operations.sql, sql/status.sql.
 //! Settings in `gucs` (imports nothing of ours), failures in `error`.
 
@@ -22,6 +23,7 @@ mod gucs;
 mod inference;
 mod pg;
 mod roster;
+mod search_filter;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -21,7 +21,16 @@ DROP FUNCTION embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, te
 DROP FUNCTION embed_sidecar._backfill_sql(embed_sidecar.sources);
 DROP FUNCTION embed_sidecar._row_filter(embed_sidecar.sources, text);
 ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config TYPE text USING fts_config::text,
-    ADD COLUMN column_names jsonb NOT NULL DEFAULT '{}';
+    ADD COLUMN column_names jsonb NOT NULL DEFAULT '{}',
+    ADD COLUMN search_view regclass,
+    ADD COLUMN sync boolean NOT NULL DEFAULT false;
+-- search() and hybrid_search() take a filter; the target is read by _readable_source
+DROP FUNCTION embed_sidecar.search(regclass, text, int, text);
+DROP FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, float8, int, text);
+DROP FUNCTION embed_sidecar._search_target(regclass, text);
+-- watch() takes view_name, sync and adopt
+DROP FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
+DROP FUNCTION embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
 
 -- who is calling (src/pg/authority.rs)
 CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
@@ -33,17 +42,21 @@ CREATE FUNCTION embed_sidecar."_session_role"() RETURNS oid
 -- a search's query vector, refused when the model's files changed since the vectors were made
 CREATE FUNCTION embed_sidecar."_embed_query"("model" text, "model_id" text, "content" text) RETURNS real[]
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_query_wrapper';
+-- a search's filter is one expression (src/search_filter.rs)
+CREATE FUNCTION embed_sidecar."_check_filter"("filter" text) RETURNS text
+    STRICT IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_filter_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
 -- changed functions and views, as the install files define them
 --@copy _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
 --@copy _check_watched _enqueue_changes _check_owner _check_may _readable_source _create_triggers _clip _sync_readers _protect_sidecar
---@copy _create_queue _drop_queues _create_queues _create_embedding _create_hnsw _do_watch watch
+--@copy _create_queue _drop_queues _create_queues _create_embedding _create_hnsw _define_view _do_watch watch
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
---@copy reembed _do_set_model set_model _do_rollback_model rollback_model _do_drop_previous
+--@copy reembed _do_set_model set_model _promote_if_ready _do_rollback_model rollback_model _do_drop_previous
 --@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause
---@copy pause _do_resume resume _do_process process _search_target search hybrid_search _drain_sql
+--@copy pause _do_resume resume _do_process process _filter_rows _filtered_sidecar _nearest_sql _nearest _search search
+--@copy search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _on_ddl_end
 
@@ -56,6 +69,16 @@ CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
 SELECT embed_sidecar._protect_sidecar(s) FROM embed_sidecar.sources s;
 -- the names of the columns each embedding uses, for a later restore into a renumbered table
 UPDATE embed_sidecar.sources s SET column_names = embed_sidecar._column_names(s);
+-- each embedding gets its view, under the name watch() would give it, where that name is free
+-- (else none: status shows it; unwatch() and watch() again with view_name => ... to have one)
+UPDATE embed_sidecar.sources s SET search_view = embed_sidecar._define_view(s, v.name)
+  FROM (SELECT x.id, CASE WHEN x.id = min(x.id) OVER (PARTITION BY x.source)
+                          THEN embed_sidecar._clip(c.relname, 55) || '_vectors'
+                          ELSE embed_sidecar._clip(c.relname || '_' || x.embedding, 55) || '_vectors' END AS name
+          FROM embed_sidecar.sources x JOIN pg_class c ON c.oid = x.source WHERE x.role = 'current') v
+ WHERE s.id = v.id AND to_regclass(format('%I.%I', embed_sidecar._schema_of(s.source), v.name)) IS NULL;
+UPDATE embed_sidecar.sources s SET search_view = c.search_view
+  FROM embed_sidecar.sources c WHERE c.source = s.source AND c.embedding = s.embedding AND c.role = 'current' AND s.role <> 'current';
 
 -- who may call what (sql/privileges.sql, less its last step)
 --@privileges

@@ -167,6 +167,12 @@ impl Pass {
                         None,
                         &[id.into(), current.as_str().into()],
                     )?;
+                    // the embedding's view shows the new model's vectors only (sql/watch.sql)
+                    client.update(
+                        "SELECT embed_sidecar._define_view(s) FROM embed_sidecar.sources s WHERE s.id = $1",
+                        None,
+                        &[id.into()],
+                    )?;
                     backfill(client, id, true)?;
                     log!("pg_embed_sidecar: model {} changed to {current}; re-embedding", src.model_id);
                     src.model_id = current;

@@ -256,13 +256,13 @@ def test_privileges(db):
         db.execute("ALTER TABLE docs OWNER TO pes_owner")
         db.execute("GRANT SELECT ON docs TO pes_reader")
         # management functions are not PUBLIC
-        for f in ("watch(regclass,name,name,text,boolean,regconfig,text,text,boolean,int,int,text)", "unwatch(regclass,boolean,text)",
+        for f in ("watch(regclass,name,name,text,boolean,regconfig,text,text,boolean,int,int,text,name,boolean,name)", "unwatch(regclass,boolean,text)",
                   "process(regclass,integer)", "reembed(regclass,text)", "retry_failed(regclass,text)",
                   "set_model(regclass,text,text)", "rollback_model(regclass,text)", "drop_previous(regclass,text)"):
             assert not one(db, f"SELECT has_function_privilege('pes_other', 'embed_sidecar.{f}', 'EXECUTE')"), f
         # embed_text is, until revoked
         assert one(db, "SELECT has_function_privilege('pes_other', 'embed_text(text)', 'EXECUTE')")
-        db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig,text,text,boolean,int,int,text) TO pes_other, pes_owner")
+        db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig,text,text,boolean,int,int,text,name,boolean,name) TO pes_other, pes_owner")
         other = psycopg.connect(**{**DSN, "user": "pes_other"}, autocommit=True)
         other.execute(f'SET search_path = "{db.schema}", public')
         state, msg, _ = error_of(other, "SELECT embed_sidecar.watch('docs', 'body')")
@@ -293,7 +293,7 @@ def test_privileges(db):
         one(db, "SELECT embed_sidecar.unwatch('docs', true)")
     finally:
         db.execute(f'DROP TABLE IF EXISTS "{db.schema}".docs CASCADE')
-        db.execute("REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig,text,text,boolean,int,int,text) FROM pes_other, pes_owner")
+        db.execute("REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass,name,name,text,boolean,regconfig,text,text,boolean,int,int,text,name,boolean,name) FROM pes_other, pes_owner")
         db.execute(f'REVOKE ALL ON SCHEMA "{db.schema}" FROM pes_owner, pes_other, pes_reader')
         db.execute("DROP ROLE pes_owner; DROP ROLE pes_other; DROP ROLE pes_reader")
 

@@ -141,7 +141,7 @@ def test_owner_checks_follow_set_role(db, make_role):
     """Management functions check the role the session acts as (SET ROLE), not the login role."""
     make_role("pes_alice")
     db.execute("CREATE TABLE admin_docs (id int PRIMARY KEY, body text)")  # owned by the superuser
-    db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text) TO pes_alice")
+    db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name) TO pes_alice")
     db.execute("SET ROLE pes_alice")
     try:
         state, msg, _ = error_of(db, "SELECT embed_sidecar.watch('admin_docs', 'body')")
@@ -152,7 +152,7 @@ def test_owner_checks_follow_set_role(db, make_role):
     make_role("pes_web")
     make_role("pes_authenticator", "NOINHERIT")
     db.execute("GRANT pes_web TO pes_authenticator")
-    db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text) TO pes_web")
+    db.execute("GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name) TO pes_web")
     web = connect_as("pes_web", db.schema)
     web.execute("CREATE TABLE web_docs (id int PRIMARY KEY, body text)")
     web.close()

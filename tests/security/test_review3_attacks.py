@@ -18,7 +18,7 @@ DB = "pes_rv3_main"
 OWNER_A, OWNER_B, READER, NOBODY = "pes_rv3_a", "pes_rv3_b", "pes_rv3_r", "pes_rv3_x"
 ROLES = [OWNER_A, OWNER_B, READER, NOBODY]
 MANAGEMENT = [
-    "embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text)",
+    "embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name)",
     "embed_sidecar.unwatch(regclass, boolean, text)",
     "embed_sidecar.pause(regclass, boolean, text)",
     "embed_sidecar.resume(regclass, text)",

@@ -28,7 +28,7 @@ from conftest import connect, error_of, one
 TAG = uuid.uuid4().hex[:6]
 L6 = "all-MiniLM-L6-v2"
 L3 = "paraphrase-MiniLM-L3-v2"
-WATCH_SIG = "embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text)"
+WATCH_SIG = "embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name)"
 UNWATCH_SIG = "embed_sidecar.unwatch(regclass, boolean, text)"
 PROCESS_SIG = "embed_sidecar.process(regclass, int)"
 

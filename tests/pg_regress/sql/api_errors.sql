@@ -39,7 +39,7 @@ SELECT pg_temp.err($$SELECT * FROM embed_sidecar.search('nopk', 'query')$$);
 
 -- settings that decide CPU, memory and which files the server opens are not for ordinary roles
 CREATE ROLE regress_mallory;
-GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text),
+GRANT EXECUTE ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name),
                           embed_sidecar.process(regclass, int) TO regress_mallory;
 SELECT id AS docs_id FROM embed_sidecar.sources WHERE source = 'docs'::regclass \gset
 SET ROLE regress_mallory;
@@ -60,6 +60,6 @@ SELECT pg_temp.err($$INSERT INTO docs VALUES (1, 5, 0)$$);
 
 SELECT embed_sidecar.unwatch('docs', drop_sidecar => true);
 DROP TABLE docs, nopk;
-REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text),
+REVOKE ALL ON FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text, name, boolean, name),
                        embed_sidecar.process(regclass, int) FROM regress_mallory;
 DROP ROLE regress_mallory;
