@@ -38,8 +38,14 @@ Targets of the issue, for search() (printed as PASS/FAIL, never asserted; the vi
 it for comparison): every call returns min(k, matching) rows; mean overlap >= 0.95 at every
 selectivity; p95 latency at 1% <= 2x the unfiltered p95.
 
+search() ranks a filter's rows exactly when the planner expects at most
+pg_embed_sidecar.exact_search_rows (10,000) of them, else walks the HNSW index iteratively (and
+ranks exactly when that comes back short); its plan column says which. Below ~100k rows every
+filter but none is ranked exactly: --set pg_embed_sidecar.exact_search_rows=0 measures the index
+path at any size.
+
 Usage: scripts/bench/filtered.py [--rows all] [--queries 50] [--k 10] [--dsn DSN] [--section python]
-                                 [--explain [FILE]] [--reuse] [--drop]
+                                 [--explain [FILE]] [--reuse] [--drop] [--set NAME=VALUE ...]
 --explain writes EXPLAIN (ANALYZE, COSTS OFF) of one view query per method at 1% to FILE
 (default: next to stdout's file when stdout is one, <it without extension>.explain.txt, else
 ./filtered.explain.txt). Needs the extension installed and the cluster running (scripts/cluster.sh).
@@ -47,6 +53,7 @@ Usage: scripts/bench/filtered.py [--rows all] [--queries 50] [--k 10] [--dsn DSN
 import argparse
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -134,8 +141,9 @@ def load(dsn, db_dsn, rows):
                    check=True)
     with connect(db_dsn) as c:
         c.execute("ALTER TABLE packages ADD COLUMN tenant int")
-        # 28 bits of the name's md5: non-negative, the same every run
-        c.execute("UPDATE packages SET tenant = ('x' || left(md5(name), 7))::bit(28)::int % 1000")
+        # 28 bits of an md5 of the name: non-negative, the same every run, and not the md5(name)
+        # load_debian.py samples --rows by (its N smallest), so a sample's tenants stay uniform
+        c.execute("UPDATE packages SET tenant = ('x' || left(md5('tenant ' || name), 7))::bit(28)::int % 1000")
         c.execute("ALTER TABLE packages ALTER COLUMN tenant SET NOT NULL")
         c.execute("CREATE INDEX ON packages (tenant)")
         c.execute("CREATE INDEX ON packages (section)")
@@ -217,8 +225,7 @@ def pct(values, p):
 
 
 def plan_summary(c, view, f, qvec, k, indexes):
-    q = view_sql(view, f, k, literal=qvec)
-    lines = [r[0] for r in c.execute(sql.SQL("EXPLAIN (COSTS OFF) ") + sql.SQL(q))]
+    lines = [r[0] for r in c.execute("EXPLAIN (COSTS OFF) " + view_sql(view, f, k), (qvec,))]
     used = []
     for line in lines:
         for marker in ("Index Scan using ", "Index Only Scan using ", "Bitmap Index Scan on "):
@@ -234,10 +241,9 @@ def plan_summary(c, view, f, qvec, k, indexes):
     return " + ".join(used)
 
 
-def view_sql(view, f, k, literal=None):
-    vec = "%s::vector" if literal is None else sql.quote(literal) + "::vector"
+def view_sql(view, f, k):
     where = f"WHERE {expr(f, '(v.packages).')} " if f else ""
-    return f"SELECT v.name FROM {view} v {where}ORDER BY v.embedding <=> {vec} LIMIT {int(k)}"
+    return f"SELECT v.name FROM {view} v {where}ORDER BY v.embedding <=> %s::vector LIMIT {int(k)}"
 
 
 def main():
@@ -251,6 +257,8 @@ def main():
                     help="write the plans of the view queries at 1%% (default file: next to stdout's)")
     ap.add_argument("--reuse", action="store_true", help=f"use {DB} as an earlier run left it (no load, no embedding)")
     ap.add_argument("--drop", action="store_true", help=f"drop {DB} at the end")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for the benchmark's session, e.g. pg_embed_sidecar.exact_search_rows=0 (repeatable)")
     args = ap.parse_args()
     k = args.k
     db_dsn = make_conninfo(args.dsn, dbname=DB)
@@ -263,6 +271,9 @@ def main():
 
     c = connect(db_dsn)
     c.prepare_threshold = None  # every statement planned with its parameters' values
+    for setting in args.set:
+        name, _, value = setting.partition("=")
+        c.execute("SELECT set_config(%s, %s, false)", (name.strip(), value.strip()))
     sidecar, model_id, view, stand_in = target(c)
     rows_total = c.execute("SELECT count(*) FROM packages").fetchone()[0]
     has_filter = c.execute("""SELECT 1 FROM pg_proc WHERE oid = 'embed_sidecar.search'::regproc
@@ -300,7 +311,11 @@ def main():
         elif name.endswith("_pkey"):
             indexes[name] = name
 
-    settings = {s: c.execute(f"SHOW {s}").fetchone()[0] for s in ("hnsw.ef_search", "hnsw.max_scan_tuples", "hnsw.iterative_scan")}
+    shown = ["hnsw.ef_search", "hnsw.max_scan_tuples", "hnsw.iterative_scan"]
+    if has_filter:
+        shown.append("pg_embed_sidecar.exact_search_rows")
+    settings = {s: c.execute(f"SHOW {s}").fetchone()[0] for s in shown}
+    base_iter = settings["hnsw.iterative_scan"]
     print(f"\n# filtered search — {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {rows_total:,} rows "
           f"({len(names):,} with a vector), k = {k}, {len(queries)} queries "
           f"({'fixed phrases' if len(queries) <= len(QUERIES) else f'{len(QUERIES)} fixed phrases + synopses of tenants >= 100'})")
@@ -338,11 +353,19 @@ def main():
             if method == "search()" and f and not has_filter:
                 print(f"| {label} | {len(matching):,} ({len(cols):,}) | {method} | | n/a: no filter parameter | | | | | | |")
                 continue
-            c.execute("RESET hnsw.iterative_scan" if iterative is None else f"SET hnsw.iterative_scan = {iterative}")
+            c.execute(f"SET hnsw.iterative_scan = {iterative or base_iter}")
             if method == "search()":
                 stmt = ("SELECT key->>0 FROM embed_sidecar.search('packages', %s, %s, filter => %s)" if has_filter else
                         "SELECT key->>0 FROM embed_sidecar.search('packages', %s, %s)")
                 plan = ""
+                if f and has_filter:
+                    # search()'s own choice: exact when the planner expects few rows (sql/search.sql, _nearest)
+                    est = c.execute("SELECT embed_sidecar._filter_rows('packages', %s)", (src_expr,)).fetchone()[0]
+                    plan = (f"exact (planner expects {est:,.0f} rows)"
+                            if est <= float(settings["pg_embed_sidecar.exact_search_rows"])
+                            else f"hnsw iterative, exact if short (expects {est:,.0f})")
+                elif not f:
+                    plan = "hnsw"
             else:
                 stmt = view_sql(view, f, k)
                 plan = plan_summary(c, view, f, qtexts[0], k, indexes)
@@ -402,12 +425,12 @@ def main():
             for e in sorted(set(errors)):
                 print(f"|  | | ↳ {errors.count(e)} calls failed: {e} | | | | | | | | |")
             if args.explain is not None and label.startswith("1%") and method != "search()":
-                q = view_sql(view, f, k, literal=qtexts[0])
-                plan_text = "\n".join(row[0] for row in c.execute(sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) ") + sql.SQL(q)))
-                explain_out.append(f"-- {method} (hnsw.iterative_scan = {iterative or settings['hnsw.iterative_scan']}), "
-                                   f"filter {label}, query {queries[0]!r}\n{q[:q.index('<=>') + 4]}'[...]'::vector LIMIT {k}\n"
-                                   f"{plan_text}\n")
-    c.execute("RESET hnsw.iterative_scan")
+                q = view_sql(view, f, k)
+                plan_text = "\n".join(row[0] for row in c.execute("EXPLAIN (ANALYZE, COSTS OFF) " + q, (qtexts[0],)))
+                plan_text = re.sub(r"'\[[^\]]{100,}\]'", "'[...]'", plan_text)  # the query vector, inlined by the planner
+                explain_out.append(f"-- {method} (hnsw.iterative_scan = {iterative or base_iter}), filter {label}, "
+                                   f"$1 = embed_text({queries[0]!r})\n{q.replace('%s', '$1')}\n{plan_text}\n")
+    c.execute(f"SET hnsw.iterative_scan = {base_iter}")
     print(f"\nsearch(): {searches} timed calls, {memo_misses} of them embedded their query (0: the memo was hit every time)")
 
     # the issue's targets, for search(); the view methods for comparison
