@@ -492,6 +492,27 @@ BEGIN
 END
 $$;
 
+-- CREATE OR REPLACE VIEW, or (replace) CREATE OR REPLACE VIEW, always security_invoker. A redefinition runs
+-- inside a promotion, a rollback_model() or the drain: should the owner have changed the view so
+-- that ours no longer replaces it (other columns), the switch goes on without it, with a warning.
+CREATE OR REPLACE FUNCTION embed_sidecar._create_view(target text, replace boolean, query text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT replace THEN
+        EXECUTE format('CREATE VIEW %s WITH (security_invoker = true) AS %s', target, query);
+        RETURN;
+    END IF;
+    EXECUTE format('CREATE OR REPLACE VIEW %s WITH (security_invoker = true) AS %s', target, query);
+EXCEPTION WHEN OTHERS THEN
+    IF NOT replace THEN
+        RAISE;
+    END IF;
+    RAISE WARNING 'pg_embed_sidecar: view % not redefined: %', target, SQLERRM
+        USING HINT = 'It keeps showing what it showed; unwatch() and watch(view_name => ...) make a new one.';
+END
+$$;
+
 -- The view an application reads an embedding through, under a name that stays: one row per vector
 -- (per passage when chunked) made by the embedding's current model, with the sidecar's key
 -- columns, the vector and its model id, the passage's place, and the source row itself as one column named after
@@ -533,14 +554,11 @@ BEGIN
     SELECT string_agg(format('sc.%I', a.attname), ', ' ORDER BY a.attnum) INTO keys
       FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
     -- the vector's type without dimensions: the next model's may have others
-    EXECUTE format('CREATE %s VIEW %s WITH (security_invoker = true) AS
-                    SELECT %s, sc.embedding::%I.%I AS embedding, sc.model%s, src AS %I
-                      FROM %s src JOIN %s sc ON %s
-                     WHERE sc.model = %L',
-                   CASE WHEN view_name IS NULL THEN 'OR REPLACE' ELSE '' END, target, keys,
-                   embed_sidecar._vector_schema(), s.vector_type,
-                   CASE WHEN s.chunk_tokens IS NOT NULL THEN ', sc.chunk, sc.char_start, sc.char_end' ELSE '' END,
-                   row_col, s.source, s.sidecar, embed_sidecar._side_join(s, 'sc', 'src'), s.model_id);
+    PERFORM embed_sidecar._create_view(target, view_name IS NULL, format(
+        'SELECT %s, sc.embedding::%I.%I AS embedding, sc.model%s, src AS %I FROM %s src JOIN %s sc ON %s WHERE sc.model = %L',
+        keys, embed_sidecar._vector_schema(), s.vector_type,
+        CASE WHEN s.chunk_tokens IS NOT NULL THEN ', sc.chunk, sc.char_start, sc.char_end' ELSE '' END,
+        row_col, s.source, s.sidecar, embed_sidecar._side_join(s, 'sc', 'src'), s.model_id));
     v := target::regclass;
     IF view_name IS NOT NULL THEN
         EXECUTE format('ALTER VIEW %s OWNER TO %s', v, (SELECT relowner FROM pg_class WHERE oid = s.source)::regrole);
