@@ -13,6 +13,7 @@
 
 use pgrx::prelude::*;
 
+mod adopt;
 mod api;
 mod bgw;
 mod drain;

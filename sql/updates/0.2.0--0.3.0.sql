@@ -38,13 +38,22 @@ CREATE FUNCTION embed_sidecar."_session_role"() RETURNS oid
 -- a search's query vector, refused when the model's files changed since the vectors were made
 CREATE FUNCTION embed_sidecar."_embed_query"("model" text, "model_id" text, "content" text) RETURNS real[]
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_query_wrapper';
+-- watch(sync => true): _enqueue says whether the change may also be embedded now (_embed_now);
+-- watch(adopt => column): _adopt (src/drain/sync.rs, src/adopt.rs)
+DROP FUNCTION embed_sidecar._enqueue(int, text[]);
+CREATE FUNCTION embed_sidecar."_enqueue"("source_id" INT, "keys" TEXT[]) RETURNS bool
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_wrapper';
+CREATE FUNCTION embed_sidecar."_embed_now"("source_id" INT, "keys" TEXT[]) RETURNS bigint
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'embed_now_wrapper';
+CREATE FUNCTION embed_sidecar."_adopt"("source_id" INT, "column_name" TEXT) RETURNS bigint
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'adopt_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
 -- changed functions and views, as the install files define them
 --@copy _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
 --@copy _check_watched _enqueue_changes _check_owner _check_may _readable_source _create_triggers _clip _sync_readers _protect_sidecar
---@copy _create_queue _drop_queues _create_queues _create_embedding _create_hnsw _define_view _do_watch watch
+--@copy _create_queue _drop_queues _create_queues _create_embedding _adopt_sql _create_hnsw _define_view _do_watch watch
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
 --@copy reembed _do_set_model set_model _promote_if_ready _do_rollback_model rollback_model _do_drop_previous
 --@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause

@@ -76,6 +76,22 @@ pub fn start_for_drain(model: &str, texts: &[&str]) -> InFlight {
     start(Some(model), texts, Priority::Drain)
 }
 
+/// Whether the inference service could take `n` texts of a session right now: the service is
+/// what this session embeds through, a worker is alive and `n` interactive slots are free. Never
+/// loads a model or waits.
+pub fn room_now(n: usize) -> bool {
+    through_service().is_some_and(|ring| client::room(ring, n, Priority::Interactive))
+}
+
+/// Start embedding texts with a named model through the inference service, as a session does,
+/// only if the service has a free slot for each of them right now: `None` otherwise, and without
+/// the service (a session never loads a model for this). The answers are waited for at most `limit`.
+pub fn start_now(model: &str, texts: &[&str], limit: std::time::Duration) -> Result<Option<InFlight>, SidecarError> {
+    let Some(ring) = through_service() else { return Ok(None) };
+    let name = model_name(Some(model))?;
+    Ok(client::submit_now(ring, &name, texts, Priority::Interactive, limit)?.map(InFlight::Service))
+}
+
 fn start(model: Option<&str>, texts: &[&str], priority: Priority) -> InFlight {
     match through_service() {
         Some(ring) => match model_name(model).and_then(|name| client::submit(ring, &name, texts, priority)) {
