@@ -29,7 +29,6 @@ ALTER TABLE embed_sidecar.sources ALTER COLUMN fts_config TYPE text USING fts_co
     ADD COLUMN sync boolean NOT NULL DEFAULT false;
 -- watch() takes view_name, sync and adopt
 DROP FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
-DROP FUNCTION embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
 
 -- who is calling (src/pg/authority.rs)
 CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
@@ -1737,6 +1736,17 @@ UPDATE embed_sidecar.sources s SET search_view = embed_sidecar._define_view(s, v
  WHERE s.id = v.id AND to_regclass(format('%I.%I', embed_sidecar._schema_of(s.source), v.name)) IS NULL;
 UPDATE embed_sidecar.sources s SET search_view = c.search_view
   FROM embed_sidecar.sources c WHERE c.source = s.source AND c.embedding = s.embedding AND c.role = 'current' AND s.role <> 'current';
+-- made inside the update, the views became members of the extension: they are their tables', as
+-- the ones watch() makes (dumped with them, not dropped with the extension)
+DO $$
+DECLARE
+    v regclass;
+BEGIN
+    FOR v IN SELECT DISTINCT search_view FROM embed_sidecar.sources WHERE search_view IS NOT NULL LOOP
+        EXECUTE format('ALTER EXTENSION pg_embed_sidecar DROP VIEW %s', v);
+    END LOOP;
+END
+$$;
 
 -- who may call what (sql/privileges.sql, less its last step)
 
