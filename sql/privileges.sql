@@ -29,12 +29,12 @@ GRANT EXECUTE ON FUNCTION
     embed_sidecar._do_pause(regclass, boolean, text), embed_sidecar._do_resume(regclass, text),
     embed_sidecar._do_process(regclass, int), embed_sidecar._do_wait(regclass, interval),
     embed_sidecar._do_discard_failed(regclass, text) TO PUBLIC;
--- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue checks
--- that the writer may write the table.
+-- What the statement triggers run with the writer's rights (sql/triggers.sql); _enqueue and
+-- _embed_now check that the writer may write the table.
 GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), embed_sidecar._key_join(regclass, smallint[], text, text),
     embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
     embed_sidecar._template_attnums(text), embed_sidecar._is_blank(text),
-    embed_sidecar._enqueue(int, text[]), embed_sidecar._invalid_keys(text, text[]) TO PUBLIC;
+    embed_sidecar._enqueue(int, text[]), embed_sidecar._embed_now(int, text[]), embed_sidecar._invalid_keys(text, text[]) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),

@@ -2,7 +2,10 @@
 -- SECURITY DEFINER): whatever the table's owner planted in a key's type (a cast to json, say)
 -- runs as the writer, exactly as the owner's own triggers would. The one privileged step,
 -- putting keys on the queue, is embed_sidecar._enqueue (src/enqueue.rs), which checks that the
--- writer may write the table.
+-- writer may write the table. With watch(..., sync => true) a small change is then also embedded
+-- inside the writer's transaction when the inference service has room (_enqueue says when), by
+-- embed_sidecar._embed_now (src/drain/sync.rs), in a subtransaction: any error there rolls back
+-- only that step, and the queued keys get the rows embedded later.
 --
 -- Arguments, fixed by watch(): source id, content attnum ('' with a template), key attnums
 -- ('{1,2}'), template ('' without).
@@ -33,8 +36,15 @@ BEGIN
                        embed_sidecar._content_sql(TG_RELID, attnum, template, 'o'), content_new)
            INTO batch;
     END IF;
-    IF batch IS NOT NULL THEN
-        PERFORM embed_sidecar._enqueue(TG_ARGV[0]::int, batch);
+    IF batch IS NOT NULL AND embed_sidecar._enqueue(TG_ARGV[0]::int, batch) THEN
+        BEGIN
+            PERFORM embed_sidecar._embed_now(TG_ARGV[0]::int, batch);
+        EXCEPTION WHEN OTHERS THEN
+            -- never a failed write because of inference: the keys are queued already. OTHERS does
+            -- not include query_canceled: a cancel or statement_timeout while the step waits for
+            -- the service still cancels the writer's statement, as it would any other wait.
+            RAISE DEBUG 'pg_embed_sidecar: % left to the queue: % (%)', TG_RELID::regclass, SQLERRM, SQLSTATE;
+        END;
     END IF;
     RETURN NULL;
 END

@@ -115,9 +115,12 @@ $$;
 -- table: _protect_sidecar), registry row, two queues and triggers; then the existing rows go on
 -- the bulk lane. Shared by watch() and
 -- set_model() (a shadow). Without sidecar_name the sidecar is called <table>_embeddings_<id>.
+-- With adopt (watch(..., adopt => column)) the vectors that column holds are checked against the
+-- model and copied in (embed_sidecar._adopt, src/adopt.rs), and only the rows left without one go
+-- on the bulk lane.
 CREATE FUNCTION embed_sidecar._create_embedding(source regclass, embedding text, role text, content_attnum smallint,
     template text, key_nums smallint[], sidecar_name name, model text, fts_config text, backfill boolean,
-    chunk_tokens int, chunk_overlap int, vector_type text)
+    chunk_tokens int, chunk_overlap int, vector_type text, adopt name DEFAULT NULL)
     RETURNS embed_sidecar.sources
     -- the caller's default_tablespace is not ours to use: the database's default
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET default_tablespace = ''
@@ -128,6 +131,7 @@ DECLARE
     schema     name := embed_sidecar._schema_of(source);
     ident      record;
     queued     bigint := 0;
+    adopted    bigint := 0;
     s          embed_sidecar.sources;
     side       regclass;
     key_defs   text;
@@ -186,17 +190,77 @@ BEGIN
     PERFORM embed_sidecar._create_queues(s.queue_name);
 
     PERFORM embed_sidecar._create_triggers(s);
-    IF backfill THEN
+    IF adopt IS NOT NULL THEN
+        -- (the table is locked against writers by watch(): the copy and the backfill see one state)
+        adopted := embed_sidecar._adopt(s.id, adopt);
+        IF backfill THEN
+            queued := embed_sidecar._backfill(s.id, true);
+        END IF;
+    ELSIF backfill THEN
         queued := embed_sidecar._backfill(s.id, false);
     END IF;
     -- a large backfill goes faster without per-row index maintenance: the drain builds the index
-    -- once the bulk lane is empty (_build_index_if_ready)
-    IF current_setting('pg_embed_sidecar.bulk_index_rows')::int BETWEEN 1 AND queued THEN
+    -- once the bulk lane is empty (_build_index_if_ready). An adoption copies its rows before the
+    -- index exists; a large one leaves the build to the drain too, so watch() returns quickly.
+    IF current_setting('pg_embed_sidecar.bulk_index_rows')::int BETWEEN 1 AND queued + adopted THEN
         UPDATE embed_sidecar.sources SET index_pending = true WHERE id = s.id RETURNING * INTO s;
     ELSE
         PERFORM embed_sidecar._create_hnsw(s);
     END IF;
     RETURN s;
+END
+$$;
+
+-- The statements that adopt the vectors a column of the source already holds (watch(..., adopt =>
+-- column); src/adopt.rs runs them as the table's owner). The column must be a pgvector vector or
+-- halfvec of the embedding's dimensions (declared without dimensions: rows whose vectors have
+-- others are not adopted, and the backfill after the copy enqueues them).
+--   sample: $1 rows → content, vector as real[] of up to $1 random rows with content and a vector
+--   copy:   $1 model_id, $2 text search config → rows copied into the sidecar (rows with blank
+--           content or no vector are not)
+CREATE FUNCTION embed_sidecar._adopt_sql(s embed_sidecar.sources, column_name name, OUT sample_sql text, OUT copy_sql text)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att pg_attribute := (SELECT a FROM pg_attribute a
+                          WHERE a.attrelid = s.source AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped);
+    vec_schema name := embed_sidecar._vector_schema();
+    content text := embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src');
+    col text := format('src.%I', column_name);
+    has_vector text;
+    key_cols text;
+BEGIN
+    IF att IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % does not exist', column_name, s.source
+            USING ERRCODE = 'undefined_column', HINT = 'adopt => names the column of the table that holds its vectors.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                    WHERE t.oid = att.atttypid AND n.nspname = vec_schema AND t.typname IN ('vector', 'halfvec')) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % is of type %, not vector or halfvec', column_name, s.source,
+                        format_type(att.atttypid, att.atttypmod)
+            USING ERRCODE = 'datatype_mismatch', HINT = 'adopt => takes a pgvector vector or halfvec column.';
+    END IF;
+    IF att.atttypmod NOT IN (-1, s.dims) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: column "%" of table % has % dimensions, model % makes %', column_name, s.source,
+                        att.atttypmod, quote_literal(s.model), s.dims
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Adopt only vectors made by the model the embedding uses; name it with model => ''...''.';
+    END IF;
+    has_vector := format('%s IS NOT NULL AND %I.vector_dims(%s) = %s', col, vec_schema, col, s.dims);
+    sample_sql := format('SELECT %s, %s::real[] FROM %s src WHERE NOT embed_sidecar._is_blank(%s) AND %s ORDER BY random() LIMIT $1',
+                         content, col, s.source, content, has_vector);
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum) INTO key_cols
+      FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+    copy_sql := format(
+        'WITH w AS (
+           INSERT INTO %1$s (%2$s, embedding, model, content_hash, fts, embedded_at)
+           SELECT %3$s, %4$s::%5$I.%6$I, $1, embed_sidecar._content_hash(%7$s), to_tsvector($2::regconfig, left(%7$s, 100000)),
+                  pg_catalog.now()
+             FROM %8$s src WHERE NOT embed_sidecar._is_blank(%7$s) AND %9$s
+           RETURNING 1)
+         SELECT count(*) FROM w',
+        s.sidecar, key_cols, embed_sidecar._columns(s.source, s.key_attnums, 'src'), col, vec_schema, s.vector_type,
+        content, s.source, has_vector);
 END
 $$;
 
@@ -413,6 +477,11 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: chunk_tokens and chunk_overlap apply to chunked embeddings only'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Add chunking => true.';
     END IF;
+    IF adopt IS NOT NULL AND coalesce(chunking, false) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: a chunked embedding cannot adopt the vectors of column "%"', adopt
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'A column holds one vector per row, a chunked embedding one per passage: watch without adopt, or without chunking.';
+    END IF;
     IF vector_type IS NULL OR vector_type NOT IN ('vector', 'halfvec') THEN
         RAISE EXCEPTION 'pg_embed_sidecar: vector_type must be ''vector'' or ''halfvec'', not %', coalesce(quote_literal(vector_type), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
@@ -435,7 +504,7 @@ BEGIN
         key_nums,
         -- the first embedding of a table gets the plain name
         coalesce(sidecar_name, CASE WHEN is_first THEN embed_sidecar._clip(rel.relname, 52) || '_embeddings' END),
-        model, fts_config::text, backfill, chunk[1], chunk[2], vector_type);
+        model, fts_config::text, backfill, chunk[1], chunk[2], vector_type, adopt);
     UPDATE embed_sidecar.sources x SET sync = coalesce(_do_watch.sync, false),
                                        search_view = embed_sidecar._define_view(s, view_name)
      WHERE x.id = s.id;

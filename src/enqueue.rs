@@ -11,7 +11,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use crate::error::SidecarError;
-use crate::pg::authority::{as_table_owner, current_role, run_as};
+use crate::pg::authority::{as_table_owner, current_role, extension_owner, run_as};
 use crate::pg::row::required;
 
 /// Keys per `pgmq.send_batch` call in a backfill.
@@ -21,20 +21,15 @@ const BACKFILL_CHUNK: i64 = 10_000;
 /// (2,704 bytes at most).
 const KEY_BYTES: i32 = 2_000;
 
-fn extension_owner(client: &SpiClient<'_>) -> Result<pg_sys::Oid, SidecarError> {
-    client
-        .select("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_embed_sidecar'", None, &[])?
-        .first()
-        .get_one::<pg_sys::Oid>()?
-        .ok_or_else(|| SidecarError::Corrupt("pg_embed_sidecar has no row in pg_extension".into()))
-}
-
 /// Send the keys a writer's statement changed to the source's queue. The keys are checked first,
 /// as the writer: each must be the JSON array of one key of the table (right arity, every element
 /// castable to its column's type, no NULL, at most `KEY_BYTES`), since `_enqueue` is callable by
 /// any writer with keys of their choosing, and a key the drain cannot look up, or too large to
 /// store as a dead letter, would otherwise stall the source's queue.
-fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), SidecarError> {
+///
+/// Returns whether the writer's change may also be embedded now, inside the writer's transaction
+/// (`watch(..., sync => true)`, src/drain/sync.rs): the trigger then calls `_embed_now`.
+fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<bool, SidecarError> {
     let writer = current_role();
     Spi::connect_mut(|client| {
         let owner = extension_owner(client)?;
@@ -42,7 +37,8 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
             client
                 .select(
                     "SELECT queue_name, source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE'),
-                            embed_sidecar._keys_check_sql(s, $3)
+                            embed_sidecar._keys_check_sql(s, $3),
+                            sync AND role = 'current' AND state <> 'paused' AND chunk_tokens IS NULL
                        FROM embed_sidecar.sources s WHERE id = $1",
                     None,
                     &[source_id.into(), writer.into(), KEY_BYTES.into()],
@@ -55,12 +51,13 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
                         required::<String>(&r, 2, &what)?,
                         required::<bool>(&r, 3, &what)?,
                         required::<String>(&r, 4, &what)?,
+                        required::<bool>(&r, 5, &what)?,
                     ))
                 })
                 .transpose()
         })?;
         // unwatched in the meantime: nothing to do
-        let Some((queue, table, allowed, check_sql)) = row else { return Ok(()) };
+        let Some((queue, table, allowed, check_sql, sync)) = row else { return Ok(false) };
         if !allowed {
             return Err(SidecarError::NotAllowed(format!("may not enqueue changes of table {table}")));
         }
@@ -80,11 +77,13 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<(), S
                 hint: "A key is the JSON array of a row's primary key values, as the table's own triggers send it.",
             });
         }
+        let rows = keys.len();
         run_as(owner, false, || {
             client.update("SELECT pgmq.send_batch($1, $2::text[]::jsonb[])", None, &[queue.into(), keys.into()])?;
             crate::roster::wake::on_commit();
             Ok(())
-        })
+        })?;
+        Ok(sync && crate::drain::sync::wanted(rows))
     })
 }
 
@@ -152,9 +151,10 @@ mod embed_sidecar {
     use crate::error::OrReport;
 
     /// The statement triggers' way onto the queue (see the module comment). PUBLIC may call it;
-    /// it refuses callers who may neither insert into nor update the source.
+    /// it refuses callers who may neither insert into nor update the source. True: the change
+    /// may also be embedded now (`_embed_now`, src/drain/sync.rs).
     #[pg_extern(volatile, parallel_unsafe, name = "_enqueue")]
-    fn enqueue(source_id: i32, keys: Vec<Option<String>>) {
+    fn enqueue(source_id: i32, keys: Vec<Option<String>>) -> bool {
         super::enqueue_for_writer(source_id, keys).or_report()
     }
 

@@ -14,6 +14,7 @@
 
 use pgrx::prelude::*;
 
+mod adopt;
 mod api;
 mod bgw;
 mod drain;

@@ -11,7 +11,7 @@ import uuid
 import psycopg
 import pytest
 
-MODELS = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models"
+MODELS = os.environ.get("PES_MODEL_ROOT", "/usr/share/postgresql/15/extension/pg_embed_sidecar/models")
 DSN = dict(host=os.environ.get("PGHOST", "/tmp"), port=int(os.environ.get("PGPORT", "5433")),
            user="postgres", dbname=os.environ.get("PES_TEST_DB", "pes_test"))
 

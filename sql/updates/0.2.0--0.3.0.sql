@@ -30,7 +30,6 @@ DROP FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8, floa
 DROP FUNCTION embed_sidecar._search_target(regclass, text);
 -- watch() takes view_name, sync and adopt
 DROP FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
-DROP FUNCTION embed_sidecar._do_watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
 
 -- who is calling (src/pg/authority.rs)
 CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
@@ -48,13 +47,22 @@ CREATE FUNCTION embed_sidecar."_check_filter"("filter" text) RETURNS text
 -- a query with the session's model (embed_query(): the model's query prefix)
 CREATE FUNCTION embed_sidecar."_embed_as_query"("content" text) RETURNS real[]
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'embed_as_query_wrapper';
+-- watch(sync => true): _enqueue says whether the change may also be embedded now (_embed_now);
+-- watch(adopt => column): _adopt (src/drain/sync.rs, src/adopt.rs)
+DROP FUNCTION embed_sidecar._enqueue(int, text[]);
+CREATE FUNCTION embed_sidecar."_enqueue"("source_id" INT, "keys" TEXT[]) RETURNS bool
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_wrapper';
+CREATE FUNCTION embed_sidecar."_embed_now"("source_id" INT, "keys" TEXT[]) RETURNS bigint
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'embed_now_wrapper';
+CREATE FUNCTION embed_sidecar."_adopt"("source_id" INT, "column_name" TEXT) RETURNS bigint
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'adopt_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
 -- changed functions and views, as the install files define them
 --@copy _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
 --@copy _check_watched _enqueue_changes _check_owner _check_may _readable_source _create_triggers _clip _sync_readers _protect_sidecar
---@copy _create_queue _drop_queues _create_queues _create_embedding _create_hnsw _create_view _define_view _do_watch watch
+--@copy _create_queue _drop_queues _create_queues _create_embedding _adopt_sql _create_hnsw _create_view _define_view _do_watch watch
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
 --@copy reembed _do_set_model set_model _promote_if_ready _do_rollback_model rollback_model _do_drop_previous
 --@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause
@@ -82,6 +90,17 @@ UPDATE embed_sidecar.sources s SET search_view = embed_sidecar._define_view(s, v
  WHERE s.id = v.id AND to_regclass(format('%I.%I', embed_sidecar._schema_of(s.source), v.name)) IS NULL;
 UPDATE embed_sidecar.sources s SET search_view = c.search_view
   FROM embed_sidecar.sources c WHERE c.source = s.source AND c.embedding = s.embedding AND c.role = 'current' AND s.role <> 'current';
+-- made inside the update, the views became members of the extension: they are their tables', as
+-- the ones watch() makes (dumped with them, not dropped with the extension)
+DO $$
+DECLARE
+    v regclass;
+BEGIN
+    FOR v IN SELECT DISTINCT search_view FROM embed_sidecar.sources WHERE search_view IS NOT NULL LOOP
+        EXECUTE format('ALTER EXTENSION pg_embed_sidecar DROP VIEW %s', v);
+    END LOOP;
+END
+$$;
 
 -- who may call what (sql/privileges.sql, less its last step)
 --@privileges

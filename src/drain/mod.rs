@@ -16,6 +16,7 @@
 pub mod chunking;
 pub mod settle;
 mod store;
+pub mod sync;
 
 pub use store::{active_sources, record_error, record_note};
 use store::{apply, build_index, load_source, lock_source, lookup, read_messages, write, Embedded, Source};

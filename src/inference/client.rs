@@ -47,10 +47,12 @@ pub struct Pending {
     order: Vec<usize>,
     /// The first slots' worth, submitted by `submit`; the rest go as slots come back.
     first: Option<Held>,
+    /// Longest wait for one slots' worth of answers, and the SQLSTATE of giving up then.
+    limit: Option<(Duration, PgSqlErrorCode)>,
 }
 
-/// Submit the first slots' worth of `texts` (at most half the ring) and return without waiting.
-pub fn submit(ring: Ring, model: &str, texts: &[&str], priority: Priority) -> Result<Pending, SidecarError> {
+/// A request not yet submitted: texts in the order they go (see `submit`).
+fn prepare(ring: Ring, model: &str, texts: &[&str], priority: Priority) -> Result<Pending, SidecarError> {
     if model.len() > MODEL_MAX {
         return Err(SidecarError::BadModelName(model.to_string()));
     }
@@ -60,11 +62,52 @@ pub fn submit(ring: Ring, model: &str, texts: &[&str], priority: Priority) -> Re
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| texts[i].len());
     let texts = order.iter().map(|&i| texts[i].to_string()).collect();
-    let mut pending = Pending { ring, model: model.to_string(), priority, texts, order, first: None };
+    let limit = (priority == Priority::Drain).then_some((DRAIN_WAIT_LIMIT, PgSqlErrorCode::ERRCODE_QUERY_CANCELED));
+    Ok(Pending { ring, model: model.to_string(), priority, texts, order, first: None, limit })
+}
+
+/// Submit the first slots' worth of `texts` (at most half the ring) and return without waiting.
+pub fn submit(ring: Ring, model: &str, texts: &[&str], priority: Priority) -> Result<Pending, SidecarError> {
+    let mut pending = prepare(ring, model, texts, priority)?;
     if !pending.texts.is_empty() {
         pending.first = Some(pending.send(0)?);
     }
     Ok(pending)
+}
+
+/// Whether `n` texts of `priority` would find a free slot each right now, with a worker alive.
+pub fn room(ring: Ring, n: usize, priority: Priority) -> bool {
+    n <= ring.len() / 2
+        && ring.workers_alive() > 0
+        && region(ring, priority).filter(|&i| ring.slot(i).is_free()).nth(n.max(1) - 1).is_some()
+}
+
+/// Submit every one of `texts` now, or nothing: `None` when the ring has not a free slot for each
+/// of them at this moment or no worker is alive (nothing waits, nothing is left claimed). The
+/// answers are waited for at most `limit`, then given up with `ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE`
+/// (never `query_canceled`, which is a user's cancel).
+pub fn submit_now(
+    ring: Ring,
+    model: &str,
+    texts: &[&str],
+    priority: Priority,
+    limit: Duration,
+) -> Result<Option<Pending>, SidecarError> {
+    let mut pending = prepare(ring, model, texts, priority)?;
+    pending.limit = Some((limit, PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE));
+    if pending.texts.is_empty() || pending.texts.len() > ring.len() / 2 || ring.workers_alive() == 0 {
+        return Ok(None);
+    }
+    let held = Held { ring, slots: claim(ring, pending.texts.len(), priority) };
+    if held.slots.len() < pending.texts.len() {
+        return Ok(None); // `held` gives back what it got
+    }
+    for (&i, text) in held.slots.iter().zip(&pending.texts) {
+        ring.slot(i).submit(&pending.model, text, priority, ring.next_seq());
+    }
+    ring.wake_workers();
+    pending.first = Some(held);
+    Ok(Some(pending))
 }
 
 impl Pending {
@@ -97,8 +140,7 @@ impl Pending {
         let mut out = Vec::with_capacity(self.texts.len());
         let mut held = self.first.take();
         while let Some(h) = held {
-            let limit = (self.priority == Priority::Drain).then_some(DRAIN_WAIT_LIMIT);
-            out.extend(answers(self.ring, &h.slots, limit)?);
+            out.extend(answers(self.ring, &h.slots, self.limit)?);
             // the slots go back before the next ones are claimed
             drop(h);
             held = if out.len() < self.texts.len() { Some(self.send(out.len())?) } else { None };
@@ -126,12 +168,16 @@ fn no_worker() -> SidecarError {
 /// (any role, `embed_texts` in a loop) never takes it, so drains can always submit; drains look
 /// there first.
 fn claim(ring: Ring, n: usize, priority: Priority) -> Vec<usize> {
+    region(ring, priority).filter(|&i| ring.slot(i).try_claim()).take(n).collect()
+}
+
+/// The slots a caller of `priority` may claim, in the order it looks at them (see `claim`).
+fn region(ring: Ring, priority: Priority) -> Box<dyn Iterator<Item = usize>> {
     let reserved = ring.len() - ring.len() / 4;
-    let order: Box<dyn Iterator<Item = usize>> = match priority {
+    match priority {
         Priority::Interactive => Box::new(0..reserved),
         Priority::Drain => Box::new((reserved..ring.len()).chain(0..reserved)),
-    };
-    order.filter(|&i| ring.slot(i).try_claim()).take(n).collect()
+    }
 }
 
 /// Wait on this process's latch (set by a worker that finished one of our slots).
@@ -149,7 +195,11 @@ fn wait_latch(timeout: Duration) {
 }
 
 /// Wait until every slot is answered (or `limit` has passed); resubmit what a dead worker held.
-fn answers(ring: Ring, slots: &[usize], limit: Option<Duration>) -> Result<Vec<Vec<f32>>, SidecarError> {
+fn answers(
+    ring: Ring,
+    slots: &[usize],
+    limit: Option<(Duration, PgSqlErrorCode)>,
+) -> Result<Vec<Vec<f32>>, SidecarError> {
     let mut lonely_since: Option<Instant> = None;
     let started = Instant::now();
     let mut out: Vec<Option<Vec<f32>>> = vec![None; slots.len()];
@@ -175,9 +225,9 @@ fn answers(ring: Ring, slots: &[usize], limit: Option<Duration>) -> Result<Vec<V
         } else if lonely_since.get_or_insert_with(Instant::now).elapsed() > NO_WORKER_GRACE {
             return Err(no_worker());
         }
-        if limit.is_some_and(|l| started.elapsed() > l) {
+        if let Some((_, code)) = limit.filter(|&(l, _)| started.elapsed() > l) {
             return Err(SidecarError::Refused {
-                code: PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                code,
                 message: format!("the inference service did not answer within {} s", started.elapsed().as_secs()),
                 hint: "Look for pg_embed_sidecar inference lines in the server log; the pass is tried again later.",
             });

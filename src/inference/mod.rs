@@ -110,16 +110,37 @@ pub fn start_for_drain(model: &str, texts: &[&str]) -> InFlight {
     start(Some(model), Side::Passage, texts, Priority::Drain)
 }
 
+/// Whether the inference service could take `n` texts of a session right now: the service is
+/// what this session embeds through, a worker is alive and `n` interactive slots are free. Never
+/// loads a model or waits.
+pub fn room_now(n: usize) -> bool {
+    through_service().is_some_and(|ring| client::room(ring, n, Priority::Interactive))
+}
+
+/// Start embedding a sidecar's texts (`Side::Passage`) with a named model through the inference
+/// service, as a session does, only if the service has a free slot for each of them right now:
+/// `None` otherwise, and without the service (a session never loads a model for this). The answers
+/// are waited for at most `limit`.
+pub fn start_now(model: &str, texts: &[&str], limit: std::time::Duration) -> Result<Option<InFlight>, SidecarError> {
+    let Some(ring) = through_service() else { return Ok(None) };
+    let name = model_name(Some(model))?;
+    let texts = for_service(&name, Side::Passage, texts)?;
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    Ok(client::submit_now(ring, &name, &texts, Priority::Interactive, limit)?.map(InFlight::Service))
+}
+
+/// `texts` as the service must get them: the workers embed what they are given, so the side's
+/// prefix goes on here.
+fn for_service(name: &str, side: Side, texts: &[&str]) -> Result<Vec<String>, SidecarError> {
+    Ok(side.shape(&local::model_files(name)?, texts).unwrap_or_else(|| texts.iter().map(|t| t.to_string()).collect()))
+}
+
 fn start(model: Option<&str>, side: Side, texts: &[&str], priority: Priority) -> InFlight {
     match through_service() {
         Some(ring) => {
             let submitted = model_name(model).and_then(|name| {
-                // the workers embed the texts they are given, so the prefix goes on before they go
-                let shaped = side.shape(&local::model_files(&name)?, texts);
-                let texts: Vec<&str> = match &shaped {
-                    Some(prefixed) => prefixed.iter().map(String::as_str).collect(),
-                    None => texts.to_vec(),
-                };
+                let texts = for_service(&name, side, texts)?;
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
                 client::submit(ring, &name, &texts, priority)
             });
             match submitted {

@@ -130,6 +130,11 @@ impl Slot {
 
     // ---- client side ----
 
+    /// Whether the slot is FREE right now (a hint: another client may claim it the next moment).
+    pub fn is_free(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == FREE
+    }
+
     /// FREE → FILLING: the slot is this client's.
     pub fn try_claim(&self) -> bool {
         self.state.compare_exchange(FREE, FILLING, Ordering::AcqRel, Ordering::Relaxed).is_ok()

@@ -140,6 +140,15 @@ pub fn pin_search_path_local() {
     set_setting(c"search_path", PINNED_SEARCH_PATH, pg_sys::GucAction::GUC_ACTION_LOCAL);
 }
 
+/// The extension's owner (queue and registry work done on behalf of a writer runs as it).
+pub fn extension_owner(client: &pgrx::spi::SpiClient<'_>) -> Result<pg_sys::Oid, SidecarError> {
+    client
+        .select("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_embed_sidecar'", None, &[])?
+        .first()
+        .get_one::<pg_sys::Oid>()?
+        .ok_or_else(|| SidecarError::Corrupt("pg_embed_sidecar has no row in pg_extension".into()))
+}
+
 /// Run `f` as the owner of a user's table, inside a security-restricted operation.
 pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
     run_as(owner, true, f)
