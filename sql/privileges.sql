@@ -7,7 +7,9 @@ REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA embed_sidecar FROM PUBLIC;
 GRANT SELECT ON embed_sidecar.status, embed_sidecar.models TO PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._readable_source(regclass, text),
     embed_sidecar._widen_ef_search(int), embed_sidecar._candidates(boolean, int), embed_sidecar.any_words_tsquery(regconfig, text),
-    embed_sidecar._check_filter(text), embed_sidecar._filter_rows(regclass, text),
+    embed_sidecar._check_filter(text), embed_sidecar._filter_rows(regclass, text, text),
+    embed_sidecar._run_filtered(text, text, real[], int, text, int),
+    embed_sidecar._search_rows(anyelement, text, int, text, text, text),
     embed_sidecar._filtered_sidecar(embed_sidecar.sources, text), embed_sidecar._nearest_sql(embed_sidecar.sources, text, boolean),
     embed_sidecar._nearest(embed_sidecar.sources, real[], int, text, text),
     embed_sidecar._search(regclass, text, int, text, text, text), embed_sidecar.search(regclass, text, int, text, text),

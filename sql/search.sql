@@ -17,7 +17,8 @@ CREATE FUNCTION embed_sidecar._widen_ef_search(wanted int) RETURNS text
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    old text := coalesce(current_setting('hnsw.ef_search', true), '40');
+    -- ('' when a failed statement left the placeholder pgvector had not yet claimed)
+    old text := coalesce(nullif(current_setting('hnsw.ef_search', true), ''), '40');
 BEGIN
     IF wanted > old::int THEN
         PERFORM set_config('hnsw.ef_search', least(wanted, 1000)::text, true);
@@ -33,14 +34,34 @@ CREATE FUNCTION embed_sidecar._candidates(chunked boolean, k int) RETURNS int
 
 -- How many rows a search's filter lets through, as the planner expects (VOLATILE: EXPLAIN is a
 -- utility statement, which read-only functions may not run). Planning only: nothing is read.
-CREATE FUNCTION embed_sidecar._filter_rows(source regclass, filter text) RETURNS float8
-    LANGUAGE plpgsql VOLATILE
+CREATE FUNCTION embed_sidecar._filter_rows(source regclass, filter text, callers_path text) RETURNS float8
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    statement text := format(E'EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE (%s\n)', source, filter);
     plan json;
 BEGIN
-    EXECUTE format(E'EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE (%s\n)', source, filter) INTO plan;
+    plan := embed_sidecar._run_filtered(statement, callers_path, NULL, NULL, NULL, NULL)::json;
     RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8;
+END
+$$;
+
+-- Run one statement that holds a caller's filter, with the caller's search_path (the filter's
+-- names resolve as in the caller's own SELECT; NULL: ours), and hand its one value back as text.
+-- Every other name in such a statement is schema-qualified (OPERATOR(pg_catalog.=) and all), so
+-- nothing a schema on the caller's path holds can stand in for ours.
+CREATE FUNCTION embed_sidecar._run_filtered(statement text, callers_path text, a1 real[], a2 int, a3 text, a4 int)
+    RETURNS text
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result text;
+BEGIN
+    IF callers_path IS NOT NULL THEN
+        PERFORM pg_catalog.set_config('search_path', callers_path, true);
+    END IF;
+    EXECUTE statement INTO result USING a1, a2, a3, a4;
+    RETURN result;  -- (the function's SET puts our search_path back)
 END
 $$;
 
@@ -77,7 +98,7 @@ BEGIN
     SELECT string_agg(format('sc.%I', a.attname), ', ' ORDER BY a.attnum),
            string_agg(format('c.%I', a.attname), ', ' ORDER BY a.attnum) INTO keys_sc, keys_c
       FROM pg_attribute a WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
-    candidates := format('SELECT %s, (%s)::float8 AS d, %s FROM %s WHERE sc.model = $3',
+    candidates := format('SELECT %s, (%s)::float8 AS d, %s FROM %s WHERE sc.model OPERATOR(pg_catalog.=) $3',
                          keys_sc, dist,
                          CASE WHEN chunked THEN 'sc.chunk, sc.char_start, sc.char_end'
                               ELSE 'NULL::int AS chunk, NULL::int AS char_start, NULL::int AS char_end' END,
@@ -88,8 +109,8 @@ BEGIN
     IF chunked THEN
         candidates := format('SELECT DISTINCT ON (%s) c.* FROM (%s) c ORDER BY %s, c.d', keys_c, candidates, keys_c);
     END IF;
-    RETURN format('SELECT coalesce(jsonb_agg(pg_catalog.jsonb_build_array(r.key, r.d, r.chunk, r.char_start, r.char_end)
-                                             ORDER BY r.d, r.key), ''[]'')
+    RETURN format('SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(r.key, r.d, r.chunk, r.char_start, r.char_end)
+                                             ORDER BY r.d, r.key), ''[]'')::text
                      FROM (SELECT %s AS key, b.d, b.chunk, b.char_start, b.char_end
                              FROM (%s) b ORDER BY b.d, 1 LIMIT $2) r',
                   embed_sidecar._key_json(s, 'b'), candidates);
@@ -110,22 +131,28 @@ AS $$
 DECLARE
     n int := embed_sidecar._candidates(s.chunk_tokens IS NOT NULL, k);
     old_ef text := embed_sidecar._widen_ef_search(n);
-    old_iter text := coalesce(current_setting('hnsw.iterative_scan', true), 'off');
+    old_iter text := coalesce(nullif(current_setting('hnsw.iterative_scan', true), ''), 'off');
     exact boolean := false;
     hits jsonb;
 BEGIN
-    IF filter IS NOT NULL THEN
+    IF filter IS NULL THEN
+        callers_path := NULL;  -- nothing of the caller's in the statement
+    ELSE
         filter := embed_sidecar._check_filter(filter);
-        PERFORM set_config('search_path', callers_path, true);
-        exact := embed_sidecar._filter_rows(s.source, filter) <= current_setting('pg_embed_sidecar.exact_search_rows')::float8;
+        exact := embed_sidecar._filter_rows(s.source, filter, callers_path)
+                 <= current_setting('pg_embed_sidecar.exact_search_rows')::float8;
     END IF;
     IF NOT exact THEN
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-        EXECUTE embed_sidecar._nearest_sql(s, filter, false) INTO hits USING q, k, s.model_id, n;
+        hits := embed_sidecar._run_filtered(embed_sidecar._nearest_sql(s, filter, false), callers_path, q, k, s.model_id, n);
+        IF jsonb_array_length(hits) < k AND s.chunk_tokens IS NOT NULL THEN
+            -- a few long rows held most of the nearest passages: more passages before all of them
+            hits := embed_sidecar._run_filtered(embed_sidecar._nearest_sql(s, filter, false), callers_path, q, k, s.model_id, n * 8);
+        END IF;
         PERFORM set_config('hnsw.iterative_scan', old_iter, true);
     END IF;
     IF exact OR jsonb_array_length(hits) < k THEN
-        EXECUTE embed_sidecar._nearest_sql(s, filter, true) INTO hits USING q, k, s.model_id, n;
+        hits := embed_sidecar._run_filtered(embed_sidecar._nearest_sql(s, filter, true), callers_path, q, k, s.model_id, n);
     END IF;
     PERFORM set_config('hnsw.ef_search', old_ef, true);
     RETURN hits;
@@ -170,31 +197,38 @@ COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int, text, text) IS
 -- search() returning the source's rows themselves: search_rows(NULL::docs, 'query', 10, filter => ...)
 -- gives (hit docs, distance, ...), read as (r.hit).title or (r.hit).*. Read with the caller's
 -- rights (row security of the table applies, as in a plain SELECT).
-CREATE FUNCTION embed_sidecar.search_rows(source anyelement, query text, k int DEFAULT 10, embedding text DEFAULT NULL,
-                                          filter text DEFAULT NULL)
+CREATE FUNCTION embed_sidecar._search_rows(source anyelement, query text, k int, embedding text, filter text,
+                                           callers_path text)
     RETURNS TABLE (hit anyelement, distance float8, chunk int, char_start int, char_end int)
-    -- no search_path of its own: it hands the caller's to _search (the filter's), and every name
-    -- here is qualified
-    LANGUAGE plpgsql VOLATILE
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    rel regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
-                      WHERE t.oid = pg_catalog.pg_typeof(source) AND t.typrelid OPERATOR(pg_catalog.<>) 0);
+    rel regclass := (SELECT t.typrelid FROM pg_type t WHERE t.oid = pg_typeof(source) AND t.typrelid <> 0);
     res record;
 BEGIN
     IF rel IS NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: search_rows() takes a table''s row type, not %', pg_catalog.pg_typeof(source)
+        RAISE EXCEPTION 'pg_embed_sidecar: search_rows() takes a table''s row type, not %', pg_typeof(source)
             USING ERRCODE = 'datatype_mismatch', HINT = 'Pass NULL cast to the table''s type: search_rows(NULL::docs, ''query'').';
     END IF;
-    res := embed_sidecar._search(rel, query, k, embedding, filter, pg_catalog.current_setting('search_path'));
-    RETURN QUERY EXECUTE pg_catalog.format(
+    res := embed_sidecar._search(rel, query, k, embedding, filter, callers_path);
+    RETURN QUERY EXECUTE format(
         'SELECT src, (h.value ->> 1)::float8, (h.value ->> 2)::int, (h.value ->> 3)::int, (h.value ->> 4)::int
-           FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS h(value, ord)
+           FROM jsonb_array_elements($1) WITH ORDINALITY AS h(value, ord)
                 CROSS JOIN LATERAL (SELECT h.value -> 0 AS _pes_key) k
                 JOIN %s src ON %s
           ORDER BY h.ord',
         rel, embed_sidecar._key_from_json(rel, (res.s).key_attnums, 'src', '_pes_key')) USING res.hits;
 END
+$$;
+
+-- (a SQL function with a body in a string: a polymorphic one cannot have a standard body; every
+-- name in it is qualified)
+CREATE FUNCTION embed_sidecar.search_rows(source anyelement, query text, k int DEFAULT 10, embedding text DEFAULT NULL,
+                                          filter text DEFAULT NULL)
+    RETURNS TABLE (hit anyelement, distance float8, chunk int, char_start int, char_end int)
+    LANGUAGE sql VOLATILE
+AS $$
+    SELECT * FROM embed_sidecar._search_rows(source, query, k, embedding, filter, pg_catalog.current_setting('search_path'))
 $$;
 COMMENT ON FUNCTION embed_sidecar.search_rows(anyelement, text, int, text, text) IS
     'search() returning the rows of the table whose row type the first argument has (NULL::docs), with their distance';
@@ -233,13 +267,17 @@ BEGIN
     -- the vector side: the nearest rows, as search() finds them (filtered, at any selectivity)
     v := embed_sidecar._nearest(s, q, candidates, filter, callers_path);
     IF filter IS NOT NULL THEN
-        PERFORM set_config('search_path', callers_path, true);  -- the filter's, as in _nearest
+        -- the filter's names as in the caller's SELECT (every other name below is qualified); the
+        -- function's SET puts ours back
+        PERFORM set_config('search_path', callers_path, true);
     END IF;
     -- candidates from each side; a row ranks by its best passage on each side, and shows the
     -- passage of its vector side (else of its text side)
     RETURN QUERY EXECUTE format(
-        'WITH v AS (SELECT h.value -> 0 AS key, h.ord::int AS r, (h.value ->> 2)::int AS chunk,
-                           (h.value ->> 3)::int AS char_start, (h.value ->> 4)::int AS char_end
+        'WITH v AS (SELECT h.value OPERATOR(pg_catalog.->) 0 AS key, h.ord::int AS r,
+                           (h.value OPERATOR(pg_catalog.->>) 2)::int AS chunk,
+                           (h.value OPERATOR(pg_catalog.->>) 3)::int AS char_start,
+                           (h.value OPERATOR(pg_catalog.->>) 4)::int AS char_end
                       FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS h(value, ord)),
               fc AS (SELECT %1$s AS key, pg_catalog.ts_rank(sc.fts, tq, 1) AS rank, %2$s
                        FROM %3$s, embed_sidecar.any_words_tsquery($4, $5) tq
@@ -250,7 +288,8 @@ BEGIN
               f AS (SELECT b.*, pg_catalog.row_number() OVER (ORDER BY b.rank DESC, b.key)::int AS r
                       FROM (SELECT DISTINCT ON (fc.key) fc.* FROM fc ORDER BY fc.key, fc.rank DESC) b)
          SELECT coalesce(v.key, f.key),
-                coalesce($6 / ($8 + v.r), 0) + coalesce($7 / ($8 + f.r), 0),
+                coalesce($6 OPERATOR(pg_catalog./) ($8 OPERATOR(pg_catalog.+) v.r::float8), 0)
+                  OPERATOR(pg_catalog.+) coalesce($7 OPERATOR(pg_catalog./) ($8 OPERATOR(pg_catalog.+) f.r::float8), 0),
                 v.r, f.r,
                 CASE WHEN v.key IS NOT NULL THEN v.chunk ELSE f.chunk END,
                 CASE WHEN v.key IS NOT NULL THEN v.char_start ELSE f.char_start END,

@@ -66,8 +66,8 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
 --@copy reembed _do_set_model set_model _promote_if_ready _do_rollback_model rollback_model _do_drop_previous
 --@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause
---@copy pause _do_resume resume _do_process process _filter_rows _filtered_sidecar _nearest_sql _nearest _search search
---@copy search_rows _hybrid_search hybrid_search _drain_sql
+--@copy pause _do_resume resume _do_process process _filter_rows _run_filtered _filtered_sidecar _nearest_sql _nearest _search search
+--@copy _search_rows search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _on_ddl_end embed_text embed_query
 
