@@ -24,9 +24,9 @@ Methods, each per query: overlap@k = |returned ∩ exact| / min(k, matching rows
 (1 when that is 0 and nothing came back), rows returned, latency (client-side, execute + fetch):
   search()          embed_sidecar.search('packages', q, k, filter => f). Its time would include
                     embedding q: the backend's one-entry memo of the last text embedded is warmed
-                    with embed_text(q) (untimed) right before each call, so the time is the
+                    with embed_query(q) (untimed) right before each call, so the time is the
                     search's alone; texts_embedded() proves the memo was hit (printed). The
-                    embedding's own cost, embed_text(q) uncached, is printed separately.
+                    embedding's own cost, embed_query(q) uncached, is printed separately.
   view              SELECT v.name FROM packages_vectors v WHERE <f over (v.packages).col>
                     ORDER BY v.embedding <=> $1::vector LIMIT k; default settings
   view relaxed      the same after SET hnsw.iterative_scan = relaxed_order
@@ -279,6 +279,9 @@ def main():
         name, _, value = setting.partition("=")
         c.execute("SELECT set_config(%s, %s, false)", (name.strip(), value.strip()))
     sidecar, model_id, view, stand_in = target(c)
+    # queries are embedded (by embed_query, search's own query side) with the source's model
+    c.execute("""SELECT set_config('pg_embed_sidecar.model', model, false) FROM embed_sidecar.sources
+                  WHERE source = 'packages'::regclass AND role = 'current'""")
     rows_total = c.execute("SELECT count(*) FROM packages").fetchone()[0]
     has_filter = c.execute("""SELECT 1 FROM pg_proc WHERE oid = 'embed_sidecar.search'::regproc
                                AND 'filter' = ANY(proargnames)""").fetchone() is not None
@@ -295,9 +298,9 @@ def main():
     queries = query_texts(c, args.queries)
     qtexts, embed_ms = [], []
     for q in queries:
-        c.execute("SELECT embed_text('a text no query is')")  # the memo holds another text
+        c.execute("SELECT embed_query('a text no query is')")  # the memo holds another text
         t0 = time.perf_counter()
-        v = c.execute("SELECT embed_text(%s)::text", (q,)).fetchone()[0]
+        v = c.execute("SELECT embed_query(%s)::text", (q,)).fetchone()[0]
         embed_ms.append((time.perf_counter() - t0) * 1000)
         qtexts.append(v)
     qmat = unit(parse_vectors(qtexts))
@@ -329,7 +332,7 @@ def main():
           + (" (a STAND-IN made by this script: the extension made none)" if stand_in else ""))
     if not has_filter:
         print("NOTE: embed_sidecar.search() has no filter parameter in this build: search() runs unfiltered only")
-    print(f"query embedding, embed_text() uncached: p50 {statistics.median(embed_ms):.1f} ms, "
+    print(f"query embedding, embed_query() uncached: p50 {statistics.median(embed_ms):.1f} ms, "
           f"p95 {pct(embed_ms, 95):.1f} ms (not in the search() times below; add it for a cold search's total)\n")
 
     flist = filters(c, args.section)
@@ -379,7 +382,7 @@ def main():
                 """(names returned, ms, query embeddings the timed call made)"""
                 before = None
                 if method == "search()":
-                    c.execute("SELECT embed_text(%s) IS NULL", (queries[qi],))  # warm the one-entry memo
+                    c.execute("SELECT embed_query(%s) IS NULL", (queries[qi],))  # warm the one-entry memo
                     before = c.execute("SELECT embed_sidecar.texts_embedded()").fetchone()[0]
                     params = (queries[qi], k, src_expr) if has_filter else (queries[qi], k)
                 else:
@@ -433,7 +436,7 @@ def main():
                 plan_text = "\n".join(row[0] for row in c.execute("EXPLAIN (ANALYZE, COSTS OFF) " + q, (qtexts[0],)))
                 plan_text = re.sub(r"'\[[^\]]{100,}\]'", "'[...]'", plan_text)  # the query vector, inlined by the planner
                 explain_out.append(f"-- {method} (hnsw.iterative_scan = {iterative or base_iter}), filter {label}, "
-                                   f"$1 = embed_text({queries[0]!r})\n{q.replace('%s', '$1')}\n{plan_text}\n")
+                                   f"$1 = embed_query({queries[0]!r})\n{q.replace('%s', '$1')}\n{plan_text}\n")
     c.execute(f"SET hnsw.iterative_scan = {base_iter}")
     print(f"\nsearch(): {searches} timed calls, {memo_misses} of them embedded their query (0: the memo was hit every time)")
 
