@@ -197,3 +197,11 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- The keys among $1 whose rows the current transaction wrote (run as the table's owner): a sync
+-- step embeds only those (src/drain/sync.rs).
+CREATE FUNCTION embed_sidecar._written_here_sql(s embed_sidecar.sources) RETURNS text
+    LANGUAGE sql STABLE
+    RETURN format('SELECT v._pes_key::text FROM unnest($1::text[]::jsonb[]) AS v(_pes_key) JOIN %s src ON %s
+                    WHERE embed_sidecar._written_here(src.xmin::text::bigint)',
+                  s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'));

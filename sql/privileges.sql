@@ -8,9 +8,9 @@ GRANT SELECT ON embed_sidecar.status, embed_sidecar.models TO PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._readable_source(regclass, text),
     embed_sidecar._widen_ef_search(int), embed_sidecar._candidates(boolean, int), embed_sidecar.any_words_tsquery(regconfig, text),
     embed_sidecar._check_filter(text), embed_sidecar._filter_rows(regclass, text, text),
-    embed_sidecar._run_filtered(text, text, real[], int, text, int),
+    embed_sidecar._run_filtered(text, text),
     embed_sidecar._search_rows(anyelement, text, int, text, text, text),
-    embed_sidecar._filtered_sidecar(embed_sidecar.sources, text), embed_sidecar._nearest_sql(embed_sidecar.sources, text, boolean),
+    embed_sidecar._filtered_sidecar(embed_sidecar.sources, text), embed_sidecar._nearest_sql(embed_sidecar.sources, text, boolean, real[], int, int),
     embed_sidecar._nearest(embed_sidecar.sources, real[], int, text, text),
     embed_sidecar._search(regclass, text, int, text, text, text), embed_sidecar.search(regclass, text, int, text, text),
     embed_sidecar.search_rows(anyelement, text, int, text, text),
@@ -40,7 +40,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),
-    embed_sidecar._lookup(text, jsonb[], text),
+    embed_sidecar._lookup(text, jsonb[], text), embed_sidecar._written_here(bigint),
     embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, text, jsonb[], text, jsonb[]) TO PUBLIC;
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;

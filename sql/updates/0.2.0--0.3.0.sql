@@ -54,6 +54,8 @@ CREATE FUNCTION embed_sidecar."_enqueue"("source_id" INT, "keys" TEXT[]) RETURNS
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_wrapper';
 CREATE FUNCTION embed_sidecar."_embed_now"("source_id" INT, "keys" TEXT[]) RETURNS bigint
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'embed_now_wrapper';
+CREATE FUNCTION embed_sidecar."_written_here"("xmin" bigint) RETURNS bool
+    STRICT VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'written_here_wrapper';
 CREATE FUNCTION embed_sidecar."_adopt"("source_id" INT, "column_name" TEXT) RETURNS bigint
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'adopt_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
@@ -69,7 +71,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 --@copy pause _do_resume resume _do_process process _filter_rows _run_filtered _filtered_sidecar _nearest_sql _nearest _search search
 --@copy _search_rows search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
---@copy _invalid_keys _on_ddl_end embed_text embed_query
+--@copy _invalid_keys _written_here_sql _on_ddl_end embed_text embed_query
 
 CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE', 'CREATE TRIGGER',

@@ -24,8 +24,10 @@
 //! commits); a deadlock between them aborts one side, and if that is this step only its
 //! subtransaction goes. The drain's later pass over the key finds it unchanged and acks.
 //!
+//! Only rows the writer's own transaction wrote (`_written_here`), whatever keys it is handed.
 //! Not for chunked embeddings (one row is dozens of passages: the queue only), shadows (set_model
-//! builds them in the background), paused embeddings, SERIALIZABLE transactions (the step's
+//! builds them in the background), paused embeddings, embeddings whose deferred HNSW index is not
+//! built yet (the writer's lock on the sidecar, held to its commit, would keep the build waiting), SERIALIZABLE transactions (the step's
 //! reads of the sidecar would add predicate locks, and serialization failures the writer would not
 //! otherwise get), security-restricted operations (a table owner's code run by the drain, VACUUM
 //! or REFRESH), or sessions that do not embed through the inference service (a writer never
@@ -40,7 +42,7 @@ use super::store::{load_source, lookup, write};
 use super::{assemble_rows, settle, Mode};
 use crate::error::SidecarError;
 use crate::inference;
-use crate::pg::authority::{current_role, extension_owner, run_as};
+use crate::pg::authority::{as_table_owner, current_role, extension_owner, run_as};
 use crate::pg::row::required;
 
 /// Most rows one statement may change and still be embedded in the writer's transaction. Measured
@@ -77,7 +79,10 @@ pub fn wanted(rows: usize) -> bool {
 /// absorb (the trigger's subtransaction).
 pub fn embed_now(source_id: i32, keys: Vec<Option<String>>) -> Result<i64, SidecarError> {
     let keys: Vec<String> = keys.into_iter().flatten().collect();
-    if keys.is_empty() || keys.len() > SYNC_MAX_ROWS {
+    // SAFETY: reads backend-global state
+    let restricted = unsafe { pg_sys::InSecurityRestrictedOperation() };
+    // (a table owner's code run by the drain, VACUUM or REFRESH does not embed: review 5)
+    if keys.is_empty() || keys.len() > SYNC_MAX_ROWS || restricted {
         return Ok(0);
     }
     let writer = current_role();
@@ -89,7 +94,9 @@ pub fn embed_now(source_id: i32, keys: Vec<Option<String>>) -> Result<i64, Sidec
                 .select(
                     "SELECT source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE'),
                             sync AND role = 'current' AND state <> 'paused' AND chunk_tokens IS NULL
-                       FROM embed_sidecar.sources WHERE id = $1",
+                                 AND NOT index_pending,
+                            embed_sidecar._written_here_sql(s)
+                       FROM embed_sidecar.sources s WHERE id = $1",
                     None,
                     &[source_id.into(), writer.into()],
                 )?
@@ -100,11 +107,12 @@ pub fn embed_now(source_id: i32, keys: Vec<Option<String>>) -> Result<i64, Sidec
                         required::<String>(&r, 1, &what)?,
                         required::<bool>(&r, 2, &what)?,
                         required::<bool>(&r, 3, &what)?,
+                        required::<String>(&r, 4, &what)?,
                     ))
                 })
                 .transpose()
         })?;
-        let Some((table, allowed, sync)) = row else { return Ok(0) };
+        let Some((table, allowed, sync, written_here_sql)) = row else { return Ok(0) };
         if !allowed {
             return Err(SidecarError::NotAllowed(format!("may not embed changes of table {table}")));
         }
@@ -118,6 +126,16 @@ pub fn embed_now(source_id: i32, keys: Vec<Option<String>>) -> Result<i64, Sidec
         // now would carry the old id
         if inference::model_id_of(&src.model)? != src.model_id {
             debug1!("pg_embed_sidecar: sync skipped for {table}: the files of model {} changed", src.model);
+            return Ok(0);
+        }
+        // Only rows this transaction wrote: PUBLIC may call this with keys of its choosing, and
+        // what it does (or how long it takes) must not tell a writer about rows it did not write
+        // and may not read (review 5: whether a row had a vector, how long its text was).
+        let keys: Vec<String> = as_table_owner(src.owner, || {
+            let rows = client.select(&written_here_sql, None, &[keys.into()])?;
+            rows.into_iter().map(|r| required::<String>(&r, 1, "a key written here")).collect()
+        })?;
+        if keys.is_empty() {
             return Ok(0);
         }
         // looked up and written as the table's owner, in a security-restricted operation
@@ -172,5 +190,14 @@ pub(crate) mod embed_sidecar {
     #[pg_extern(volatile, parallel_unsafe, name = "_embed_now")]
     fn embed_now(source_id: i32, keys: Vec<Option<String>>) -> i64 {
         super::embed_now(source_id, keys).or_report()
+    }
+
+    /// Whether a row version (its xmin, as a number) was written by this transaction or one of
+    /// its subtransactions: `_embed_now` embeds only those (sql/drain.sql, `_written_here_sql`).
+    #[pg_extern(volatile, strict, parallel_restricted, name = "_written_here")]
+    fn written_here(xmin: i64) -> bool {
+        let Ok(xid) = u32::try_from(xmin) else { return false };
+        // SAFETY: reads this backend's transaction state
+        unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xid)) }
     }
 }

@@ -103,9 +103,13 @@ pub fn run_as<R>(
         set_setting(c"IntervalStyle", c"postgres", pg_sys::GucAction::GUC_ACTION_SAVE);
         level
     };
+    // Inside another restricted operation (owner code that called back into us) the outer one's
+    // timer and charge go on: arming (and then disarming) a timer of our own would end the outer
+    // limit (review 5: owner code slept past it this way).
+    let outermost = restricted && saved_context & pg_sys::SECURITY_RESTRICTED_OPERATION as i32 == 0;
     let limit = OWNER_CODE_LIMIT_MS.load(std::sync::atomic::Ordering::Relaxed);
-    let armed = (restricted && limit > 0).then(|| Armed::arm(limit));
-    let charged = restricted.then(|| Charged(std::time::Instant::now()));
+    let armed = (outermost && limit > 0).then(|| Armed::arm(limit));
+    let charged = outermost.then(|| Charged(std::time::Instant::now()));
     let result = f();
     drop(charged);
     drop(armed);

@@ -362,7 +362,7 @@ def test_internal_search_helpers_judge_the_caller(tenants):
              "array_fill(0.05::real, ARRAY[384]), 5, NULL, 'public')", (forged,)),
             ("SELECT embed_sidecar._nearest(jsonb_populate_record(NULL::embed_sidecar.sources, %s::jsonb), "
              "array_fill(0.05::real, ARRAY[384]), 5, 'true', 'public')", (forged,)),
-            ("SELECT embed_sidecar._filter_rows(%s::regclass, 'true')", (table,)),
+            ("SELECT embed_sidecar._filter_rows(%s::regclass, 'true', 'public')", (table,)),
             ("SELECT embed_sidecar._readable_source(%s::regclass)", (table,)),
             ("SELECT embed_sidecar._search(%s::regclass, 'cats', 3, NULL, NULL, 'public')", (table,)),
         ]:
