@@ -65,6 +65,13 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
 -- changed functions and views, as the install files define them
+-- Whether a writer's change to this embedding may be embedded inside the writer's transaction
+-- (watch(..., sync => true); src/drain/sync.rs says why not the others): current, not paused,
+-- one vector per row, its index built.
+CREATE OR REPLACE FUNCTION embed_sidecar._syncs(s embed_sidecar.sources) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    RETURN s.sync AND s.role = 'current' AND s.state <> 'paused' AND s.chunk_tokens IS NULL AND NOT s.index_pending;
+
 -- ' AND sc.chunk = 0' for a chunked sidecar, so a join by key meets one row per source row: every
 -- passage of a row carries the row's content_hash and model (all are written by one statement),
 -- so the first stands for the row.
@@ -1370,6 +1377,21 @@ BEGIN ATOMIC
 END;
 COMMENT ON FUNCTION embed_sidecar.search(regclass, text, int, text, text) IS
     'k nearest rows of a watched table by cosine distance to the query''s embedding, among those the filter (a boolean expression over the table''s columns) lets through; chunked: by each row''s nearest passage, with its offsets';
+
+-- HNSW returns at most hnsw.ef_search rows: raise it for this query when more are asked for.
+CREATE OR REPLACE FUNCTION embed_sidecar._widen_ef_search(wanted int) RETURNS text
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- ('' when a failed statement left the placeholder pgvector had not yet claimed)
+    old text := coalesce(nullif(current_setting('hnsw.ef_search', true), ''), '40');
+BEGIN
+    IF wanted > old::int THEN
+        PERFORM set_config('hnsw.ef_search', least(wanted, 1000)::text, true);
+    END IF;
+    RETURN old;
+END
+$$;
 
 -- search() returning the source's rows themselves: search_rows(NULL::docs, 'query', 10, filter => ...)
 -- gives (hit docs, distance, ...), read as (r.hit).title or (r.hit).*. Read with the caller's

@@ -95,6 +95,13 @@ SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources', '');
 SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.sources_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('embed_sidecar.failures', '');
 
+-- Whether a writer's change to this embedding may be embedded inside the writer's transaction
+-- (watch(..., sync => true); src/drain/sync.rs says why not the others): current, not paused,
+-- one vector per row, its index built.
+CREATE FUNCTION embed_sidecar._syncs(s embed_sidecar.sources) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    RETURN s.sync AND s.role = 'current' AND s.state <> 'paused' AND s.chunk_tokens IS NULL AND NOT s.index_pending;
+
 -- The bulk lane's queue of a source.
 CREATE FUNCTION embed_sidecar._bulk_queue(queue_name text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE

@@ -37,8 +37,7 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<bool,
             client
                 .select(
                     "SELECT queue_name, source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE'),
-                            embed_sidecar._keys_check_sql(s, $3),
-                            sync AND role = 'current' AND state <> 'paused' AND chunk_tokens IS NULL
+                            embed_sidecar._keys_check_sql(s, $3), embed_sidecar._syncs(s)
                        FROM embed_sidecar.sources s WHERE id = $1",
                     None,
                     &[source_id.into(), writer.into(), KEY_BYTES.into()],

@@ -62,14 +62,14 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
 
 -- changed functions and views, as the install files define them
---@copy _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
+--@copy _syncs _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
 --@copy _check_watched _enqueue_changes _check_owner _check_may _readable_source _create_triggers _clip _sync_readers _protect_sidecar
 --@copy _create_queue _drop_queues _create_queues _create_embedding _adopt_sql _create_hnsw _create_view _define_view _do_watch watch
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
 --@copy reembed _do_set_model set_model _promote_if_ready _do_rollback_model rollback_model _do_drop_previous
 --@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause
 --@copy pause _do_resume resume _do_process process _filter_rows _run_filtered _filtered_sidecar _nearest_sql _nearest _search search
---@copy _search_rows search_rows _hybrid_search hybrid_search _drain_sql
+--@copy _widen_ef_search _search_rows search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _written_here_sql _on_ddl_end embed_text embed_query
 

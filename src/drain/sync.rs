@@ -93,9 +93,7 @@ pub fn embed_now(source_id: i32, keys: Vec<Option<String>>) -> Result<i64, Sidec
             client
                 .select(
                     "SELECT source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE'),
-                            sync AND role = 'current' AND state <> 'paused' AND chunk_tokens IS NULL
-                                 AND NOT index_pending,
-                            embed_sidecar._written_here_sql(s)
+                            embed_sidecar._syncs(s), embed_sidecar._written_here_sql(s)
                        FROM embed_sidecar.sources s WHERE id = $1",
                     None,
                     &[source_id.into(), writer.into()],
