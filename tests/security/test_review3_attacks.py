@@ -232,7 +232,7 @@ def test_unreadable_tables_answer_42501_everywhere():
     """Promise 3: status lists only readable tables; wait(), verify(), search() answer 42501 for a
     table the caller may not read; internal backlog helpers tell nothing.
     Attack: role X probes A's watched table through every door, including the PUBLIC internal
-    functions _queue_backlog(id), _readable_source and _search_target.
+    functions _queue_backlog(id), _readable_source and _search (the 0.3.0 _search_target's successor).
     Promised: 42501 or nothing at all."""
     make_watched(OWNER_A, "pes_rv3_a.hid1")
     with su() as c:
@@ -244,7 +244,8 @@ def test_unreadable_tables_answer_42501_everywhere():
                     "SELECT * FROM embed_sidecar.verify('pes_rv3_a.hid1')",
                     "SELECT * FROM embed_sidecar.search('pes_rv3_a.hid1', 'cats')",
                     "SELECT * FROM embed_sidecar.hybrid_search('pes_rv3_a.hid1', 'cats')",
-                    "SELECT * FROM embed_sidecar._search_target('pes_rv3_a.hid1', NULL)"):
+                    "SELECT * FROM embed_sidecar._search('pes_rv3_a.hid1', 'cats', 3, NULL, NULL, 'public')",
+                    "SELECT * FROM embed_sidecar.search_rows(NULL::pes_rv3_a.hid1, 'cats')"):
             err = error_of(x, sql)
             assert err is not None and err[0] == "42501", (sql, err)
 
