@@ -93,7 +93,9 @@ impl SidecarError {
                 "Use a BERT-style encoder exported to ONNX with inputs input_ids, attention_mask \
                  (token_type_ids optional) and a last_hidden_state or pooled output."
             }
-            SidecarError::BadModelName(_) => "A model name is a directory name under pg_embed_sidecar.model_path.",
+            SidecarError::BadModelName(_) => {
+                "A model name is a directory name under pg_embed_sidecar.model_path, of at most 64 bytes."
+            }
             SidecarError::Chunking(_) => {
                 "chunk_tokens counts the model's tokens per passage (default and most: its window less the \
                  special tokens); chunk_overlap defaults to an eighth of it. Try embed_sidecar.chunk_text() first."

@@ -49,8 +49,15 @@ thread_local! {
     static FILES: RefCell<HashMap<PathBuf, (Stamp, ModelFiles)>> = RefCell::new(HashMap::new());
 }
 
+/// A directory name, no longer than the inference service's ring carries (`ring::MODEL_MAX`
+/// bytes): a longer one would be cut there, and two models sharing their first bytes mixed up.
 pub fn validate_model_name(name: &str) -> Result<(), SidecarError> {
-    let ok = !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0');
+    let ok = !name.is_empty()
+        && name.len() <= super::ring::MODEL_MAX
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0');
     if ok {
         Ok(())
     } else {

@@ -509,6 +509,10 @@ def test_dump_and_restore_keep_watching(db):
             assert one(d, "SELECT count(*) FROM docs_embeddings WHERE fts @@ 'secret'::tsquery") == 0
             assert one(d, "SELECT (embed_sidecar.verify('docs')).stale") == 0
             assert one(d, "SELECT embed_sidecar.reembed('docs')") == 1  # only the dead-lettered row
+            # the view came along, the registry names it, and reembed() just redefined it
+            assert one(d, "SELECT search_view::text FROM embed_sidecar.sources") == "docs_vectors"
+            assert one(d, "SELECT count(*) FROM docs_vectors v WHERE (v.docs).body IS NOT NULL") == \
+                one(d, "SELECT count(*) FROM docs_embeddings")
             # the registry's sequence came along: a new table can be watched
             d.execute("CREATE TABLE more (id int PRIMARY KEY, body text)")
             d.execute("INSERT INTO more VALUES (1, 'new after restore')")

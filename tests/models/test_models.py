@@ -79,3 +79,17 @@ def test_manifest_chooses_output_and_pooling(tmp_path):
     finally:
         for path in made:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_model_name_longer_than_the_service_carries_is_refused(db, model_copy):
+    """The inference service's ring carries 64 bytes of a model's name: two directories sharing
+    their first 64 bytes would be mixed up there, so a longer name is refused everywhere (review 4)."""
+    long_name = "m" * 64 + "-second"
+    model_copy(long_name)
+    err = error_of(db, "SELECT embed_sidecar._embed_with(%s, 'a text')", (long_name,))
+    assert err[0] == "22023" and "invalid model name" in err[1] and "64 bytes" in err[2]
+    db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    assert error_of(db, "SELECT embed_sidecar.watch('docs', 'body', model => %s)", (long_name,))[0] == "22023"
+    # 64 bytes is still a name
+    model_copy("n" * 64)
+    assert len(one(db, "SELECT embed_sidecar._embed_with(%s, 'a text')::text", ("n" * 64,)).split(",")) == 384
