@@ -1242,13 +1242,6 @@ BEGIN
 END
 $$;
 
--- The statement of one search over one embedding: the k rows nearest to the query vector q made by
--- the embedding's model, among those the filter lets through (_filtered_sidecar: judged with the caller's
--- rights and row security, as is the sidecar), each row with its nearest passage when chunked;
--- its result is one jsonb array of [key, distance, chunk, char_start, char_end], nearest first.
---   exact:  every vector of the matching rows is compared (OFFSET 0 keeps the index out);
---   else:   the HNSW index is walked for the n nearest vectors, iteratively (the caller sets
---           hnsw.iterative_scan) until n of them pass the filter or max_scan_tuples are seen.
 -- The sidecar (alias sc) of a search, joined with the source's rows the filter lets through (the
 -- filter being a sub-select of the source, it names the source's columns and nothing else; the
 -- source keeps its own name there, so docs.tenant works as well as tenant).
@@ -1261,6 +1254,14 @@ CREATE OR REPLACE FUNCTION embed_sidecar._filtered_sidecar(s embed_sidecar.sourc
                                                    (SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = s.source)),
                             s.source, filter, embed_sidecar._side_join(s, 'sc', 'f')) END;
 
+-- The statement of one search over one embedding: the k rows nearest to the query vector q made by
+-- the embedding's model, among those the filter lets through (_filtered_sidecar: judged with the
+-- caller's rights and row security, as is the sidecar), each row with its nearest passage when
+-- chunked; its result is one jsonb array of [key, distance, chunk, char_start, char_end], nearest
+-- first.
+--   exact:  every vector of the matching rows is compared (OFFSET 0 keeps the index out);
+--   else:   the HNSW index is walked for the n nearest vectors, iteratively (the caller sets
+--           hnsw.iterative_scan) until n of them pass the filter or max_scan_tuples are seen.
 CREATE OR REPLACE FUNCTION embed_sidecar._nearest_sql(s embed_sidecar.sources, filter text, exact boolean, q real[], k int, n int)
     RETURNS text
     -- (the query vector goes in as text: every digit of each float)
