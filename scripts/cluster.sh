@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# A local PostgreSQL 15 cluster for development, tests, demos and benchmarks.
-#   scripts/cluster.sh start|stop|restart|status|psql [args]|log
-# Runs as the `postgres` OS user, port $PGPORT (default 5433), socket dir /tmp, with the extension
-# preloaded so its launcher starts a drain worker in every database that has the extension.
+# A local PostgreSQL cluster for development, tests, demos and benchmarks.
+#   [PG_MAJOR=15|17|18] scripts/cluster.sh start|stop|restart|status|psql [args]|log
+# Runs as the `postgres` OS user, port $PGPORT (default 5433 for 15, 54NN for NN), socket dir /tmp,
+# with the extension preloaded so its launcher starts a drain worker in every database that has it.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/env.sh"
 
 # Data lives in the repo's ignored .pgdata when the postgres user can reach the repo, otherwise
-# (e.g. a clone under /root, mode 700) under /var/lib/pg_embed_sidecar.
+# (e.g. a clone under /root, mode 700) under /var/lib/pg_embed_sidecar; one per major.
 if [ -z "${PGDATA_DIR:-}" ]; then
+  suffix=$([ "$PG_MAJOR" = 15 ] || echo "-$PG_MAJOR")
   if sudo -u postgres test -w "$REPO" 2>/dev/null || sudo -u postgres test -x "$REPO" 2>/dev/null; then
-    PGDATA_DIR=$REPO/.pgdata
+    PGDATA_DIR=$REPO/.pgdata$suffix
   else
-    PGDATA_DIR=/var/lib/pg_embed_sidecar/data-$(echo "$REPO" | md5sum | cut -c1-8)
+    PGDATA_DIR=/var/lib/pg_embed_sidecar/data-$(echo "$REPO" | md5sum | cut -c1-8)$suffix
   fi
 fi
 LOGFILE=$PGDATA_DIR/server.log
@@ -46,7 +47,7 @@ start() {
   as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$LOGFILE" -o "-p $PGPORT" -w start >/dev/null
   echo "cluster running on port $PGPORT, socket /tmp ($PGDATA_DIR)"
   for db in pes_test; do
-    psql -qAtc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 || createdb "$db"
+    "$PG_BIN/psql" -qAtc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 || "$PG_BIN/createdb" "$db"
   done
 }
 
@@ -63,7 +64,7 @@ case "${1:-}" in
   stop) stop ;;
   restart) stop; start ;;
   status) as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" status ;;
-  psql) shift; exec psql "$@" ;;
+  psql) shift; exec "$PG_BIN/psql" "$@" ;;
   log) tail -n "${2:-50}" "$LOGFILE" ;;
   datadir) echo "$PGDATA_DIR" ;;
   *) echo "usage: $0 start|stop|restart|status|psql [args]|log [N]|datadir" >&2; exit 2 ;;

@@ -14,7 +14,7 @@ rm -rf "$out" && mkdir -p "$out/regress" "$out/isolation"
 common=(--host="$PGHOST" --port="$PGPORT" --user=postgres --bindir="$PG_BIN" --use-existing)
 # what pg_regress does when it creates a database itself, plus the worker switch
 for db in pes_regress pes_isolation; do
-  psql -q -d postgres -v ON_ERROR_STOP=1 >/dev/null <<SQL
+  "$PG_BIN/psql" -q -d postgres -v ON_ERROR_STOP=1 >/dev/null <<SQL
 DROP DATABASE IF EXISTS $db;
 CREATE DATABASE $db TEMPLATE template0;
 ALTER DATABASE $db SET lc_messages TO 'C';

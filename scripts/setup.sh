@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything pg_embed_sidecar needs on a fresh Debian 12 machine, as root, from package
 # registries only. Idempotent: every step checks for its result first and says what it does.
+#   [PG_MAJOR=15|17|18] bash scripts/setup.sh
+# 15 (the default) is Debian 12's server; 17 and 18 are built from Debian's source packages
+# (scripts/build_postgres.sh, about 3 minutes each on two cores, once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -16,6 +19,8 @@ export DEBIAN_FRONTEND=noninteractive
 # --- Debian packages ---------------------------------------------------------------------------
 APT_PKGS=(postgresql-15 postgresql-server-dev-15 sudo libclang-dev clang pkg-config build-essential
           dpkg-dev python3-venv ca-certificates curl unzip)
+# what building PostgreSQL from source takes (18's tarball no longer carries the generated parser)
+[ "$PG_MAJOR" = 15 ] || APT_PKGS+=(bison flex libreadline-dev zlib1g-dev libicu-dev libssl-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -28,6 +33,13 @@ fi
 # Debian starts a 'main' cluster on 5432; we run our own cluster and need none of it.
 if pg_lsclusters -h 2>/dev/null | grep -q '^15 \+main .* online'; then pg_ctlcluster 15 main stop || true; fi
 
+# --- PostgreSQL itself, when not Debian 12's ----------------------------------------------------
+if [ "$PG_MAJOR" != 15 ]; then
+  [ -x "$PG_CONFIG" ] || step "PostgreSQL $PG_MAJOR from Debian's source package"
+  bash scripts/build_postgres.sh "$PG_MAJOR"
+  source scripts/env.sh  # its paths, now that its pg_config exists
+fi
+
 # --- cargo-pgrx --------------------------------------------------------------------------------
 if cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   skip "cargo-pgrx $PGRX_VERSION"
@@ -35,31 +47,27 @@ else
   step "cargo install cargo-pgrx $PGRX_VERSION (a few minutes)"
   cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked
 fi
-if grep -qs "pg15 *= *\"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+# init names every major present (it rewrites pgrx's config with just the ones it is given)
+init_args=() init_done=1
+for v in 15 17 18; do
+  cfg=/usr/lib/postgresql/$v/bin/pg_config
+  [ -x "$cfg" ] || continue
+  init_args+=(--pg$v "$cfg")
+  grep -qs "pg$v *= *\"$cfg\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml" || init_done=0
+done
+if [ $init_done = 1 ]; then
   skip "cargo pgrx init"
 else
-  step "cargo pgrx init --pg15 $PG_CONFIG"
-  cargo pgrx init --pg15 "$PG_CONFIG"
+  step "cargo pgrx init ${init_args[*]}"
+  cargo pgrx init "${init_args[@]}"
 fi
 
-# --- pgvector from Debian's source package -----------------------------------------------------
+# --- pgvector from Debian's source package (scripts/build_pgvector.sh) --------------------------
 if [ -f "$PG_SHAREDIR/extension/vector.control" ]; then
   skip "pgvector $(sed -n "s/default_version = '\(.*\)'/\1/p" "$PG_SHAREDIR/extension/vector.control")"
 else
-  step "pgvector: apt-get source from trixie, build against PG15"
-  cat > /etc/apt/sources.list.d/pg_embed_sidecar-trixie-src.sources <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  apt_update
-  build=$(mktemp -d)
-  (cd "$build" && apt-get source -q --download-only pgvector && dpkg-source -x pgvector_*.dsc src >/dev/null)
-  make -C "$build/src" PG_CONFIG="$PG_CONFIG" -j"$(nproc)" >/dev/null
-  make -C "$build/src" PG_CONFIG="$PG_CONFIG" install >/dev/null
-  rm -rf "$build"
+  step "pgvector from Debian's source package, for PostgreSQL $PG_MAJOR"
+  bash scripts/build_pgvector.sh "$PG_MAJOR" >/dev/null
 fi
 
 # --- pgmq (pure SQL) from the crates.io crate --------------------------------------------------

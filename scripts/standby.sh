@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # A streaming-replication standby of the development cluster (scripts/cluster.sh), for the replica
 # and failover tests: pg_basebackup -R from the running primary, started on port $STANDBY_PORT
-# (default 5434, socket /tmp). Its postgresql.conf is the primary's, so the extension is preloaded
+# (default 5434; 64NN for major NN; socket /tmp). Its postgresql.conf is the primary's, so the extension is preloaded
 # there too; its worker starts only once it is promoted.
 #   scripts/standby.sh start|stop|promote|destroy|log
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/env.sh"
-STANDBY_PORT=${STANDBY_PORT:-5434}
-DIR=/var/lib/pg_embed_sidecar/standby-$(echo "$REPO" | md5sum | cut -c1-8)
+STANDBY_PORT=${STANDBY_PORT:-$([ "$PG_MAJOR" = 15 ] && echo 5434 || echo $((6400 + PG_MAJOR)))}
+DIR=/var/lib/pg_embed_sidecar/standby-$(echo "$REPO" | md5sum | cut -c1-8)-$PG_MAJOR
 as_pg() { sudo -u postgres "$@"; }
 
 stop() {

@@ -11,13 +11,42 @@ import uuid
 import psycopg
 import pytest
 
-MODELS = os.environ.get("PES_MODEL_ROOT", "/usr/share/postgresql/15/extension/pg_embed_sidecar/models")
-DSN = dict(host=os.environ.get("PGHOST", "/tmp"), port=int(os.environ.get("PGPORT", "5433")),
+# the PostgreSQL major under test (scripts/env.sh exports it): paths in Debian's layout for it
+PG_MAJOR = os.environ.get("PG_MAJOR", "15")
+PG_BIN = f"/usr/lib/postgresql/{PG_MAJOR}/bin"
+PG_PKGLIBDIR = f"/usr/lib/postgresql/{PG_MAJOR}/lib"
+PG_SHAREDIR = f"/usr/share/postgresql/{PG_MAJOR}"
+MODELS = os.environ.get("PES_MODEL_ROOT", f"/usr/share/postgresql/{PG_MAJOR}/extension/pg_embed_sidecar/models")
+DEFAULT_PORT = 5433 if PG_MAJOR == "15" else 5400 + int(PG_MAJOR)
+# scripts/standby.sh's default port for this major
+STANDBY_PORT = 5434 if PG_MAJOR == "15" else 6400 + int(PG_MAJOR)
+DSN = dict(host=os.environ.get("PGHOST", "/tmp"), port=int(os.environ.get("PGPORT", str(DEFAULT_PORT))),
            user="postgres", dbname=os.environ.get("PES_TEST_DB", "pes_test"))
 
 
 def connect(**kw):
     return psycopg.connect(**{**DSN, **kw}, autocommit=True)
+
+
+def connect_after_reset(old, timeout=120, **kw):
+    """A connection once the server is back from a crash: first the postmaster's reset ends the
+    existing connection `old`, then crash recovery syncs the data directory and replays WAL (from
+    a second to many on a busy machine)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            old.execute("SELECT 1")
+        except psycopg.Error:
+            break
+        assert time.time() < deadline, "the server was not reset"
+        time.sleep(0.1)
+    while True:
+        try:
+            return connect(**kw)
+        except psycopg.OperationalError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session", autouse=True)

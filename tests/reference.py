@@ -10,7 +10,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 MODEL_DIR = os.environ.get(
-    "EMBED_MODEL_DIR", "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2")
+    "EMBED_MODEL_DIR",
+    f"/usr/share/postgresql/{os.environ.get('PG_MAJOR', '15')}/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2")
 
 
 class Reference:

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import psycopg
 from tokenizers import Tokenizer
 
-MODEL_DIR = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2"
+MODEL_DIR = f"/usr/share/postgresql/{os.environ.get('PG_MAJOR', '15')}/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2"
 
 
 class Embedder:

@@ -30,7 +30,7 @@ import psycopg
 from tokenizers import Tokenizer
 
 CORPUS = os.path.join(os.environ.get("CORPUS_DIR", "/opt/pg_embed_sidecar/corpus"), "info")
-MODELS = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models"
+MODELS = f"/usr/share/postgresql/{os.environ.get('PG_MAJOR', '15')}/extension/pg_embed_sidecar/models"
 # Debian packages that ship GNU info manuals in their main package
 PACKAGES = ["coreutils", "diffutils", "findutils", "grep", "sed", "gzip", "wget", "gettext", "gnupg", "nettle-dev",
             "bc", "ed", "time", "bzip2-doc", "readline-common", "libtasn1-doc", "libffi-dev", "libgpg-error-dev"]

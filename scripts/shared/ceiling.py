@@ -7,8 +7,8 @@ import subprocess
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ORT_LIB = "/usr/lib/postgresql/15/lib/pg_embed_sidecar/libonnxruntime.so"
-MODEL_DIR = "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2"
+ORT_LIB = f"/usr/lib/postgresql/{os.environ.get('PG_MAJOR', '15')}/lib/pg_embed_sidecar/libonnxruntime.so"
+MODEL_DIR = f"/usr/share/postgresql/{os.environ.get('PG_MAJOR', '15')}/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2"
 
 
 def ceiling(texts, threads, window):

@@ -15,6 +15,7 @@ use crate::drain::{active_sources, build_index_now, record_error, record_note, M
 use crate::error::SidecarError;
 use crate::gucs;
 use crate::pg;
+use crate::pg::compat;
 use crate::pg::xact::run_in_transaction;
 use crate::roster;
 
@@ -50,8 +51,8 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
     // SIGTERM (shutdown, DROP DATABASE, pg_terminate_backend) ends the worker at its next interrupt
     // check, even in the middle of a pass: the messages it held reappear after the visibility
     // timeout, so nothing is lost, and DROP DATABASE need not wait for a whole batch.
-    // SAFETY: `die` is Postgres' own SIGTERM handler for processes connected to a database
-    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(super::die)) };
+    // `die`: Postgres' own SIGTERM handler for processes connected to a database
+    compat::set_signal_handler(libc::SIGTERM, Some(super::die));
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), role);
     if !gucs::drain_worker() {
         // ALTER DATABASE ... SET pg_embed_sidecar.drain_worker = off: treated like a database

@@ -11,6 +11,7 @@ use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
 use crate::drain::{build_index_now, record_error};
+use crate::pg::compat;
 use crate::pg::xact::run_in_transaction;
 use crate::roster;
 
@@ -46,8 +47,8 @@ pub extern "C-unwind" fn pg_embed_sidecar_index_builder_main(arg: pg_sys::Datum)
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
     // SIGTERM (shutdown, DROP DATABASE) ends the build at its next interrupt check; the index is
     // then not there and index_pending still set, so the drain worker starts a builder again
-    // SAFETY: `die` is Postgres' own SIGTERM handler for processes connected to a database
-    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(super::die)) };
+    // `die`: Postgres' own SIGTERM handler for processes connected to a database
+    compat::set_signal_handler(libc::SIGTERM, Some(super::die));
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
     if !roster::claim_builder() {
         return;

@@ -22,6 +22,7 @@ use std::sync::OnceLock;
 use pgrx::pg_sys;
 
 use crate::gucs;
+use crate::pg::compat;
 
 /// Bytes of text a slot carries. The embedder cuts every input at 64 bytes per window token
 /// before tokenising, so this covers windows up to 1,024 tokens; longer inputs are cut here at a
@@ -155,8 +156,8 @@ impl Slot {
         p.model[..model.len()].copy_from_slice(model.as_bytes());
         p.model_len = model.len() as u32;
         p.dims = 0;
-        // SAFETY: this process's own pid and PGPROC number
-        let (pid, procno) = unsafe { (pg_sys::MyProcPid, (*pg_sys::MyProc).pgprocno) };
+        // SAFETY: this process's own pid
+        let (pid, procno) = (unsafe { pg_sys::MyProcPid }, compat::my_proc_number());
         self.owner_pid.store(pid, Ordering::Relaxed);
         self.owner_procno.store(procno, Ordering::Relaxed);
         self.priority.store(priority as u32, Ordering::Relaxed);
@@ -263,8 +264,7 @@ impl Slot {
         };
         if self.state.compare_exchange(taken_by(me), done, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             let procno = self.owner_procno.load(Ordering::Relaxed);
-            // SAFETY: sets that PGPROC's latch; a stale number only wakes some process once
-            unsafe { pg_sys::ProcSendSignal(procno) };
+            compat::wake_proc(procno);
         } else {
             // the client gave up meanwhile (or resubmitted it, taking us for dead)
             let _ = self.state.compare_exchange(abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
@@ -359,8 +359,7 @@ impl Ring {
     pub fn wake_workers(&self) {
         for w in 0..WORKERS_MAX {
             if self.worker_alive(w) {
-                // SAFETY: sets that PGPROC's latch
-                unsafe { pg_sys::ProcSendSignal(self.header.worker_procno[w].load(Ordering::Acquire)) };
+                compat::wake_proc(self.header.worker_procno[w].load(Ordering::Acquire));
             }
         }
     }
@@ -368,8 +367,8 @@ impl Ring {
     /// Worker `me` is this process from now on (its procno first: a client that sees the pid
     /// finds the latch to set).
     pub fn register_worker(&self, me: usize) {
-        // SAFETY: this process's own pid and PGPROC number
-        let (pid, procno) = unsafe { (pg_sys::MyProcPid, (*pg_sys::MyProc).pgprocno) };
+        // SAFETY: this process's own pid
+        let (pid, procno) = (unsafe { pg_sys::MyProcPid }, compat::my_proc_number());
         self.header.worker_procno[me].store(procno, Ordering::Release);
         self.header.worker_pid[me].store(pid, Ordering::Release);
     }

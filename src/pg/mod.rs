@@ -2,5 +2,6 @@
 //! transactions of our own in background workers (`xact`), rows of our own queries (`row`).
 
 pub mod authority;
+pub mod compat;
 pub mod row;
 pub mod xact;

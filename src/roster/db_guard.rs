@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use pgrx::prelude::*;
 use pgrx::{is_a, PgList};
 
+use crate::pg::compat;
 use crate::roster;
 
 /// The `ProcessUtility` hook installed before ours, called in its place.
@@ -80,14 +81,14 @@ unsafe fn database_needed(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, Needs
 fn may_run(db: pg_sys::Oid, needs: Needs, context: pg_sys::ProcessUtilityContext::Type) -> bool {
     // SAFETY: privilege and transaction-state lookups inside the statement's transaction
     unsafe {
-        let owner = pg_sys::superuser() || pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId());
+        let owner = pg_sys::superuser() || compat::owns_database(db, pg_sys::GetUserId());
         match needs {
             Needs::Drop => {
                 owner
                     && context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
                     && !pg_sys::IsTransactionBlock()
             }
-            Needs::Rename | Needs::CopyFrom => owner && pg_sys::have_createdb_privilege(),
+            Needs::Rename | Needs::CopyFrom => owner && compat::may_create_databases(),
             Needs::Move => owner,
         }
     }

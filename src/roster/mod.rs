@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
 use crate::inference::ring::alive;
+use crate::pg::compat;
 
 /// Databases tracked at once. Entries of dropped databases are recycled, so this bounds the
 /// databases that have (or had, since the last restart) the extension at the same time.
@@ -160,7 +161,7 @@ pub fn get(db: u32) -> Entry {
 /// Become the database's worker, unless another live one is, or its database is held.
 pub fn claim_worker() -> bool {
     // SAFETY: backend globals of this (connected) process
-    let (db, pid, procno) = unsafe { (current_db(), pg_sys::MyProcPid, (*pg_sys::MyProc).pgprocno) };
+    let (db, pid, procno) = (current_db(), unsafe { pg_sys::MyProcPid }, compat::my_proc_number());
     let mut roster = ROSTER.exclusive();
     let Some(e) = roster.entry(db) else {
         return false;
@@ -234,8 +235,7 @@ pub fn worker_procno(db: u32) -> Option<i32> {
 // ---- the launcher ----
 
 pub fn set_launcher() {
-    // SAFETY: backend global of this process
-    ROSTER.exclusive().launcher_procno = Some(unsafe { (*pg_sys::MyProc).pgprocno });
+    ROSTER.exclusive().launcher_procno = Some(compat::my_proc_number());
 }
 
 /// Ask the launcher to (re)consider `db`: its extension was just created.
@@ -252,8 +252,7 @@ pub fn request(db: u32) {
 
 fn wake_launcher(procno: Option<i32>) {
     if let Some(procno) = procno {
-        // SAFETY: sets that PGPROC's latch; a stale number only wakes some process once
-        unsafe { pg_sys::ProcSendSignal(procno) };
+        compat::wake_proc(procno);
     }
 }
 

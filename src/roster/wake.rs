@@ -11,6 +11,7 @@ use std::cell::Cell;
 use pgrx::prelude::*;
 use pgrx::{register_xact_callback, PgXactCallbackEvent};
 
+use crate::pg::compat;
 use crate::roster;
 
 thread_local! {
@@ -32,8 +33,7 @@ pub fn on_commit() {
     ARMED_FOR.with(|a| a.set(xid));
     register_xact_callback(PgXactCallbackEvent::Commit, move || {
         if let Some(procno) = roster::worker_procno(db) {
-            // SAFETY: sets the latch of that PGPROC; a stale entry only wakes some process once
-            unsafe { pg_sys::ProcSendSignal(procno) };
+            compat::wake_proc(procno);
         }
     });
 }

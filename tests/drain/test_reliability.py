@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import watch, error_of, DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid, quiet_database
+from conftest import PG_BIN, PG_SHAREDIR, watch, error_of, DSN, assert_in_step, connect, one, queue_depth, wait, worker_pid, quiet_database
 
 LONG = os.environ.get("PES_LONG") == "1"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -397,8 +397,7 @@ def test_upgrade_from_0_1_0_through_0_2_0():
         if f.startswith("pg_embed_sidecar--"):
             first = open(os.path.join(REPO, "sql", f)).readline()
             assert first.startswith('\\echo Use "ALTER EXTENSION pg_embed_sidecar UPDATE'), f
-    sharedir = subprocess.run(["pg_config", "--sharedir"], capture_output=True, text=True).stdout.strip()
-    released = os.path.join(sharedir, "extension", "pg_embed_sidecar--0.1.0.sql")
+    released = os.path.join(PG_SHAREDIR, "extension", "pg_embed_sidecar--0.1.0.sql")
     if not os.path.exists(released):  # the released install script, kept in sql/released/
         shutil.copy(os.path.join(REPO, "sql/released/pg_embed_sidecar--0.1.0.sql"), released)
     for d in ("pes_upgrade", "pes_fresh"):
@@ -466,8 +465,7 @@ def test_dump_and_restore_keep_watching(db):
     when the restored table numbers its columns anew (a column dropped before the content) and its
     content column was renamed after watch(): it is followed by name, never the next one."""
     src_db, dst_db = "pes_dump_src", "pes_dump_dst"
-    pg_bin = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
-        or "/usr/lib/postgresql/15/bin"
+    pg_bin = PG_BIN
     with connect(dbname="postgres") as c:
         c.execute(f"DROP DATABASE IF EXISTS {dst_db} WITH (FORCE)")
     quiet_database(src_db)  # only this test's process() calls drain here, so the counts are exact

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import watch, assert_in_step, connect, one, queue_depth, wait, worker_pid
+from conftest import watch, assert_in_step, connect, connect_after_reset, one, queue_depth, wait, worker_pid
 
 
 def vec(text):
@@ -205,8 +205,7 @@ def test_worker_restart_mid_drain_loses_nothing(db):
     os.kill(worker_pid(), signal.SIGTERM)  # clean stop between batches; restarted after 5 s
     time.sleep(1.0)
     os.kill(worker_pid(), signal.SIGKILL)  # crash: the postmaster resets every backend
-    time.sleep(3)
-    conn = connect()
+    conn = connect_after_reset(db)
     conn.execute(f'SET search_path = "{schema}", public')
     worker_pid()  # it came back
     # messages the killed worker had read reappear after the visibility timeout (60 s default)

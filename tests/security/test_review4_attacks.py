@@ -374,7 +374,7 @@ def test_embed_query_model_names_cannot_leave_the_model_directory():
     """Promise 4: only the administrator writes model directories: a plain role cannot pick the
     session's model at all (42501), and even a superuser's model name cannot point outside the
     model directory (path traversal, absolute paths), for embed_query() and embed_text()."""
-    bad = ["../all-MiniLM-L6-v2", "/usr/share/postgresql/15/extension/pg_embed_sidecar/models/all-MiniLM-L6-v2",
+    bad = ["../all-MiniLM-L6-v2", f"{MODELS}/all-MiniLM-L6-v2",
            "..", ".", "all-MiniLM-L6-v2/../all-MiniLM-L6-v2"]
     with as_role(NOBODY) as x:
         assert one(x, "SELECT vector_dims(embed_query('hello'))") == 384

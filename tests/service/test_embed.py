@@ -3,7 +3,7 @@ that need a fresh backend (ONNX Runtime is loaded once per process)."""
 import numpy as np
 import pytest
 
-from conftest import connect, error_of, one
+from conftest import PG_PKGLIBDIR, connect, error_of, one
 from reference import SENTENCES, Reference
 
 
@@ -47,7 +47,7 @@ def test_missing_onnxruntime_library_is_a_clean_error():
 
 
 def test_wrong_library_is_a_clean_error(tmp_path):
-    bogus = "/usr/lib/postgresql/15/lib/pgoutput.so"  # a real shared library, but not ONNX Runtime
+    bogus = f"{PG_PKGLIBDIR}/pgoutput.so"  # a real shared library, but not ONNX Runtime
     with connect() as c:
         c.execute(f"SET pg_embed_sidecar.onnxruntime_library = '{bogus}'")
         state, msg, hint = error_of(c, "SELECT embed_text('x')")

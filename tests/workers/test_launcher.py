@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from conftest import connect, one
+from conftest import PG_BIN, connect, one
 
-PG_BIN = "/usr/lib/postgresql/15/bin"
 DB = "pes_launch"
 
 

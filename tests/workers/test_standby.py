@@ -5,10 +5,9 @@ import os
 import subprocess
 import time
 
-from conftest import assert_in_step, connect, one, wait, watch
+from conftest import STANDBY_PORT, assert_in_step, connect, one, wait, watch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STANDBY_PORT = 5434
 
 
 def script(name, *args):
