@@ -8,7 +8,8 @@
 #
 # Only the upstream tarball is used, not Debian's patches or its debian/rules build: that build
 # runs the whole regression suite and builds documentation and several variants, about an hour on
-# two cores; this is core + the tools our tests need (pg_regress, isolation tester, postgres_fdw).
+# two cores; this is core, contrib (auto_explain and postgres_fdw are used by our tests; Debian's
+# server package holds all of contrib too) and the isolation tester.
 set -euo pipefail
 MAJOR=$1
 PREFIX=/usr/lib/postgresql/$MAJOR
@@ -36,8 +37,8 @@ echo "    configure (prefix $PREFIX)"
 echo "    make -j$(nproc) (about three minutes on two cores)"
 make -s -j"$(nproc)" >/dev/null 2>"$build/make.err" || { tail -n 30 "$build/make.err"; exit 1; }
 make -s install >/dev/null
-# what the test tiers use: pg_isolation_regress + isolationtester, postgres_fdw (search across nodes)
-for dir in src/test/isolation contrib/postgres_fdw; do
+# contrib, and what the test tiers use: pg_isolation_regress + isolationtester
+for dir in contrib src/test/isolation; do
   make -s -C "$dir" -j"$(nproc)" >/dev/null 2>>"$build/make.err"
   make -s -C "$dir" install >/dev/null
 done

@@ -18,7 +18,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # --- Debian packages ---------------------------------------------------------------------------
 APT_PKGS=(postgresql-15 postgresql-server-dev-15 sudo libclang-dev clang pkg-config build-essential
-          dpkg-dev python3-venv ca-certificates curl unzip)
+          dpkg-dev python3-venv ca-certificates curl unzip debootstrap)
 # what building PostgreSQL from source takes (18's tarball no longer carries the generated parser)
 [ "$PG_MAJOR" = 15 ] || APT_PKGS+=(bison flex libreadline-dev zlib1g-dev libicu-dev libssl-dev)
 missing=()

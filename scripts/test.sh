@@ -12,6 +12,8 @@
 #      suite on one major, the smoke subset below on the others. Which major gets the whole suite
 #      rotates with the commit (its commit count modulo the number of majors), so that every major
 #      gets it every third commit; FULL_MAJOR=V picks it.
+#   then the package route: the .deb of every major built (scripts/package.sh), and those of 15
+#   installed into a fresh Debian 12 root with Debian's PostgreSQL 15 (scripts/test_package.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAJORS=(${TEST_MAJORS:-15 17 18})
@@ -73,4 +75,8 @@ for major in "${MAJORS[@]}"; do
     fi
   )
 done
+
+echo "== package route: scripts/package.sh for every major built, installed into a clean PostgreSQL 15"
+bash scripts/package.sh
+bash scripts/test_package.sh
 echo "== all tiers passed on PostgreSQL ${MAJORS[*]} (whole integration suite on $FULL_MAJOR)"
