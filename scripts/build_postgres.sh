@@ -15,8 +15,8 @@ MAJOR=$1
 PREFIX=/usr/lib/postgresql/$MAJOR
 [ -x "$PREFIX/bin/pg_config" ] && { echo "    PostgreSQL $MAJOR in $PREFIX (already there)"; exit 0; }
 # Pinned: the upstream tarball of a Debian source package, by its sha256 from that package's .dsc.
-# (The Sources indexes name newer versions — trixie-security 17.12, sid 18.6 — whose pool files
-# this mirror does not serve; the files below it does.)
+# (trixie-security's index names 17.12, whose pool files this mirror does not serve; it serves
+# the two below.)
 case "$MAJOR" in
   17) TARBALL=postgresql-17/postgresql-17_17.11.orig.tar.bz2  # 17.11-0+deb13u1 (trixie)
       SHA256=dd27f2b3c59e73ed14aa3324901242bf69a032a6347805f274e6260322d42979 ;;
