@@ -42,6 +42,6 @@ def debian(per_language, languages=None, min_chars=1):
     out = []
     for lang in languages or translations.available():
         pairs = translations.aligned(lang, english)
-        texts = [t for _, (syn, body) in pairs.items() for t in (syn, body) if len(t) >= min_chars]
+        texts = [t for _, (_, (syn, body)) in pairs.items() for t in (syn, body) if len(t) >= min_chars]
         out += [(lang, t) for t in texts[:per_language]]
     return out
