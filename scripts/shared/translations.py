@@ -13,9 +13,6 @@ import subprocess
 
 CORPUS = os.environ.get("PES_CORPUS_DIR", "/opt/pg_embed_sidecar/corpus")
 I18N = os.path.join(CORPUS, "i18n")
-# what scripts/setup.sh fetches; the tests and the evaluation take what is there
-LANGUAGES = ["de", "fr", "es", "it", "pt", "nl", "pl", "cs", "sk", "ru", "uk", "ja", "ko", "zh_CN", "vi",
-             "da", "fi", "sv", "hu"]
 
 
 def _cat(path):
@@ -60,8 +57,10 @@ def descriptions(lang):
 
 
 def available():
-    """The languages of LANGUAGES whose list is there."""
-    return [l for l in LANGUAGES if glob.glob(f"{I18N}/*_Translation-{l.replace('_', '%5f')}*")]
+    """The languages whose list is there (what scripts/setup.sh fetched), English aside."""
+    found = {re.sub(r"\.(lz4|xz|gz)$", "", p.rsplit("_Translation-", 1)[1]).replace("%5f", "_")
+             for p in glob.glob(f"{I18N}/*bookworm_main_i18n_Translation-*")}
+    return sorted(found - {"en"})
 
 
 def aligned(lang, english=None):
