@@ -40,11 +40,23 @@ def weights_of(reader: e5s1.Reader) -> dict:
     return w
 
 
-def convert(image: bytes, outdir: str) -> None:
-    reader = e5s1.Reader(image)
+def model_of(reader: e5s1.Reader, matrices_q4=False, accuracy_level=0) -> onnx.ModelProto:
+    """The shipped graph has fp32 matrices; `matrices_q4` keeps them 4-bit (MatMulNBits), the
+    variant scripts/eval/e5_variants.py measures."""
     cfg = reader.config
     word_q4 = reader.q4_blocks("emb.word", cfg.vocab_rows, cfg.hidden)
-    model = encoder_onnx.build(cfg, weights_of(reader), word_q4=word_q4, name="multilingual-e5-small")
+    dense_q4 = None
+    if matrices_q4:
+        H, FF = cfg.hidden, cfg.ffn
+        shapes = {"q": (H, H), "k": (H, H), "v": (H, H), "ao": (H, H), "fi": (FF, H), "fo": (H, FF)}
+        dense_q4 = {f"l{l}.{m}": reader.q4_blocks(f"l{l}.{m}.w", *shapes[m]) for l in range(cfg.layers) for m in MATRICES}
+    return encoder_onnx.build(cfg, weights_of(reader), word_q4=word_q4, dense_q4=dense_q4,
+                              accuracy_level=accuracy_level, name="multilingual-e5-small")
+
+
+def convert(image: bytes, outdir: str) -> None:
+    reader = e5s1.Reader(image)
+    model = model_of(reader)
     os.makedirs(outdir, exist_ok=True)
     onnx.save_model(model, os.path.join(outdir, "model.onnx"))
     with open(os.path.join(outdir, "tokenizer.json"), "w", encoding="utf-8") as f:

