@@ -134,7 +134,7 @@ def speed(conn, models, dsn, drain_rows):
 
 def drain_rate(dsn, model, bodies):
     with connect(dsn) as c:
-        c.execute("DROP TABLE IF EXISTS eval_drain CASCADE")
+        c.execute("DROP TABLE IF EXISTS eval_drain_embeddings, eval_drain CASCADE")
         c.execute("CREATE TABLE eval_drain (id int PRIMARY KEY, body text)")
         with c.cursor() as cur:
             cur.executemany("INSERT INTO eval_drain VALUES (%s, %s)", list(enumerate(bodies, 1)))
@@ -142,7 +142,7 @@ def drain_rate(dsn, model, bodies):
         c.execute("SELECT embed_sidecar.watch('eval_drain', 'body', model => %s)", (model,))
         ok = c.execute("SELECT embed_sidecar.wait('eval_drain'::regclass, interval '30 minutes')").fetchone()[0]
         took = time.time() - started
-        c.execute("SELECT embed_sidecar.unwatch('eval_drain')")
+        c.execute("SELECT embed_sidecar.unwatch('eval_drain', drop_sidecar => true)")
         c.execute("DROP TABLE eval_drain CASCADE")
     assert ok, "the drain did not finish"
     return len(bodies) / took
