@@ -22,10 +22,10 @@ mkdir -p "$OUT"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# build_deb STAGE < control: STAGE/DEBIAN/control from stdin (plus Installed-Size), then the
-# .deb, named as Debian names it
+# build_deb STAGE [COMPRESSOR] < control: STAGE/DEBIAN/control from stdin (plus Installed-Size),
+# then the .deb, named as Debian names it
 build_deb() {
-  local stage=$1
+  local stage=$1 compressor=${2:-xz}
   mkdir -p "$stage/DEBIAN"
   cat > "$stage/DEBIAN/control"
   local pkg ver arch
@@ -33,7 +33,7 @@ build_deb() {
   ver=$(sed -n 's/^Version: //p' "$stage/DEBIAN/control")
   arch=$(sed -n 's/^Architecture: //p' "$stage/DEBIAN/control")
   echo "Installed-Size: $(du -sk --exclude=DEBIAN "$stage" | cut -f1)" >> "$stage/DEBIAN/control"
-  dpkg-deb --root-owner-group -Zxz --build "$stage" "$OUT/${pkg}_${ver}_${arch}.deb" >/dev/null
+  dpkg-deb --root-owner-group -Z"$compressor" --build "$stage" "$OUT/${pkg}_${ver}_${arch}.deb" >/dev/null
   echo "    $OUT/${pkg}_${ver}_${arch}.deb"
 }
 
@@ -57,7 +57,9 @@ echo "==> pg-embed-sidecar-models $VERSION"
     cp -a "$MODEL_ROOT/$name" "$stage$MODELS_SHARE/"
   done
   chmod -R u=rwX,go=rX "$stage"
-  build_deb "$stage" <<CONTROL
+  # zstd, not xz: model weights barely compress (xz -6 saves 11% on the 418 MB MPNet graph and
+  # took 35 s per 50 MB here, ~6 min in all; zstd 0.2 s). bookworm's dpkg (1.21.22) reads zstd.
+  build_deb "$stage" zstd <<CONTROL
 Package: pg-embed-sidecar-models
 Version: $VERSION
 Architecture: all

@@ -126,6 +126,23 @@ else
   chmod -R a+rX "$CORPUS_DIR"
 fi
 
+# --- Debian's translated descriptions ------------------------------------------------------------
+# Text in many languages that none of us wrote, for the multilingual model's tests and evaluation
+# (scripts/shared/translations.py). Fetched into a lists folder of our own, so the system's apt
+# lists (and the Translation-en above) stay as they are.
+if ls "$CORPUS_DIR"/i18n/*_Translation-de* >/dev/null 2>&1; then
+  skip "translated descriptions $CORPUS_DIR/i18n"
+else
+  step "Debian's translated descriptions -> $CORPUS_DIR/i18n"
+  lists=$(mktemp -d) && mkdir -p "$lists/partial"
+  apt-get update -q -o Dir::State::Lists="$lists" -o APT::Sandbox::User=root \
+    -o Acquire::Languages=en,de,fr,es,it,pt,pt_BR,nl,pl,cs,sk,ru,uk,ja,ko,zh_CN,zh_TW,vi,da,fi,sv,hu,ca
+  mkdir -p "$CORPUS_DIR/i18n"
+  cp "$lists"/*bookworm_main_i18n_Translation-* "$CORPUS_DIR/i18n/"
+  rm -rf "$lists"
+  chmod -R a+rX "$CORPUS_DIR"
+fi
+
 # --- the extension itself ----------------------------------------------------------------------
 if [ "${SKIP_EXTENSION_INSTALL:-0}" = 1 ]; then
   skip "extension build (SKIP_EXTENSION_INSTALL=1)"
