@@ -5,17 +5,12 @@ use std::path::Path;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
-use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::model_dir::{ModelFiles, Pooling};
 use crate::pooling::{l2_normalize, mean_pool};
 use crate::runtime::init_runtime;
+use crate::window_cut::WindowTokenizer;
 use crate::EmbedError;
-
-/// Bytes of input kept per token of the window before tokenising. The tokenizer would otherwise
-/// build (and then throw away) tokens for all of a 50 MB text; 64 bytes per token is far more
-/// than any real text needs to fill the window, so results are unchanged for normal input.
-const BYTES_PER_TOKEN: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -50,7 +45,7 @@ enum Output {
 
 pub struct Embedder {
     files: ModelFiles,
-    tokenizer: Tokenizer,
+    tokenizer: WindowTokenizer,
     session: Session,
     has_token_type_ids: bool,
     output: Output,
@@ -64,13 +59,8 @@ impl Embedder {
         let files = ModelFiles::resolve(model_dir)?;
         let env = init_runtime(library)?;
 
-        let tok_err = |reason: String| EmbedError::Tokenizer { path: files.tokenizer.clone(), reason };
-        let mut tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| tok_err(e.to_string()))?;
-        // Exports often pad every text to a fixed length; we pad per batch ourselves instead.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(TruncationParams { max_length: files.max_length, ..Default::default() }))
-            .map_err(|e| tok_err(e.to_string()))?;
+        let tokenizer = WindowTokenizer::load(&files.tokenizer, files.max_length)
+            .map_err(|reason| EmbedError::Tokenizer { path: files.tokenizer.clone(), reason })?;
 
         let model_err = |e: ort::Error| EmbedError::Model { path: files.onnx.clone(), reason: e.to_string() };
         let session = Session::builder(&env)
@@ -150,11 +140,7 @@ impl Embedder {
 
     /// Token ids of one text, truncated to the model's window.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
-        let enc = self
-            .tokenizer
-            .encode_fast(cut_at_char_boundary(text, self.files.max_length * BYTES_PER_TOKEN), true)
-            .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.tokenizer.encode(text).map_err(EmbedError::Tokenize)?.0)
     }
 
     /// One unit-length vector per text, in input order. Texts are sorted by token count and cut
@@ -242,29 +228,5 @@ impl Embedder {
             })
             .collect();
         Ok(vectors)
-    }
-}
-
-/// The longest prefix of `text` of at most `max_bytes` bytes that ends on a char boundary.
-pub fn cut_at_char_boundary(text: &str, max_bytes: usize) -> &str {
-    if text.len() <= max_bytes {
-        return text;
-    }
-    let mut end = max_bytes;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cut_at_char_boundary;
-
-    #[test]
-    fn cut_never_splits_a_character() {
-        assert_eq!(cut_at_char_boundary("abc", 10), "abc");
-        assert_eq!(cut_at_char_boundary("aé", 2), "a"); // é is two bytes
-        assert_eq!(cut_at_char_boundary("日本", 4), "日");
     }
 }

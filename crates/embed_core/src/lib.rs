@@ -14,10 +14,12 @@ mod error;
 mod model_dir;
 mod pooling;
 mod runtime;
+mod window_cut;
 
 pub use chunker::{content_hash, Chunk, Chunker};
-pub use embedder::{cut_at_char_boundary, Embedder, LoadOptions};
+pub use embedder::{Embedder, LoadOptions};
 pub use error::EmbedError;
 pub use model_dir::{ModelFiles, Pooling, MANIFEST};
 pub use pooling::{cosine, l2_normalize, mean_pool};
 pub use runtime::init_runtime;
+pub use window_cut::{cut_at_char_boundary, WindowTokenizer};
