@@ -13,7 +13,9 @@
 -- * search refuses a query whose model files changed since its vectors were made;
 -- * watched tables stay out of inheritance trees and partitioned tables;
 -- * fts_config is text (pg_upgrade refuses reg* columns); names that need quoting or are long in
---   bytes work; a reader's view no longer blocks the owner's drops.
+--   bytes work; a reader's view no longer blocks the owner's drops;
+-- * writes the logical replication apply worker makes (and session_replication_role = replica)
+--   reach the sidecar: replica row triggers and a TRUNCATE trigger; status shows the lag.
 
 -- objects whose signature or kind changed
 DROP FUNCTION embed_sidecar._create_embedding(regclass, text, text, smallint, text, smallint[], name, text, regconfig, boolean, int, int, text);
@@ -63,6 +65,11 @@ CREATE FUNCTION embed_sidecar."_adopt"("source_id" INT, "column_name" TEXT) RETU
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'adopt_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
+-- the replica and TRUNCATE triggers' way onto the queue (src/replica.rs)
+CREATE FUNCTION embed_sidecar."_enqueue_applied"("source_id" INT, "keys" TEXT[]) RETURNS void
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_applied_wrapper';
+CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
 
 -- changed functions and views, as the install files define them
 -- Whether a writer's change to this embedding may be embedded inside the writer's transaction
@@ -162,7 +169,7 @@ $$;
 -- ('{1,2}'), template ('' without).
 -- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
 -- whose content is distinct from before (a row whose key changed has no OLD partner and counts
--- as changed).
+-- as changed); a DELETE, all of its rows.
 -- The keys' text form must not depend on the writer's session: floats are printed exactly
 -- (extra_float_digits >= 1) and intervals in the form interval_in reads back without doubt.
 CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
@@ -180,6 +187,9 @@ BEGIN
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n WHERE NOT embed_sidecar._is_blank(%s)',
                        keys, content_new)
            INTO batch;
+    ELSIF TG_OP = 'DELETE' THEN
+        -- (only beside a sidecar without a foreign key, replica.sql: the drain removes the vectors)
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM old_rows n', keys) INTO batch;
     ELSE
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
                          WHERE %s IS DISTINCT FROM %s',
@@ -251,9 +261,13 @@ BEGIN
 END
 $$;
 
--- The statement triggers of one embedding (see triggers.sql), named by its registry id. With
+-- The triggers of one embedding, named by its registry id: the statement triggers (see
+-- triggers.sql) and those the logical replication apply worker fires (see replica.sql). With
 -- only_stale, only those that exist with other arguments are made again (after a restore into a
--- renumbered table, _reconcile_columns: pg_restore makes them with the dumped numbers).
+-- renumbered table, _reconcile_columns: pg_restore makes them with the dumped numbers); without,
+-- the missing ones are made too (watch(), and the upgrade to 0.3.0 for the replica triggers). The
+-- delete trigger exists only beside a sidecar without a foreign key (_follow_subscription makes
+-- it), so it is only ever made again.
 CREATE OR REPLACE FUNCTION embed_sidecar._create_triggers(s embed_sidecar.sources, only_stale boolean DEFAULT false) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -261,19 +275,30 @@ DECLARE
     args text[] := ARRAY[s.id::text, coalesce(s.content_attnum::text, ''), s.key_attnums::text, coalesce(s.template, '')];
     t record;
     old_args text[];
+    trigger_name text;
 BEGIN
-    FOR t IN VALUES ('insert', 'INSERT', 'NEW TABLE AS new_rows'),
-                    ('update', 'UPDATE', 'OLD TABLE AS old_rows NEW TABLE AS new_rows') LOOP
-        IF only_stale THEN
-            SELECT (regexp_split_to_array(encode(g.tgargs, 'escape'), '\\000'))[1:g.tgnargs] INTO old_args
-              FROM pg_trigger g WHERE g.tgrelid = s.source AND g.tgname = 'embed_sidecar_' || s.id || '_' || t.column1;
-            CONTINUE WHEN old_args IS NULL OR old_args = args;
-            EXECUTE format('DROP TRIGGER %I ON %s', 'embed_sidecar_' || s.id || '_' || t.column1, s.source);
+    -- name, event, level, function, when it fires: O as a local write (origin), R under the apply
+    -- worker and session_replication_role = replica, A always
+    FOR t IN VALUES ('insert', 'AFTER INSERT', 'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('update', 'AFTER UPDATE', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('delete', 'AFTER DELETE', 'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('replica', 'AFTER INSERT OR UPDATE OR DELETE', 'FOR EACH ROW', '_enqueue_applied_row', 'R'),
+                    ('truncate', 'AFTER TRUNCATE', 'FOR EACH STATEMENT', '_enqueue_truncated', 'A') LOOP
+        trigger_name := 'embed_sidecar_' || s.id || '_' || t.column1;
+        old_args := NULL;
+        SELECT (regexp_split_to_array(encode(g.tgargs, 'escape'), '\\000'))[1:g.tgnargs] INTO old_args
+          FROM pg_trigger g WHERE g.tgrelid = s.source AND g.tgname = trigger_name;
+        CONTINUE WHEN old_args = args OR (old_args IS NULL AND (only_stale OR t.column1 = 'delete'));
+        IF old_args IS NOT NULL THEN
+            EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, s.source);
         END IF;
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%L, %L, %L, %L)',
-                       'embed_sidecar_' || s.id || '_' || t.column1, t.column2, s.source, t.column3,
-                       args[1], args[2], args[3], args[4]);
+        EXECUTE format('CREATE TRIGGER %I %s ON %s %s EXECUTE FUNCTION embed_sidecar.%I(%L, %L, %L, %L)',
+                       trigger_name, t.column2, s.source, t.column3, t.column4, args[1], args[2], args[3], args[4]);
+        IF t.column5 = 'R' THEN
+            EXECUTE format('ALTER TABLE %s ENABLE REPLICA TRIGGER %I', s.source, trigger_name);
+        ELSIF t.column5 = 'A' THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', s.source, trigger_name);
+        END IF;
     END LOOP;
 END
 $$;
@@ -499,6 +524,8 @@ BEGIN
     PERFORM embed_sidecar._create_queues(s.queue_name);
 
     PERFORM embed_sidecar._create_triggers(s);
+    -- a table a subscription copies: no foreign key (replica.sql)
+    PERFORM embed_sidecar._follow_subscription(s);
     IF adopt IS NOT NULL THEN
         -- (the table is locked against writers by watch(): the copy and the backfill see one state)
         adopted := embed_sidecar._adopt(s.id, adopt);
@@ -885,6 +912,9 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = s.source) THEN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_insert', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
+        -- (replica.sql; the delete trigger only beside a sidecar without a foreign key)
+        PERFORM embed_sidecar._drop_trigger_if_there(s.source, 'embed_sidecar_' || s.id || '_' || t)
+           FROM unnest(ARRAY['delete', 'replica', 'truncate']) t;
     END IF;
     PERFORM embed_sidecar._drop_queues(s.queue_name);
     -- the view is the embedding's, not a version's: it goes with the current one
@@ -1521,7 +1551,7 @@ COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8
 --           [[char_start, char_end, vector], ...], vector a 1-based index into $3 or 0 for "keep
 --           the row's vector of the same passage" → rows written
 --   trim:   (chunked) same parameters: a row's passages past its new last one go
---   clear:  $1 keys jsonb[] whose content turned blank
+--   clear:  $1 keys jsonb[] whose content turned blank, or whose row is gone
 CREATE OR REPLACE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources,
     OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text, OUT trim_sql text)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
@@ -1610,10 +1640,162 @@ BEGIN
                 AND embed_sidecar._content_hash(%5$s) = v.hash',
             s.sidecar, s.source, key_src, embed_sidecar._side_join(s, 'sc', 'src'), content);
     END IF;
+    -- a row that is gone loses its vector here too: the foreign key's cascade does that for local
+    -- deletes, but not for a sidecar without one, nor under session_replication_role = replica
+    -- (sql/replica.sql)
     clear_sql := format(
-        'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key), %2$s src
-          WHERE %3$s AND %4$s AND embed_sidecar._is_blank(%5$s)',
-        s.sidecar, s.source, key_src, embed_sidecar._side_join(s, 'sc', 'src'), content);
+        'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key)
+          WHERE %3$s AND NOT EXISTS (SELECT FROM %2$s src WHERE %4$s AND NOT embed_sidecar._is_blank(%5$s))',
+        s.sidecar, s.source, embed_sidecar._key_from_json(s.sidecar, embed_sidecar._sidecar_keys(s), 'sc', '_pes_key'),
+        embed_sidecar._side_join(s, 'sc', 'src'), content);
+END
+$$;
+
+-- The key of a row as a JSON array, an expression over alias, made only of output functions:
+-- a column of a type from pg_catalog as jsonb_build_array makes it (the statement triggers' form,
+-- so the drain dedupes the two), any other through format('%s'), which calls the type's output
+-- function and never a cast the type's owner may have created (the apply worker that fires the
+-- replica trigger is usually a superuser).
+CREATE OR REPLACE FUNCTION embed_sidecar._row_key_sql(rel regclass, attnums smallint[], alias text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT format('pg_catalog.jsonb_build_array(%s)::text',
+                  string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace AND b.typtype = 'b'
+                                         THEN '%I.%I' ELSE 'pg_catalog.format(''%%s'', %I.%I)' END,
+                                    alias, a.attname), ', ' ORDER BY k.ord))
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum
+      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END;
+END;
+
+-- The row trigger the apply worker fires (see the top of this file). Arguments as the statement
+-- triggers': source id, content attnum, key attnums, template. It runs with the apply worker's
+-- rights and reads the row only through _row_key_sql's expressions; whether the text changed is
+-- left to the drain (an unchanged hash is acked without inference), so no operator of a column's
+-- type runs here. The settings fix how keys print, as in the drain (_invalid_keys, _lookup).
+CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_applied_row() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET extra_float_digits = 1
+    SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, MDY'
+AS $$
+DECLARE
+    key_sql text := embed_sidecar._row_key_sql(TG_RELID, TG_ARGV[2]::smallint[], 'r');
+    new_key text;
+    old_key text;
+BEGIN
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', key_sql) INTO new_key USING NEW;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', key_sql) INTO old_key USING OLD;
+    END IF;
+    PERFORM embed_sidecar._enqueue_applied(TG_ARGV[0]::int,
+                                           ARRAY(SELECT DISTINCT k FROM unnest(ARRAY[new_key, old_key]) k WHERE k IS NOT NULL));
+    RETURN NULL;
+END
+$$;
+
+-- The TRUNCATE trigger (see the top of this file): the sidecar's orphans, queued.
+CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_truncated() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enqueue_orphans(TG_ARGV[0]::int);
+    RETURN NULL;
+END
+$$;
+
+-- The SELECT that lists the keys of a sidecar's rows whose source row is gone (run by
+-- _enqueue_orphans as the table's owner), in the drain's key form.
+CREATE OR REPLACE FUNCTION embed_sidecar._orphans_sql(s embed_sidecar.sources) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT format('SELECT DISTINCT %s::text FROM %s sc WHERE NOT EXISTS (SELECT FROM %s src WHERE %s)',
+                  embed_sidecar._key_json(s, 'sc'), s.sidecar, s.source, embed_sidecar._side_join(s, 'sc', 'src'));
+END;
+
+-- Whether a subscription of this database copies the table.
+CREATE OR REPLACE FUNCTION embed_sidecar._subscribed(rel regclass) RETURNS boolean
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT EXISTS (SELECT FROM pg_catalog.pg_subscription_rel r WHERE r.srrelid = rel);
+END;
+
+-- A sidecar whose table a subscription copies: its foreign key goes (the apply worker's TRUNCATE
+-- would fail on it, and its cascade does not run under the apply worker anyway), and the delete
+-- trigger stands in for it (local deletes; replicated ones fire the replica trigger). Run as the
+-- extension's owner by watch() and after CREATE/ALTER SUBSCRIPTION; the ALTER TABLE runs no code
+-- of the table's owner. A key changed by a local UPDATE on such a table leaves the old key's
+-- vector behind (verify() counts it as an orphan; README).
+CREATE OR REPLACE FUNCTION embed_sidecar._follow_subscription(s embed_sidecar.sources) RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fk name;
+BEGIN
+    IF NOT embed_sidecar._subscribed(s.source) THEN
+        RETURN false;
+    END IF;
+    FOR fk IN SELECT c.conname FROM pg_constraint c
+               WHERE c.conrelid = s.sidecar AND c.confrelid = s.source AND c.contype = 'f' LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', s.sidecar, fk);
+        RAISE NOTICE 'pg_embed_sidecar: % is copied by a subscription: its sidecar % no longer has a foreign key', s.source, s.sidecar
+            USING HINT = 'Replicated deletes and TRUNCATE reach the sidecar through the replica triggers.';
+    END LOOP;
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = s.source AND tgname = 'embed_sidecar_' || s.id || '_delete') THEN
+        EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%L, %L, %L, %L)',
+                       'embed_sidecar_' || s.id || '_delete', s.source, s.id, coalesce(s.content_attnum::text, ''),
+                       s.key_attnums::text, coalesce(s.template, ''));
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- After CREATE SUBSCRIPTION and ALTER SUBSCRIPTION (which add tables to pg_subscription_rel in the
+-- same transaction): every watched table now copied follows its subscription.
+CREATE OR REPLACE FUNCTION embed_sidecar._on_subscription_ddl() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM embed_sidecar._follow_subscription(s)
+       FROM embed_sidecar.sources s
+      WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = s.source)
+        AND EXISTS (SELECT FROM pg_class c WHERE c.oid = s.sidecar);
+END
+$$;
+
+CREATE EVENT TRIGGER embed_sidecar_subscription ON ddl_command_end
+    WHEN TAG IN ('CREATE SUBSCRIPTION', 'ALTER SUBSCRIPTION')
+    EXECUTE FUNCTION embed_sidecar._on_subscription_ddl();
+
+-- How far the apply worker is behind the publisher, for a table a subscription copies (NULL for
+-- any other table, and while it cannot be told: the table's initial copy is still running, or
+-- the subscription's apply worker is not running — status.behind is then NULL too, which is what
+-- to alert on). While the worker has received changes past the publisher's last reported end of
+-- WAL it is catching up, and the lag is the age of the newest message it received; otherwise 0.
+CREATE OR REPLACE FUNCTION embed_sidecar._replication_lag(rel regclass, OUT subscribed boolean, OUT lag interval)
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT count(r.*) > 0,
+           max(CASE WHEN r.srsubstate <> 'r' OR w.pid IS NULL THEN NULL
+                    WHEN w.received_lsn > w.latest_end_lsn THEN greatest(pg_catalog.now() - w.last_msg_send_time, interval '0')
+                    ELSE interval '0' END)
+           -- (max ignores NULLs: one unknown subscription makes the whole answer unknown)
+           + CASE WHEN bool_or(r.srsubstate <> 'r' OR w.pid IS NULL) THEN NULL ELSE interval '0' END
+      FROM pg_catalog.pg_subscription_rel r
+      LEFT JOIN pg_catalog.pg_stat_subscription w ON w.subid = r.srsubid AND w.relid IS NULL
+     WHERE r.srrelid = rel;
+END;
+
+-- DROP TRIGGER IF EXISTS, without its NOTICE when there is none.
+CREATE OR REPLACE FUNCTION embed_sidecar._drop_trigger_if_there(source regclass, trigger_name text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = source AND tgname = trigger_name) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, source);
+    END IF;
 END
 $$;
 
@@ -1724,6 +1906,9 @@ END;
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
 -- chunks: passages in a chunked sidecar (from the statistics, like coverage; verify() counts).
+-- replication_lag: for a table a subscription copies, how far its apply worker is behind the
+-- publisher (_replication_lag, replica.sql); behind: that plus oldest_pending_age, the one figure
+-- to alert on (NULL while a subscribed table's initial copy runs or its apply worker is down).
 -- security_barrier: the view's own filter (tables the querying role may read) runs before any
 -- condition the querier adds, so a cheap function in a WHERE clause never sees other rows.
 CREATE OR REPLACE VIEW embed_sidecar.status WITH (security_barrier) AS
@@ -1743,13 +1928,16 @@ SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q
        embed_sidecar._worker_state() AS worker,
        CASE WHEN s.chunk_tokens IS NOT NULL
             THEN greatest(pg_stat_get_live_tuples(s.sidecar), (SELECT reltuples::bigint FROM pg_class WHERE oid = s.sidecar), 0) END
-           AS chunks
+           AS chunks,
+       r.lag AS replication_lag,
+       CASE WHEN r.subscribed THEN r.lag + q.oldest_pending_age ELSE q.oldest_pending_age END AS behind
   FROM embed_sidecar.sources s
        JOIN pg_catalog.pg_class c ON c.oid = s.source,
        LATERAL embed_sidecar._queue_backlog(s.id) q,
+       LATERAL embed_sidecar._replication_lag(s.source) r,
        LATERAL (SELECT count(*) AS failed FROM embed_sidecar.failures x WHERE x.source_id = s.id) f
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched table (and per version while a model switch runs): backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched table (and per version while a model switch runs): backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker, replication lag';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
@@ -1978,6 +2166,10 @@ CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
                  'GRANT', 'REVOKE')
     EXECUTE FUNCTION embed_sidecar._on_ddl_end();
 
+-- existing embeddings get the triggers the logical replication apply worker fires, and those of
+-- tables a subscription copies lose their foreign key (sql/replica.sql)
+SELECT embed_sidecar._create_triggers(s) FROM embed_sidecar.sources s;
+SELECT embed_sidecar._follow_subscription(s) FROM embed_sidecar.sources s;
 -- existing sidecars: SELECT for PUBLIC under row security instead of the table's copied grants
 SELECT embed_sidecar._protect_sidecar(s) FROM embed_sidecar.sources s;
 -- the names of the columns each embedding uses, for a later restore into a renumbered table
@@ -2043,6 +2235,11 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
     embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
     embed_sidecar._template_attnums(text), embed_sidecar._is_blank(text),
     embed_sidecar._enqueue(int, text[]), embed_sidecar._embed_now(int, text[]), embed_sidecar._invalid_keys(text, text[]) TO PUBLIC;
+-- What the replica and TRUNCATE triggers run with the writer's rights (sql/replica.sql);
+-- _enqueue_applied and _enqueue_orphans check that the writer may write the table. status reads
+-- the replication lag as its querier.
+GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text), embed_sidecar._enqueue_applied(int, text[]),
+    embed_sidecar._enqueue_orphans(int), embed_sidecar._replication_lag(regclass) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),

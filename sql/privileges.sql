@@ -37,6 +37,11 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
     embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
     embed_sidecar._template_attnums(text), embed_sidecar._is_blank(text),
     embed_sidecar._enqueue(int, text[]), embed_sidecar._embed_now(int, text[]), embed_sidecar._invalid_keys(text, text[]) TO PUBLIC;
+-- What the replica and TRUNCATE triggers run with the writer's rights (sql/replica.sql);
+-- _enqueue_applied and _enqueue_orphans check that the writer may write the table. status reads
+-- the replication lag as its querier.
+GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text), embed_sidecar._enqueue_applied(int, text[]),
+    embed_sidecar._enqueue_orphans(int), embed_sidecar._replication_lag(regclass) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),

@@ -11,7 +11,7 @@
 -- ('{1,2}'), template ('' without).
 -- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
 -- whose content is distinct from before (a row whose key changed has no OLD partner and counts
--- as changed).
+-- as changed); a DELETE, all of its rows.
 -- The keys' text form must not depend on the writer's session: floats are printed exactly
 -- (extra_float_digits >= 1) and intervals in the form interval_in reads back without doubt.
 CREATE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
@@ -29,6 +29,9 @@ BEGIN
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n WHERE NOT embed_sidecar._is_blank(%s)',
                        keys, content_new)
            INTO batch;
+    ELSIF TG_OP = 'DELETE' THEN
+        -- (only beside a sidecar without a foreign key, replica.sql: the drain removes the vectors)
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM old_rows n', keys) INTO batch;
     ELSE
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
                          WHERE %s IS DISTINCT FROM %s',

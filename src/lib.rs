@@ -23,6 +23,7 @@ mod error;
 mod gucs;
 mod inference;
 mod pg;
+mod replica;
 mod roster;
 mod search_filter;
 
