@@ -15,7 +15,8 @@
 -- * fts_config is text (pg_upgrade refuses reg* columns); names that need quoting or are long in
 --   bytes work; a reader's view no longer blocks the owner's drops;
 -- * writes the logical replication apply worker makes (and session_replication_role = replica)
---   reach the sidecar: replica row triggers and a TRUNCATE trigger; status shows the lag.
+--   reach the sidecar: replica row triggers and a TRUNCATE trigger; status shows the lag;
+-- * search_shards() merges the nearest rows of several embedding nodes (postgres_fdw).
 
 -- objects whose signature or kind changed
 DROP FUNCTION embed_sidecar._create_embedding(regclass, text, text, smallint, text, smallint[], name, text, regconfig, boolean, int, int, text);
@@ -1799,6 +1800,107 @@ BEGIN
 END
 $$;
 
+-- One shard's nearest rows: its label, the key as a JSON array, the distance. $1 the query
+-- vector (real[]), $2 the model's identity (a node's rows of another model are never compared with it).
+CREATE OR REPLACE FUNCTION embed_sidecar._shard_nearest_sql(shard regclass, k int) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_nums smallint[] := ARRAY(SELECT a.attnum FROM pg_attribute a
+                                  WHERE a.attrelid = shard AND a.attnum > 0 AND NOT a.attisdropped
+                                    AND a.attname NOT IN ('embedding', 'model') ORDER BY a.attnum);
+    vec text := format('%I.vector', embed_sidecar._vector_schema());
+BEGIN
+    IF cardinality(key_nums) = 0
+       OR (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = shard AND a.attname IN ('embedding', 'model')
+                                                 AND NOT a.attisdropped) <> 2 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is not a shard: it needs key columns, embedding and model', shard
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'CREATE FOREIGN TABLE over a node''s sidecar with its key columns, embedding and model (README, "Beyond one machine").';
+    END IF;
+    -- ($1 arrives as real[]; its cast to vector is folded into a constant before the query is
+    -- sent, so the node sees a vector literal and can use its index)
+    RETURN format('(SELECT %L::text AS shard, %s::jsonb AS key, (t.embedding OPERATOR(%I.<=>) $1::%s)::float8 AS distance
+                      FROM %s t WHERE t.model = $2 ORDER BY t.embedding OPERATOR(%I.<=>) $1::%s LIMIT %s)',
+                  shard, embed_sidecar._row_key_sql(shard, key_nums, 't'), embed_sidecar._vector_schema(), vec,
+                  shard, embed_sidecar._vector_schema(), vec, k);
+END
+$$;
+
+-- The k nearest rows over every shard, merged: equal to the k nearest of one node holding all
+-- the rows (each shard returns its own k nearest, and the k nearest overall are among them).
+-- Without partial, the shards are asked in one statement (concurrently, where their servers are
+-- async_capable) and a shard that does not answer is an error naming it; with partial, each is
+-- asked on its own, one that does not answer is left out with a WARNING, and every row says
+-- complete = false. Ties in distance go by key, as on one node with the same vectors.
+CREATE OR REPLACE FUNCTION embed_sidecar.search_shards(shards regclass[], query text, k int DEFAULT 10, partial boolean DEFAULT false,
+                                            model text DEFAULT NULL)
+    RETURNS TABLE (shard text, key jsonb, distance float8, complete boolean)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
+    model_id text := (SELECT m.model_id FROM embed_sidecar.models m WHERE m.name = model_name);
+    q real[];
+    one_shard regclass;
+    hits jsonb := '[]';
+    part jsonb;
+    missing text[] := '{}';
+BEGIN
+    IF k IS NULL OR k < 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: k must not be negative, not %', coalesce(k::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'k is how many rows the search returns.';
+    END IF;
+    IF coalesce(cardinality(shards), 0) = 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
+    END IF;
+    IF model_id IS NULL THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: model % is not installed on this node', quote_literal(model_name)
+            USING ERRCODE = 'undefined_object', HINT = 'The query node embeds the query: install the nodes'' model here too.';
+    END IF;
+    q := embed_sidecar._embed_query(model_name, model_id, query);
+    IF NOT partial THEN
+        BEGIN
+            RETURN QUERY EXECUTE format('SELECT u.shard, u.key, u.distance, true FROM (%s) u ORDER BY u.distance, u.key LIMIT %s',
+                                        (SELECT string_agg(embed_sidecar._shard_nearest_sql(x, k), ' UNION ALL ')
+                                           FROM unnest(shards) x), k)
+                USING q, model_id;
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('42809', '22023', '42501') THEN
+                RAISE;
+            END IF;
+            RAISE EXCEPTION 'pg_embed_sidecar: a shard did not answer: %', SQLERRM
+                USING ERRCODE = SQLSTATE,
+                      HINT = 'search_shards(..., partial => true) answers from the shards that do, and marks the answer incomplete.';
+        END;
+        RETURN;
+    END IF;
+    FOREACH one_shard IN ARRAY shards LOOP
+        BEGIN
+            EXECUTE format('SELECT coalesce(jsonb_agg(jsonb_build_array(b.shard, b.key, b.distance)), ''[]'') FROM %s b',
+                           embed_sidecar._shard_nearest_sql(one_shard, k))
+               INTO part USING q, model_id;
+            hits := hits || part;
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('42809', '42501') THEN
+                RAISE;
+            END IF;
+            missing := missing || one_shard::text;
+            RAISE WARNING 'pg_embed_sidecar: shard % did not answer, left out: %', one_shard, SQLERRM;
+        END;
+    END LOOP;
+    IF cardinality(missing) = cardinality(shards) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: no shard answered (%)', array_to_string(missing, ', ')
+            USING ERRCODE = 'connection_failure', HINT = 'See the WARNINGs above for each shard''s error.';
+    END IF;
+    RETURN QUERY SELECT h ->> 0, h -> 1, (h ->> 2)::float8, cardinality(missing) = 0
+                   FROM jsonb_array_elements(hits) h ORDER BY (h ->> 2)::float8, h -> 1 LIMIT k;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.search_shards(regclass[], text, int, boolean, text) IS
+    'The k nearest rows over several embedding nodes'' sidecars (postgres_fdw foreign tables), merged; a node that does not answer is an error, or with partial => true is left out and every row says complete = false';
+
 -- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
 -- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
 -- (keys are cast from their JSON text with fixed date and interval styles, as _invalid_keys checked them)
@@ -2240,6 +2342,9 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
 -- the replication lag as its querier.
 GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text), embed_sidecar._enqueue_applied(int, text[]),
     embed_sidecar._enqueue_orphans(int), embed_sidecar._replication_lag(regclass) TO PUBLIC;
+-- search across embedding nodes (sql/shards.sql): runs as its caller, as search does
+GRANT EXECUTE ON FUNCTION embed_sidecar._shard_nearest_sql(regclass, int),
+    embed_sidecar.search_shards(regclass[], text, int, boolean, text) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),

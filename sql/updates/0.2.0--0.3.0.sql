@@ -12,7 +12,8 @@
 -- * fts_config is text (pg_upgrade refuses reg* columns); names that need quoting or are long in
 --   bytes work; a reader's view no longer blocks the owner's drops;
 -- * writes the logical replication apply worker makes (and session_replication_role = replica)
---   reach the sidecar: replica row triggers and a TRUNCATE trigger; status shows the lag.
+--   reach the sidecar: replica row triggers and a TRUNCATE trigger; status shows the lag;
+-- * search_shards() merges the nearest rows of several embedding nodes (postgres_fdw).
 
 -- objects whose signature or kind changed
 DROP FUNCTION embed_sidecar._create_embedding(regclass, text, text, smallint, text, smallint[], name, text, regconfig, boolean, int, int, text);
@@ -79,6 +80,7 @@ CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
 --@copy _widen_ef_search _search_rows search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _row_key_sql _enqueue_applied_row _enqueue_truncated _orphans_sql _subscribed _follow_subscription
 --@copy _on_subscription_ddl embed_sidecar_subscription _replication_lag _drop_trigger_if_there
+--@copy _shard_nearest_sql search_shards
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _written_here_sql _on_ddl_end embed_text embed_query
 
