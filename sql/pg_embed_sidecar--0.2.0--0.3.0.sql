@@ -1818,12 +1818,15 @@ BEGIN
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'CREATE FOREIGN TABLE over a node''s sidecar with its key columns, embedding and model (README, "Beyond one machine").';
     END IF;
-    -- ($1 arrives as real[]; its cast to vector is folded into a constant before the query is
-    -- sent, so the node sees a vector literal and can use its index)
-    RETURN format('(SELECT %L::text AS shard, %s::jsonb AS key, (t.embedding OPERATOR(%I.<=>) $1::%s)::float8 AS distance
-                      FROM %s t WHERE t.model = $2 ORDER BY t.embedding OPERATOR(%I.<=>) $1::%s LIMIT %s)',
-                  shard, embed_sidecar._row_key_sql(shard, key_nums, 't'), embed_sidecar._vector_schema(), vec,
-                  shard, embed_sidecar._vector_schema(), vec, k);
+    -- The inner query is what the node runs (key columns, distance, ORDER BY ... LIMIT: all of it
+    -- shippable, so postgres_fdw sends the LIMIT too); the key's JSON is made here. $1 arrives as
+    -- real[]; its cast to vector is folded into a constant before the query is sent, so the node
+    -- sees a vector literal and can use its index.
+    RETURN format('(SELECT %L::text AS shard, %s::jsonb AS key, n._pes_distance AS distance
+                      FROM (SELECT %s, t.embedding OPERATOR(%I.<=>) $1::%s AS _pes_distance
+                              FROM %s t WHERE t.model = $2 ORDER BY _pes_distance LIMIT %s) n)',
+                  shard, embed_sidecar._row_key_sql(shard, key_nums, 'n'), embed_sidecar._columns(shard, key_nums, 't'),
+                  embed_sidecar._vector_schema(), vec, shard, k);
 END
 $$;
 
