@@ -71,6 +71,9 @@ CREATE FUNCTION embed_sidecar."_enqueue_applied"("source_id" INT, "keys" TEXT[])
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_applied_wrapper';
 CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
+-- the identity of a model's current files (search_shards, sql/shards.sql)
+CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'model_id_wrapper';
 
 -- changed functions and views, as the install files define them
 -- Whether a writer's change to this embedding may be embedded inside the writer's transaction
@@ -1843,7 +1846,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar.search_shards(shards regclass[], query 
 AS $$
 DECLARE
     model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
-    model_id text := (SELECT m.model_id FROM embed_sidecar.models m WHERE m.name = model_name);
+    model_id text := embed_sidecar._model_id(model_name);
     q real[];
     one_shard regclass;
     hits jsonb := '[]';
@@ -1857,10 +1860,6 @@ BEGIN
     IF coalesce(cardinality(shards), 0) = 0 THEN
         RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
-    END IF;
-    IF model_id IS NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: model % is not installed on this node', quote_literal(model_name)
-            USING ERRCODE = 'undefined_object', HINT = 'The query node embeds the query: install the nodes'' model here too.';
     END IF;
     q := embed_sidecar._embed_query(model_name, model_id, query);
     IF NOT partial THEN
@@ -2346,7 +2345,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
 GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text), embed_sidecar._enqueue_applied(int, text[]),
     embed_sidecar._enqueue_orphans(int), embed_sidecar._replication_lag(regclass) TO PUBLIC;
 -- search across embedding nodes (sql/shards.sql): runs as its caller, as search does
-GRANT EXECUTE ON FUNCTION embed_sidecar._shard_nearest_sql(regclass, int),
+GRANT EXECUTE ON FUNCTION embed_sidecar._shard_nearest_sql(regclass, int), embed_sidecar._model_id(text),
     embed_sidecar.search_shards(regclass[], text, int, boolean, text) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.

@@ -52,7 +52,7 @@ CREATE FUNCTION embed_sidecar.search_shards(shards regclass[], query text, k int
 AS $$
 DECLARE
     model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
-    model_id text := (SELECT m.model_id FROM embed_sidecar.models m WHERE m.name = model_name);
+    model_id text := embed_sidecar._model_id(model_name);
     q real[];
     one_shard regclass;
     hits jsonb := '[]';
@@ -66,10 +66,6 @@ BEGIN
     IF coalesce(cardinality(shards), 0) = 0 THEN
         RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
-    END IF;
-    IF model_id IS NULL THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: model % is not installed on this node', quote_literal(model_name)
-            USING ERRCODE = 'undefined_object', HINT = 'The query node embeds the query: install the nodes'' model here too.';
     END IF;
     q := embed_sidecar._embed_query(model_name, model_id, query);
     IF NOT partial THEN

@@ -68,6 +68,9 @@ CREATE FUNCTION embed_sidecar."_enqueue_applied"("source_id" INT, "keys" TEXT[])
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_applied_wrapper';
 CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
+-- the identity of a model's current files (search_shards, sql/shards.sql)
+CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'model_id_wrapper';
 
 -- changed functions and views, as the install files define them
 --@copy _syncs _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
