@@ -32,27 +32,28 @@ struct Target {
     owner: pg_sys::Oid,
     /// `_keys_check_sql` for the source (sql/triggers.sql)
     check_sql: String,
-    /// `_orphans_sql` for the source (sql/replica.sql)
-    orphans_sql: String,
+    /// `_orphans_sql` for the source (sql/replica.sql), when asked for
+    orphans_sql: Option<String>,
 }
 
 /// The source's registry row, if the writer has one of `privileges` on the table (None: unwatched
-/// in the meantime, nothing to do).
+/// in the meantime, nothing to do); with `orphans`, the statement that lists its orphans too.
 fn target(
     client: &SpiClient<'_>,
     owner: pg_sys::Oid,
     source_id: i32,
     privileges: &str,
+    orphans: bool,
 ) -> Result<Option<Target>, SidecarError> {
     let writer = current_role();
     let row = run_as(owner, false, || {
         client
             .select(
                 "SELECT s.queue_name, s.source::text, has_table_privilege($2, s.source, $4), c.relowner,
-                        embed_sidecar._keys_check_sql(s, $3), embed_sidecar._orphans_sql(s)
+                        embed_sidecar._keys_check_sql(s, $3), CASE WHEN $5 THEN embed_sidecar._orphans_sql(s) END
                    FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source WHERE s.id = $1",
                 None,
-                &[source_id.into(), writer.into(), KEY_BYTES.into(), privileges.into()],
+                &[source_id.into(), writer.into(), KEY_BYTES.into(), privileges.into(), orphans.into()],
             )?
             .next()
             .map(|r| -> Result<_, SidecarError> {
@@ -63,7 +64,7 @@ fn target(
                         table: required(&r, 2, &what)?,
                         owner: required(&r, 4, &what)?,
                         check_sql: required(&r, 5, &what)?,
-                        orphans_sql: required(&r, 6, &what)?,
+                        orphans_sql: r.get(6)?,
                     },
                     required::<bool>(&r, 3, &what)?,
                 ))
@@ -95,7 +96,7 @@ fn send(
 fn enqueue_applied(source_id: i32, keys: Vec<Option<String>>) -> Result<(), SidecarError> {
     Spi::connect_mut(|client| {
         let ext_owner = extension_owner(client)?;
-        let Some(t) = target(client, ext_owner, source_id, "INSERT, UPDATE, DELETE")? else { return Ok(()) };
+        let Some(t) = target(client, ext_owner, source_id, "INSERT, UPDATE, DELETE", false)? else { return Ok(()) };
         // as the table's owner: a domain check or input function of a key type is its code
         let bad = as_table_owner(t.owner, || {
             Ok(client
@@ -124,11 +125,12 @@ fn enqueue_applied(source_id: i32, keys: Vec<Option<String>>) -> Result<(), Side
 fn enqueue_orphans(source_id: i32) -> Result<i64, SidecarError> {
     Spi::connect_mut(|client| {
         let ext_owner = extension_owner(client)?;
-        let Some(t) = target(client, ext_owner, source_id, "TRUNCATE, DELETE")? else { return Ok(0) };
+        let Some(t) = target(client, ext_owner, source_id, "TRUNCATE, DELETE", true)? else { return Ok(0) };
         // read as the table's owner: the sidecar and its policies are the owner's
         let keys = as_table_owner(t.owner, || {
             let mut keys = Vec::new();
-            for r in client.select(t.orphans_sql.as_str(), None, &[])? {
+            let sql = t.orphans_sql.as_deref().unwrap_or("SELECT NULL::text WHERE false");
+            for r in client.select(sql, None, &[])? {
                 keys.push(r.get::<String>(1)?);
             }
             Ok(keys)
