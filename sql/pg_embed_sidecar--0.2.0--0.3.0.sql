@@ -1803,16 +1803,15 @@ BEGIN
 END
 $$;
 
--- One shard's nearest rows: its label, the key as a JSON array, the distance. $1 the query
--- vector (real[]), $2 the model's identity (a node's rows of another model are never compared with it).
-CREATE OR REPLACE FUNCTION embed_sidecar._shard_nearest_sql(shard regclass, k int) RETURNS text
+-- The key columns of a shard: every column but embedding and model, in column order (a relation
+-- without those two, or without other columns, is refused).
+CREATE OR REPLACE FUNCTION embed_sidecar._shard_keys(shard regclass) RETURNS smallint[]
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     key_nums smallint[] := ARRAY(SELECT a.attnum FROM pg_attribute a
                                   WHERE a.attrelid = shard AND a.attnum > 0 AND NOT a.attisdropped
                                     AND a.attname NOT IN ('embedding', 'model') ORDER BY a.attnum);
-    vec text := format('%I.vector', embed_sidecar._vector_schema());
 BEGIN
     IF cardinality(key_nums) = 0
        OR (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = shard AND a.attname IN ('embedding', 'model')
@@ -1821,37 +1820,51 @@ BEGIN
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'CREATE FOREIGN TABLE over a node''s sidecar with its key columns, embedding and model (README, "Beyond one machine").';
     END IF;
-    -- The inner query is what the node runs (key columns, distance, ORDER BY ... LIMIT: all of it
-    -- shippable, so postgres_fdw sends the LIMIT too); the key's JSON is made here. $1 arrives as
-    -- real[]; its cast to vector is folded into a constant before the query is sent, so the node
-    -- sees a vector literal and can use its index.
-    RETURN format('(SELECT %L::text AS shard, %s::jsonb AS key, n._pes_distance AS distance
-                      FROM (SELECT %s, t.embedding OPERATOR(%I.<=>) $1::%s AS _pes_distance
-                              FROM %s t WHERE t.model = $2 ORDER BY _pes_distance LIMIT %s) n)',
-                  shard, embed_sidecar._row_key_sql(shard, key_nums, 'n'), embed_sidecar._columns(shard, key_nums, 't'),
-                  embed_sidecar._vector_schema(), vec, shard, k);
+    RETURN key_nums;
+END
+$$;
+
+-- One shard's k nearest rows: its label, its key columns, model, distance. $1 the query vector
+-- (real[]: its cast to vector is folded into a constant before the query is sent, so the node
+-- sees a vector literal and can use its index). Everything but the label is the node's work, so
+-- postgres_fdw sends the ORDER BY and the LIMIT; no filter on the model (with one the planner
+-- sorts here instead): the rows' model is checked after (search_shards).
+CREATE OR REPLACE FUNCTION embed_sidecar._shard_nearest_sql(shard regclass, k int) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN format('(SELECT %L::text AS shard, %s, t.model, t.embedding OPERATOR(%I.<=>) $1::%I.vector AS _pes_distance
+                      FROM %s t ORDER BY _pes_distance LIMIT %s)',
+                  shard, embed_sidecar._columns(shard, embed_sidecar._shard_keys(shard), 't'),
+                  embed_sidecar._vector_schema(), embed_sidecar._vector_schema(), shard, k);
 END
 $$;
 
 -- The k nearest rows over every shard, merged: equal to the k nearest of one node holding all
 -- the rows (each shard returns its own k nearest, and the k nearest overall are among them).
--- Without partial, the shards are asked in one statement (concurrently, where their servers are
--- async_capable) and a shard that does not answer is an error naming it; with partial, each is
--- asked on its own, one that does not answer is left out with a WARNING, and every row says
--- complete = false. Ties in distance go by key, as on one node with the same vectors.
+-- Without partial, the shards are asked in one statement, an Append of their scans that
+-- PostgreSQL runs concurrently where the servers are async_capable (the union is a materialized
+-- CTE, and the merge sorts its result: an ORDER BY over the union itself would make the planner
+-- merge ordered scans one node after the other), and a shard that does not answer is an error
+-- naming it; with partial, each is asked on its own, one that does not answer is left out with a
+-- WARNING, and every row says complete = false. A shard whose rows were made by another model
+-- than the query's is an error (a search never mixes models). Ties in distance go by key.
 CREATE OR REPLACE FUNCTION embed_sidecar.search_shards(shards regclass[], query text, k int DEFAULT 10, partial boolean DEFAULT false,
                                             model text DEFAULT NULL)
     RETURNS TABLE (shard text, key jsonb, distance float8, complete boolean)
-    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+    -- (distances travel through jsonb: every digit of each float)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET extra_float_digits = 3
 AS $$
 DECLARE
     model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
     model_id text := embed_sidecar._model_id(model_name);
+    key_sql text;
     q real[];
     one_shard regclass;
     hits jsonb := '[]';
     part jsonb;
     missing text[] := '{}';
+    other record;
 BEGIN
     IF k IS NULL OR k < 0 THEN
         RAISE EXCEPTION 'pg_embed_sidecar: k must not be negative, not %', coalesce(k::text, 'NULL')
@@ -1861,40 +1874,51 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
     END IF;
+    -- the key's JSON, made here from the columns the nodes return (named as in the first shard)
+    key_sql := embed_sidecar._row_key_sql(shards[1], embed_sidecar._shard_keys(shards[1]), 'f');
     q := embed_sidecar._embed_query(model_name, model_id, query);
     IF NOT partial THEN
         BEGIN
-            RETURN QUERY EXECUTE format('SELECT u.shard, u.key, u.distance, true FROM (%s) u ORDER BY u.distance, u.key LIMIT %s',
-                                        (SELECT string_agg(embed_sidecar._shard_nearest_sql(x, k), ' UNION ALL ')
-                                           FROM unnest(shards) x), k)
-                USING q, model_id;
+            EXECUTE format('WITH fan AS MATERIALIZED (%s)
+                            SELECT coalesce(jsonb_agg(jsonb_build_array(f.shard, (%s)::jsonb, f._pes_distance, f.model)), ''[]'')
+                              FROM fan f',
+                           (SELECT string_agg(embed_sidecar._shard_nearest_sql(x, k), ' UNION ALL ') FROM unnest(shards) x), key_sql)
+               INTO hits USING q;
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('42809', '22023', '42501') THEN
+            IF SQLSTATE IN ('42809', '42501', '42804') THEN
                 RAISE;
             END IF;
             RAISE EXCEPTION 'pg_embed_sidecar: a shard did not answer: %', SQLERRM
                 USING ERRCODE = SQLSTATE,
                       HINT = 'search_shards(..., partial => true) answers from the shards that do, and marks the answer incomplete.';
         END;
-        RETURN;
+    ELSE
+        FOREACH one_shard IN ARRAY shards LOOP
+            BEGIN
+                EXECUTE format('SELECT coalesce(jsonb_agg(jsonb_build_array(f.shard, (%s)::jsonb, f._pes_distance, f.model)), ''[]'')
+                                  FROM %s f', key_sql, embed_sidecar._shard_nearest_sql(one_shard, k))
+                   INTO part USING q;
+                hits := hits || part;
+            EXCEPTION WHEN OTHERS THEN
+                IF SQLSTATE IN ('42809', '42501', '42804') THEN
+                    RAISE;
+                END IF;
+                missing := missing || one_shard::text;
+                RAISE WARNING 'pg_embed_sidecar: shard % did not answer, left out: %', one_shard, SQLERRM;
+            END;
+        END LOOP;
+        IF cardinality(missing) = cardinality(shards) THEN
+            RAISE EXCEPTION 'pg_embed_sidecar: no shard answered (%)', array_to_string(missing, ', ')
+                USING ERRCODE = 'connection_failure', HINT = 'See the WARNINGs above for each shard''s error.';
+        END IF;
     END IF;
-    FOREACH one_shard IN ARRAY shards LOOP
-        BEGIN
-            EXECUTE format('SELECT coalesce(jsonb_agg(jsonb_build_array(b.shard, b.key, b.distance)), ''[]'') FROM %s b',
-                           embed_sidecar._shard_nearest_sql(one_shard, k))
-               INTO part USING q, model_id;
-            hits := hits || part;
-        EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('42809', '42501') THEN
-                RAISE;
-            END IF;
-            missing := missing || one_shard::text;
-            RAISE WARNING 'pg_embed_sidecar: shard % did not answer, left out: %', one_shard, SQLERRM;
-        END;
-    END LOOP;
-    IF cardinality(missing) = cardinality(shards) THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: no shard answered (%)', array_to_string(missing, ', ')
-            USING ERRCODE = 'connection_failure', HINT = 'See the WARNINGs above for each shard''s error.';
+    SELECT h ->> 0 AS shard, h ->> 3 AS model INTO other FROM jsonb_array_elements(hits) h
+     WHERE h ->> 3 IS DISTINCT FROM model_id LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: shard % holds vectors of model %, not of the query''s %', other.shard,
+                        coalesce(quote_literal(other.model), 'NULL'), quote_literal(model_id)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Every node must embed with the query node''s model (same files): pass model => ..., or reembed() there.';
     END IF;
     RETURN QUERY SELECT h ->> 0, h -> 1, (h ->> 2)::float8, cardinality(missing) = 0
                    FROM jsonb_array_elements(hits) h ORDER BY (h ->> 2)::float8, h -> 1 LIMIT k;
@@ -2345,7 +2369,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
 GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text), embed_sidecar._enqueue_applied(int, text[]),
     embed_sidecar._enqueue_orphans(int), embed_sidecar._replication_lag(regclass) TO PUBLIC;
 -- search across embedding nodes (sql/shards.sql): runs as its caller, as search does
-GRANT EXECUTE ON FUNCTION embed_sidecar._shard_nearest_sql(regclass, int), embed_sidecar._model_id(text),
+GRANT EXECUTE ON FUNCTION embed_sidecar._shard_keys(regclass), embed_sidecar._shard_nearest_sql(regclass, int), embed_sidecar._model_id(text),
     embed_sidecar.search_shards(regclass[], text, int, boolean, text) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
