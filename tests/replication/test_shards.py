@@ -143,3 +143,18 @@ def test_a_node_down_is_an_error_or_an_explicitly_partial_answer(query_node):
     finally:
         shards[1].start()
     assert all(r[3] for r in merged(db, QUERIES[0]))
+
+
+def test_a_shard_of_another_model_is_refused_not_mixed(db):
+    """A node whose vectors were made by another model (other files) is an error, never compared
+    with the query's vector (a search never mixes models). Any relation with the key columns,
+    embedding and model is a shard, so a local table stands in for a node here."""
+    db.execute("CREATE TABLE other_node (id int, embedding vector(384), model text)")
+    db.execute("INSERT INTO other_node SELECT 1, embed_text('x'), 'all-MiniLM-L6-v2@000000000000'")
+    with pytest.raises(psycopg.Error) as e:
+        db.execute("SELECT * FROM embed_sidecar.search_shards(ARRAY['other_node']::regclass[], 'x', 5)")
+    assert e.value.sqlstate == "55000" and "holds vectors of model" in e.value.diag.message_primary
+    db.execute("CREATE TABLE not_a_shard (id int, body text)")
+    with pytest.raises(psycopg.Error) as e:
+        db.execute("SELECT * FROM embed_sidecar.search_shards(ARRAY['not_a_shard']::regclass[], 'x', 5)")
+    assert e.value.sqlstate == "42809"
