@@ -1803,15 +1803,15 @@ BEGIN
 END
 $$;
 
--- The key columns of a shard: every column but embedding and model, in column order (a relation
--- without those two, or without other columns, is refused).
+-- The key columns of a shard: every column but embedding, model and fts, in column order (a
+-- relation without embedding and model, or without other columns, is refused).
 CREATE OR REPLACE FUNCTION embed_sidecar._shard_keys(shard regclass) RETURNS smallint[]
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     key_nums smallint[] := ARRAY(SELECT a.attnum FROM pg_attribute a
                                   WHERE a.attrelid = shard AND a.attnum > 0 AND NOT a.attisdropped
-                                    AND a.attname NOT IN ('embedding', 'model') ORDER BY a.attnum);
+                                    AND a.attname NOT IN ('embedding', 'model', 'fts') ORDER BY a.attnum);
 BEGIN
     IF cardinality(key_nums) = 0
        OR (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = shard AND a.attname IN ('embedding', 'model')
@@ -1840,71 +1840,72 @@ BEGIN
 END
 $$;
 
--- The k nearest rows over every shard, merged: equal to the k nearest of one node holding all
--- the rows (each shard returns its own k nearest, and the k nearest overall are among them).
--- Without partial, the shards are asked in one statement, an Append of their scans that
+-- One shard's best-ranked rows for full text (hybrid_search_shards): label, key columns, model,
+-- ts_rank as the node computes it (from the row's own lexemes only, so ranks from different nodes
+-- compare). $2 the tsquery, made on the query node and sent as a constant.
+CREATE OR REPLACE FUNCTION embed_sidecar._shard_text_sql(shard regclass, candidates int) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = shard AND a.attname = 'fts' AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: shard % has no fts column for hybrid_search_shards', shard
+            USING ERRCODE = 'wrong_object_type', HINT = 'Add the sidecar''s fts column (tsvector) to the foreign table.';
+    END IF;
+    RETURN format('(SELECT %L::text AS shard, %s, t.model, pg_catalog.ts_rank(t.fts, $2, 1)::float8 AS _pes_distance
+                      FROM %s t WHERE t.fts OPERATOR(pg_catalog.@@) $2 ORDER BY _pes_distance DESC, %s LIMIT %s)',
+                  shard, embed_sidecar._columns(shard, embed_sidecar._shard_keys(shard), 't'), shard,
+                  embed_sidecar._columns(shard, embed_sidecar._shard_keys(shard), 't'), candidates);
+END
+$$;
+
+-- Ask every shard one query (branches[i] for shards[i], made by _shard_nearest_sql or
+-- _shard_text_sql; $1 the query vector, $2 the tsquery) and return every row they gave, as
+-- [shard, key, value, model]. Without partial, in one statement: an Append of their scans that
 -- PostgreSQL runs concurrently where the servers are async_capable (the union is a materialized
--- CTE, and the merge sorts its result: an ORDER BY over the union itself would make the planner
--- merge ordered scans one node after the other), and a shard that does not answer is an error
--- naming it; with partial, each is asked on its own, one that does not answer is left out with a
--- WARNING, and every row says complete = false. A shard whose rows were made by another model
--- than the query's is an error (a search never mixes models). Ties in distance go by key.
-CREATE OR REPLACE FUNCTION embed_sidecar.search_shards(shards regclass[], query text, k int DEFAULT 10, partial boolean DEFAULT false,
-                                            model text DEFAULT NULL)
-    RETURNS TABLE (shard text, key jsonb, distance float8, complete boolean)
-    -- (distances travel through jsonb: every digit of each float)
+-- CTE: an ORDER BY over the union itself would make the planner merge ordered scans one node
+-- after the other), and a shard that does not answer is an error naming it. With partial, each
+-- on its own; one that does not answer is left out (WARNING) and named in missing. A shard whose
+-- rows were made by another model than model_id is an error (a search never mixes models).
+CREATE OR REPLACE FUNCTION embed_sidecar._fan_out(shards regclass[], branches text[], partial boolean, q real[], tq tsquery,
+                                       model_id text, OUT hits jsonb, OUT missing text[])
+    -- (values travel through jsonb: every digit of each float)
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET extra_float_digits = 3
 AS $$
 DECLARE
-    model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
-    model_id text := embed_sidecar._model_id(model_name);
-    key_sql text;
-    q real[];
-    one_shard regclass;
-    hits jsonb := '[]';
+    -- the key's JSON, made here from the columns the nodes return (named as in the first shard)
+    key_sql text := embed_sidecar._row_key_sql(shards[1], embed_sidecar._shard_keys(shards[1]), 'f');
     part jsonb;
-    missing text[] := '{}';
     other record;
 BEGIN
-    IF k IS NULL OR k < 0 THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: k must not be negative, not %', coalesce(k::text, 'NULL')
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'k is how many rows the search returns.';
-    END IF;
-    IF coalesce(cardinality(shards), 0) = 0 THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
-    END IF;
-    -- the key's JSON, made here from the columns the nodes return (named as in the first shard)
-    key_sql := embed_sidecar._row_key_sql(shards[1], embed_sidecar._shard_keys(shards[1]), 'f');
-    q := embed_sidecar._embed_query(model_name, model_id, query);
+    hits := '[]';
+    missing := '{}';
     IF NOT partial THEN
         BEGIN
             EXECUTE format('WITH fan AS MATERIALIZED (%s)
                             SELECT coalesce(jsonb_agg(jsonb_build_array(f.shard, (%s)::jsonb, f._pes_distance, f.model)), ''[]'')
-                              FROM fan f',
-                           (SELECT string_agg(embed_sidecar._shard_nearest_sql(x, k), ' UNION ALL ') FROM unnest(shards) x), key_sql)
-               INTO hits USING q;
+                              FROM fan f', array_to_string(branches, ' UNION ALL '), key_sql)
+               INTO hits USING q, tq;
         EXCEPTION WHEN OTHERS THEN
             IF SQLSTATE IN ('42809', '42501', '42804') THEN
                 RAISE;
             END IF;
             RAISE EXCEPTION 'pg_embed_sidecar: a shard did not answer: %', SQLERRM
                 USING ERRCODE = SQLSTATE,
-                      HINT = 'search_shards(..., partial => true) answers from the shards that do, and marks the answer incomplete.';
+                      HINT = 'Pass partial => true to answer from the shards that do, with the answer marked incomplete.';
         END;
     ELSE
-        FOREACH one_shard IN ARRAY shards LOOP
+        FOR i IN 1 .. cardinality(shards) LOOP
             BEGIN
                 EXECUTE format('SELECT coalesce(jsonb_agg(jsonb_build_array(f.shard, (%s)::jsonb, f._pes_distance, f.model)), ''[]'')
-                                  FROM %s f', key_sql, embed_sidecar._shard_nearest_sql(one_shard, k))
-                   INTO part USING q;
+                                  FROM %s f', key_sql, branches[i])
+                   INTO part USING q, tq;
                 hits := hits || part;
             EXCEPTION WHEN OTHERS THEN
                 IF SQLSTATE IN ('42809', '42501', '42804') THEN
                     RAISE;
                 END IF;
-                missing := missing || one_shard::text;
-                RAISE WARNING 'pg_embed_sidecar: shard % did not answer, left out: %', one_shard, SQLERRM;
+                missing := missing || shards[i]::text;
+                RAISE WARNING 'pg_embed_sidecar: shard % did not answer, left out: %', shards[i], SQLERRM;
             END;
         END LOOP;
         IF cardinality(missing) = cardinality(shards) THEN
@@ -1920,12 +1921,92 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Every node must embed with the query node''s model (same files): pass model => ..., or reembed() there.';
     END IF;
-    RETURN QUERY SELECT h ->> 0, h -> 1, (h ->> 2)::float8, cardinality(missing) = 0
-                   FROM jsonb_array_elements(hits) h ORDER BY (h ->> 2)::float8, h -> 1 LIMIT k;
+END
+$$;
+
+-- The k nearest rows over every shard, merged: equal to the k nearest of one node holding all
+-- the rows (each shard returns its own k nearest, and the k nearest overall are among them).
+-- Without partial, the shards are asked in one statement, an Append of their scans that
+-- PostgreSQL runs concurrently where the servers are async_capable (the union is a materialized
+-- CTE, and the merge sorts its result: an ORDER BY over the union itself would make the planner
+-- merge ordered scans one node after the other), and a shard that does not answer is an error
+-- naming it; with partial, each is asked on its own, one that does not answer is left out with a
+-- WARNING, and every row says complete = false. A shard whose rows were made by another model
+-- than the query's is an error (a search never mixes models). Ties in distance go by key.
+CREATE OR REPLACE FUNCTION embed_sidecar.search_shards(shards regclass[], query text, k int DEFAULT 10, partial boolean DEFAULT false,
+                                            model text DEFAULT NULL)
+    RETURNS TABLE (shard text, key jsonb, distance float8, complete boolean)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
+    model_id text := embed_sidecar._model_id(model_name);
+    got record;
+BEGIN
+    IF k IS NULL OR k < 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: k must not be negative, not %', coalesce(k::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'k is how many rows the search returns.';
+    END IF;
+    IF coalesce(cardinality(shards), 0) = 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
+    END IF;
+    got := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_nearest_sql(x, k) FROM unnest(shards) x),
+                                  partial, embed_sidecar._embed_query(model_name, model_id, query), NULL, model_id);
+    RETURN QUERY SELECT h ->> 0, h -> 1, (h ->> 2)::float8, cardinality(got.missing) = 0
+                   FROM jsonb_array_elements(got.hits) h ORDER BY (h ->> 2)::float8, h -> 1 LIMIT k;
 END
 $$;
 COMMENT ON FUNCTION embed_sidecar.search_shards(regclass[], text, int, boolean, text) IS
     'The k nearest rows over several embedding nodes'' sidecars (postgres_fdw foreign tables), merged; a node that does not answer is an error, or with partial => true is left out and every row says complete = false';
+
+-- hybrid_search over shards: each node gives its `candidates` nearest rows and its `candidates`
+-- best-ranked rows for full text; merged, each side keeps the `candidates` best over all nodes and
+-- ranks them as one node holding every row would (ts_rank reads a row's own lexemes only, so ranks
+-- from different nodes compare), then the two ranks are fused as hybrid_search() fuses them
+-- (reciprocal rank fusion). Partial and errors as search_shards. One vector per row (a chunked
+-- sidecar's passages are not grouped by row here).
+CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search_shards(shards regclass[], query text, k int DEFAULT 10, candidates int DEFAULT 100,
+    vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0, rrf_k int DEFAULT 60, partial boolean DEFAULT false,
+    model text DEFAULT NULL, fts_config regconfig DEFAULT 'english')
+    RETURNS TABLE (shard text, key jsonb, score float8, vector_rank int, text_rank int, complete boolean)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    model_name text := coalesce(hybrid_search_shards.model, current_setting('pg_embed_sidecar.model'));
+    model_id text := embed_sidecar._model_id(model_name);
+    v record;
+    t record;
+BEGIN
+    IF k IS NULL OR k < 0 OR candidates IS NULL OR candidates < k THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: hybrid_search_shards() needs 0 <= k <= candidates (k %, candidates %)',
+                        coalesce(k::text, 'NULL'), coalesce(candidates::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'candidates is how many rows each side ranks before they are fused.';
+    END IF;
+    IF coalesce(cardinality(shards), 0) = 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: hybrid_search_shards() needs at least one shard'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
+    END IF;
+    v := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_nearest_sql(x, candidates) FROM unnest(shards) x),
+                                partial, embed_sidecar._embed_query(model_name, model_id, query), NULL, model_id);
+    t := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_text_sql(x, candidates) FROM unnest(shards) x),
+                                partial, NULL, embed_sidecar.any_words_tsquery(fts_config, query), model_id);
+    RETURN QUERY
+        WITH vs AS (SELECT h ->> 0 AS shard, h -> 1 AS key,
+                           row_number() OVER (ORDER BY (h ->> 2)::float8, h -> 1)::int AS r
+                      FROM jsonb_array_elements(v.hits) h ORDER BY (h ->> 2)::float8, h -> 1 LIMIT candidates),
+             fs AS (SELECT h ->> 0 AS shard, h -> 1 AS key,
+                           row_number() OVER (ORDER BY (h ->> 2)::float8 DESC, h -> 1)::int AS r
+                      FROM jsonb_array_elements(t.hits) h ORDER BY (h ->> 2)::float8 DESC, h -> 1 LIMIT candidates)
+        SELECT coalesce(vs.shard, fs.shard), coalesce(vs.key, fs.key),
+               coalesce(vector_weight / (rrf_k + vs.r), 0) + coalesce(text_weight / (rrf_k + fs.r), 0),
+               vs.r, fs.r, cardinality(v.missing) + cardinality(t.missing) = 0
+          FROM vs FULL JOIN fs ON vs.key = fs.key
+         ORDER BY 3 DESC, 2 LIMIT k;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.hybrid_search_shards(regclass[], text, int, int, float8, float8, int, boolean, text, regconfig) IS
+    'hybrid_search over several embedding nodes'' sidecars (postgres_fdw foreign tables with fts): each side merged over the nodes, then fused by reciprocal rank; errors and partial answers as search_shards';
 
 -- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
 -- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
@@ -2370,7 +2451,9 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text)
     embed_sidecar._enqueue_orphans(int), embed_sidecar._replication_lag(regclass) TO PUBLIC;
 -- search across embedding nodes (sql/shards.sql): runs as its caller, as search does
 GRANT EXECUTE ON FUNCTION embed_sidecar._shard_keys(regclass), embed_sidecar._shard_nearest_sql(regclass, int), embed_sidecar._model_id(text),
-    embed_sidecar.search_shards(regclass[], text, int, boolean, text) TO PUBLIC;
+    embed_sidecar.search_shards(regclass[], text, int, boolean, text), embed_sidecar._shard_text_sql(regclass, int),
+    embed_sidecar._fan_out(regclass[], text[], boolean, real[], tsquery, text),
+    embed_sidecar.hybrid_search_shards(regclass[], text, int, int, float8, float8, int, boolean, text, regconfig) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),

@@ -83,7 +83,7 @@ CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
 --@copy _widen_ef_search _search_rows search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _row_key_sql _enqueue_applied_row _enqueue_truncated _orphans_sql _subscribed _follow_subscription
 --@copy _on_subscription_ddl embed_sidecar_subscription _replication_lag _drop_trigger_if_there
---@copy _shard_keys _shard_nearest_sql search_shards
+--@copy _shard_keys _shard_nearest_sql _shard_text_sql _fan_out search_shards hybrid_search_shards
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _written_here_sql _on_ddl_end embed_text embed_query
 

@@ -114,6 +114,43 @@ def test_merged_top_k_equals_one_node_holding_every_row(query_node):
         assert len(got) == 10
 
 
+def one_node_with_the_same_vectors(db, publisher):
+    """Table docs_all here: every row of the publisher, watched with the nodes' vectors adopted
+    (watch(adopt => ...)), so search() and hybrid_search() on it are one node holding every row
+    with the same vectors; its HNSW search looks at every row (ef_search), so it is exact."""
+    with publisher.connect() as p:
+        rows = p.execute("SELECT id, body FROM docs").fetchall()
+    db.execute("CREATE TABLE docs_all (id int PRIMARY KEY, body text, vec vector(384))")
+    with db.cursor() as cur:
+        cur.executemany("INSERT INTO docs_all (id, body) VALUES (%s, %s)", rows)
+    union = " UNION ALL ".join(f"SELECT id, embedding FROM docs_vectors_{i}" for i in range(K))
+    db.execute(f"UPDATE docs_all a SET vec = v.embedding FROM ({union}) v WHERE v.id = a.id")
+    db.execute("SELECT embed_sidecar.watch('docs_all', 'body', adopt => 'vec')")
+    assert one(db, "SELECT embed_sidecar.wait('docs_all', '120 s')")
+    db.execute("SET hnsw.ef_search = 1000")
+
+
+def test_merged_search_and_hybrid_search_equal_search_on_one_node(query_node):
+    db, publisher, shards = query_node
+    db.execute(f"ALTER FOREIGN TABLE docs_vectors_0 ADD COLUMN fts tsvector")
+    for i in range(1, K):
+        db.execute(f"ALTER FOREIGN TABLE docs_vectors_{i} ADD COLUMN fts tsvector")
+    one_node_with_the_same_vectors(db, publisher)
+    tables = [f"docs_vectors_{i}" for i in range(K)]
+    for query in QUERIES:
+        got = db.execute("SELECT key, distance FROM embed_sidecar.search_shards(%s::regclass[], %s, 10)", (tables, query)).fetchall()
+        want = db.execute("SELECT key, distance FROM embed_sidecar.search('docs_all', %s, 10)", (query,)).fetchall()
+        assert [r[0] for r in got] == [r[0] for r in want], query
+        # (candidates above the row count: which of many rows with equal ts_rank one node keeps at
+        # its LIMIT is its plan's choice, on one node as on several; above it, every side is ranked
+        # whole, ties by key, and the fusion must agree exactly)
+        got = db.execute("SELECT key, vector_rank, text_rank FROM embed_sidecar.hybrid_search_shards(%s::regclass[], %s, 10, 1000)",
+                         (tables, query)).fetchall()
+        want = db.execute("SELECT key, vector_rank, text_rank FROM embed_sidecar.hybrid_search('docs_all', %s, 10, 1000)",
+                          (query,)).fetchall()
+        assert got == want, query
+
+
 def test_replicated_changes_reach_the_right_node(query_node):
     db, publisher, shards = query_node
     with publisher.connect() as p:
