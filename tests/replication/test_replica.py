@@ -188,3 +188,24 @@ def test_enqueue_applied_refuses_roles_that_may_not_write(db, make_role):
         assert error_of(db, "SELECT embed_sidecar._enqueue_orphans(%s)", (sid,))[0] == "42501"
     finally:
         db.execute("RESET ROLE")
+
+
+def test_composite_and_text_keys_replicate(db, replicated):
+    """Keys of several columns and types (text, timestamptz, numeric) go through the replica
+    trigger in the form the drain reads back, whatever the session's DateStyle."""
+    pub, subscribe = replicated("site text, at timestamptz, n numeric, body text, PRIMARY KEY (site, at, n)")
+    db.execute("ALTER DATABASE pes_test SET DateStyle = 'SQL, DMY'")
+    try:
+        watch(db, "docs")
+        pub.execute("""INSERT INTO docs SELECT 'site ' || i % 3, timestamptz '2026-01-01 00:00+00' + i * interval '1 hour', i / 7.0,
+                              'page ' || i || ' of a site' FROM generate_series(1, 40) i""")
+        subscribe()
+        pub.execute("UPDATE docs SET body = body || ' (edited)' WHERE n < 2")
+        pub.execute("DELETE FROM docs WHERE site = 'site 1'")
+        pub.execute("UPDATE docs SET at = at + interval '1 day' WHERE site = 'site 2'")  # keys that change
+        eventually(lambda: table_digest(pub, "docs", key="(site, at, n)") == table_digest(db, "docs", key="(site, at, n)"),
+                   "the subscriber did not catch up")
+        wait(db, "docs", 300)
+        assert db.execute("SELECT missing, stale, orphans FROM embed_sidecar.verify('docs')").fetchone() == (0, 0, 0)
+    finally:
+        db.execute("ALTER DATABASE pes_test RESET DateStyle")
