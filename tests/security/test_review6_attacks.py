@@ -306,7 +306,9 @@ def test_search_shards_over_a_sidecar_keeps_row_security(db, make_role):
     security), whatever function reads it; search_shards runs as its caller.
     Attack: a reader who may see only row 1 passes the owner's sidecar itself as a 'shard' (it has
     key columns, embedding and model), with partial => true too.
-    Safe outcome: only key [1] comes back."""
+    Safe outcome: only key [1] comes back. (Every sidecar column but embedding, model and fts counts
+    as a key column of a shard, so the 'key' also carries content_hash and embedded_at: only its
+    first element, id, is compared.)"""
     r = make_role("rv6_shard_reader")
     db.execute("CREATE TABLE t (id int PRIMARY KEY, body text, vis boolean)")
     db.execute("INSERT INTO t SELECT i, 'rivers in winter ' || i, i = 1 FROM generate_series(1, 6) i")
@@ -317,7 +319,7 @@ def test_search_shards_over_a_sidecar_keeps_row_security(db, make_role):
     db.execute("ALTER TABLE t ENABLE ROW LEVEL SECURITY")
     with connect_as(r, db.schema) as c:
         for partial in (False, True):
-            keys = [k for (k,) in c.execute(
+            keys = [k[:1] for (k,) in c.execute(
                 "SELECT key FROM embed_sidecar.search_shards(%s::regclass[], 'rivers', 10, partial => %s)",
                 ([side], partial)).fetchall()]
             assert keys == [[1]], f"search_shards(partial => {partial}) over the sidecar gave the reader {keys}"
@@ -348,7 +350,8 @@ def test_fan_out_is_no_more_than_the_callers_own_sql(db, make_role):
     db.execute("INSERT INTO secret VALUES (1, 'the secret')")
     side = watch(db, "secret")
     wait(db, "secret")
-    branch = f"(SELECT 'x'::text AS shard, t.id, t.model, 0::float8 AS _pes_distance FROM {side} t)"
+    side = f'"{db.schema}".{side.split(".")[-1]}'
+    branch = f"(SELECT 'x'::text AS shard, t.id, t.content_hash, t.embedded_at, t.model, 0::float8 AS _pes_distance FROM {side} t)"
     with connect_as(n, db.schema) as c:
         e = error_of(c, "SELECT * FROM embed_sidecar._fan_out(%s::regclass[], ARRAY[%s], false, NULL, NULL, 'm')",
                      ([side], branch))
