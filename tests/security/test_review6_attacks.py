@@ -456,3 +456,89 @@ def test_create_subscription_drops_only_the_subscribed_tables_foreign_key(db, su
     assert wait_until(lambda: synced(db, ["docs"]), 120), "the initial copy did not finish"
     assert fk_count(db, side_docs, "docs") == 0, "the subscribed table's sidecar kept its foreign key"
     assert fk_count(db, side_theirs, "theirs") == 1, "another owner's sidecar lost its foreign key"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. key types the replica trigger prints with format('%s') instead of jsonb_build_array
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keytype,values", [
+    ("pair", ["(1,a)", "(2,\"b c\")", "(3,d)"]),
+    ("mood", ["happy", "sad", "ok"]),
+    ("int4range", ["[1,3)", "[5,9)", "empty"]),
+    ("dpair", ["(1,a)", "(2,\"b c\")", "(3,d)"]),
+    ("int4[]", ["{1,2}", "{3}", "{}"]),
+], ids=["composite", "enum", "range", "domain_over_composite", "array"])
+def test_replica_mode_writes_with_non_catalog_key_types_stay_in_step(db, keytype, values):
+    """Promise (README, Guarantees): writes under session_replication_role = replica (as the apply
+    worker's) reach the sidecar: inserts embedded, key changes move the vector, deletes remove it
+    (verify: 0 missing, 0 stale, 0 orphans). The replica trigger prints keys of types outside
+    pg_catalog with format('%s') (a JSON string), the statement triggers with jsonb_build_array
+    (for a composite: a JSON object), and "the drain dedupes the two".
+    Attack: tables keyed by a composite, an enum, a range, a domain over a composite, an array;
+    local writes first, then replica-mode inserts, updates (text and key), deletes.
+    Safe outcome: verify() reports 0 missing, 0 stale, 0 orphans; no dead letters."""
+    db.execute("CREATE TYPE pair AS (a int, b text)")
+    db.execute("CREATE TYPE mood AS ENUM ('happy', 'sad', 'ok', 'meh')")
+    db.execute("CREATE DOMAIN dpair AS pair CHECK ((VALUE).a > 0)")
+    db.execute(f"CREATE TABLE kt (id {keytype} PRIMARY KEY, body text)")
+    v1, v2, v3 = values
+    k = f"%s::text::{keytype}"
+    db.execute(f"INSERT INTO kt VALUES ({k}, 'first row about rivers'), ({k}, 'second row about chess')", (v1, v2))
+    watch(db, "kt")
+    wait(db, "kt")
+    local = error_of(db, f"UPDATE kt SET body = body || ' (local edit)' WHERE id = {k}", (v1,))
+    wait(db, "kt")
+    db.execute("SET session_replication_role = replica")
+    try:
+        db.execute(f"INSERT INTO kt VALUES ({k}, 'third row about sailing')", (v3,))
+        db.execute(f"UPDATE kt SET body = 'second row, rewritten by the apply worker' WHERE id = {k}", (v2,))
+        db.execute(f"DELETE FROM kt WHERE id = {k}", (v1,))
+    finally:
+        db.execute("RESET session_replication_role")
+    wait(db, "kt")
+    got = db.execute("SELECT missing, stale, orphans FROM embed_sidecar.verify('kt')").fetchone()
+    dead = one(db, "SELECT count(*) FROM embed_sidecar.failures f JOIN embed_sidecar.sources s ON s.id = f.source_id "
+                   "WHERE s.source = 'kt'::regclass")
+    assert got == (0, 0, 0) and dead == 0, f"{keytype} key: verify (missing, stale, orphans) = {got}, dead letters {dead}"
+    # (not the replica path, and on main too: the statement trigger's key of a composite or array
+    # column is a JSON object / nested array that its own key check cannot read back)
+    assert local is None, f"{keytype} key: a plain local UPDATE of the watched table is refused: {local}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. PostgreSQL 16+: a non-superuser may own a subscription (pg_create_subscription)
+# ---------------------------------------------------------------------------------------------
+
+def test_subscription_of_a_non_superuser_cannot_drop_another_owners_foreign_key(db, make_role, subscription):
+    """Promise: one tenant cannot make another's sidecar lose its foreign key. The event trigger
+    embed_sidecar_subscription runs _on_subscription_ddl SECURITY DEFINER (the extension's owner)
+    after every CREATE/ALTER SUBSCRIPTION and drops the foreign key of EVERY watched table that
+    pg_subscription_rel lists; PostgreSQL adds a local table there by name, without checking that
+    the subscription's owner may write it. On PostgreSQL 15 only superusers own subscriptions; the
+    extension also builds for 17 and 18, where pg_create_subscription lets an ordinary role
+    subscribe to a publication (on a server it controls) that names another owner's table.
+    Attack (16+ only): a role with pg_create_subscription subscribes to a publication of a table
+    named like the victim's watched table.
+    Safe outcome: the victim's sidecar keeps its foreign key."""
+    if one(db, "SHOW server_version_num").isdigit() and int(one(db, "SHOW server_version_num")) < 160000:
+        pytest.skip("PostgreSQL 15: only superusers own subscriptions (the attack is on paper here; see the docstring)")
+    m = make_role("rv6_subscriber")
+    v = make_role("rv6_fk_victim")
+    db.execute(f'GRANT pg_create_subscription TO "{m}"')
+    db.execute(f'GRANT CREATE ON DATABASE pes_test TO "{m}"')
+    pub, _ = subscription({"docs": "id int PRIMARY KEY, body text"})
+    db.execute(f'ALTER TABLE docs OWNER TO "{v}"')
+    side = watch(db, "docs")
+    assert fk_count(db, side, "docs") == 1
+    name = "rv6_m_" + uuid.uuid4().hex[:6]
+    with connect_as(m, db.schema) as c:
+        dsn = c.execute("SELECT 1").fetchone() and None
+        pubname = one(pub, "SELECT pubname FROM pg_publication LIMIT 1")
+        c.execute(f"CREATE SUBSCRIPTION {name} CONNECTION 'host=/tmp port={os.environ.get('PES_PUBLISHER_PORT', '5452')} "
+                  f"user=postgres dbname=postgres password=x' PUBLICATION {pubname} WITH (enabled = false)")
+    try:
+        assert fk_count(db, side, "docs") == 1, "a non-superuser's subscription made the victim's sidecar lose its foreign key"
+    finally:
+        db.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
+        db.execute(f"DROP SUBSCRIPTION {name}")
