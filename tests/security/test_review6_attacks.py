@@ -542,3 +542,84 @@ def test_subscription_of_a_non_superuser_cannot_drop_another_owners_foreign_key(
     finally:
         db.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
         db.execute(f"DROP SUBSCRIPTION {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. a sidecar is a table like any other to a subscription
+# ---------------------------------------------------------------------------------------------
+
+def test_a_for_all_tables_publication_cannot_write_the_sidecar(db, publisher):
+    """Promise (README, Whose rights): "Nobody but the owner — that is, the drain — writes" the
+    sidecar; search never mixes models. An embedding replica subscribes to a publisher that has
+    no extension (a managed primary); `FOR ALL TABLES` is the usual publication there, and the
+    subscriber matches published tables by name.
+    Attack: a role on the publisher that may create a table in the schema creates one named
+    like the subscriber's sidecar (its name is predictable: <table>_embeddings_<id>) with the key,
+    an `embedding` as text, a `model` and a `content_hash`, holding a vector for row 2 (whose text
+    is blank on the subscriber, so the drain made none); the administrator subscribes FOR ALL
+    TABLES.
+    Safe outcome: the sidecar never holds the publisher's planted vector (the subscription is
+    refused, or the sidecar is left out, or the drain removes it)."""
+    pub = publisher.connect()
+    pub.execute(f'CREATE SCHEMA "{db.schema}"')
+    pub.execute(f'SET search_path = "{db.schema}"')
+    name = "rv6a_" + uuid.uuid4().hex[:8]
+    subscribed = False
+    try:
+        for c in (pub, db):
+            c.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        pub.execute("INSERT INTO docs VALUES (1, 'rivers in winter'), (2, '')")
+        side = watch(db, "docs").split(".")[-1].strip('"')
+        model = one(db, "SELECT model_id FROM embed_sidecar.sources WHERE source = 'docs'::regclass")
+        planted = "[" + ",".join(["0.051"] * 384) + "]"
+        pub.execute(f'CREATE TABLE "{side}" (id int PRIMARY KEY, embedding text, model text, content_hash bytea)')
+        pub.execute(f'INSERT INTO "{side}" VALUES (2, %s, %s, %s)', (planted, model, b"planted"))
+        pub.execute(f"CREATE PUBLICATION {name} FOR ALL TABLES")
+        e = error_of(db, f"CREATE SUBSCRIPTION {name} CONNECTION '{publisher.dsn()}' PUBLICATION {name}")
+        subscribed = e is None
+        if subscribed:
+            wait_until(lambda: synced(db, ["docs"]) and one(db, f'SELECT count(*) FROM "{side}" WHERE id = 2') > 0, 90)
+            wait(db, "docs")
+            time.sleep(3)
+        got = db.execute(f'SELECT id, content_hash FROM "{side}" WHERE content_hash = %s', (b"planted",)).fetchall()
+        assert not got, (f"the publisher wrote a vector into the subscriber's sidecar {side} (rows {got}, model {model}): "
+                         "the apply worker (a superuser) bypasses 'only the drain writes the sidecar'")
+    finally:
+        if subscribed:
+            db.execute(f"ALTER SUBSCRIPTION {name} DISABLE")
+            db.execute(f"DROP SUBSCRIPTION {name}")
+        pub.execute(f"DROP PUBLICATION IF EXISTS {name}")
+        pub.execute(f'DROP SCHEMA "{db.schema}" CASCADE')
+        pub.close()
+
+
+def test_owner_code_in_the_replica_trigger_leaves_no_session_advisory_lock(db, make_role):
+    """Promise (README, Whose rights): a session-level advisory lock that the owner's code takes is
+    released afterwards (the worker, process()); the owner's code never leaves state in the
+    session that ran it. The replica trigger runs the owner's key check in the apply worker's
+    (a superuser's) session.
+    Attack: the owner's key domain check takes a session advisory lock when it runs inside a
+    trigger; a superuser inserts in replica mode.
+    Safe outcome: the superuser's session holds no advisory lock afterwards."""
+    o = make_role("rv6_lock_owner")
+    oc = connect_as(o, db.schema)
+    try:
+        oc.execute("""CREATE FUNCTION grab(v text) RETURNS boolean LANGUAGE plpgsql AS $$
+                      BEGIN
+                        IF pg_catalog.pg_trigger_depth() >= 1 THEN PERFORM pg_catalog.pg_advisory_lock(6, 6); END IF;
+                        RETURN true;
+                      END $$""")
+        oc.execute(f"""CREATE DOMAIN lkey AS text CHECK ("{db.schema}".grab(VALUE))""")
+        oc.execute("CREATE TABLE ldocs (id lkey PRIMARY KEY, body text)")
+    finally:
+        oc.close()
+    watch(db, "ldocs")
+    db.execute("SET session_replication_role = replica")
+    try:
+        db.execute("INSERT INTO ldocs VALUES ('a', 'replicated text a')")
+    finally:
+        db.execute("RESET session_replication_role")
+    held = one(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+    db.execute("SELECT pg_advisory_unlock_all()")
+    assert held == 0, ("the owner's key check left a session advisory lock in the apply worker's session "
+                       "(held until that superuser session ends)")
