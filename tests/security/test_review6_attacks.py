@@ -423,10 +423,15 @@ def test_a_publisher_row_with_a_long_key_does_not_stall_the_subscription(db, sub
     watch(db, "docs")
     subscribe()
     assert wait_until(lambda: synced(db, ["docs", "other"]), 120), "the initial copy did not finish"
+    # control: the apply worker applies changes to both tables
+    pub.execute("INSERT INTO other VALUES (0, 'control row')")
+    pub.execute("INSERT INTO docs VALUES ('control', 'a control document')")
+    assert wait_until(lambda: one(db, "SELECT count(*) FROM other") == 1
+                      and one(db, "SELECT count(*) FROM docs WHERE id = 'control'") == 1, 120), "control rows never arrived"
     long_key = one(pub, "SELECT string_agg(md5(i::text), '') FROM generate_series(1, 66) i")
     pub.execute("INSERT INTO docs VALUES (%s, 'a document with a long key')", (long_key,))
     pub.execute("INSERT INTO other VALUES (1, 'another table of the same subscription')")
-    arrived = wait_until(lambda: one(db, "SELECT count(*) FROM other") == 1, 90)
+    arrived = wait_until(lambda: one(db, "SELECT count(*) FROM other") == 2, 120)
     errors = one(db, """SELECT apply_error_count FROM pg_stat_subscription_stats s JOIN pg_subscription p ON p.oid = s.subid
                          WHERE p.subname LIKE 'rv6_%%' ORDER BY 1 DESC LIMIT 1""")
     assert arrived, (f"the subscription stalled: a publisher row whose key is {len(long_key)} bytes makes the replica trigger "
@@ -578,11 +583,16 @@ def test_a_for_all_tables_publication_cannot_write_the_sidecar(db, publisher):
         e = error_of(db, f"CREATE SUBSCRIPTION {name} CONNECTION '{publisher.dsn()}' PUBLICATION {name}")
         subscribed = e is None
         if subscribed:
-            wait_until(lambda: synced(db, ["docs"]) and one(db, f'SELECT count(*) FROM "{side}" WHERE id = 2') > 0, 90)
+            # until both tables' initial copy is done (or the planted row is there)
+            wait_until(lambda: synced(db, ["docs", f'"{side}"'])
+                       or one(db, f'SELECT count(*) FROM "{side}" WHERE id = 2') > 0, 240)
             wait(db, "docs")
             time.sleep(3)
         got = db.execute(f'SELECT id, content_hash FROM "{side}" WHERE content_hash = %s', (b"planted",)).fetchall()
-        assert not got, (f"the publisher wrote a vector into the subscriber's sidecar {side} (rows {got}, model {model}): "
+        found = [k for (k,) in db.execute("SELECT key FROM embed_sidecar.search('docs', 'rivers in winter', 5)").fetchall()] \
+            if got else []
+        assert not got, (f"the publisher wrote a vector into the subscriber's sidecar {side} (rows {got}, model {model}; "
+                         f"search('docs') now returns {found}, row 2's text being blank): "
                          "the apply worker (a superuser) bypasses 'only the drain writes the sidecar'")
     finally:
         if subscribed:
