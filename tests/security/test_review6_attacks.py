@@ -443,11 +443,9 @@ def test_a_publisher_row_with_a_long_key_does_not_stall_the_subscription(db, sub
 def test_create_subscription_drops_only_the_subscribed_tables_foreign_key(db, subscription, make_role):
     """Promise: the event trigger (SECURITY DEFINER) drops the foreign key of a sidecar whose table
     a subscription copies; one tenant cannot make another's sidecar lose its foreign key.
-    Attack: tenant B watches a table of the same name in the same schema layout but not
-    published... (here: another owner's watched table beside the subscribed one) while the
-    administrator creates a subscription.
-    Safe outcome: the subscribed table's sidecar has no FK, the other keeps its FK; a local DELETE
-    on the other still removes its vector (cascade)."""
+    Attack: tenant B's watched table sits beside the subscribed one (same schema, not published)
+    while the administrator creates the subscription (the event trigger walks every source).
+    Safe outcome: the subscribed table's sidecar has no FK, B's keeps its FK."""
     b = make_role("rv6_fk_tenant")
     pub, subscribe = subscription({"docs": "id int PRIMARY KEY, body text"})
     pub.execute("INSERT INTO docs VALUES (1, 'replicated')")
