@@ -8,14 +8,15 @@
 #
 # Only the upstream tarball is used, not Debian's patches or its debian/rules build: that build
 # runs the whole regression suite and builds documentation and several variants, about an hour on
-# two cores; this is core + the tools our tests need (pg_regress, isolation tester, postgres_fdw).
+# two cores; this is core, contrib (auto_explain and postgres_fdw are used by our tests; Debian's
+# server package holds all of contrib too) and the isolation tester.
 set -euo pipefail
 MAJOR=$1
 PREFIX=/usr/lib/postgresql/$MAJOR
 [ -x "$PREFIX/bin/pg_config" ] && { echo "    PostgreSQL $MAJOR in $PREFIX (already there)"; exit 0; }
 # Pinned: the upstream tarball of a Debian source package, by its sha256 from that package's .dsc.
-# (The Sources indexes name newer versions — trixie-security 17.12, sid 18.6 — whose pool files
-# this mirror does not serve; the files below it does.)
+# (trixie-security's index names 17.12, whose pool files this mirror does not serve; it serves
+# the two below.)
 case "$MAJOR" in
   17) TARBALL=postgresql-17/postgresql-17_17.11.orig.tar.bz2  # 17.11-0+deb13u1 (trixie)
       SHA256=dd27f2b3c59e73ed14aa3324901242bf69a032a6347805f274e6260322d42979 ;;
@@ -36,8 +37,8 @@ echo "    configure (prefix $PREFIX)"
 echo "    make -j$(nproc) (about three minutes on two cores)"
 make -s -j"$(nproc)" >/dev/null 2>"$build/make.err" || { tail -n 30 "$build/make.err"; exit 1; }
 make -s install >/dev/null
-# what the test tiers use: pg_isolation_regress + isolationtester, postgres_fdw (search across nodes)
-for dir in src/test/isolation contrib/postgres_fdw; do
+# contrib, and what the test tiers use: pg_isolation_regress + isolationtester
+for dir in contrib src/test/isolation; do
   make -s -C "$dir" -j"$(nproc)" >/dev/null 2>>"$build/make.err"
   make -s -C "$dir" install >/dev/null
 done

@@ -22,8 +22,8 @@ mkdir -p "$OUT"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# build_deb STAGE: writes STAGE/DEBIAN/control from the remaining arguments (Field: value lines on
-# stdin), then the .deb, named as Debian names it
+# build_deb STAGE < control: STAGE/DEBIAN/control from stdin (plus Installed-Size), then the
+# .deb, named as Debian names it
 build_deb() {
   local stage=$1
   mkdir -p "$stage/DEBIAN"

@@ -18,7 +18,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # --- Debian packages ---------------------------------------------------------------------------
 APT_PKGS=(postgresql-15 postgresql-server-dev-15 sudo libclang-dev clang pkg-config build-essential
-          dpkg-dev python3-venv ca-certificates curl unzip)
+          dpkg-dev python3-venv ca-certificates curl unzip debootstrap)
 # what building PostgreSQL from source takes (18's tarball no longer carries the generated parser)
 [ "$PG_MAJOR" = 15 ] || APT_PKGS+=(bison flex libreadline-dev zlib1g-dev libicu-dev libssl-dev)
 missing=()
@@ -47,18 +47,21 @@ else
   step "cargo install cargo-pgrx $PGRX_VERSION (a few minutes)"
   cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked
 fi
-# init names every major present (it rewrites pgrx's config with just the ones it is given)
-init_args=() init_done=1
+# pgrx's config names exactly the majors present: every build checks every pg_config it names (one
+# removed since fails all builds), and init only adds to it, so it starts from an empty one
+init_args=() want=""
 for v in 15 17 18; do
   cfg=/usr/lib/postgresql/$v/bin/pg_config
   [ -x "$cfg" ] || continue
   init_args+=(--pg$v "$cfg")
-  grep -qs "pg$v *= *\"$cfg\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml" || init_done=0
+  want+="pg$v = \"$cfg\""$'\n'
 done
-if [ $init_done = 1 ]; then
+have=$(grep -s '^pg[0-9]* *=' "${PGRX_HOME:-$HOME/.pgrx}/config.toml" | sed 's/ *= */ = /' | sort)
+if [ "$have" = "$(printf '%s' "$want" | sort)" ]; then
   skip "cargo pgrx init"
 else
   step "cargo pgrx init ${init_args[*]}"
+  rm -f "${PGRX_HOME:-$HOME/.pgrx}/config.toml"
   cargo pgrx init "${init_args[@]}"
 fi
 

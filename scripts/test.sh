@@ -12,6 +12,8 @@
 #      suite on one major, the smoke subset below on the others. Which major gets the whole suite
 #      rotates with the commit (its commit count modulo the number of majors), so that every major
 #      gets it every third commit; FULL_MAJOR=V picks it.
+#   then the package route: the .deb of every major built (scripts/package.sh), and those of 15
+#   installed into a fresh Debian 12 root with Debian's PostgreSQL 15 (scripts/test_package.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAJORS=(${TEST_MAJORS:-15 17 18})
@@ -46,7 +48,8 @@ for major in "${MAJORS[@]}"; do
     export PG_MAJOR=$major PGPORT= PG_CONFIG=
     source scripts/env.sh
     echo "== PostgreSQL $PG_MAJOR (port $PGPORT): setup"
-    bash scripts/setup.sh
+    # (the extension itself is built below, with the test features)
+    SKIP_EXTENSION_INSTALL=1 bash scripts/setup.sh
     if [ "$PG_MAJOR" != 15 ] && cargo clippy --version >/dev/null 2>&1; then
       # the code behind src/pg/compat.rs's other branches, lint-clean too
       cargo clippy --release --no-default-features --features "pg$PG_MAJOR" -- -D warnings
@@ -73,4 +76,8 @@ for major in "${MAJORS[@]}"; do
     fi
   )
 done
+
+echo "== package route: scripts/package.sh for every major built, installed into a clean PostgreSQL 15"
+bash scripts/package.sh
+bash scripts/test_package.sh
 echo "== all tiers passed on PostgreSQL ${MAJORS[*]} (whole integration suite on $FULL_MAJOR)"

@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from tests.conftest import connect, error_of, one, role_snapshot
+from tests.conftest import MODELS, connect, error_of, one, role_snapshot
 
 DB = "pes_rv4_main"
 OWNER_A, OWNER_B, READER, NOBODY, MALLORY = "pes_rv4_a", "pes_rv4_b", "pes_rv4_r", "pes_rv4_x", "pes_rv4_m"

@@ -15,6 +15,7 @@ below by a no-op. Run with:
 
     /opt/pg_embed_sidecar/venv/bin/python -m pytest tests/security/test_review_attacks.py -p no:cacheprovider -q
 """
+import itertools
 import threading
 import time
 import uuid
@@ -45,11 +46,14 @@ def extension():
 
 _roles = []
 _dbs = []
+# numbers the roles and databases of this run (TAG tells runs apart): 4 random hex digits a name
+# collided once in a CI run, among the dozens of "alice"s this file makes
+_serial = itertools.count(1)
 
 
 def role(what, *options):
     """A new login role pes_rev_<what>_<tag>_<n>, dropped at the end of the module."""
-    name = f"pes_rev_{what}_{TAG}_{uuid.uuid4().hex[:4]}"
+    name = f"pes_rev_{what}_{TAG}_{next(_serial)}"
     with connect(dbname="postgres") as c:
         c.execute(f'CREATE ROLE "{name}" LOGIN {" ".join(options)}')
     _roles.append(name)
@@ -115,7 +119,7 @@ def fresh():
     made = []
 
     def mk(suffix="x"):
-        name = make_db(f"{suffix}_{uuid.uuid4().hex[:4]}")
+        name = make_db(f"{suffix}_{next(_serial)}")
         made.append(name)
         return name
 
