@@ -69,6 +69,8 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 -- the replica and TRUNCATE triggers' way onto the queue (src/replica.rs)
 CREATE FUNCTION embed_sidecar."_enqueue_applied"("source_id" INT, "keys" TEXT[]) RETURNS void
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_applied_wrapper';
+CREATE FUNCTION embed_sidecar."_enqueue_replicated"("source_id" INT, "keys" TEXT[]) RETURNS INT
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_replicated_wrapper';
 CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
 -- the identity of a model's current files (search_shards, sql/shards.sql)
@@ -117,19 +119,33 @@ BEGIN ATOMIC
       JOIN pg_catalog.pg_attribute b ON b.attrelid = s.source AND b.attnum = k.attnum;
 END;
 
--- The key of a sidecar row as a JSON array, an expression over alias: what search returns. A
--- column of a type defined outside pg_catalog goes through its text form: jsonb_build_array would
--- otherwise call a cast to json that the type's owner may have created, as whoever searches.
+-- The elements of a key's JSON array, expressions over alias in key order: the one form of a key
+-- everywhere (the statement and replica triggers, the backfill, the sidecar's keys that search
+-- returns and the orphans listing), so the drain dedupes keys and looks each up with
+-- (j->>i)::type (_key_from_json) whoever made it. A column of a scalar type of pg_catalog is given
+-- to jsonb_build_array as it is (a number stays a number); any other through format('%s'), its
+-- type's output function: an array or a composite would otherwise become a JSON array or object
+-- that no input function reads back, and jsonb_build_array would call a cast to json that the
+-- owner of a type defined outside pg_catalog may have created (as whoever writes or searches,
+-- or as the apply worker that fires the replica trigger, usually a superuser).
+CREATE OR REPLACE FUNCTION embed_sidecar._key_elements(rel regclass, attnums smallint[], alias text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace AND b.typtype = 'b' AND b.typcategory <> 'A'
+                                  THEN '%I.%I' ELSE 'pg_catalog.format(''%%s'', %I.%I)' END,
+                             alias, a.attname), ', ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum
+      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END;
+END;
+
+-- The key of a sidecar row as a JSON array, an expression over alias: what search returns, in
+-- the form the triggers queue (_key_elements).
 CREATE OR REPLACE FUNCTION embed_sidecar._key_json(s embed_sidecar.sources, alias text) RETURNS text
     LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT format('pg_catalog.jsonb_build_array(%s)',
-                  string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace THEN '%I.%I' ELSE '%I.%I::text' END,
-                                    alias, a.attname), ', ' ORDER BY a.attnum))
-      FROM pg_catalog.pg_attribute a
-      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-     WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+    SELECT format('pg_catalog.jsonb_build_array(%s)', embed_sidecar._key_elements(s.sidecar, embed_sidecar._sidecar_keys(s), alias));
 END;
 
 -- A schema's name, for %I (regnamespace's output is already quoted: '%I' of it quotes twice).
@@ -181,7 +197,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
 AS $$
 DECLARE
     key_nums smallint[] := TG_ARGV[2]::smallint[];
-    keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
+    keys text := embed_sidecar._key_elements(TG_RELID, key_nums, 'n');
     attnum smallint := nullif(TG_ARGV[1], '')::smallint;
     template text := nullif(TG_ARGV[3], '');
     content_new text := embed_sidecar._content_sql(TG_RELID, attnum, template, 'n');
@@ -1655,22 +1671,13 @@ BEGIN
 END
 $$;
 
--- The key of a row as a JSON array, an expression over alias, made only of output functions:
--- a column of a type from pg_catalog as jsonb_build_array makes it (the statement triggers' form,
--- so the drain dedupes the two), any other through format('%s'), which calls the type's output
--- function and never a cast the type's owner may have created (the apply worker that fires the
--- replica trigger is usually a superuser).
+-- The key of a row as a JSON array's text, an expression over alias, made only of output
+-- functions (_key_elements): never a cast the type's owner may have created (the apply worker
+-- that fires the replica trigger is usually a superuser).
 CREATE OR REPLACE FUNCTION embed_sidecar._row_key_sql(rel regclass, attnums smallint[], alias text) RETURNS text
     LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT format('pg_catalog.jsonb_build_array(%s)::text',
-                  string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace AND b.typtype = 'b'
-                                         THEN '%I.%I' ELSE 'pg_catalog.format(''%%s'', %I.%I)' END,
-                                    alias, a.attname), ', ' ORDER BY k.ord))
-      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum
-      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END;
+    SELECT format('pg_catalog.jsonb_build_array(%s)::text', embed_sidecar._key_elements(rel, attnums, alias));
 END;
 
 -- The row trigger the apply worker fires (see the top of this file). Arguments as the statement
@@ -1678,6 +1685,10 @@ END;
 -- rights and reads the row only through _row_key_sql's expressions; whether the text changed is
 -- left to the drain (an unchanged hash is acked without inference), so no operator of a column's
 -- type runs here. The settings fix how keys print, as in the drain (_invalid_keys, _lookup).
+-- It never raises because of a row's data: the apply worker would abort its transaction and
+-- retry the same change for ever, and every table of the subscription would stop. A key that
+-- cannot be queued (longer than 2,000 bytes as JSON, refused by its type as the table's owner
+-- checks it) is a WARNING and a dead letter (_enqueue_replicated, src/replica.rs).
 CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_applied_row() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET extra_float_digits = 1
     SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, MDY'
@@ -1693,18 +1704,25 @@ BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', key_sql) INTO old_key USING OLD;
     END IF;
-    PERFORM embed_sidecar._enqueue_applied(TG_ARGV[0]::int,
-                                           ARRAY(SELECT DISTINCT k FROM unnest(ARRAY[new_key, old_key]) k WHERE k IS NOT NULL));
+    PERFORM embed_sidecar._enqueue_replicated(TG_ARGV[0]::int,
+                                              ARRAY(SELECT DISTINCT k FROM unnest(ARRAY[new_key, old_key]) k WHERE k IS NOT NULL));
     RETURN NULL;
 END
 $$;
 
--- The TRUNCATE trigger (see the top of this file): the sidecar's orphans, queued.
+-- The TRUNCATE trigger (see the top of this file): the sidecar's orphans, queued. Listing them
+-- runs the owner's policies on the sidecar and the table; an error there is a WARNING, not the
+-- apply worker's (the orphans stay, and verify() counts them), for the reason the row trigger
+-- never raises. One subtransaction per TRUNCATE.
 CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_truncated() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM embed_sidecar._enqueue_orphans(TG_ARGV[0]::int);
+    RETURN NULL;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'pg_embed_sidecar: the vectors of %''s truncated rows were not queued for removal: %', TG_RELID::regclass, SQLERRM
+        USING HINT = 'embed_sidecar.verify() counts them as orphans; reembed() or unwatch() and watch() again removes them.';
     RETURN NULL;
 END
 $$;
@@ -1757,15 +1775,56 @@ END
 $$;
 
 -- After CREATE SUBSCRIPTION and ALTER SUBSCRIPTION (which add tables to pg_subscription_rel in the
--- same transaction): every watched table now copied follows its subscription.
-CREATE OR REPLACE FUNCTION embed_sidecar._on_subscription_ddl() RETURNS event_trigger
+-- same transaction), the body of the event trigger, run as the extension's owner for the role
+-- that ran the command (_on_subscription_ddl records it):
+-- * a subscription may not copy into a sidecar: a publisher table named like it (a FOR ALL
+--   TABLES publication matches every table by name, and a sidecar's name is predictable) would
+--   have the apply worker, a superuser, write vectors the drain never made and replay TRUNCATEs
+--   on it. The command is refused. (Refused here, at the command, and not by a trigger on the
+--   sidecar: an error in the apply worker stops the whole subscription; a table PostgreSQL does
+--   not list in pg_subscription_rel gets no changes applied, so it is enough to refuse the
+--   commands that list tables: CREATE SUBSCRIPTION and ALTER SUBSCRIPTION ... REFRESH / SET / ADD
+--   PUBLICATION.)
+-- * every watched table now copied follows its subscription (_follow_subscription), among the
+--   tables whose owner's rights that role has: from PostgreSQL 16 a member of
+--   pg_create_subscription may subscribe to a publication naming any table, and must not make
+--   another owner's sidecar lose its foreign key.
+CREATE OR REPLACE FUNCTION embed_sidecar._do_on_subscription_ddl() RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    caller oid := embed_sidecar._calling_role();
+    hit record;
 BEGIN
+    SELECT p.subname, p.subslotname, s.sidecar INTO hit
+      FROM embed_sidecar.sources s
+      JOIN pg_subscription_rel r ON r.srrelid = s.sidecar
+      JOIN pg_subscription p ON p.oid = r.srsubid
+     ORDER BY p.subname, s.sidecar::oid LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: subscription % would copy into %, a sidecar', hit.subname, hit.sidecar
+            USING ERRCODE = 'object_in_use',
+                  DETAIL = 'A table of its publication has the sidecar''s name; only the drain writes a sidecar.',
+                  HINT = format('Publish the tables by name (CREATE PUBLICATION ... FOR TABLE), or leave that table out of the publication. '
+                                'If CREATE SUBSCRIPTION made the replication slot %s on the publisher, drop it there: '
+                                'SELECT pg_drop_replication_slot(%L).', coalesce(hit.subslotname::text, '(none)'),
+                                coalesce(hit.subslotname::text, ''));
+    END IF;
     PERFORM embed_sidecar._follow_subscription(s)
-       FROM embed_sidecar.sources s
-      WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = s.source)
-        AND EXISTS (SELECT FROM pg_class c WHERE c.oid = s.sidecar);
+       FROM embed_sidecar.sources s JOIN pg_class c ON c.oid = s.source
+      WHERE EXISTS (SELECT FROM pg_class x WHERE x.oid = s.sidecar)
+        AND pg_has_role(caller, c.relowner, 'USAGE');
+END
+$$;
+
+-- The event trigger: records the role that ran the command (src/pg/authority.rs, "who is
+-- calling"), then the body.
+CREATE OR REPLACE FUNCTION embed_sidecar._on_subscription_ddl() RETURNS event_trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    PERFORM embed_sidecar._do_on_subscription_ddl();
 END
 $$;
 
@@ -1936,9 +1995,12 @@ $$;
 CREATE OR REPLACE FUNCTION embed_sidecar.search_shards(shards regclass[], query text, k int DEFAULT 10, partial boolean DEFAULT false,
                                             model text DEFAULT NULL)
     RETURNS TABLE (shard text, key jsonb, distance float8, complete boolean)
-    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
+    -- who searches (src/pg/authority.rs): refused inside a security-restricted operation, as
+    -- search() is; forgotten (_leave) before the nodes' rows are read
+    entered boolean := embed_sidecar._enter();
     model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
     model_id text := embed_sidecar._model_id(model_name);
     got record;
@@ -1951,6 +2013,7 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
     END IF;
+    PERFORM embed_sidecar._leave();
     got := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_nearest_sql(x, k) FROM unnest(shards) x),
                                   partial, embed_sidecar._embed_query(model_name, model_id, query), NULL, model_id);
     RETURN QUERY SELECT h ->> 0, h -> 1, (h ->> 2)::float8, cardinality(got.missing) = 0
@@ -1970,9 +2033,12 @@ CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search_shards(shards regclass[],
     vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0, rrf_k int DEFAULT 60, partial boolean DEFAULT false,
     model text DEFAULT NULL, fts_config regconfig DEFAULT 'english')
     RETURNS TABLE (shard text, key jsonb, score float8, vector_rank int, text_rank int, complete boolean)
-    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
+    -- who searches (src/pg/authority.rs): refused inside a security-restricted operation, as
+    -- search() is; forgotten (_leave) before the nodes' rows are read
+    entered boolean := embed_sidecar._enter();
     model_name text := coalesce(hybrid_search_shards.model, current_setting('pg_embed_sidecar.model'));
     model_id text := embed_sidecar._model_id(model_name);
     v record;
@@ -1987,6 +2053,7 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: hybrid_search_shards() needs at least one shard'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
     END IF;
+    PERFORM embed_sidecar._leave();
     v := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_nearest_sql(x, candidates) FROM unnest(shards) x),
                                 partial, embed_sidecar._embed_query(model_name, model_id, query), NULL, model_id);
     t := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_text_sql(x, candidates) FROM unnest(shards) x),
@@ -2253,7 +2320,7 @@ BEGIN ATOMIC
           WHERE NOT embed_sidecar._is_blank(%s)
             AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
                         OR sc.model IS DISTINCT FROM $2)',
-        embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
+        embed_sidecar._key_elements(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
         embed_sidecar._side_join(s, 'sc', 'src'), embed_sidecar._row_filter(s, 'sc'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));
@@ -2427,7 +2494,8 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._readable_source(regclass, text),
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
     embed_sidecar._worker_state(), embed_sidecar._installed_models(), embed_sidecar._key_json(embed_sidecar.sources, text),
     embed_sidecar._side_join(embed_sidecar.sources, text, text), embed_sidecar._sidecar_keys(embed_sidecar.sources),
-    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._leave(), embed_sidecar._session_role() TO PUBLIC;
+    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._leave(), embed_sidecar._session_role(),
+    embed_sidecar._key_elements(regclass, smallint[], text) TO PUBLIC;
 -- The bodies of the management functions: each checks that its caller may execute the public one
 -- (embed_sidecar._check_may), so the administrator grants those, as before.
 GRANT EXECUTE ON FUNCTION
@@ -2445,10 +2513,13 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
     embed_sidecar._template_attnums(text), embed_sidecar._is_blank(text),
     embed_sidecar._enqueue(int, text[]), embed_sidecar._embed_now(int, text[]), embed_sidecar._invalid_keys(text, text[]) TO PUBLIC;
 -- What the replica and TRUNCATE triggers run with the writer's rights (sql/replica.sql);
--- _enqueue_applied and _enqueue_orphans check that the writer may write the table. status reads
--- the replication lag as its querier.
+-- _enqueue_applied, _enqueue_replicated and _enqueue_orphans check that the writer may write the
+-- table. status reads the replication lag as its querier. The subscription event trigger's body
+-- acts only for the role that ran the command (_calling_role), so whoever may run CREATE
+-- SUBSCRIPTION (PostgreSQL 16+: members of pg_create_subscription) may run it.
 GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text), embed_sidecar._enqueue_applied(int, text[]),
-    embed_sidecar._enqueue_orphans(int), embed_sidecar._replication_lag(regclass) TO PUBLIC;
+    embed_sidecar._enqueue_replicated(int, text[]), embed_sidecar._enqueue_orphans(int),
+    embed_sidecar._replication_lag(regclass), embed_sidecar._do_on_subscription_ddl() TO PUBLIC;
 -- search across embedding nodes (sql/shards.sql): runs as its caller, as search does
 GRANT EXECUTE ON FUNCTION embed_sidecar._shard_keys(regclass), embed_sidecar._shard_nearest_sql(regclass, int), embed_sidecar._model_id(text),
     embed_sidecar.search_shards(regclass[], text, int, boolean, text), embed_sidecar._shard_text_sql(regclass, int),

@@ -14,22 +14,13 @@
 --   embed_sidecar_<id>_delete    AFTER DELETE, FOR EACH STATEMENT (origin): deleted keys, queued
 -- stands in for ON DELETE CASCADE for local deletes there.
 
--- The key of a row as a JSON array, an expression over alias, made only of output functions:
--- a column of a type from pg_catalog as jsonb_build_array makes it (the statement triggers' form,
--- so the drain dedupes the two), any other through format('%s'), which calls the type's output
--- function and never a cast the type's owner may have created (the apply worker that fires the
--- replica trigger is usually a superuser).
+-- The key of a row as a JSON array's text, an expression over alias, made only of output
+-- functions (_key_elements): never a cast the type's owner may have created (the apply worker
+-- that fires the replica trigger is usually a superuser).
 CREATE FUNCTION embed_sidecar._row_key_sql(rel regclass, attnums smallint[], alias text) RETURNS text
     LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT format('pg_catalog.jsonb_build_array(%s)::text',
-                  string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace AND b.typtype = 'b'
-                                         THEN '%I.%I' ELSE 'pg_catalog.format(''%%s'', %I.%I)' END,
-                                    alias, a.attname), ', ' ORDER BY k.ord))
-      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum
-      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END;
+    SELECT format('pg_catalog.jsonb_build_array(%s)::text', embed_sidecar._key_elements(rel, attnums, alias));
 END;
 
 -- The row trigger the apply worker fires (see the top of this file). Arguments as the statement
@@ -37,6 +28,10 @@ END;
 -- rights and reads the row only through _row_key_sql's expressions; whether the text changed is
 -- left to the drain (an unchanged hash is acked without inference), so no operator of a column's
 -- type runs here. The settings fix how keys print, as in the drain (_invalid_keys, _lookup).
+-- It never raises because of a row's data: the apply worker would abort its transaction and
+-- retry the same change for ever, and every table of the subscription would stop. A key that
+-- cannot be queued (longer than 2,000 bytes as JSON, refused by its type as the table's owner
+-- checks it) is a WARNING and a dead letter (_enqueue_replicated, src/replica.rs).
 CREATE FUNCTION embed_sidecar._enqueue_applied_row() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET extra_float_digits = 1
     SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, MDY'
@@ -52,18 +47,25 @@ BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', key_sql) INTO old_key USING OLD;
     END IF;
-    PERFORM embed_sidecar._enqueue_applied(TG_ARGV[0]::int,
-                                           ARRAY(SELECT DISTINCT k FROM unnest(ARRAY[new_key, old_key]) k WHERE k IS NOT NULL));
+    PERFORM embed_sidecar._enqueue_replicated(TG_ARGV[0]::int,
+                                              ARRAY(SELECT DISTINCT k FROM unnest(ARRAY[new_key, old_key]) k WHERE k IS NOT NULL));
     RETURN NULL;
 END
 $$;
 
--- The TRUNCATE trigger (see the top of this file): the sidecar's orphans, queued.
+-- The TRUNCATE trigger (see the top of this file): the sidecar's orphans, queued. Listing them
+-- runs the owner's policies on the sidecar and the table; an error there is a WARNING, not the
+-- apply worker's (the orphans stay, and verify() counts them), for the reason the row trigger
+-- never raises. One subtransaction per TRUNCATE.
 CREATE FUNCTION embed_sidecar._enqueue_truncated() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM embed_sidecar._enqueue_orphans(TG_ARGV[0]::int);
+    RETURN NULL;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'pg_embed_sidecar: the vectors of %''s truncated rows were not queued for removal: %', TG_RELID::regclass, SQLERRM
+        USING HINT = 'embed_sidecar.verify() counts them as orphans; reembed() or unwatch() and watch() again removes them.';
     RETURN NULL;
 END
 $$;
@@ -116,15 +118,56 @@ END
 $$;
 
 -- After CREATE SUBSCRIPTION and ALTER SUBSCRIPTION (which add tables to pg_subscription_rel in the
--- same transaction): every watched table now copied follows its subscription.
-CREATE FUNCTION embed_sidecar._on_subscription_ddl() RETURNS event_trigger
+-- same transaction), the body of the event trigger, run as the extension's owner for the role
+-- that ran the command (_on_subscription_ddl records it):
+-- * a subscription may not copy into a sidecar: a publisher table named like it (a FOR ALL
+--   TABLES publication matches every table by name, and a sidecar's name is predictable) would
+--   have the apply worker, a superuser, write vectors the drain never made and replay TRUNCATEs
+--   on it. The command is refused. (Refused here, at the command, and not by a trigger on the
+--   sidecar: an error in the apply worker stops the whole subscription; a table PostgreSQL does
+--   not list in pg_subscription_rel gets no changes applied, so it is enough to refuse the
+--   commands that list tables: CREATE SUBSCRIPTION and ALTER SUBSCRIPTION ... REFRESH / SET / ADD
+--   PUBLICATION.)
+-- * every watched table now copied follows its subscription (_follow_subscription), among the
+--   tables whose owner's rights that role has: from PostgreSQL 16 a member of
+--   pg_create_subscription may subscribe to a publication naming any table, and must not make
+--   another owner's sidecar lose its foreign key.
+CREATE FUNCTION embed_sidecar._do_on_subscription_ddl() RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    caller oid := embed_sidecar._calling_role();
+    hit record;
 BEGIN
+    SELECT p.subname, p.subslotname, s.sidecar INTO hit
+      FROM embed_sidecar.sources s
+      JOIN pg_subscription_rel r ON r.srrelid = s.sidecar
+      JOIN pg_subscription p ON p.oid = r.srsubid
+     ORDER BY p.subname, s.sidecar::oid LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: subscription % would copy into %, a sidecar', hit.subname, hit.sidecar
+            USING ERRCODE = 'object_in_use',
+                  DETAIL = 'A table of its publication has the sidecar''s name; only the drain writes a sidecar.',
+                  HINT = format('Publish the tables by name (CREATE PUBLICATION ... FOR TABLE), or leave that table out of the publication. '
+                                'If CREATE SUBSCRIPTION made the replication slot %s on the publisher, drop it there: '
+                                'SELECT pg_drop_replication_slot(%L).', coalesce(hit.subslotname::text, '(none)'),
+                                coalesce(hit.subslotname::text, ''));
+    END IF;
     PERFORM embed_sidecar._follow_subscription(s)
-       FROM embed_sidecar.sources s
-      WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = s.source)
-        AND EXISTS (SELECT FROM pg_class c WHERE c.oid = s.sidecar);
+       FROM embed_sidecar.sources s JOIN pg_class c ON c.oid = s.source
+      WHERE EXISTS (SELECT FROM pg_class x WHERE x.oid = s.sidecar)
+        AND pg_has_role(caller, c.relowner, 'USAGE');
+END
+$$;
+
+-- The event trigger: records the role that ran the command (src/pg/authority.rs, "who is
+-- calling"), then the body.
+CREATE FUNCTION embed_sidecar._on_subscription_ddl() RETURNS event_trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    PERFORM embed_sidecar._do_on_subscription_ddl();
 END
 $$;
 CREATE EVENT TRIGGER embed_sidecar_subscription ON ddl_command_end

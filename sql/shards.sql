@@ -142,9 +142,12 @@ $$;
 CREATE FUNCTION embed_sidecar.search_shards(shards regclass[], query text, k int DEFAULT 10, partial boolean DEFAULT false,
                                             model text DEFAULT NULL)
     RETURNS TABLE (shard text, key jsonb, distance float8, complete boolean)
-    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
+    -- who searches (src/pg/authority.rs): refused inside a security-restricted operation, as
+    -- search() is; forgotten (_leave) before the nodes' rows are read
+    entered boolean := embed_sidecar._enter();
     model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
     model_id text := embed_sidecar._model_id(model_name);
     got record;
@@ -157,6 +160,7 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
     END IF;
+    PERFORM embed_sidecar._leave();
     got := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_nearest_sql(x, k) FROM unnest(shards) x),
                                   partial, embed_sidecar._embed_query(model_name, model_id, query), NULL, model_id);
     RETURN QUERY SELECT h ->> 0, h -> 1, (h ->> 2)::float8, cardinality(got.missing) = 0
@@ -176,9 +180,12 @@ CREATE FUNCTION embed_sidecar.hybrid_search_shards(shards regclass[], query text
     vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0, rrf_k int DEFAULT 60, partial boolean DEFAULT false,
     model text DEFAULT NULL, fts_config regconfig DEFAULT 'english')
     RETURNS TABLE (shard text, key jsonb, score float8, vector_rank int, text_rank int, complete boolean)
-    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
 AS $$
 DECLARE
+    -- who searches (src/pg/authority.rs): refused inside a security-restricted operation, as
+    -- search() is; forgotten (_leave) before the nodes' rows are read
+    entered boolean := embed_sidecar._enter();
     model_name text := coalesce(hybrid_search_shards.model, current_setting('pg_embed_sidecar.model'));
     model_id text := embed_sidecar._model_id(model_name);
     v record;
@@ -193,6 +200,7 @@ BEGIN
         RAISE EXCEPTION 'pg_embed_sidecar: hybrid_search_shards() needs at least one shard'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
     END IF;
+    PERFORM embed_sidecar._leave();
     v := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_nearest_sql(x, candidates) FROM unnest(shards) x),
                                 partial, embed_sidecar._embed_query(model_name, model_id, query), NULL, model_id);
     t := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_text_sql(x, candidates) FROM unnest(shards) x),

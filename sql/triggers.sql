@@ -19,7 +19,7 @@ CREATE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
 AS $$
 DECLARE
     key_nums smallint[] := TG_ARGV[2]::smallint[];
-    keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
+    keys text := embed_sidecar._key_elements(TG_RELID, key_nums, 'n');
     attnum smallint := nullif(TG_ARGV[1], '')::smallint;
     template text := nullif(TG_ARGV[3], '');
     content_new text := embed_sidecar._content_sql(TG_RELID, attnum, template, 'n');
@@ -64,7 +64,7 @@ BEGIN ATOMIC
           WHERE NOT embed_sidecar._is_blank(%s)
             AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
                         OR sc.model IS DISTINCT FROM $2)',
-        embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
+        embed_sidecar._key_elements(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
         embed_sidecar._side_join(s, 'sc', 'src'), embed_sidecar._row_filter(s, 'sc'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));

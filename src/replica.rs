@@ -18,7 +18,10 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use crate::error::SidecarError;
-use crate::pg::authority::{as_table_owner, current_role, extension_owner, run_as};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::PgLogLevel;
+
+use crate::pg::authority::{as_table_owner, current_role, extension_owner, run_as, OwnerLocks};
 use crate::pg::row::required;
 
 /// Longest key (its JSON text) that may be enqueued (as in src/enqueue.rs: a dead letter's key
@@ -34,6 +37,9 @@ struct Target {
     check_sql: String,
     /// `_orphans_sql` for the source (sql/replica.sql), when asked for
     orphans_sql: Option<String>,
+    /// whether a key column's type is defined outside pg_catalog (checking a key may run the
+    /// owner's code: a domain's CHECK, an input function)
+    owner_code: bool,
 }
 
 /// The source's registry row, if the writer has one of `privileges` on the table (None: unwatched
@@ -50,7 +56,10 @@ fn target(
         client
             .select(
                 "SELECT s.queue_name, s.source::text, has_table_privilege($2, s.source, $4), c.relowner,
-                        embed_sidecar._keys_check_sql(s, $3), CASE WHEN $5 THEN embed_sidecar._orphans_sql(s) END
+                        embed_sidecar._keys_check_sql(s, $3), CASE WHEN $5 THEN embed_sidecar._orphans_sql(s) END,
+                        EXISTS (SELECT FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+                                 WHERE a.attrelid = s.source AND a.attnum = ANY (s.key_attnums)
+                                   AND t.typnamespace <> 'pg_catalog'::pg_catalog.regnamespace)
                    FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source WHERE s.id = $1",
                 None,
                 &[source_id.into(), writer.into(), KEY_BYTES.into(), privileges.into(), orphans.into()],
@@ -65,6 +74,7 @@ fn target(
                         owner: required(&r, 4, &what)?,
                         check_sql: required(&r, 5, &what)?,
                         orphans_sql: r.get(6)?,
+                        owner_code: required(&r, 7, &what)?,
                     },
                     required::<bool>(&r, 3, &what)?,
                 ))
@@ -92,30 +102,118 @@ fn send(
     })
 }
 
-/// Keys of rows the apply worker (or a replica-mode session) inserted, updated or deleted.
-fn enqueue_applied(source_id: i32, keys: Vec<Option<String>>) -> Result<(), SidecarError> {
+/// What `enqueue_applied` does with a key it may not queue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BadKeys {
+    /// An ERROR, as `_enqueue` gives a writer (a direct call: the caller chose the keys).
+    Refuse,
+    /// A WARNING and a dead letter, the row left without a vector: the replica row trigger's way.
+    /// There the row comes from a publisher, where nothing checks keys as we do (a text key over
+    /// `KEY_BYTES`, a value the owner's domain refuses when it runs as the owner), and an ERROR
+    /// would abort the apply worker's transaction, which then retries the same change for ever:
+    /// every table of the subscription would stop.
+    DeadLetter,
+}
+
+/// Why the keys are not all keys of the table (None: they are), checked as the table's owner:
+/// a domain check or input function of a key type is the owner's code.
+fn invalid_keys(client: &SpiClient<'_>, t: &Target, keys: Vec<Option<String>>) -> Result<Option<String>, SidecarError> {
+    as_table_owner(t.owner, || {
+        Ok(client
+            .select("SELECT embed_sidecar._invalid_keys($1, $2)", None, &[t.check_sql.as_str().into(), keys.into()])?
+            .first()
+            .get_one::<String>()?)
+    })
+}
+
+/// Record keys the replica trigger could not queue in the dead-letter table, as the extension's
+/// owner, and say so with a WARNING. Each is stored as an object naming it (its first 200
+/// characters and the sha256 of all of it), never as the key itself: the key may be too long for
+/// the table's index, and retry_failed() puts dead letters back on the queue, where a key the
+/// drain cannot look up would stop the source (the object is looked up as no row and acked).
+fn dead_letter(
+    client: &mut SpiClient<'_>,
+    owner: pg_sys::Oid,
+    source_id: i32,
+    table: &str,
+    dead: Vec<(Option<String>, String)>,
+) -> Result<(), SidecarError> {
+    let (keys, errors): (Vec<Option<String>>, Vec<String>) = dead.into_iter().unzip();
+    run_as(owner, false, || {
+        client.update(
+            "INSERT INTO embed_sidecar.failures AS f (source_id, key, error, attempts)
+             SELECT DISTINCT ON (1, 2) $1,
+                    pg_catalog.jsonb_build_object('unqueued_key', pg_catalog.left(coalesce(u.k, 'null'), 200),
+                        'sha256', pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(coalesce(u.k, 'null'), 'UTF8')), 'hex')),
+                    'not queued (a row written in replica mode): ' || u.e, 1
+               FROM unnest($2::text[], $3::text[]) AS u(k, e)
+             ON CONFLICT (source_id, key) DO UPDATE
+                SET error = EXCLUDED.error, attempts = f.attempts + 1, last_failed = pg_catalog.now()",
+            None,
+            &[source_id.into(), keys.clone().into(), errors.clone().into()],
+        )?;
+        Ok(())
+    })?;
+    for (key, why) in keys.iter().zip(errors) {
+        let shown: String = key.as_deref().unwrap_or("null").chars().take(60).collect();
+        ErrorReport::new(
+            pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!(
+                "pg_embed_sidecar: a row of {table} written in replica mode has a key that cannot be queued: {why}"
+            ),
+            "pg_embed_sidecar",
+        )
+        .set_detail(format!("The row is applied but gets no vector. Its key begins {shown}"))
+        .set_hint(
+            "The key is in embed_sidecar.failures (status.failed) as {\"unqueued_key\": ...}. A key must be \
+             at most 2,000 bytes as JSON and valid for the key columns' types when checked as the table's owner.",
+        )
+        .report(PgLogLevel::WARNING);
+    }
+    Ok(())
+}
+
+/// Keys of rows the apply worker (or a replica-mode session) inserted, updated or deleted; keys it
+/// may not queue are refused or dead-lettered (`BadKeys`). Returns how many were dead-lettered.
+fn enqueue_applied(source_id: i32, keys: Vec<Option<String>>, bad_keys: BadKeys) -> Result<i32, SidecarError> {
     Spi::connect_mut(|client| {
         let ext_owner = extension_owner(client)?;
-        let Some(t) = target(client, ext_owner, source_id, "INSERT, UPDATE, DELETE", false)? else { return Ok(()) };
-        // as the table's owner: a domain check or input function of a key type is its code
-        let bad = as_table_owner(t.owner, || {
-            Ok(client
-                .select(
-                    "SELECT embed_sidecar._invalid_keys($1, $2)",
-                    None,
-                    &[t.check_sql.as_str().into(), keys.clone().into()],
-                )?
-                .first()
-                .get_one::<String>()?)
-        })?;
-        if let Some(why) = bad {
-            return Err(SidecarError::Refused {
-                code: pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                message: format!("invalid key for table {}: {why}", t.table),
-                hint: "A key is the JSON array of a row's primary key values, as the table's own triggers send it.",
-            });
+        let Some(t) = target(client, ext_owner, source_id, "INSERT, UPDATE, DELETE", false)? else { return Ok(0) };
+        // The key check runs the owner's code (a domain's CHECK, an input function) in this
+        // session, which in the apply worker is a superuser's that lives on: a session-level
+        // advisory lock it takes is released after, as after the drain's and process()'s work.
+        // Only where a key type is the owner's (pg_catalog's run none of the owner's code): the
+        // look at pg_locks costs, and this runs once per replicated row.
+        let _release = if t.owner_code { OwnerLocks::release_after(client)? } else { OwnerLocks::keep() };
+        let (good, dead) = match invalid_keys(client, &t, keys.clone())? {
+            None => (keys, Vec::new()),
+            Some(why) if bad_keys == BadKeys::Refuse => {
+                return Err(SidecarError::Refused {
+                    code: pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    message: format!("invalid key for table {}: {why}", t.table),
+                    hint: "A key is the JSON array of a row's primary key values, as the table's own triggers send it.",
+                });
+            }
+            Some(_) => {
+                // which ones: each on its own (the row trigger hands over one key, two on a key change)
+                let (mut good, mut dead) = (Vec::new(), Vec::new());
+                for key in keys {
+                    match invalid_keys(client, &t, vec![key.clone()])? {
+                        None => good.push(key),
+                        Some(why) => dead.push((key, why)),
+                    }
+                }
+                (good, dead)
+            }
+        };
+        let n = dead.len() as i32;
+        if !dead.is_empty() {
+            dead_letter(client, ext_owner, source_id, &t.table, dead)?;
         }
-        send(client, ext_owner, &t.queue, keys)
+        if !good.is_empty() {
+            send(client, ext_owner, &t.queue, good)?;
+        }
+        Ok(n)
     })
 }
 
@@ -126,6 +224,8 @@ fn enqueue_orphans(source_id: i32) -> Result<i64, SidecarError> {
     Spi::connect_mut(|client| {
         let ext_owner = extension_owner(client)?;
         let Some(t) = target(client, ext_owner, source_id, "TRUNCATE, DELETE", true)? else { return Ok(0) };
+        // the owner's policies run in this session (the apply worker's): see enqueue_applied
+        let _release = OwnerLocks::release_after(client)?;
         // read as the table's owner: the sidecar and its policies are the owner's
         let keys = as_table_owner(t.owner, || {
             let mut keys = Vec::new();
@@ -149,11 +249,20 @@ mod embed_sidecar {
 
     use crate::error::OrReport;
 
-    /// The replica row trigger's way onto the queue (see the module comment). PUBLIC may call it;
-    /// it refuses callers who may not insert into, update or delete from the source.
+    /// Put keys of a table's rows on its live lane, for a caller who may insert into, update or
+    /// delete from it (see the module comment); PUBLIC may call it. A key that is not one of the
+    /// table's is an ERROR.
     #[pg_extern(volatile, parallel_unsafe, name = "_enqueue_applied")]
     fn enqueue_applied(source_id: i32, keys: Vec<Option<String>>) {
-        super::enqueue_applied(source_id, keys).or_report()
+        super::enqueue_applied(source_id, keys, super::BadKeys::Refuse).or_report();
+    }
+
+    /// The replica row trigger's way onto the queue: as `_enqueue_applied`, but a key that cannot
+    /// be queued is a WARNING and a dead letter, never an ERROR (the apply worker would stop on
+    /// it). Returns how many keys were dead-lettered.
+    #[pg_extern(volatile, parallel_unsafe, name = "_enqueue_replicated")]
+    fn enqueue_replicated(source_id: i32, keys: Vec<Option<String>>) -> i32 {
+        super::enqueue_applied(source_id, keys, super::BadKeys::DeadLetter).or_report()
     }
 
     /// The TRUNCATE trigger's: enqueue the keys of the sidecar's orphans (see the module comment).
@@ -166,6 +275,6 @@ mod embed_sidecar {
     extension_sql_file!(
         "../sql/replica.sql",
         name = "replica",
-        requires = ["registry", "triggers", enqueue_applied, enqueue_orphans]
+        requires = ["registry", "triggers", enqueue_applied, enqueue_replicated, enqueue_orphans]
     );
 }

@@ -66,6 +66,8 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 -- the replica and TRUNCATE triggers' way onto the queue (src/replica.rs)
 CREATE FUNCTION embed_sidecar."_enqueue_applied"("source_id" INT, "keys" TEXT[]) RETURNS void
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_applied_wrapper';
+CREATE FUNCTION embed_sidecar."_enqueue_replicated"("source_id" INT, "keys" TEXT[]) RETURNS INT
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_replicated_wrapper';
 CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
 -- the identity of a model's current files (search_shards, sql/shards.sql)
@@ -73,7 +75,7 @@ CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'model_id_wrapper';
 
 -- changed functions and views, as the install files define them
---@copy _syncs _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
+--@copy _syncs _row_filter _column_names _sidecar_keys _side_join _key_elements _key_json _schema_of _vector_schema
 --@copy _check_watched _enqueue_changes _check_owner _check_may _readable_source _create_triggers _clip _sync_readers _protect_sidecar
 --@copy _create_queue _drop_queues _create_queues _create_embedding _adopt_sql _create_hnsw _create_view _define_view _do_watch watch
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
@@ -82,7 +84,7 @@ CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
 --@copy pause _do_resume resume _do_process process _filter_rows _run_filtered _filtered_sidecar _nearest_sql _nearest _search search
 --@copy _widen_ef_search _search_rows search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _row_key_sql _enqueue_applied_row _enqueue_truncated _orphans_sql _subscribed _follow_subscription
---@copy _on_subscription_ddl embed_sidecar_subscription _replication_lag _drop_trigger_if_there
+--@copy _do_on_subscription_ddl _on_subscription_ddl embed_sidecar_subscription _replication_lag _drop_trigger_if_there
 --@copy _shard_keys _shard_nearest_sql _shard_text_sql _fan_out search_shards hybrid_search_shards
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _written_here_sql _on_ddl_end embed_text embed_query
