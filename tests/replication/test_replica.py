@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import assert_in_step, error_of, one, wait, watch
+from conftest import assert_in_step, connect_as, error_of, one, wait, watch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "topology"))
 from nodes import Node, eventually, table_digest  # noqa: E402
@@ -185,6 +185,7 @@ def test_enqueue_applied_refuses_roles_that_may_not_write(db, make_role):
     db.execute(f'SET ROLE "{reader}"')
     try:
         assert error_of(db, "SELECT embed_sidecar._enqueue_applied(%s, ARRAY['[1]'])", (sid,))[0] == "42501"
+        assert error_of(db, "SELECT embed_sidecar._enqueue_replicated(%s, ARRAY['[1]'])", (sid,))[0] == "42501"
         assert error_of(db, "SELECT embed_sidecar._enqueue_orphans(%s)", (sid,))[0] == "42501"
     finally:
         db.execute("RESET ROLE")
@@ -209,3 +210,106 @@ def test_composite_and_text_keys_replicate(db, replicated):
         assert db.execute("SELECT missing, stale, orphans FROM embed_sidecar.verify('docs')").fetchone() == (0, 0, 0)
     finally:
         db.execute("ALTER DATABASE pes_test RESET DateStyle")
+
+
+def test_a_row_whose_key_cannot_be_queued_is_applied_and_dead_lettered(db, make_role):
+    """The replica trigger never raises because of a row's data (the apply worker would retry the
+    same change for ever): a key over 2,000 bytes, or one the key type refuses when checked as the
+    table's owner, is a WARNING and a dead letter naming it; the rows around it are embedded;
+    retry_failed() of such a dead letter is acked, never stuck on the queue."""
+    owner = make_role("rep_dl_owner")
+    db.execute("CREATE DOMAIN dlkey AS text CHECK (VALUE NOT LIKE 'owner-refuses%' OR current_user <> 'rep_dl_owner')")
+    db.execute("CREATE TABLE docs (id dlkey PRIMARY KEY, body text)")
+    db.execute(f'ALTER TABLE docs OWNER TO "{owner}"')
+    watch(db, "docs")
+    long_key = "k" * 2100
+    notices = []
+    db.add_notice_handler(lambda d: notices.append((d.severity_nonlocalized, d.message_primary, d.message_hint)))
+    db.execute("SET session_replication_role = replica")
+    try:
+        db.execute("INSERT INTO docs VALUES ('a', 'a row about rivers'), (%s, 'a row with a long key'), "
+                   "('owner-refuses-this', 'a key the owner''s domain refuses'), ('b', 'a row about chess')", (long_key,))
+    finally:
+        db.execute("RESET session_replication_role")
+    warned = [n for n in notices if n[0] == "WARNING" and "cannot be queued" in n[1]]
+    assert len(warned) == 2, notices
+    assert "embed_sidecar.failures" in warned[0][2]
+    assert one(db, "SELECT count(*) FROM docs") == 4
+    wait(db, "docs")
+    assert sorted(k for (k,) in db.execute("SELECT id FROM docs_embeddings").fetchall()) == ["a", "b"]
+    dead = db.execute("""SELECT f.key ->> 'unqueued_key', f.key ->> 'sha256', f.error FROM embed_sidecar.failures f
+                           JOIN embed_sidecar.sources s ON s.id = f.source_id WHERE s.source = 'docs'::regclass
+                          ORDER BY 1""").fetchall()
+    assert [(d[0][:20], len(d[1])) for d in dead] == [('["kkkkkkkkkkkkkkkkkk', 64), ('["owner-refuses-this', 64)], dead
+    assert one(db, "SELECT failed FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 2
+    # retried: the drain finds no row for such a key and acks it (nothing left pending or failed)
+    assert one(db, "SELECT embed_sidecar.retry_failed('docs')") == 2
+    wait(db, "docs")
+    assert db.execute("SELECT pending, failed FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone() == (0, 0)
+
+
+def test_a_subscription_that_would_copy_into_a_sidecar_is_refused(db, publisher):
+    """A publisher table named like a sidecar (a FOR ALL TABLES publication matches by name) would
+    have the apply worker write vectors the drain never made: CREATE SUBSCRIPTION is refused
+    (55006, naming the sidecar and the slot to drop), and so is ALTER SUBSCRIPTION ... REFRESH
+    PUBLICATION once such a table joins a publication; the subscription goes on for the rest."""
+    pub = publisher.connect()
+    pub.execute(f'CREATE SCHEMA "{db.schema}"')
+    pub.execute(f'SET search_path = "{db.schema}"')
+    name = "pes_" + uuid.uuid4().hex[:8]
+    made = False
+    try:
+        for c in (pub, db):
+            c.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        side = watch(db, "docs").split(".")[-1].strip('"')
+        pub.execute(f'CREATE TABLE "{side}" (id int PRIMARY KEY, embedding text, model text)')
+        pub.execute(f'CREATE PUBLICATION {name}_all FOR TABLE docs, "{side}"')
+        e = error_of(db, f"CREATE SUBSCRIPTION {name}_all CONNECTION '{publisher.dsn()}' PUBLICATION {name}_all")
+        assert e is not None and e[0] == "55006" and side in e[1], e
+        # the slot CREATE SUBSCRIPTION made on the publisher before the refusal, to drop there
+        assert one(pub, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (f"{name}_all",)) == 1
+        pub.execute("SELECT pg_drop_replication_slot(%s)", (f"{name}_all",))
+        # a subscription without it, then the table joins the publication
+        pub.execute(f"CREATE PUBLICATION {name} FOR TABLE docs")
+        db.execute(f"CREATE SUBSCRIPTION {name} CONNECTION '{publisher.dsn()}' PUBLICATION {name}")
+        made = True
+        pub.execute(f'ALTER PUBLICATION {name} ADD TABLE "{side}"')
+        e = error_of(db, f"ALTER SUBSCRIPTION {name} REFRESH PUBLICATION")
+        assert e is not None and e[0] == "55006" and side in e[1], e
+        assert one(db, "SELECT count(*) FROM pg_subscription_rel WHERE srrelid = %s::regclass", (side,)) == 0
+        pub.execute("INSERT INTO docs VALUES (1, 'still replicated')")
+        eventually(lambda: one(db, "SELECT count(*) FROM docs") == 1, "the subscription stopped")
+    finally:
+        if made:
+            db.execute(f"DROP SUBSCRIPTION {name}")
+        pub.execute(f"DROP PUBLICATION IF EXISTS {name}")
+        pub.execute(f"DROP PUBLICATION IF EXISTS {name}_all")
+        pub.execute(f'DROP SCHEMA "{db.schema}" CASCADE')
+        pub.close()
+
+
+def test_subscription_ddl_drops_foreign_keys_only_for_roles_that_may_act_for_the_owner(db, make_role, replicated):
+    """The subscription event trigger's body drops the sidecar foreign key only of tables whose
+    owner's rights the role running the command has (PostgreSQL 16+ lets members of
+    pg_create_subscription subscribe). Shown on any version by running the body as that role:
+    the subscription is made with the event trigger disabled, so the table is listed in
+    pg_subscription_rel and its sidecar still has its foreign key."""
+    # (make_role first: its teardown drops the roles' tables, after the subscription is gone)
+    victim = make_role("rep_fk_victim")
+    other = make_role("rep_fk_other")
+    pub, subscribe = replicated("id int PRIMARY KEY, body text")
+    db.execute(f'ALTER TABLE docs OWNER TO "{victim}"')
+    watch(db, "docs")
+    fk = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'docs_embeddings'::regclass AND contype = 'f'"
+    db.execute("ALTER EVENT TRIGGER embed_sidecar_subscription DISABLE")
+    try:
+        subscribe()
+    finally:
+        db.execute("ALTER EVENT TRIGGER embed_sidecar_subscription ENABLE")
+    assert one(db, fk) == 1
+    for role, left in ((other, 1), (victim, 0)):
+        with connect_as(role, db.schema) as c:
+            with c.transaction():
+                c.execute("SELECT embed_sidecar._enter()")
+                c.execute("SELECT embed_sidecar._do_on_subscription_ddl()")
+        assert one(db, fk) == left, role
