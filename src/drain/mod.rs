@@ -416,7 +416,7 @@ mod embed_sidecar {
     /// released after (`OwnerLocks`).
     #[pg_extern(volatile, parallel_unsafe, name = "_process")]
     fn process_source(source_id: i32, max_rows: i32) -> i64 {
-        let _release = Spi::connect(|client| crate::pg::authority::OwnerLocks::release_after(&client)).or_report();
+        let _release = Spi::connect(crate::pg::authority::OwnerLocks::release_after).or_report();
         drain_for_caller(source_id, max_rows)
     }
 
