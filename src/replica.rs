@@ -198,6 +198,14 @@ fn enqueue_applied(source_id: i32, keys: Vec<Option<String>>, bad_keys: BadKeys)
                 // which ones: each on its own (the row trigger hands over one key, two on a key change)
                 let (mut good, mut dead) = (Vec::new(), Vec::new());
                 for key in keys {
+                    let bytes = key.as_deref().map_or(0, str::len);
+                    if bytes > KEY_BYTES as usize {
+                        dead.push((
+                            key,
+                            format!("it is {bytes} bytes as JSON, more than the {KEY_BYTES} a queued key may have"),
+                        ));
+                        continue;
+                    }
                     match invalid_keys(client, &t, vec![key.clone()])? {
                         None => good.push(key),
                         Some(why) => dead.push((key, why)),
