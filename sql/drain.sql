@@ -13,7 +13,7 @@
 --           [[char_start, char_end, vector], ...], vector a 1-based index into $3 or 0 for "keep
 --           the row's vector of the same passage" → rows written
 --   trim:   (chunked) same parameters: a row's passages past its new last one go
---   clear:  $1 keys jsonb[] whose content turned blank
+--   clear:  $1 keys jsonb[] whose content turned blank, or whose row is gone
 CREATE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources,
     OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text, OUT trim_sql text)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
@@ -102,10 +102,14 @@ BEGIN
                 AND embed_sidecar._content_hash(%5$s) = v.hash',
             s.sidecar, s.source, key_src, embed_sidecar._side_join(s, 'sc', 'src'), content);
     END IF;
+    -- a row that is gone loses its vector here too: the foreign key's cascade does that for local
+    -- deletes, but not for a sidecar without one, nor under session_replication_role = replica
+    -- (sql/replica.sql)
     clear_sql := format(
-        'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key), %2$s src
-          WHERE %3$s AND %4$s AND embed_sidecar._is_blank(%5$s)',
-        s.sidecar, s.source, key_src, embed_sidecar._side_join(s, 'sc', 'src'), content);
+        'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key)
+          WHERE %3$s AND NOT EXISTS (SELECT FROM %2$s src WHERE %4$s AND NOT embed_sidecar._is_blank(%5$s))',
+        s.sidecar, s.source, embed_sidecar._key_from_json(s.sidecar, embed_sidecar._sidecar_keys(s), 'sc', '_pes_key'),
+        embed_sidecar._side_join(s, 'sc', 'src'), content);
 END
 $$;
 

@@ -13,7 +13,10 @@
 -- * search refuses a query whose model files changed since its vectors were made;
 -- * watched tables stay out of inheritance trees and partitioned tables;
 -- * fts_config is text (pg_upgrade refuses reg* columns); names that need quoting or are long in
---   bytes work; a reader's view no longer blocks the owner's drops.
+--   bytes work; a reader's view no longer blocks the owner's drops;
+-- * writes the logical replication apply worker makes (and session_replication_role = replica)
+--   reach the sidecar: replica row triggers and a TRUNCATE trigger; status shows the lag;
+-- * search_shards() merges the nearest rows of several embedding nodes (postgres_fdw).
 
 -- objects whose signature or kind changed
 DROP FUNCTION embed_sidecar._create_embedding(regclass, text, text, smallint, text, smallint[], name, text, regconfig, boolean, int, int, text);
@@ -63,6 +66,16 @@ CREATE FUNCTION embed_sidecar."_adopt"("source_id" INT, "column_name" TEXT) RETU
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'adopt_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
+-- the replica and TRUNCATE triggers' way onto the queue (src/replica.rs)
+CREATE FUNCTION embed_sidecar."_enqueue_applied"("source_id" INT, "keys" TEXT[]) RETURNS void
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_applied_wrapper';
+CREATE FUNCTION embed_sidecar."_enqueue_replicated"("source_id" INT, "keys" TEXT[]) RETURNS INT
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_replicated_wrapper';
+CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
+-- the identity of a model's current files (search_shards, sql/shards.sql)
+CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'model_id_wrapper';
 
 -- changed functions and views, as the install files define them
 -- Whether a writer's change to this embedding may be embedded inside the writer's transaction
@@ -106,19 +119,33 @@ BEGIN ATOMIC
       JOIN pg_catalog.pg_attribute b ON b.attrelid = s.source AND b.attnum = k.attnum;
 END;
 
--- The key of a sidecar row as a JSON array, an expression over alias: what search returns. A
--- column of a type defined outside pg_catalog goes through its text form: jsonb_build_array would
--- otherwise call a cast to json that the type's owner may have created, as whoever searches.
+-- The elements of a key's JSON array, expressions over alias in key order: the one form of a key
+-- everywhere (the statement and replica triggers, the backfill, the sidecar's keys that search
+-- returns and the orphans listing), so the drain dedupes keys and looks each up with
+-- (j->>i)::type (_key_from_json) whoever made it. A column of a scalar type of pg_catalog is given
+-- to jsonb_build_array as it is (a number stays a number); any other through format('%s'), its
+-- type's output function: an array or a composite would otherwise become a JSON array or object
+-- that no input function reads back, and jsonb_build_array would call a cast to json that the
+-- owner of a type defined outside pg_catalog may have created (as whoever writes or searches,
+-- or as the apply worker that fires the replica trigger, usually a superuser).
+CREATE OR REPLACE FUNCTION embed_sidecar._key_elements(rel regclass, attnums smallint[], alias text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace AND b.typtype = 'b' AND b.typcategory <> 'A'
+                                  THEN '%I.%I' ELSE 'pg_catalog.format(''%%s'', %I.%I)' END,
+                             alias, a.attname), ', ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum
+      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END;
+END;
+
+-- The key of a sidecar row as a JSON array, an expression over alias: what search returns, in
+-- the form the triggers queue (_key_elements).
 CREATE OR REPLACE FUNCTION embed_sidecar._key_json(s embed_sidecar.sources, alias text) RETURNS text
     LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT format('pg_catalog.jsonb_build_array(%s)',
-                  string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace THEN '%I.%I' ELSE '%I.%I::text' END,
-                                    alias, a.attname), ', ' ORDER BY a.attnum))
-      FROM pg_catalog.pg_attribute a
-      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-     WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+    SELECT format('pg_catalog.jsonb_build_array(%s)', embed_sidecar._key_elements(s.sidecar, embed_sidecar._sidecar_keys(s), alias));
 END;
 
 -- A schema's name, for %I (regnamespace's output is already quoted: '%I' of it quotes twice).
@@ -162,7 +189,7 @@ $$;
 -- ('{1,2}'), template ('' without).
 -- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
 -- whose content is distinct from before (a row whose key changed has no OLD partner and counts
--- as changed).
+-- as changed); a DELETE, all of its rows.
 -- The keys' text form must not depend on the writer's session: floats are printed exactly
 -- (extra_float_digits >= 1) and intervals in the form interval_in reads back without doubt.
 CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
@@ -170,7 +197,7 @@ CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
 AS $$
 DECLARE
     key_nums smallint[] := TG_ARGV[2]::smallint[];
-    keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
+    keys text := embed_sidecar._key_elements(TG_RELID, key_nums, 'n');
     attnum smallint := nullif(TG_ARGV[1], '')::smallint;
     template text := nullif(TG_ARGV[3], '');
     content_new text := embed_sidecar._content_sql(TG_RELID, attnum, template, 'n');
@@ -180,6 +207,9 @@ BEGIN
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n WHERE NOT embed_sidecar._is_blank(%s)',
                        keys, content_new)
            INTO batch;
+    ELSIF TG_OP = 'DELETE' THEN
+        -- (only beside a sidecar without a foreign key, replica.sql: the drain removes the vectors)
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM old_rows n', keys) INTO batch;
     ELSE
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
                          WHERE %s IS DISTINCT FROM %s',
@@ -251,9 +281,13 @@ BEGIN
 END
 $$;
 
--- The statement triggers of one embedding (see triggers.sql), named by its registry id. With
+-- The triggers of one embedding, named by its registry id: the statement triggers (see
+-- triggers.sql) and those the logical replication apply worker fires (see replica.sql). With
 -- only_stale, only those that exist with other arguments are made again (after a restore into a
--- renumbered table, _reconcile_columns: pg_restore makes them with the dumped numbers).
+-- renumbered table, _reconcile_columns: pg_restore makes them with the dumped numbers); without,
+-- the missing ones are made too (watch(), and the upgrade to 0.3.0 for the replica triggers). The
+-- delete trigger exists only beside a sidecar without a foreign key (_follow_subscription makes
+-- it), so it is only ever made again.
 CREATE OR REPLACE FUNCTION embed_sidecar._create_triggers(s embed_sidecar.sources, only_stale boolean DEFAULT false) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -261,19 +295,30 @@ DECLARE
     args text[] := ARRAY[s.id::text, coalesce(s.content_attnum::text, ''), s.key_attnums::text, coalesce(s.template, '')];
     t record;
     old_args text[];
+    trigger_name text;
 BEGIN
-    FOR t IN VALUES ('insert', 'INSERT', 'NEW TABLE AS new_rows'),
-                    ('update', 'UPDATE', 'OLD TABLE AS old_rows NEW TABLE AS new_rows') LOOP
-        IF only_stale THEN
-            SELECT (regexp_split_to_array(encode(g.tgargs, 'escape'), '\\000'))[1:g.tgnargs] INTO old_args
-              FROM pg_trigger g WHERE g.tgrelid = s.source AND g.tgname = 'embed_sidecar_' || s.id || '_' || t.column1;
-            CONTINUE WHEN old_args IS NULL OR old_args = args;
-            EXECUTE format('DROP TRIGGER %I ON %s', 'embed_sidecar_' || s.id || '_' || t.column1, s.source);
+    -- name, event, level, function, when it fires: O as a local write (origin), R under the apply
+    -- worker and session_replication_role = replica, A always
+    FOR t IN VALUES ('insert', 'AFTER INSERT', 'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('update', 'AFTER UPDATE', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('delete', 'AFTER DELETE', 'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('replica', 'AFTER INSERT OR UPDATE OR DELETE', 'FOR EACH ROW', '_enqueue_applied_row', 'R'),
+                    ('truncate', 'AFTER TRUNCATE', 'FOR EACH STATEMENT', '_enqueue_truncated', 'A') LOOP
+        trigger_name := 'embed_sidecar_' || s.id || '_' || t.column1;
+        old_args := NULL;
+        SELECT (regexp_split_to_array(encode(g.tgargs, 'escape'), '\\000'))[1:g.tgnargs] INTO old_args
+          FROM pg_trigger g WHERE g.tgrelid = s.source AND g.tgname = trigger_name;
+        CONTINUE WHEN old_args = args OR (old_args IS NULL AND (only_stale OR t.column1 = 'delete'));
+        IF old_args IS NOT NULL THEN
+            EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, s.source);
         END IF;
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%L, %L, %L, %L)',
-                       'embed_sidecar_' || s.id || '_' || t.column1, t.column2, s.source, t.column3,
-                       args[1], args[2], args[3], args[4]);
+        EXECUTE format('CREATE TRIGGER %I %s ON %s %s EXECUTE FUNCTION embed_sidecar.%I(%L, %L, %L, %L)',
+                       trigger_name, t.column2, s.source, t.column3, t.column4, args[1], args[2], args[3], args[4]);
+        IF t.column5 = 'R' THEN
+            EXECUTE format('ALTER TABLE %s ENABLE REPLICA TRIGGER %I', s.source, trigger_name);
+        ELSIF t.column5 = 'A' THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', s.source, trigger_name);
+        END IF;
     END LOOP;
 END
 $$;
@@ -499,6 +544,8 @@ BEGIN
     PERFORM embed_sidecar._create_queues(s.queue_name);
 
     PERFORM embed_sidecar._create_triggers(s);
+    -- a table a subscription copies: no foreign key (replica.sql)
+    PERFORM embed_sidecar._follow_subscription(s);
     IF adopt IS NOT NULL THEN
         -- (the table is locked against writers by watch(): the copy and the backfill see one state)
         adopted := embed_sidecar._adopt(s.id, adopt);
@@ -885,6 +932,9 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = s.source) THEN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_insert', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
+        -- (replica.sql; the delete trigger only beside a sidecar without a foreign key)
+        PERFORM embed_sidecar._drop_trigger_if_there(s.source, 'embed_sidecar_' || s.id || '_' || t)
+           FROM unnest(ARRAY['delete', 'replica', 'truncate']) t;
     END IF;
     PERFORM embed_sidecar._drop_queues(s.queue_name);
     -- the view is the embedding's, not a version's: it goes with the current one
@@ -1521,7 +1571,7 @@ COMMENT ON FUNCTION embed_sidecar.hybrid_search(regclass, text, int, int, float8
 --           [[char_start, char_end, vector], ...], vector a 1-based index into $3 or 0 for "keep
 --           the row's vector of the same passage" → rows written
 --   trim:   (chunked) same parameters: a row's passages past its new last one go
---   clear:  $1 keys jsonb[] whose content turned blank
+--   clear:  $1 keys jsonb[] whose content turned blank, or whose row is gone
 CREATE OR REPLACE FUNCTION embed_sidecar._drain_sql(s embed_sidecar.sources,
     OUT lookup_sql text, OUT upsert_sql text, OUT clear_sql text, OUT trim_sql text)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
@@ -1610,12 +1660,420 @@ BEGIN
                 AND embed_sidecar._content_hash(%5$s) = v.hash',
             s.sidecar, s.source, key_src, embed_sidecar._side_join(s, 'sc', 'src'), content);
     END IF;
+    -- a row that is gone loses its vector here too: the foreign key's cascade does that for local
+    -- deletes, but not for a sidecar without one, nor under session_replication_role = replica
+    -- (sql/replica.sql)
     clear_sql := format(
-        'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key), %2$s src
-          WHERE %3$s AND %4$s AND embed_sidecar._is_blank(%5$s)',
-        s.sidecar, s.source, key_src, embed_sidecar._side_join(s, 'sc', 'src'), content);
+        'DELETE FROM %1$s sc USING unnest($1::jsonb[]) AS v(_pes_key)
+          WHERE %3$s AND NOT EXISTS (SELECT FROM %2$s src WHERE %4$s AND NOT embed_sidecar._is_blank(%5$s))',
+        s.sidecar, s.source, embed_sidecar._key_from_json(s.sidecar, embed_sidecar._sidecar_keys(s), 'sc', '_pes_key'),
+        embed_sidecar._side_join(s, 'sc', 'src'), content);
 END
 $$;
+
+-- The key of a row as a JSON array's text, an expression over alias, made only of output
+-- functions (_key_elements): never a cast the type's owner may have created (the apply worker
+-- that fires the replica trigger is usually a superuser).
+CREATE OR REPLACE FUNCTION embed_sidecar._row_key_sql(rel regclass, attnums smallint[], alias text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT format('pg_catalog.jsonb_build_array(%s)::text', embed_sidecar._key_elements(rel, attnums, alias));
+END;
+
+-- The row trigger the apply worker fires (see the top of this file). Arguments as the statement
+-- triggers': source id, content attnum, key attnums, template. It runs with the apply worker's
+-- rights and reads the row only through _row_key_sql's expressions; whether the text changed is
+-- left to the drain (an unchanged hash is acked without inference), so no operator of a column's
+-- type runs here. The settings fix how keys print, as in the drain (_invalid_keys, _lookup).
+-- It never raises because of a row's data: the apply worker would abort its transaction and
+-- retry the same change for ever, and every table of the subscription would stop. A key that
+-- cannot be queued (longer than 2,000 bytes as JSON, refused by its type as the table's owner
+-- checks it) is a WARNING and a dead letter (_enqueue_replicated, src/replica.rs).
+CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_applied_row() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET extra_float_digits = 1
+    SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, MDY'
+AS $$
+DECLARE
+    key_sql text := embed_sidecar._row_key_sql(TG_RELID, TG_ARGV[2]::smallint[], 'r');
+    new_key text;
+    old_key text;
+BEGIN
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', key_sql) INTO new_key USING NEW;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', key_sql) INTO old_key USING OLD;
+    END IF;
+    PERFORM embed_sidecar._enqueue_replicated(TG_ARGV[0]::int,
+                                              ARRAY(SELECT DISTINCT k FROM unnest(ARRAY[new_key, old_key]) k WHERE k IS NOT NULL));
+    RETURN NULL;
+END
+$$;
+
+-- The TRUNCATE trigger (see the top of this file): the sidecar's orphans, queued. Listing them
+-- runs the owner's policies on the sidecar and the table; an error there is a WARNING, not the
+-- apply worker's (the orphans stay, and verify() counts them), for the reason the row trigger
+-- never raises. One subtransaction per TRUNCATE.
+CREATE OR REPLACE FUNCTION embed_sidecar._enqueue_truncated() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enqueue_orphans(TG_ARGV[0]::int);
+    RETURN NULL;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'pg_embed_sidecar: the vectors of %''s truncated rows were not queued for removal: %', TG_RELID::regclass, SQLERRM
+        USING HINT = 'embed_sidecar.verify() counts them as orphans; reembed() or unwatch() and watch() again removes them.';
+    RETURN NULL;
+END
+$$;
+
+-- The SELECT that lists the keys of a sidecar's rows whose source row is gone (run by
+-- _enqueue_orphans as the table's owner), in the drain's key form.
+CREATE OR REPLACE FUNCTION embed_sidecar._orphans_sql(s embed_sidecar.sources) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT format('SELECT DISTINCT %s::text FROM %s sc WHERE NOT EXISTS (SELECT FROM %s src WHERE %s)',
+                  embed_sidecar._key_json(s, 'sc'), s.sidecar, s.source, embed_sidecar._side_join(s, 'sc', 'src'));
+END;
+
+-- Whether a subscription of this database copies the table.
+CREATE OR REPLACE FUNCTION embed_sidecar._subscribed(rel regclass) RETURNS boolean
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT EXISTS (SELECT FROM pg_catalog.pg_subscription_rel r WHERE r.srrelid = rel);
+END;
+
+-- A sidecar whose table a subscription copies: its foreign key goes (the apply worker's TRUNCATE
+-- would fail on it, and its cascade does not run under the apply worker anyway), and the delete
+-- trigger stands in for it (local deletes; replicated ones fire the replica trigger). Run as the
+-- extension's owner by watch() and after CREATE/ALTER SUBSCRIPTION; the ALTER TABLE runs no code
+-- of the table's owner. A key changed by a local UPDATE on such a table leaves the old key's
+-- vector behind (verify() counts it as an orphan; README).
+CREATE OR REPLACE FUNCTION embed_sidecar._follow_subscription(s embed_sidecar.sources) RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fk name;
+BEGIN
+    IF NOT embed_sidecar._subscribed(s.source) THEN
+        RETURN false;
+    END IF;
+    FOR fk IN SELECT c.conname FROM pg_constraint c
+               WHERE c.conrelid = s.sidecar AND c.confrelid = s.source AND c.contype = 'f' LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', s.sidecar, fk);
+        RAISE NOTICE 'pg_embed_sidecar: % is copied by a subscription: its sidecar % no longer has a foreign key', s.source, s.sidecar
+            USING HINT = 'Replicated deletes and TRUNCATE reach the sidecar through the replica triggers.';
+    END LOOP;
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = s.source AND tgname = 'embed_sidecar_' || s.id || '_delete') THEN
+        EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%L, %L, %L, %L)',
+                       'embed_sidecar_' || s.id || '_delete', s.source, s.id, coalesce(s.content_attnum::text, ''),
+                       s.key_attnums::text, coalesce(s.template, ''));
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- After CREATE SUBSCRIPTION and ALTER SUBSCRIPTION (which add tables to pg_subscription_rel in the
+-- same transaction), the body of the event trigger, run as the extension's owner for the role
+-- that ran the command (_on_subscription_ddl records it):
+-- * a subscription may not copy into a sidecar: a publisher table named like it (a FOR ALL
+--   TABLES publication matches every table by name, and a sidecar's name is predictable) would
+--   have the apply worker, a superuser, write vectors the drain never made and replay TRUNCATEs
+--   on it. The command is refused. (Refused here, at the command, and not by a trigger on the
+--   sidecar: an error in the apply worker stops the whole subscription; a table PostgreSQL does
+--   not list in pg_subscription_rel gets no changes applied, so it is enough to refuse the
+--   commands that list tables: CREATE SUBSCRIPTION and ALTER SUBSCRIPTION ... REFRESH / SET / ADD
+--   PUBLICATION.)
+-- * every watched table now copied follows its subscription (_follow_subscription), among the
+--   tables whose owner's rights that role has: from PostgreSQL 16 a member of
+--   pg_create_subscription may subscribe to a publication naming any table, and must not make
+--   another owner's sidecar lose its foreign key.
+CREATE OR REPLACE FUNCTION embed_sidecar._do_on_subscription_ddl() RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller oid := embed_sidecar._calling_role();
+    hit record;
+BEGIN
+    SELECT p.subname, p.subslotname, s.sidecar INTO hit
+      FROM embed_sidecar.sources s
+      JOIN pg_subscription_rel r ON r.srrelid = s.sidecar
+      JOIN pg_subscription p ON p.oid = r.srsubid
+     ORDER BY p.subname, s.sidecar::oid LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: subscription % would copy into %, a sidecar', hit.subname, hit.sidecar
+            USING ERRCODE = 'object_in_use',
+                  DETAIL = 'A table of its publication has the sidecar''s name; only the drain writes a sidecar.',
+                  HINT = format('Publish the tables by name (CREATE PUBLICATION ... FOR TABLE), or leave that table out of the publication. '
+                                'If CREATE SUBSCRIPTION made the replication slot %s on the publisher, drop it there: '
+                                'SELECT pg_drop_replication_slot(%L).', coalesce(hit.subslotname::text, '(none)'),
+                                coalesce(hit.subslotname::text, ''));
+    END IF;
+    PERFORM embed_sidecar._follow_subscription(s)
+       FROM embed_sidecar.sources s JOIN pg_class c ON c.oid = s.source
+      WHERE EXISTS (SELECT FROM pg_class x WHERE x.oid = s.sidecar)
+        AND pg_has_role(caller, c.relowner, 'USAGE');
+END
+$$;
+
+-- The event trigger: records the role that ran the command (src/pg/authority.rs, "who is
+-- calling"), then the body.
+CREATE OR REPLACE FUNCTION embed_sidecar._on_subscription_ddl() RETURNS event_trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+BEGIN
+    PERFORM embed_sidecar._enter();
+    PERFORM embed_sidecar._do_on_subscription_ddl();
+END
+$$;
+
+CREATE EVENT TRIGGER embed_sidecar_subscription ON ddl_command_end
+    WHEN TAG IN ('CREATE SUBSCRIPTION', 'ALTER SUBSCRIPTION')
+    EXECUTE FUNCTION embed_sidecar._on_subscription_ddl();
+
+-- How far the apply worker is behind the publisher, for a table a subscription copies (NULL for
+-- any other table, and while it cannot be told: the table's initial copy is still running, or
+-- the subscription's apply worker is not running — status.behind is then NULL too, which is what
+-- to alert on). While the worker has received changes past the publisher's last reported end of
+-- WAL it is catching up, and the lag is the age of the newest message it received; otherwise 0.
+CREATE OR REPLACE FUNCTION embed_sidecar._replication_lag(rel regclass, OUT subscribed boolean, OUT lag interval)
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT count(r.*) > 0,
+           max(CASE WHEN r.srsubstate <> 'r' OR w.pid IS NULL THEN NULL
+                    WHEN w.received_lsn > w.latest_end_lsn THEN greatest(pg_catalog.now() - w.last_msg_send_time, interval '0')
+                    ELSE interval '0' END)
+           -- (max ignores NULLs: one unknown subscription makes the whole answer unknown)
+           + CASE WHEN bool_or(r.srsubstate <> 'r' OR w.pid IS NULL) THEN NULL ELSE interval '0' END
+      FROM pg_catalog.pg_subscription_rel r
+      LEFT JOIN pg_catalog.pg_stat_subscription w ON w.subid = r.srsubid AND w.relid IS NULL
+     WHERE r.srrelid = rel;
+END;
+
+-- DROP TRIGGER IF EXISTS, without its NOTICE when there is none.
+CREATE OR REPLACE FUNCTION embed_sidecar._drop_trigger_if_there(source regclass, trigger_name text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = source AND tgname = trigger_name) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, source);
+    END IF;
+END
+$$;
+
+-- The key columns of a shard: every column but embedding, model and fts, in column order (a
+-- relation without embedding and model, or without other columns, is refused).
+CREATE OR REPLACE FUNCTION embed_sidecar._shard_keys(shard regclass) RETURNS smallint[]
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_nums smallint[] := ARRAY(SELECT a.attnum FROM pg_attribute a
+                                  WHERE a.attrelid = shard AND a.attnum > 0 AND NOT a.attisdropped
+                                    AND a.attname NOT IN ('embedding', 'model', 'fts') ORDER BY a.attnum);
+BEGIN
+    IF cardinality(key_nums) = 0
+       OR (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = shard AND a.attname IN ('embedding', 'model')
+                                                 AND NOT a.attisdropped) <> 2 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: % is not a shard: it needs key columns, embedding and model', shard
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'CREATE FOREIGN TABLE over a node''s sidecar with its key columns, embedding and model (README, "Beyond one machine").';
+    END IF;
+    RETURN key_nums;
+END
+$$;
+
+-- One shard's k nearest rows: its label, its key columns, model, distance. $1 the query vector
+-- (real[]: its cast to vector is folded into a constant before the query is sent, so the node
+-- sees a vector literal and can use its index). Everything but the label is the node's work, so
+-- postgres_fdw sends the ORDER BY and the LIMIT; no filter on the model (with one the planner
+-- sorts here instead): the rows' model is checked after (search_shards).
+CREATE OR REPLACE FUNCTION embed_sidecar._shard_nearest_sql(shard regclass, k int) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN format('(SELECT %L::text AS shard, %s, t.model, t.embedding OPERATOR(%I.<=>) $1::%I.vector AS _pes_distance
+                      FROM %s t ORDER BY _pes_distance LIMIT %s)',
+                  shard, embed_sidecar._columns(shard, embed_sidecar._shard_keys(shard), 't'),
+                  embed_sidecar._vector_schema(), embed_sidecar._vector_schema(), shard, k);
+END
+$$;
+
+-- One shard's best-ranked rows for full text (hybrid_search_shards): label, key columns, model,
+-- ts_rank as the node computes it (from the row's own lexemes only, so ranks from different nodes
+-- compare). $2 the tsquery, made on the query node and sent as a constant.
+CREATE OR REPLACE FUNCTION embed_sidecar._shard_text_sql(shard regclass, candidates int) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = shard AND a.attname = 'fts' AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: shard % has no fts column for hybrid_search_shards', shard
+            USING ERRCODE = 'wrong_object_type', HINT = 'Add the sidecar''s fts column (tsvector) to the foreign table.';
+    END IF;
+    RETURN format('(SELECT %L::text AS shard, %s, t.model, pg_catalog.ts_rank(t.fts, $2, 1)::float8 AS _pes_distance
+                      FROM %s t WHERE t.fts OPERATOR(pg_catalog.@@) $2 ORDER BY _pes_distance DESC, %s LIMIT %s)',
+                  shard, embed_sidecar._columns(shard, embed_sidecar._shard_keys(shard), 't'), shard,
+                  embed_sidecar._columns(shard, embed_sidecar._shard_keys(shard), 't'), candidates);
+END
+$$;
+
+-- Ask every shard one query (branches[i] for shards[i], made by _shard_nearest_sql or
+-- _shard_text_sql; $1 the query vector, $2 the tsquery) and return every row they gave, as
+-- [shard, key, value, model]. Without partial, in one statement: an Append of their scans that
+-- PostgreSQL runs concurrently where the servers are async_capable (the union is a materialized
+-- CTE: an ORDER BY over the union itself would make the planner merge ordered scans one node
+-- after the other), and a shard that does not answer is an error naming it. With partial, each
+-- on its own; one that does not answer is left out (WARNING) and named in missing. A shard whose
+-- rows were made by another model than model_id is an error (a search never mixes models).
+CREATE OR REPLACE FUNCTION embed_sidecar._fan_out(shards regclass[], branches text[], partial boolean, q real[], tq tsquery,
+                                       model_id text, OUT hits jsonb, OUT missing text[])
+    -- (values travel through jsonb: every digit of each float)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET extra_float_digits = 3
+AS $$
+DECLARE
+    -- the key's JSON, made here from the columns the nodes return (named as in the first shard)
+    key_sql text := embed_sidecar._row_key_sql(shards[1], embed_sidecar._shard_keys(shards[1]), 'f');
+    part jsonb;
+    other record;
+BEGIN
+    hits := '[]';
+    missing := '{}';
+    IF NOT partial THEN
+        BEGIN
+            EXECUTE format('WITH fan AS MATERIALIZED (%s)
+                            SELECT coalesce(jsonb_agg(jsonb_build_array(f.shard, (%s)::jsonb, f._pes_distance, f.model)), ''[]'')
+                              FROM fan f', array_to_string(branches, ' UNION ALL '), key_sql)
+               INTO hits USING q, tq;
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('42809', '42501', '42804') THEN
+                RAISE;
+            END IF;
+            RAISE EXCEPTION 'pg_embed_sidecar: a shard did not answer: %', SQLERRM
+                USING ERRCODE = SQLSTATE,
+                      HINT = 'Pass partial => true to answer from the shards that do, with the answer marked incomplete.';
+        END;
+    ELSE
+        FOR i IN 1 .. cardinality(shards) LOOP
+            BEGIN
+                EXECUTE format('SELECT coalesce(jsonb_agg(jsonb_build_array(f.shard, (%s)::jsonb, f._pes_distance, f.model)), ''[]'')
+                                  FROM %s f', key_sql, branches[i])
+                   INTO part USING q, tq;
+                hits := hits || part;
+            EXCEPTION WHEN OTHERS THEN
+                IF SQLSTATE IN ('42809', '42501', '42804') THEN
+                    RAISE;
+                END IF;
+                missing := missing || shards[i]::text;
+                RAISE WARNING 'pg_embed_sidecar: shard % did not answer, left out: %', shards[i], SQLERRM;
+            END;
+        END LOOP;
+        IF cardinality(missing) = cardinality(shards) THEN
+            RAISE EXCEPTION 'pg_embed_sidecar: no shard answered (%)', array_to_string(missing, ', ')
+                USING ERRCODE = 'connection_failure', HINT = 'See the WARNINGs above for each shard''s error.';
+        END IF;
+    END IF;
+    SELECT h ->> 0 AS shard, h ->> 3 AS model INTO other FROM jsonb_array_elements(hits) h
+     WHERE h ->> 3 IS DISTINCT FROM model_id LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: shard % holds vectors of model %, not of the query''s %', other.shard,
+                        coalesce(quote_literal(other.model), 'NULL'), quote_literal(model_id)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Every node must embed with the query node''s model (same files): pass model => ..., or reembed() there.';
+    END IF;
+END
+$$;
+
+-- The k nearest rows over every shard, merged: equal to the k nearest of one node holding all
+-- the rows (each shard returns its own k nearest, and the k nearest overall are among them).
+-- Without partial, the shards are asked in one statement, an Append of their scans that
+-- PostgreSQL runs concurrently where the servers are async_capable (the union is a materialized
+-- CTE, and the merge sorts its result: an ORDER BY over the union itself would make the planner
+-- merge ordered scans one node after the other), and a shard that does not answer is an error
+-- naming it; with partial, each is asked on its own, one that does not answer is left out with a
+-- WARNING, and every row says complete = false. A shard whose rows were made by another model
+-- than the query's is an error (a search never mixes models). Ties in distance go by key.
+CREATE OR REPLACE FUNCTION embed_sidecar.search_shards(shards regclass[], query text, k int DEFAULT 10, partial boolean DEFAULT false,
+                                            model text DEFAULT NULL)
+    RETURNS TABLE (shard text, key jsonb, distance float8, complete boolean)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+DECLARE
+    -- who searches (src/pg/authority.rs): refused inside a security-restricted operation, as
+    -- search() is; forgotten (_leave) before the nodes' rows are read
+    entered boolean := embed_sidecar._enter();
+    model_name text := coalesce(search_shards.model, current_setting('pg_embed_sidecar.model'));
+    model_id text := embed_sidecar._model_id(model_name);
+    got record;
+BEGIN
+    IF k IS NULL OR k < 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: k must not be negative, not %', coalesce(k::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'k is how many rows the search returns.';
+    END IF;
+    IF coalesce(cardinality(shards), 0) = 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: search_shards() needs at least one shard'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
+    END IF;
+    PERFORM embed_sidecar._leave();
+    got := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_nearest_sql(x, k) FROM unnest(shards) x),
+                                  partial, embed_sidecar._embed_query(model_name, model_id, query), NULL, model_id);
+    RETURN QUERY SELECT h ->> 0, h -> 1, (h ->> 2)::float8, cardinality(got.missing) = 0
+                   FROM jsonb_array_elements(got.hits) h ORDER BY (h ->> 2)::float8, h -> 1 LIMIT k;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.search_shards(regclass[], text, int, boolean, text) IS
+    'The k nearest rows over several embedding nodes'' sidecars (postgres_fdw foreign tables), merged; a node that does not answer is an error, or with partial => true is left out and every row says complete = false';
+
+-- hybrid_search over shards: each node gives its `candidates` nearest rows and its `candidates`
+-- best-ranked rows for full text; merged, each side keeps the `candidates` best over all nodes and
+-- ranks them as one node holding every row would (ts_rank reads a row's own lexemes only, so ranks
+-- from different nodes compare), then the two ranks are fused as hybrid_search() fuses them
+-- (reciprocal rank fusion). Partial and errors as search_shards. One vector per row (a chunked
+-- sidecar's passages are not grouped by row here).
+CREATE OR REPLACE FUNCTION embed_sidecar.hybrid_search_shards(shards regclass[], query text, k int DEFAULT 10, candidates int DEFAULT 100,
+    vector_weight float8 DEFAULT 1.0, text_weight float8 DEFAULT 1.0, rrf_k int DEFAULT 60, partial boolean DEFAULT false,
+    model text DEFAULT NULL, fts_config regconfig DEFAULT 'english')
+    RETURNS TABLE (shard text, key jsonb, score float8, vector_rank int, text_rank int, complete boolean)
+    LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET pg_embed_sidecar.caller = ''
+AS $$
+DECLARE
+    -- who searches (src/pg/authority.rs): refused inside a security-restricted operation, as
+    -- search() is; forgotten (_leave) before the nodes' rows are read
+    entered boolean := embed_sidecar._enter();
+    model_name text := coalesce(hybrid_search_shards.model, current_setting('pg_embed_sidecar.model'));
+    model_id text := embed_sidecar._model_id(model_name);
+    v record;
+    t record;
+BEGIN
+    IF k IS NULL OR k < 0 OR candidates IS NULL OR candidates < k THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: hybrid_search_shards() needs 0 <= k <= candidates (k %, candidates %)',
+                        coalesce(k::text, 'NULL'), coalesce(candidates::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'candidates is how many rows each side ranks before they are fused.';
+    END IF;
+    IF coalesce(cardinality(shards), 0) = 0 THEN
+        RAISE EXCEPTION 'pg_embed_sidecar: hybrid_search_shards() needs at least one shard'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the foreign tables over the nodes'' sidecars.';
+    END IF;
+    PERFORM embed_sidecar._leave();
+    v := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_nearest_sql(x, candidates) FROM unnest(shards) x),
+                                partial, embed_sidecar._embed_query(model_name, model_id, query), NULL, model_id);
+    t := embed_sidecar._fan_out(shards, ARRAY(SELECT embed_sidecar._shard_text_sql(x, candidates) FROM unnest(shards) x),
+                                partial, NULL, embed_sidecar.any_words_tsquery(fts_config, query), model_id);
+    RETURN QUERY
+        WITH vs AS (SELECT h ->> 0 AS shard, h -> 1 AS key,
+                           row_number() OVER (ORDER BY (h ->> 2)::float8, h -> 1)::int AS r
+                      FROM jsonb_array_elements(v.hits) h ORDER BY (h ->> 2)::float8, h -> 1 LIMIT candidates),
+             fs AS (SELECT h ->> 0 AS shard, h -> 1 AS key,
+                           row_number() OVER (ORDER BY (h ->> 2)::float8 DESC, h -> 1)::int AS r
+                      FROM jsonb_array_elements(t.hits) h ORDER BY (h ->> 2)::float8 DESC, h -> 1 LIMIT candidates)
+        SELECT coalesce(vs.shard, fs.shard), coalesce(vs.key, fs.key),
+               coalesce(vector_weight / (rrf_k + vs.r), 0) + coalesce(text_weight / (rrf_k + fs.r), 0),
+               vs.r, fs.r, cardinality(v.missing) + cardinality(t.missing) = 0
+          FROM vs FULL JOIN fs ON vs.key = fs.key
+         ORDER BY 3 DESC, 2 LIMIT k;
+END
+$$;
+COMMENT ON FUNCTION embed_sidecar.hybrid_search_shards(regclass[], text, int, int, float8, float8, int, boolean, text, regconfig) IS
+    'hybrid_search over several embedding nodes'' sidecars (postgres_fdw foreign tables with fts): each side merged over the nodes, then fused by reciprocal rank; errors and partial answers as search_shards';
 
 -- Run the lookup for all keys at once; if that fails (a policy or domain check that raises for
 -- some row), once per key, so a bad row is reported on its own and the rows around it proceed.
@@ -1724,6 +2182,9 @@ END;
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
 -- chunks: passages in a chunked sidecar (from the statistics, like coverage; verify() counts).
+-- replication_lag: for a table a subscription copies, how far its apply worker is behind the
+-- publisher (_replication_lag, replica.sql); behind: that plus oldest_pending_age, the one figure
+-- to alert on (NULL while a subscribed table's initial copy runs or its apply worker is down).
 -- security_barrier: the view's own filter (tables the querying role may read) runs before any
 -- condition the querier adds, so a cheap function in a WHERE clause never sees other rows.
 CREATE OR REPLACE VIEW embed_sidecar.status WITH (security_barrier) AS
@@ -1743,13 +2204,16 @@ SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q
        embed_sidecar._worker_state() AS worker,
        CASE WHEN s.chunk_tokens IS NOT NULL
             THEN greatest(pg_stat_get_live_tuples(s.sidecar), (SELECT reltuples::bigint FROM pg_class WHERE oid = s.sidecar), 0) END
-           AS chunks
+           AS chunks,
+       r.lag AS replication_lag,
+       CASE WHEN r.subscribed THEN r.lag + q.oldest_pending_age ELSE q.oldest_pending_age END AS behind
   FROM embed_sidecar.sources s
        JOIN pg_catalog.pg_class c ON c.oid = s.source,
        LATERAL embed_sidecar._queue_backlog(s.id) q,
+       LATERAL embed_sidecar._replication_lag(s.source) r,
        LATERAL (SELECT count(*) AS failed FROM embed_sidecar.failures x WHERE x.source_id = s.id) f
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched table (and per version while a model switch runs): backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched table (and per version while a model switch runs): backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker, replication lag';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or
@@ -1856,7 +2320,7 @@ BEGIN ATOMIC
           WHERE NOT embed_sidecar._is_blank(%s)
             AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
                         OR sc.model IS DISTINCT FROM $2)',
-        embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
+        embed_sidecar._key_elements(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
         embed_sidecar._side_join(s, 'sc', 'src'), embed_sidecar._row_filter(s, 'sc'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));
@@ -1978,6 +2442,10 @@ CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
                  'GRANT', 'REVOKE')
     EXECUTE FUNCTION embed_sidecar._on_ddl_end();
 
+-- existing embeddings get the triggers the logical replication apply worker fires, and those of
+-- tables a subscription copies lose their foreign key (sql/replica.sql)
+SELECT embed_sidecar._create_triggers(s) FROM embed_sidecar.sources s;
+SELECT embed_sidecar._follow_subscription(s) FROM embed_sidecar.sources s;
 -- existing sidecars: SELECT for PUBLIC under row security instead of the table's copied grants
 SELECT embed_sidecar._protect_sidecar(s) FROM embed_sidecar.sources s;
 -- the names of the columns each embedding uses, for a later restore into a renumbered table
@@ -2026,7 +2494,8 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._readable_source(regclass, text),
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
     embed_sidecar._worker_state(), embed_sidecar._installed_models(), embed_sidecar._key_json(embed_sidecar.sources, text),
     embed_sidecar._side_join(embed_sidecar.sources, text, text), embed_sidecar._sidecar_keys(embed_sidecar.sources),
-    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._leave(), embed_sidecar._session_role() TO PUBLIC;
+    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._leave(), embed_sidecar._session_role(),
+    embed_sidecar._key_elements(regclass, smallint[], text) TO PUBLIC;
 -- The bodies of the management functions: each checks that its caller may execute the public one
 -- (embed_sidecar._check_may), so the administrator grants those, as before.
 GRANT EXECUTE ON FUNCTION
@@ -2043,6 +2512,19 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
     embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
     embed_sidecar._template_attnums(text), embed_sidecar._is_blank(text),
     embed_sidecar._enqueue(int, text[]), embed_sidecar._embed_now(int, text[]), embed_sidecar._invalid_keys(text, text[]) TO PUBLIC;
+-- What the replica and TRUNCATE triggers run with the writer's rights (sql/replica.sql);
+-- _enqueue_applied, _enqueue_replicated and _enqueue_orphans check that the writer may write the
+-- table. status reads the replication lag as its querier. The subscription event trigger's body
+-- acts only for the role that ran the command (_calling_role), so whoever may run CREATE
+-- SUBSCRIPTION (PostgreSQL 16+: members of pg_create_subscription) may run it.
+GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text), embed_sidecar._enqueue_applied(int, text[]),
+    embed_sidecar._enqueue_replicated(int, text[]), embed_sidecar._enqueue_orphans(int),
+    embed_sidecar._replication_lag(regclass), embed_sidecar._do_on_subscription_ddl() TO PUBLIC;
+-- search across embedding nodes (sql/shards.sql): runs as its caller, as search does
+GRANT EXECUTE ON FUNCTION embed_sidecar._shard_keys(regclass), embed_sidecar._shard_nearest_sql(regclass, int), embed_sidecar._model_id(text),
+    embed_sidecar.search_shards(regclass[], text, int, boolean, text), embed_sidecar._shard_text_sql(regclass, int),
+    embed_sidecar._fan_out(regclass[], text[], boolean, real[], tsquery, text),
+    embed_sidecar.hybrid_search_shards(regclass[], text, int, int, float8, float8, int, boolean, text, regconfig) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),

@@ -20,7 +20,8 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._readable_source(regclass, text),
     embed_sidecar.verify(regclass, text), embed_sidecar._calling_role(), embed_sidecar._queue_backlog(int),
     embed_sidecar._worker_state(), embed_sidecar._installed_models(), embed_sidecar._key_json(embed_sidecar.sources, text),
     embed_sidecar._side_join(embed_sidecar.sources, text, text), embed_sidecar._sidecar_keys(embed_sidecar.sources),
-    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._leave(), embed_sidecar._session_role() TO PUBLIC;
+    embed_sidecar._vector_schema(), embed_sidecar._enter(), embed_sidecar._leave(), embed_sidecar._session_role(),
+    embed_sidecar._key_elements(regclass, smallint[], text) TO PUBLIC;
 -- The bodies of the management functions: each checks that its caller may execute the public one
 -- (embed_sidecar._check_may), so the administrator grants those, as before.
 GRANT EXECUTE ON FUNCTION
@@ -37,6 +38,19 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._columns(regclass, smallint[], text), em
     embed_sidecar._content_expr(regclass, smallint, text), embed_sidecar._content_sql(regclass, smallint, text, text),
     embed_sidecar._template_attnums(text), embed_sidecar._is_blank(text),
     embed_sidecar._enqueue(int, text[]), embed_sidecar._embed_now(int, text[]), embed_sidecar._invalid_keys(text, text[]) TO PUBLIC;
+-- What the replica and TRUNCATE triggers run with the writer's rights (sql/replica.sql);
+-- _enqueue_applied, _enqueue_replicated and _enqueue_orphans check that the writer may write the
+-- table. status reads the replication lag as its querier. The subscription event trigger's body
+-- acts only for the role that ran the command (_calling_role), so whoever may run CREATE
+-- SUBSCRIPTION (PostgreSQL 16+: members of pg_create_subscription) may run it.
+GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text), embed_sidecar._enqueue_applied(int, text[]),
+    embed_sidecar._enqueue_replicated(int, text[]), embed_sidecar._enqueue_orphans(int),
+    embed_sidecar._replication_lag(regclass), embed_sidecar._do_on_subscription_ddl() TO PUBLIC;
+-- search across embedding nodes (sql/shards.sql): runs as its caller, as search does
+GRANT EXECUTE ON FUNCTION embed_sidecar._shard_keys(regclass), embed_sidecar._shard_nearest_sql(regclass, int), embed_sidecar._model_id(text),
+    embed_sidecar.search_shards(regclass[], text, int, boolean, text), embed_sidecar._shard_text_sql(regclass, int),
+    embed_sidecar._fan_out(regclass[], text[], boolean, real[], tsquery, text),
+    embed_sidecar.hybrid_search_shards(regclass[], text, int, int, float8, float8, int, boolean, text, regconfig) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),

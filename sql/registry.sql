@@ -160,19 +160,33 @@ BEGIN ATOMIC
       JOIN pg_catalog.pg_attribute b ON b.attrelid = s.source AND b.attnum = k.attnum;
 END;
 
--- The key of a sidecar row as a JSON array, an expression over alias: what search returns. A
--- column of a type defined outside pg_catalog goes through its text form: jsonb_build_array would
--- otherwise call a cast to json that the type's owner may have created, as whoever searches.
+-- The elements of a key's JSON array, expressions over alias in key order: the one form of a key
+-- everywhere (the statement and replica triggers, the backfill, the sidecar's keys that search
+-- returns and the orphans listing), so the drain dedupes keys and looks each up with
+-- (j->>i)::type (_key_from_json) whoever made it. A column of a scalar type of pg_catalog is given
+-- to jsonb_build_array as it is (a number stays a number); any other through format('%s'), its
+-- type's output function: an array or a composite would otherwise become a JSON array or object
+-- that no input function reads back, and jsonb_build_array would call a cast to json that the
+-- owner of a type defined outside pg_catalog may have created (as whoever writes or searches,
+-- or as the apply worker that fires the replica trigger, usually a superuser).
+CREATE FUNCTION embed_sidecar._key_elements(rel regclass, attnums smallint[], alias text) RETURNS text
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace AND b.typtype = 'b' AND b.typcategory <> 'A'
+                                  THEN '%I.%I' ELSE 'pg_catalog.format(''%%s'', %I.%I)' END,
+                             alias, a.attname), ', ' ORDER BY k.ord)
+      FROM unnest(attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attnum = k.attnum
+      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END;
+END;
+
+-- The key of a sidecar row as a JSON array, an expression over alias: what search returns, in
+-- the form the triggers queue (_key_elements).
 CREATE FUNCTION embed_sidecar._key_json(s embed_sidecar.sources, alias text) RETURNS text
     LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT format('pg_catalog.jsonb_build_array(%s)',
-                  string_agg(format(CASE WHEN b.typnamespace = 'pg_catalog'::regnamespace THEN '%I.%I' ELSE '%I.%I::text' END,
-                                    alias, a.attname), ', ' ORDER BY a.attnum))
-      FROM pg_catalog.pg_attribute a
-      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-      JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-     WHERE a.attrelid = s.sidecar AND a.attnum = ANY (embed_sidecar._sidecar_keys(s));
+    SELECT format('pg_catalog.jsonb_build_array(%s)', embed_sidecar._key_elements(s.sidecar, embed_sidecar._sidecar_keys(s), alias));
 END;
 
 -- A schema's name, for %I (regnamespace's output is already quoted: '%I' of it quotes twice).

@@ -22,6 +22,9 @@ END;
 -- backfill's size, whichever is largest); verify() counts exactly.
 -- worker: whether this database's drain worker runs, and if not, why.
 -- chunks: passages in a chunked sidecar (from the statistics, like coverage; verify() counts).
+-- replication_lag: for a table a subscription copies, how far its apply worker is behind the
+-- publisher (_replication_lag, replica.sql); behind: that plus oldest_pending_age, the one figure
+-- to alert on (NULL while a subscribed table's initial copy runs or its apply worker is down).
 -- security_barrier: the view's own filter (tables the querying role may read) runs before any
 -- condition the querier adds, so a cheap function in a WHERE clause never sees other rows.
 CREATE VIEW embed_sidecar.status WITH (security_barrier) AS
@@ -41,13 +44,16 @@ SELECT s.source, s.embedding, s.role, s.sidecar, s.model_id AS model, s.state, q
        embed_sidecar._worker_state() AS worker,
        CASE WHEN s.chunk_tokens IS NOT NULL
             THEN greatest(pg_stat_get_live_tuples(s.sidecar), (SELECT reltuples::bigint FROM pg_class WHERE oid = s.sidecar), 0) END
-           AS chunks
+           AS chunks,
+       r.lag AS replication_lag,
+       CASE WHEN r.subscribed THEN r.lag + q.oldest_pending_age ELSE q.oldest_pending_age END AS behind
   FROM embed_sidecar.sources s
        JOIN pg_catalog.pg_class c ON c.oid = s.source,
        LATERAL embed_sidecar._queue_backlog(s.id) q,
+       LATERAL embed_sidecar._replication_lag(s.source) r,
        LATERAL (SELECT count(*) AS failed FROM embed_sidecar.failures x WHERE x.source_id = s.id) f
  WHERE has_table_privilege(s.source, 'SELECT');
-COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched table (and per version while a model switch runs): backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker';
+COMMENT ON VIEW embed_sidecar.status IS 'One row per embedding of a watched table (and per version while a model switch runs): backlog in both lanes, coverage, bulk progress, failures, counters, last error, worker, replication lag';
 
 -- The consistency invariant for one source, computed from the rows themselves: how many rows have
 -- content, how many vectors exist, how many are missing, stale (content or model changed) or

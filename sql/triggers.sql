@@ -11,7 +11,7 @@
 -- ('{1,2}'), template ('' without).
 -- One embed_sidecar._enqueue call per statement, carrying keys only. An UPDATE enqueues only rows
 -- whose content is distinct from before (a row whose key changed has no OLD partner and counts
--- as changed).
+-- as changed); a DELETE, all of its rows.
 -- The keys' text form must not depend on the writer's session: floats are printed exactly
 -- (extra_float_digits >= 1) and intervals in the form interval_in reads back without doubt.
 CREATE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
@@ -19,7 +19,7 @@ CREATE FUNCTION embed_sidecar._enqueue_changes() RETURNS trigger
 AS $$
 DECLARE
     key_nums smallint[] := TG_ARGV[2]::smallint[];
-    keys text := embed_sidecar._columns(TG_RELID, key_nums, 'n');
+    keys text := embed_sidecar._key_elements(TG_RELID, key_nums, 'n');
     attnum smallint := nullif(TG_ARGV[1], '')::smallint;
     template text := nullif(TG_ARGV[3], '');
     content_new text := embed_sidecar._content_sql(TG_RELID, attnum, template, 'n');
@@ -29,6 +29,9 @@ BEGIN
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n WHERE NOT embed_sidecar._is_blank(%s)',
                        keys, content_new)
            INTO batch;
+    ELSIF TG_OP = 'DELETE' THEN
+        -- (only beside a sidecar without a foreign key, replica.sql: the drain removes the vectors)
+        EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM old_rows n', keys) INTO batch;
     ELSE
         EXECUTE format('SELECT array_agg(jsonb_build_array(%s)::text) FROM new_rows n LEFT JOIN old_rows o ON %s
                          WHERE %s IS DISTINCT FROM %s',
@@ -61,7 +64,7 @@ BEGIN ATOMIC
           WHERE NOT embed_sidecar._is_blank(%s)
             AND (NOT $1 OR sc.content_hash IS DISTINCT FROM embed_sidecar._content_hash(%s)
                         OR sc.model IS DISTINCT FROM $2)',
-        embed_sidecar._columns(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
+        embed_sidecar._key_elements(s.source, s.key_attnums, 'src'), s.source, s.sidecar,
         embed_sidecar._side_join(s, 'sc', 'src'), embed_sidecar._row_filter(s, 'sc'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'),
         embed_sidecar._content_sql(s.source, s.content_attnum, s.template, 'src'));

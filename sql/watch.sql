@@ -9,9 +9,13 @@
 -- never read or write the source or sidecar rows themselves: that is the drain's and the
 -- backfill's job, done as the table's owner (src/pg/authority.rs).
 
--- The statement triggers of one embedding (see triggers.sql), named by its registry id. With
+-- The triggers of one embedding, named by its registry id: the statement triggers (see
+-- triggers.sql) and those the logical replication apply worker fires (see replica.sql). With
 -- only_stale, only those that exist with other arguments are made again (after a restore into a
--- renumbered table, _reconcile_columns: pg_restore makes them with the dumped numbers).
+-- renumbered table, _reconcile_columns: pg_restore makes them with the dumped numbers); without,
+-- the missing ones are made too (watch(), and the upgrade to 0.3.0 for the replica triggers). The
+-- delete trigger exists only beside a sidecar without a foreign key (_follow_subscription makes
+-- it), so it is only ever made again.
 CREATE FUNCTION embed_sidecar._create_triggers(s embed_sidecar.sources, only_stale boolean DEFAULT false) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -19,19 +23,30 @@ DECLARE
     args text[] := ARRAY[s.id::text, coalesce(s.content_attnum::text, ''), s.key_attnums::text, coalesce(s.template, '')];
     t record;
     old_args text[];
+    trigger_name text;
 BEGIN
-    FOR t IN VALUES ('insert', 'INSERT', 'NEW TABLE AS new_rows'),
-                    ('update', 'UPDATE', 'OLD TABLE AS old_rows NEW TABLE AS new_rows') LOOP
-        IF only_stale THEN
-            SELECT (regexp_split_to_array(encode(g.tgargs, 'escape'), '\\000'))[1:g.tgnargs] INTO old_args
-              FROM pg_trigger g WHERE g.tgrelid = s.source AND g.tgname = 'embed_sidecar_' || s.id || '_' || t.column1;
-            CONTINUE WHEN old_args IS NULL OR old_args = args;
-            EXECUTE format('DROP TRIGGER %I ON %s', 'embed_sidecar_' || s.id || '_' || t.column1, s.source);
+    -- name, event, level, function, when it fires: O as a local write (origin), R under the apply
+    -- worker and session_replication_role = replica, A always
+    FOR t IN VALUES ('insert', 'AFTER INSERT', 'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('update', 'AFTER UPDATE', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('delete', 'AFTER DELETE', 'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT', '_enqueue_changes', 'O'),
+                    ('replica', 'AFTER INSERT OR UPDATE OR DELETE', 'FOR EACH ROW', '_enqueue_applied_row', 'R'),
+                    ('truncate', 'AFTER TRUNCATE', 'FOR EACH STATEMENT', '_enqueue_truncated', 'A') LOOP
+        trigger_name := 'embed_sidecar_' || s.id || '_' || t.column1;
+        old_args := NULL;
+        SELECT (regexp_split_to_array(encode(g.tgargs, 'escape'), '\\000'))[1:g.tgnargs] INTO old_args
+          FROM pg_trigger g WHERE g.tgrelid = s.source AND g.tgname = trigger_name;
+        CONTINUE WHEN old_args = args OR (old_args IS NULL AND (only_stale OR t.column1 = 'delete'));
+        IF old_args IS NOT NULL THEN
+            EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, s.source);
         END IF;
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION embed_sidecar._enqueue_changes(%L, %L, %L, %L)',
-                       'embed_sidecar_' || s.id || '_' || t.column1, t.column2, s.source, t.column3,
-                       args[1], args[2], args[3], args[4]);
+        EXECUTE format('CREATE TRIGGER %I %s ON %s %s EXECUTE FUNCTION embed_sidecar.%I(%L, %L, %L, %L)',
+                       trigger_name, t.column2, s.source, t.column3, t.column4, args[1], args[2], args[3], args[4]);
+        IF t.column5 = 'R' THEN
+            EXECUTE format('ALTER TABLE %s ENABLE REPLICA TRIGGER %I', s.source, trigger_name);
+        ELSIF t.column5 = 'A' THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', s.source, trigger_name);
+        END IF;
     END LOOP;
 END
 $$;
@@ -190,6 +205,8 @@ BEGIN
     PERFORM embed_sidecar._create_queues(s.queue_name);
 
     PERFORM embed_sidecar._create_triggers(s);
+    -- a table a subscription copies: no foreign key (replica.sql)
+    PERFORM embed_sidecar._follow_subscription(s);
     IF adopt IS NOT NULL THEN
         -- (the table is locked against writers by watch(): the copy and the backfill see one state)
         adopted := embed_sidecar._adopt(s.id, adopt);
@@ -628,6 +645,17 @@ BEGIN ATOMIC
     SELECT true FROM embed_sidecar.sources WHERE id = source_id FOR NO KEY UPDATE;
 END;
 
+-- DROP TRIGGER IF EXISTS, without its NOTICE when there is none.
+CREATE FUNCTION embed_sidecar._drop_trigger_if_there(source regclass, trigger_name text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = source AND tgname = trigger_name) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, source);
+    END IF;
+END
+$$;
+
 -- Remove everything watch() made except, unless asked, the sidecar table. Tolerates pieces that
 -- are already gone (used by the sql_drop event trigger too).
 CREATE FUNCTION embed_sidecar._forget(s embed_sidecar.sources, drop_sidecar boolean) RETURNS void
@@ -638,6 +666,9 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = s.source) THEN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_insert', s.source);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'embed_sidecar_' || s.id || '_update', s.source);
+        -- (replica.sql; the delete trigger only beside a sidecar without a foreign key)
+        PERFORM embed_sidecar._drop_trigger_if_there(s.source, 'embed_sidecar_' || s.id || '_' || t)
+           FROM unnest(ARRAY['delete', 'replica', 'truncate']) t;
     END IF;
     PERFORM embed_sidecar._drop_queues(s.queue_name);
     -- the view is the embedding's, not a version's: it goes with the current one

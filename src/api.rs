@@ -39,6 +39,13 @@ mod embed_sidecar {
         model::embed_query(model, model_id, content).or_report()
     }
 
+    /// The identity of a model's current files (its files hashed again only when they change):
+    /// what search_shards (sql/shards.sql) asks the nodes' rows to carry.
+    #[pg_extern(stable, strict, parallel_restricted, name = "_model_id")]
+    fn model_id(model: &str) -> String {
+        model::model_id_of(model).or_report()
+    }
+
     #[pg_extern(stable, strict, parallel_restricted, name = "_embed_many")]
     fn embed_many(
         contents: Array<'_, &str>,

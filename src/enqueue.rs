@@ -21,7 +21,8 @@ const BACKFILL_CHUNK: i64 = 10_000;
 /// (2,704 bytes at most).
 const KEY_BYTES: i32 = 2_000;
 
-/// Send the keys a writer's statement changed to the source's queue. The keys are checked first,
+/// Send the keys a writer's statement changed to the source's queue (deleted ones too, beside a
+/// sidecar without a foreign key: sql/replica.sql). The keys are checked first,
 /// as the writer: each must be the JSON array of one key of the table (right arity, every element
 /// castable to its column's type, no NULL, at most `KEY_BYTES`), since `_enqueue` is callable by
 /// any writer with keys of their choosing, and a key the drain cannot look up, or too large to
@@ -36,7 +37,8 @@ fn enqueue_for_writer(source_id: i32, keys: Vec<Option<String>>) -> Result<bool,
         let row = run_as(owner, false, || {
             client
                 .select(
-                    "SELECT queue_name, source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE'),
+                    "SELECT queue_name, source::text, has_any_column_privilege($2, source, 'INSERT, UPDATE')
+                                OR has_table_privilege($2, source, 'DELETE'),
                             embed_sidecar._keys_check_sql(s, $3), embed_sidecar._syncs(s)
                        FROM embed_sidecar.sources s WHERE id = $1",
                     None,
@@ -150,7 +152,7 @@ mod embed_sidecar {
     use crate::error::OrReport;
 
     /// The statement triggers' way onto the queue (see the module comment). PUBLIC may call it;
-    /// it refuses callers who may neither insert into nor update the source. True: the change
+    /// it refuses callers who may neither insert into, update nor delete from the source. True: the change
     /// may also be embedded now (`_embed_now`, src/drain/sync.rs).
     #[pg_extern(volatile, parallel_unsafe, name = "_enqueue")]
     fn enqueue(source_id: i32, keys: Vec<Option<String>>) -> bool {

@@ -23,6 +23,7 @@ mod error;
 mod gucs;
 mod inference;
 mod pg;
+mod replica;
 mod roster;
 mod search_filter;
 
@@ -45,6 +46,7 @@ extension_sql_file!("../sql/watch.sql", name = "watch", requires = ["registry", 
 extension_sql_file!("../sql/switch.sql", name = "switch", requires = ["watch"]);
 extension_sql_file!("../sql/operations.sql", name = "operations", requires = ["watch"]);
 extension_sql_file!("../sql/events.sql", name = "events", requires = ["watch", "switch"]);
+extension_sql_file!("../sql/shards.sql", name = "shards", requires = ["registry", "replica", "search", "api"]);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

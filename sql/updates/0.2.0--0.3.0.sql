@@ -10,7 +10,10 @@
 -- * search refuses a query whose model files changed since its vectors were made;
 -- * watched tables stay out of inheritance trees and partitioned tables;
 -- * fts_config is text (pg_upgrade refuses reg* columns); names that need quoting or are long in
---   bytes work; a reader's view no longer blocks the owner's drops.
+--   bytes work; a reader's view no longer blocks the owner's drops;
+-- * writes the logical replication apply worker makes (and session_replication_role = replica)
+--   reach the sidecar: replica row triggers and a TRUNCATE trigger; status shows the lag;
+-- * search_shards() merges the nearest rows of several embedding nodes (postgres_fdw).
 
 -- objects whose signature or kind changed
 DROP FUNCTION embed_sidecar._create_embedding(regclass, text, text, smallint, text, smallint[], name, text, regconfig, boolean, int, int, text);
@@ -60,9 +63,19 @@ CREATE FUNCTION embed_sidecar."_adopt"("source_id" INT, "column_name" TEXT) RETU
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'adopt_wrapper';
 CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'calling_role_wrapper';
+-- the replica and TRUNCATE triggers' way onto the queue (src/replica.rs)
+CREATE FUNCTION embed_sidecar."_enqueue_applied"("source_id" INT, "keys" TEXT[]) RETURNS void
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_applied_wrapper';
+CREATE FUNCTION embed_sidecar."_enqueue_replicated"("source_id" INT, "keys" TEXT[]) RETURNS INT
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_replicated_wrapper';
+CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
+    STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
+-- the identity of a model's current files (search_shards, sql/shards.sql)
+CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
+    STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'model_id_wrapper';
 
 -- changed functions and views, as the install files define them
---@copy _syncs _row_filter _column_names _sidecar_keys _side_join _key_json _schema_of _vector_schema
+--@copy _syncs _row_filter _column_names _sidecar_keys _side_join _key_elements _key_json _schema_of _vector_schema
 --@copy _check_watched _enqueue_changes _check_owner _check_may _readable_source _create_triggers _clip _sync_readers _protect_sidecar
 --@copy _create_queue _drop_queues _create_queues _create_embedding _adopt_sql _create_hnsw _create_view _define_view _do_watch watch
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
@@ -70,6 +83,9 @@ CREATE OR REPLACE FUNCTION embed_sidecar."_calling_role"() RETURNS oid
 --@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause
 --@copy pause _do_resume resume _do_process process _filter_rows _run_filtered _filtered_sidecar _nearest_sql _nearest _search search
 --@copy _widen_ef_search _search_rows search_rows _hybrid_search hybrid_search _drain_sql
+--@copy _row_key_sql _enqueue_applied_row _enqueue_truncated _orphans_sql _subscribed _follow_subscription
+--@copy _do_on_subscription_ddl _on_subscription_ddl embed_sidecar_subscription _replication_lag _drop_trigger_if_there
+--@copy _shard_keys _shard_nearest_sql _shard_text_sql _fan_out search_shards hybrid_search_shards
 --@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _written_here_sql _on_ddl_end embed_text embed_query
 
@@ -78,6 +94,10 @@ CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end
                  'GRANT', 'REVOKE')
     EXECUTE FUNCTION embed_sidecar._on_ddl_end();
 
+-- existing embeddings get the triggers the logical replication apply worker fires, and those of
+-- tables a subscription copies lose their foreign key (sql/replica.sql)
+SELECT embed_sidecar._create_triggers(s) FROM embed_sidecar.sources s;
+SELECT embed_sidecar._follow_subscription(s) FROM embed_sidecar.sources s;
 -- existing sidecars: SELECT for PUBLIC under row security instead of the table's copied grants
 SELECT embed_sidecar._protect_sidecar(s) FROM embed_sidecar.sources s;
 -- the names of the columns each embedding uses, for a later restore into a renumbered table

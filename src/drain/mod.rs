@@ -413,22 +413,11 @@ mod embed_sidecar {
 
     /// `process()`'s Rust half: drain one source in the calling transaction. The table owner's
     /// code runs in this session, as VACUUM's would: a session-level advisory lock it takes is
-    /// released after, when the session held no advisory lock before (one it held cannot be told
-    /// apart from one the owner's code took, so then they stay).
+    /// released after (`OwnerLocks`).
     #[pg_extern(volatile, parallel_unsafe, name = "_process")]
     fn process_source(source_id: i32, max_rows: i32) -> i64 {
-        let held_before = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE pid = pg_catalog.pg_backend_pid() AND locktype = 'advisory')",
-        )
-        .map_err(crate::error::SidecarError::from)
-        .or_report()
-        .unwrap_or(true);
-        let done = drain_for_caller(source_id, max_rows);
-        if !held_before {
-            // SAFETY: releases this session's session-level advisory locks, none of them its own
-            unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
-        }
-        done
+        let _release = Spi::connect(crate::pg::authority::OwnerLocks::release_after).or_report();
+        drain_for_caller(source_id, max_rows)
     }
 
     fn drain_for_caller(source_id: i32, max_rows: i32) -> i64 {

@@ -33,7 +33,8 @@ pub struct Looked {
 pub struct Plan {
     /// (key, text, content hash), sorted by key so batches are deterministic.
     pub embed: Vec<(String, String, Vec<u8>)>,
-    /// Keys whose vector must go (content turned blank; a gone row is a no-op delete).
+    /// Keys whose vector must go (content turned blank, or the row is gone: the foreign key
+    /// removed it already, or, without one, the clear does; sql/replica.sql).
     pub clear: Vec<String>,
     /// Keys that failed already, with the error.
     pub failed: HashMap<String, String>,

@@ -158,6 +158,48 @@ pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> Result<R, Sidec
     run_as(owner, true, f)
 }
 
+/// Releases, when dropped (also while an ERROR unwinds), the session-level advisory locks that a
+/// table owner's code took in a session that is not the worker's (process(), the replica triggers
+/// in the apply worker or a replica-mode session): nothing the owner's code does may stay in a
+/// session that lives on, as PostgreSQL's VACUUM would leave nothing. The worker releases after
+/// every phase itself (src/drain/mod.rs). Only when the session held no advisory lock before: one
+/// it held cannot be told apart from one the owner's code took, so then they all stay.
+pub struct OwnerLocks {
+    release: bool,
+}
+
+impl OwnerLocks {
+    /// Release after, if this session holds no session-level advisory lock now.
+    pub fn release_after(client: &pgrx::spi::SpiClient<'_>) -> Result<Self, SidecarError> {
+        let held = client
+            .select(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks
+                                 WHERE pid = pg_catalog.pg_backend_pid() AND locktype = 'advisory')",
+                None,
+                &[],
+            )?
+            .first()
+            .get_one::<bool>()?
+            .unwrap_or(true);
+        Ok(OwnerLocks { release: !held })
+    }
+
+    /// Release nothing (no owner code runs).
+    pub fn keep() -> Self {
+        OwnerLocks { release: false }
+    }
+}
+
+impl Drop for OwnerLocks {
+    fn drop(&mut self) {
+        if self.release {
+            // SAFETY: releases this session's session-level advisory locks, none of them its own
+            // (the session held none when the guard was made); it raises no error
+            unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
+        }
+    }
+}
+
 /// The role the current user id stands for right now (inside a SECURITY DEFINER function: the
 /// definer).
 pub fn current_role() -> pg_sys::Oid {

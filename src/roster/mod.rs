@@ -352,7 +352,7 @@ mod embed_sidecar {
     }
 
     // the status view shows the worker state
-    extension_sql_file!("../../sql/status.sql", name = "status", requires = ["registry", worker_state]);
+    extension_sql_file!("../../sql/status.sql", name = "status", requires = ["registry", "replica", worker_state]);
 }
 
 #[cfg(test)]
