@@ -527,6 +527,7 @@ def test_subscription_of_a_non_superuser_cannot_drop_another_owners_foreign_key(
     if int(one(db, "SHOW server_version_num")) < 160000:
         pytest.skip("PostgreSQL 15: only superusers own subscriptions (the attack is on paper here; see the docstring)")
     subscription = request.getfixturevalue("subscription")
+    publisher = request.getfixturevalue("publisher")
     m = make_role("rv6_subscriber")
     v = make_role("rv6_fk_victim")
     db.execute(f'GRANT pg_create_subscription TO "{m}"')
@@ -536,11 +537,24 @@ def test_subscription_of_a_non_superuser_cannot_drop_another_owners_foreign_key(
     side = watch(db, "docs")
     assert fk_count(db, side, "docs") == 1
     name = "rv6_m_" + uuid.uuid4().hex[:6]
+    # 16+ lets a non-superuser subscribe only over a connection that asks for a password: the
+    # attacker's server (here the publisher) has a role that logs in with one
+    pub.execute("DROP ROLE IF EXISTS rv6_pw")
+    pub.execute("CREATE ROLE rv6_pw LOGIN REPLICATION PASSWORD 'rv6'")
+    hba = os.path.join(publisher.data, "pg_hba.conf")
+    with open(hba) as f:
+        rules = f.read()
+    with open(hba, "w") as f:
+        f.write("local all rv6_pw scram-sha-256\n" + rules)
+    pub.execute("SELECT pg_reload_conf()")
     with connect_as(m, db.schema) as c:
         pubname = one(pub, "SELECT pubname FROM pg_publication LIMIT 1")
-        c.execute(f"CREATE SUBSCRIPTION {name} CONNECTION 'host=/tmp port={os.environ.get('PES_PUBLISHER_PORT', '5452')} "
-                  f"user=postgres dbname=postgres password=x' PUBLICATION {pubname} WITH (enabled = false)")
+        c.execute(f"CREATE SUBSCRIPTION {name} CONNECTION 'host=/tmp port={publisher.port} "
+                  f"user=rv6_pw dbname=postgres password=rv6' PUBLICATION {pubname} WITH (enabled = false)")
     try:
+        # the attack got as far as it can: the subscription lists the victim's table
+        assert one(db, "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid "
+                       "WHERE s.subname = %s AND r.srrelid = 'docs'::regclass", (name,)) == 1
         assert fk_count(db, side, "docs") == 1, "a non-superuser's subscription made the victim's sidecar lose its foreign key"
     finally:
         db.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
