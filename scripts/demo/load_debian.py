@@ -13,40 +13,14 @@ import argparse
 import glob
 import hashlib
 import os
-import subprocess
 import sys
 
 import psycopg
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from shared.debian_lists import cat, long_description, stanzas  # noqa: E402
+
 LISTS = os.environ.get("PES_CORPUS_DIR", "/opt/pg_embed_sidecar/corpus")
-
-
-def cat(path):
-    # apt-helper decompresses whatever apt stored (.lz4, .xz, .gz or plain)
-    return subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", path], check=True,
-                          capture_output=True).stdout.decode("utf-8", "replace")
-
-
-def stanzas(text):
-    for block in text.split("\n\n"):
-        fields, key = {}, None
-        for line in block.split("\n"):
-            if line.startswith(" ") and key:
-                fields[key] += "\n" + line
-            elif ":" in line:
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
-        if fields:
-            yield fields
-
-
-def long_description(raw):
-    lines = raw.split("\n")[1:]  # first line is the synopsis
-    out = []
-    for line in lines:
-        line = line[1:] if line.startswith(" ") else line
-        out.append("" if line.strip() == "." else line)
-    return "\n".join(out).strip()
 
 
 def corpus():

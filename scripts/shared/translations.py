@@ -9,37 +9,11 @@ import glob
 import hashlib
 import os
 import re
-import subprocess
+
+from .debian_lists import cat, long_description, stanzas
 
 CORPUS = os.environ.get("PES_CORPUS_DIR", "/opt/pg_embed_sidecar/corpus")
 I18N = os.path.join(CORPUS, "i18n")
-
-
-def _cat(path):
-    # apt-helper decompresses whatever apt stored (.lz4, .xz, .gz or plain)
-    return subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", path], check=True,
-                          capture_output=True).stdout.decode("utf-8", "replace")
-
-
-def _stanzas(text):
-    for block in text.split("\n\n"):
-        fields, key = {}, None
-        for line in block.split("\n"):
-            if line.startswith(" ") and key:
-                fields[key] += "\n" + line
-            elif ":" in line:
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
-        if fields:
-            yield fields
-
-
-def _long(raw):
-    out = []
-    for line in raw.split("\n")[1:]:  # the first line is the synopsis
-        line = line[1:] if line.startswith(" ") else line
-        out.append("" if line.strip() == "." else line)
-    return "\n".join(out).strip()
 
 
 def descriptions(lang):
@@ -49,10 +23,10 @@ def descriptions(lang):
                    + glob.glob(f"{I18N}/*bookworm_main_i18n_Translation-{code}"))
     docs = {}
     for path in paths:
-        for st in _stanzas(_cat(path)):
+        for st in stanzas(cat(path)):
             name, md5, raw = st.get("Package"), st.get("Description-md5"), st.get(f"Description-{lang}")
-            if name and md5 and raw and name not in docs and _long(raw):
-                docs[name] = (md5, raw.split("\n")[0].strip(), _long(raw))
+            if name and md5 and raw and name not in docs and long_description(raw):
+                docs[name] = (md5, raw.split("\n")[0].strip(), long_description(raw))
     return dict(sorted(docs.items()))
 
 
