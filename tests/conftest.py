@@ -158,6 +158,16 @@ def assert_chunks_in_step(conn, table, keys="id", content="body", embedding=None
     return total
 
 
+def wait_until(cond, timeout, step=0.2):
+    """cond() until truthy or the deadline; returns the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(step)
+
+
 def wait(conn, table, seconds=120):
     assert one(conn, "SELECT embed_sidecar.wait(%s::regclass, make_interval(secs => %s))", (table, seconds)), \
         f"{table} not in step after {seconds}s: " + str(conn.execute(

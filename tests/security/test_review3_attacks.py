@@ -12,7 +12,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from tests.conftest import connect, error_of, one
+from tests.conftest import connect, error_of, one, wait_until
 
 DB = "pes_rv3_main"
 OWNER_A, OWNER_B, READER, NOBODY = "pes_rv3_a", "pes_rv3_b", "pes_rv3_r", "pes_rv3_x"
@@ -63,16 +63,6 @@ def as_role(role, **kw):
 
 def su():
     return connect(dbname=DB)
-
-
-def wait_until(cond, timeout, step=0.2):
-    """cond() until truthy or the deadline; returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(step)
 
 
 def sidecar_of(table, embedding=None):

@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from tests.conftest import MODELS, connect, error_of, one, role_snapshot
+from tests.conftest import MODELS, connect, error_of, one, role_snapshot, wait_until
 
 DB = "pes_rv4_main"
 OWNER_A, OWNER_B, READER, NOBODY, MALLORY = "pes_rv4_a", "pes_rv4_b", "pes_rv4_r", "pes_rv4_x", "pes_rv4_m"
@@ -66,15 +66,6 @@ def as_role(role, **kw):
 
 def su():
     return connect(dbname=DB)
-
-
-def wait_until(cond, timeout, step=0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(step)
 
 
 def tenant_table(table, rows=12):

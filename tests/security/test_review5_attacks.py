@@ -11,7 +11,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from conftest import assert_in_step, connect, connect_as, error_of, one, wait, watch
+from conftest import assert_in_step, connect, connect_as, error_of, one, wait, watch, wait_until
 
 EXECUTE_WATCH = ("embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, "
                  "text, name, boolean, name)")
@@ -36,15 +36,6 @@ def sidecar(conn, table):
 
 def sha(text):
     return hashlib.sha256(text.encode()).digest()
-
-
-def wait_until(cond, timeout, step=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(step)
 
 
 def vectors_match_content(conn, table, side, model="all-MiniLM-L6-v2"):

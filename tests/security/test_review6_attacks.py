@@ -19,7 +19,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import connect, connect_as, error_of, one, wait, watch
+from conftest import connect, connect_as, error_of, one, wait, watch, wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "topology"))
 from nodes import Node  # noqa: E402
@@ -34,15 +34,6 @@ def source_id(conn, table):
 def sidecar(conn, table):
     return one(conn, "SELECT sidecar::text FROM embed_sidecar.sources WHERE source = %s::regclass AND role = 'current'",
                (table,))
-
-
-def wait_until(cond, timeout, step=0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(step)
 
 
 def queued(conn, sid):
