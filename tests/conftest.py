@@ -5,11 +5,15 @@ pes_test, so watched tables are drained in the background unless a test pauses i
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 
 import psycopg
 import pytest
+
+# scripts/topology/nodes.py: the throwaway clusters of the replication tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "topology"))
 
 # the PostgreSQL major under test (scripts/env.sh exports it): paths in Debian's layout for it
 PG_MAJOR = os.environ.get("PG_MAJOR", "15")
@@ -156,6 +160,18 @@ def assert_chunks_in_step(conn, table, keys="id", content="body", embedding=None
         (model_name, sample)).fetchone()[0]
     assert cos is None or cos > 0.9999, f"a stored passage vector differs from embedding its text: cosine {cos}"
     return total
+
+
+@pytest.fixture(scope="module")
+def publisher():
+    """A cluster without the extension, for a module's replication tests: $PES_PUBLISHER_PORT
+    (5452), data in $PES_PUBLISHER_DATA (scripts/topology/nodes.py makes it)."""
+    from nodes import Node
+    node = Node(int(os.environ.get("PES_PUBLISHER_PORT", "5452")),
+                os.environ.get("PES_PUBLISHER_DATA", "/var/tmp/pes_publisher"), "publisher")
+    node.create(preload=False).start()
+    yield node
+    node.destroy()
 
 
 def wait_until(cond, timeout, step=0.2):

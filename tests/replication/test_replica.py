@@ -13,17 +13,7 @@ import pytest
 
 from conftest import assert_in_step, connect_as, error_of, one, wait, watch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "topology"))
-from nodes import Node, eventually, table_digest  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def publisher():
-    node = Node(int(os.environ.get("PES_PUBLISHER_PORT", "5452")),
-                os.environ.get("PES_PUBLISHER_DATA", "/var/tmp/pes_publisher"), "publisher")
-    node.create(preload=False).start()
-    yield node
-    node.destroy()
+from nodes import eventually, table_digest  # noqa: E402
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ throwaway publisher cluster on $PES_PUBLISHER_PORT (default 5452, data in $PES_P
 default /var/lib/pg_wt_replica_pub6) and subscribe the test database to it."""
 import os
 import re
-import sys
 import time
 import uuid
 
@@ -20,9 +19,6 @@ import psycopg
 import pytest
 
 from conftest import connect, connect_as, error_of, one, wait, watch, wait_until
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "topology"))
-from nodes import Node  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
 
@@ -352,15 +348,6 @@ def test_fan_out_is_no_more_than_the_callers_own_sql(db, make_role):
 # ---------------------------------------------------------------------------------------------
 # 4. real logical replication: a publisher cluster without the extension
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def publisher():
-    node = Node(int(os.environ.get("PES_PUBLISHER_PORT", "5452")),
-                os.environ.get("PES_PUBLISHER_DATA", "/var/lib/pg_wt_replica_pub6"), "publisher")
-    node.create(preload=False).start()
-    yield node
-    node.destroy()
-
 
 @pytest.fixture
 def subscription(db, publisher):
