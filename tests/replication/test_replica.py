@@ -6,7 +6,6 @@ sidecar as local writes do (sql/replica.sql, src/replica.rs); status shows the l
 The publisher is a throwaway cluster on $PES_PUBLISHER_PORT (5452) in $PES_PUBLISHER_DATA, made
 from the binaries of $PG_CONFIG (scripts/topology/nodes.py)."""
 import os
-import sys
 import uuid
 
 import pytest
