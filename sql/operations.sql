@@ -8,6 +8,8 @@
 -- backfill's job, done as the table's owner (src/pg/authority.rs).
 
 -- Put dead-lettered rows of an embedding (all its versions) back on their queues. Returns how many.
+-- Keys the replica trigger could not queue ({"unqueued_key": ...}, src/replica.rs) stay: no retry
+-- can embed them, and dropping them would leave a row without a vector that nothing reports.
 CREATE FUNCTION embed_sidecar._do_retry_failed(source regclass, embedding text) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -20,7 +22,10 @@ DECLARE
     total bigint := 0;
 BEGIN
     FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding LOOP
-        WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
+        WITH d AS (DELETE FROM embed_sidecar.failures f
+                    WHERE f.source_id = s.id
+                      AND NOT (pg_catalog.jsonb_typeof(f.key) = 'object' AND f.key ? 'unqueued_key')
+                    RETURNING f.key)
         SELECT array_agg(key) INTO keys FROM d;
         IF keys IS NOT NULL THEN
             PERFORM pgmq.send_batch(s.queue_name, keys);

@@ -73,6 +73,9 @@ CREATE FUNCTION embed_sidecar."_enqueue_replicated"("source_id" INT, "keys" TEXT
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_replicated_wrapper';
 CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
+-- refused inside a security-restricted operation (_fan_out, sql/shards.sql)
+CREATE FUNCTION embed_sidecar."_outside_restricted"() RETURNS bool
+    VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'outside_restricted_wrapper';
 -- the identity of a model's current files (search_shards, sql/shards.sql)
 CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'model_id_wrapper';
@@ -1108,6 +1111,8 @@ END
 $$;
 
 -- Put dead-lettered rows of an embedding (all its versions) back on their queues. Returns how many.
+-- Keys the replica trigger could not queue ({"unqueued_key": ...}, src/replica.rs) stay: no retry
+-- can embed them, and dropping them would leave a row without a vector that nothing reports.
 CREATE OR REPLACE FUNCTION embed_sidecar._do_retry_failed(source regclass, embedding text) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1120,7 +1125,10 @@ DECLARE
     total bigint := 0;
 BEGIN
     FOR s IN SELECT * FROM embed_sidecar.sources x WHERE x.source = cur.source AND x.embedding = cur.embedding LOOP
-        WITH d AS (DELETE FROM embed_sidecar.failures f WHERE f.source_id = s.id RETURNING f.key)
+        WITH d AS (DELETE FROM embed_sidecar.failures f
+                    WHERE f.source_id = s.id
+                      AND NOT (pg_catalog.jsonb_typeof(f.key) = 'object' AND f.key ? 'unqueued_key')
+                    RETURNING f.key)
         SELECT array_agg(key) INTO keys FROM d;
         IF keys IS NOT NULL THEN
             PERFORM pgmq.send_batch(s.queue_name, keys);
@@ -1777,10 +1785,11 @@ $$;
 -- After CREATE SUBSCRIPTION and ALTER SUBSCRIPTION (which add tables to pg_subscription_rel in the
 -- same transaction), the body of the event trigger, run as the extension's owner for the role
 -- that ran the command (_on_subscription_ddl records it):
--- * a subscription may not copy into a sidecar: a publisher table named like it (a FOR ALL
---   TABLES publication matches every table by name, and a sidecar's name is predictable) would
---   have the apply worker, a superuser, write vectors the drain never made and replay TRUNCATEs
---   on it. The command is refused. (Refused here, at the command, and not by a trigger on the
+-- * a subscription may not copy into a sidecar, nor into a table of the schemas embed_sidecar
+--   (the registry, the dead letters) and pgmq (the queues): a publisher table named like one of
+--   them (a FOR ALL TABLES publication matches every table by name, and all these names are
+--   predictable) would have the apply worker, a superuser, write vectors the drain never made,
+--   plant or replay dead letters, or TRUNCATE the registry or a queue. The command is refused. (Refused here, at the command, and not by a trigger on the
 --   sidecar: an error in the apply worker stops the whole subscription; a table PostgreSQL does
 --   not list in pg_subscription_rel gets no changes applied, so it is enough to refuse the
 --   commands that list tables: CREATE SUBSCRIPTION and ALTER SUBSCRIPTION ... REFRESH / SET / ADD
@@ -1796,15 +1805,20 @@ DECLARE
     caller oid := embed_sidecar._calling_role();
     hit record;
 BEGIN
-    SELECT p.subname, p.subslotname, s.sidecar INTO hit
-      FROM embed_sidecar.sources s
-      JOIN pg_subscription_rel r ON r.srrelid = s.sidecar
+    SELECT p.subname, p.subslotname, r.srrelid::regclass AS rel,
+           CASE WHEN EXISTS (SELECT FROM embed_sidecar.sources s WHERE s.sidecar = r.srrelid) THEN 'a sidecar'
+                ELSE 'a table of pg_embed_sidecar or pgmq' END AS what
+      INTO hit
+      FROM pg_subscription_rel r
       JOIN pg_subscription p ON p.oid = r.srsubid
-     ORDER BY p.subname, s.sidecar::oid LIMIT 1;
+      JOIN pg_class c ON c.oid = r.srrelid
+     WHERE EXISTS (SELECT FROM embed_sidecar.sources s WHERE s.sidecar = r.srrelid)
+        OR c.relnamespace IN (SELECT n.oid FROM pg_namespace n WHERE n.nspname IN ('embed_sidecar', 'pgmq'))
+     ORDER BY p.subname, r.srrelid LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: subscription % would copy into %, a sidecar', hit.subname, hit.sidecar
+        RAISE EXCEPTION 'pg_embed_sidecar: subscription % would copy into %, %', hit.subname, hit.rel, hit.what
             USING ERRCODE = 'object_in_use',
-                  DETAIL = 'A table of its publication has the sidecar''s name; only the drain writes a sidecar.',
+                  DETAIL = 'A table of its publication has that table''s name; only pg_embed_sidecar writes it.',
                   HINT = format('Publish the tables by name (CREATE PUBLICATION ... FOR TABLE), or leave that table out of the publication. '
                                 'If CREATE SUBSCRIPTION made the replication slot %s on the publisher, drop it there: '
                                 'SELECT pg_drop_replication_slot(%L).', coalesce(hit.subslotname::text, '(none)'),
@@ -1931,6 +1945,8 @@ CREATE OR REPLACE FUNCTION embed_sidecar._fan_out(shards regclass[], branches te
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET extra_float_digits = 3
 AS $$
 DECLARE
+    -- PUBLIC, as search_shards calls it as its caller: refused where search_shards is
+    outside boolean := embed_sidecar._outside_restricted();
     -- the key's JSON, made here from the columns the nodes return (named as in the first shard)
     key_sql text := embed_sidecar._row_key_sql(shards[1], embed_sidecar._shard_keys(shards[1]), 'f');
     part jsonb;

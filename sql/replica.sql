@@ -120,10 +120,11 @@ $$;
 -- After CREATE SUBSCRIPTION and ALTER SUBSCRIPTION (which add tables to pg_subscription_rel in the
 -- same transaction), the body of the event trigger, run as the extension's owner for the role
 -- that ran the command (_on_subscription_ddl records it):
--- * a subscription may not copy into a sidecar: a publisher table named like it (a FOR ALL
---   TABLES publication matches every table by name, and a sidecar's name is predictable) would
---   have the apply worker, a superuser, write vectors the drain never made and replay TRUNCATEs
---   on it. The command is refused. (Refused here, at the command, and not by a trigger on the
+-- * a subscription may not copy into a sidecar, nor into a table of the schemas embed_sidecar
+--   (the registry, the dead letters) and pgmq (the queues): a publisher table named like one of
+--   them (a FOR ALL TABLES publication matches every table by name, and all these names are
+--   predictable) would have the apply worker, a superuser, write vectors the drain never made,
+--   plant or replay dead letters, or TRUNCATE the registry or a queue. The command is refused. (Refused here, at the command, and not by a trigger on the
 --   sidecar: an error in the apply worker stops the whole subscription; a table PostgreSQL does
 --   not list in pg_subscription_rel gets no changes applied, so it is enough to refuse the
 --   commands that list tables: CREATE SUBSCRIPTION and ALTER SUBSCRIPTION ... REFRESH / SET / ADD
@@ -139,15 +140,20 @@ DECLARE
     caller oid := embed_sidecar._calling_role();
     hit record;
 BEGIN
-    SELECT p.subname, p.subslotname, s.sidecar INTO hit
-      FROM embed_sidecar.sources s
-      JOIN pg_subscription_rel r ON r.srrelid = s.sidecar
+    SELECT p.subname, p.subslotname, r.srrelid::regclass AS rel,
+           CASE WHEN EXISTS (SELECT FROM embed_sidecar.sources s WHERE s.sidecar = r.srrelid) THEN 'a sidecar'
+                ELSE 'a table of pg_embed_sidecar or pgmq' END AS what
+      INTO hit
+      FROM pg_subscription_rel r
       JOIN pg_subscription p ON p.oid = r.srsubid
-     ORDER BY p.subname, s.sidecar::oid LIMIT 1;
+      JOIN pg_class c ON c.oid = r.srrelid
+     WHERE EXISTS (SELECT FROM embed_sidecar.sources s WHERE s.sidecar = r.srrelid)
+        OR c.relnamespace IN (SELECT n.oid FROM pg_namespace n WHERE n.nspname IN ('embed_sidecar', 'pgmq'))
+     ORDER BY p.subname, r.srrelid LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'pg_embed_sidecar: subscription % would copy into %, a sidecar', hit.subname, hit.sidecar
+        RAISE EXCEPTION 'pg_embed_sidecar: subscription % would copy into %, %', hit.subname, hit.rel, hit.what
             USING ERRCODE = 'object_in_use',
-                  DETAIL = 'A table of its publication has the sidecar''s name; only the drain writes a sidecar.',
+                  DETAIL = 'A table of its publication has that table''s name; only pg_embed_sidecar writes it.',
                   HINT = format('Publish the tables by name (CREATE PUBLICATION ... FOR TABLE), or leave that table out of the publication. '
                                 'If CREATE SUBSCRIPTION made the replication slot %s on the publisher, drop it there: '
                                 'SELECT pg_drop_replication_slot(%L).', coalesce(hit.subslotname::text, '(none)'),

@@ -78,6 +78,8 @@ CREATE FUNCTION embed_sidecar._fan_out(shards regclass[], branches text[], parti
     LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET extra_float_digits = 3
 AS $$
 DECLARE
+    -- PUBLIC, as search_shards calls it as its caller: refused where search_shards is
+    outside boolean := embed_sidecar._outside_restricted();
     -- the key's JSON, made here from the columns the nodes return (named as in the first shard)
     key_sql text := embed_sidecar._row_key_sql(shards[1], embed_sidecar._shard_keys(shards[1]), 'f');
     part jsonb;

@@ -23,6 +23,7 @@ use pgrx::PgLogLevel;
 
 use crate::pg::authority::{as_table_owner, current_role, extension_owner, run_as, OwnerLocks};
 use crate::pg::row::required;
+use crate::pg::xact::in_subtransaction;
 
 /// Longest key (its JSON text) that may be enqueued (as in src/enqueue.rs: a dead letter's key
 /// must fit a btree entry).
@@ -117,20 +118,30 @@ enum BadKeys {
 
 /// Why the keys are not all keys of the table (None: they are), checked as the table's owner:
 /// a domain check or input function of a key type is the owner's code.
+/// In a subtransaction of its own: the owner's code may raise what `_invalid_keys`' `WHEN OTHERS`
+/// does not catch (an ASSERT, a query_canceled), and that must make the key invalid, not stop the
+/// apply worker.
 fn invalid_keys(client: &SpiClient<'_>, t: &Target, keys: Vec<Option<String>>) -> Result<Option<String>, SidecarError> {
-    as_table_owner(t.owner, || {
-        Ok(client
-            .select("SELECT embed_sidecar._invalid_keys($1, $2)", None, &[t.check_sql.as_str().into(), keys.into()])?
-            .first()
-            .get_one::<String>()?)
-    })
+    let checked = in_subtransaction(|| {
+        as_table_owner(t.owner, || {
+            Ok(client
+                .select(
+                    "SELECT embed_sidecar._invalid_keys($1, $2)",
+                    None,
+                    &[t.check_sql.as_str().into(), keys.into()],
+                )?
+                .first()
+                .get_one::<String>()?)
+        })
+    });
+    checked.or_else(|e| Ok(Some(format!("checking it raised an error: {e}"))))
 }
 
 /// Record keys the replica trigger could not queue in the dead-letter table, as the extension's
 /// owner, and say so with a WARNING. Each is stored as an object naming it (its first 200
 /// characters and the sha256 of all of it), never as the key itself: the key may be too long for
-/// the table's index, and retry_failed() puts dead letters back on the queue, where a key the
-/// drain cannot look up would stop the source (the object is looked up as no row and acked).
+/// the table's index. retry_failed() leaves these where they are (no retry can embed the row);
+/// discard_failed() clears them.
 fn dead_letter(
     client: &mut SpiClient<'_>,
     owner: pg_sys::Oid,
@@ -234,15 +245,32 @@ fn enqueue_orphans(source_id: i32) -> Result<i64, SidecarError> {
         let Some(t) = target(client, ext_owner, source_id, "TRUNCATE, DELETE", true)? else { return Ok(0) };
         // the owner's policies run in this session (the apply worker's): see enqueue_applied
         let _release = OwnerLocks::release_after(client)?;
-        // read as the table's owner: the sidecar and its policies are the owner's
-        let keys = as_table_owner(t.owner, || {
-            let mut keys = Vec::new();
-            let sql = t.orphans_sql.as_deref().unwrap_or("SELECT NULL::text WHERE false");
-            for r in client.select(sql, None, &[])? {
-                keys.push(r.get::<String>(1)?);
+        // read as the table's owner: the sidecar and its policies are the owner's; in a
+        // subtransaction, so that whatever they raise (even what WHEN OTHERS lets through) is a
+        // WARNING, not the apply worker's error
+        let listed = in_subtransaction(|| {
+            as_table_owner(t.owner, || {
+                let mut keys = Vec::new();
+                let sql = t.orphans_sql.as_deref().unwrap_or("SELECT NULL::text WHERE false");
+                for r in client.select(sql, None, &[])? {
+                    keys.push(r.get::<String>(1)?);
+                }
+                Ok(keys)
+            })
+        });
+        let keys = match listed {
+            Ok(keys) => keys,
+            Err(e) => {
+                ErrorReport::new(
+                    pgrx::PgSqlErrorCode::ERRCODE_WARNING,
+                    format!("pg_embed_sidecar: the vectors of {}'s truncated rows were not queued for removal: {e}", t.table),
+                    "pg_embed_sidecar",
+                )
+                .set_hint("embed_sidecar.verify() counts them as orphans; reembed() or unwatch() and watch() again removes them.")
+                .report(PgLogLevel::WARNING);
+                return Ok(0);
             }
-            Ok(keys)
-        })?;
+        };
         let n = keys.len() as i64;
         if n > 0 {
             send(client, ext_owner, &t.queue, keys)?;
@@ -265,12 +293,18 @@ mod embed_sidecar {
         super::enqueue_applied(source_id, keys, super::BadKeys::Refuse).or_report();
     }
 
-    /// The replica row trigger's way onto the queue: as `_enqueue_applied`, but a key that cannot
-    /// be queued is a WARNING and a dead letter, never an ERROR (the apply worker would stop on
-    /// it). Returns how many keys were dead-lettered.
+    /// The replica row trigger's way onto the queue: as `_enqueue_applied`, but in replica mode (the
+    /// apply worker, or a session a superuser put there) a key that cannot be queued is a WARNING
+    /// and a dead letter, never an ERROR (the apply worker would stop on it). Outside replica mode
+    /// no trigger of ours calls it, and a bad key is refused as by `_enqueue_applied`: a writer
+    /// calling it directly must not fill the owner's dead letters. Returns how many keys were
+    /// dead-lettered.
     #[pg_extern(volatile, parallel_unsafe, name = "_enqueue_replicated")]
     fn enqueue_replicated(source_id: i32, keys: Vec<Option<String>>) -> i32 {
-        super::enqueue_applied(source_id, keys, super::BadKeys::DeadLetter).or_report()
+        // SAFETY: reads a backend-global setting
+        let replica = unsafe { pg_sys::SessionReplicationRole } == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
+        let bad_keys = if replica { super::BadKeys::DeadLetter } else { super::BadKeys::Refuse };
+        super::enqueue_applied(source_id, keys, bad_keys).or_report()
     }
 
     /// The TRUNCATE trigger's: enqueue the keys of the sidecar's orphans (see the module comment).

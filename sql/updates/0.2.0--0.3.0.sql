@@ -70,6 +70,9 @@ CREATE FUNCTION embed_sidecar."_enqueue_replicated"("source_id" INT, "keys" TEXT
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_replicated_wrapper';
 CREATE FUNCTION embed_sidecar."_enqueue_orphans"("source_id" INT) RETURNS bigint
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_orphans_wrapper';
+-- refused inside a security-restricted operation (_fan_out, sql/shards.sql)
+CREATE FUNCTION embed_sidecar."_outside_restricted"() RETURNS bool
+    VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'outside_restricted_wrapper';
 -- the identity of a model's current files (search_shards, sql/shards.sql)
 CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
     STRICT STABLE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'model_id_wrapper';

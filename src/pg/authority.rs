@@ -260,6 +260,14 @@ mod embed_sidecar {
         true
     }
 
+    /// Refused inside a security-restricted operation, as the public functions are: for the
+    /// PUBLIC helpers they call (`_fan_out` of search_shards), which a caller could call directly.
+    #[pg_extern(volatile, parallel_restricted, name = "_outside_restricted")]
+    fn outside_restricted() -> bool {
+        refuse_in_restricted_operation();
+        true
+    }
+
     /// Forget the caller before code of others runs in the same function (the policies and
     /// operators a search's query runs): a definer function there must not be judged as the
     /// searcher. `set_config()` cannot do it: it returns the value, which only superusers may read.

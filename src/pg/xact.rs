@@ -1,6 +1,7 @@
 //! Transactions for the background worker, which runs outside any: each phase of a drain pass gets
 //! its own short transaction. Its own module so the drain and the worker both use it without
-//! depending on each other.
+//! depending on each other. And subtransactions, for owner code that must not abort the caller's
+//! transaction (the replica trigger's key check in the apply worker).
 
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
@@ -25,17 +26,7 @@ pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Res
         let f = f;
         (f.0)()
     })
-    .catch_others(|e| {
-        let r = match &e {
-            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
-            CaughtError::RustPanic { ereport, .. } => ereport,
-        };
-        Err(SidecarError::Caught {
-            code: r.sql_error_code(),
-            message: r.message().to_string(),
-            hint: r.hint().map(str::to_string),
-        })
-    })
+    .catch_others(|e| Err(caught(e)))
     .execute();
     // SAFETY: ends the transaction started above, whichever way `f` finished
     unsafe {
@@ -47,4 +38,50 @@ pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Res
         }
     }
     result
+}
+
+/// Run `f` in a subtransaction of the current transaction: kept if it returns Ok, rolled back if it
+/// returns an error or raises one. Every error is caught, including those PL/pgSQL's `WHEN OTHERS`
+/// lets through (`assert_failure`, `query_canceled`): owner code raising them must not stop the
+/// apply worker. The caller's memory context and resource owner are restored either way, as the
+/// procedural languages do around their subtransactions.
+pub fn in_subtransaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
+    // SAFETY: a subtransaction begun here is ended below on every path; the caller's memory
+    // context and resource owner are saved first and put back after
+    let (context, owner) = unsafe {
+        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(saved.0);
+        saved
+    };
+    let f = std::panic::AssertUnwindSafe(f);
+    let result = PgTryBuilder::new(move || {
+        let f = f;
+        (f.0)()
+    })
+    .catch_others(|e| Err(caught(e)))
+    .execute();
+    // SAFETY: ends the subtransaction begun above
+    unsafe {
+        if result.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    }
+    result
+}
+
+fn caught(e: CaughtError) -> SidecarError {
+    let r = match &e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
+        CaughtError::RustPanic { ereport, .. } => ereport,
+    };
+    SidecarError::Caught {
+        code: r.sql_error_code(),
+        message: r.message().to_string(),
+        hint: r.hint().map(str::to_string),
+    }
 }
