@@ -2539,7 +2539,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._row_key_sql(regclass, smallint[], text)
 -- search across embedding nodes (sql/shards.sql): runs as its caller, as search does
 GRANT EXECUTE ON FUNCTION embed_sidecar._shard_keys(regclass), embed_sidecar._shard_nearest_sql(regclass, int), embed_sidecar._model_id(text),
     embed_sidecar.search_shards(regclass[], text, int, boolean, text), embed_sidecar._shard_text_sql(regclass, int),
-    embed_sidecar._fan_out(regclass[], text[], boolean, real[], tsquery, text),
+    embed_sidecar._fan_out(regclass[], text[], boolean, real[], tsquery, text), embed_sidecar._outside_restricted(),
     embed_sidecar.hybrid_search_shards(regclass[], text, int, int, float8, float8, int, boolean, text, regconfig) TO PUBLIC;
 -- What the drain runs as the table's owner (sql/drain.sql): SECURITY INVOKER helpers that only
 -- execute the statements they are handed, with the rights of whoever calls them.

@@ -232,9 +232,11 @@ def test_a_row_whose_key_cannot_be_queued_is_applied_and_dead_lettered(db, make_
     assert [(d[0][:20], len(d[1])) for d in dead] == [('["kkkkkkkkkkkkkkkkkk', 64), ('["owner-refuses-this', 64)], dead
     assert "2104 bytes as JSON" in dead[0][2] and "dlkey" in dead[1][2], dead  # (the domain's own error)
     assert one(db, "SELECT failed FROM embed_sidecar.status WHERE source = 'docs'::regclass") == 2
-    # retried: the drain finds no row for such a key and acks it (nothing left pending or failed)
-    assert one(db, "SELECT embed_sidecar.retry_failed('docs')") == 2
+    # no retry can embed them: retry_failed() leaves them, discard_failed() clears them
+    assert one(db, "SELECT embed_sidecar.retry_failed('docs')") == 0
     wait(db, "docs")
+    assert db.execute("SELECT pending, failed FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone() == (0, 2)
+    assert one(db, "SELECT embed_sidecar.discard_failed('docs')") == 2
     assert db.execute("SELECT pending, failed FROM embed_sidecar.status WHERE source = 'docs'::regclass").fetchone() == (0, 0)
 
 
