@@ -117,10 +117,9 @@ enum BadKeys {
 }
 
 /// Why the keys are not all keys of the table (None: they are), checked as the table's owner:
-/// a domain check or input function of a key type is the owner's code.
-/// In a subtransaction of its own: the owner's code may raise what `_invalid_keys`' `WHEN OTHERS`
-/// does not catch (an ASSERT, a query_canceled), and that must make the key invalid, not stop the
-/// apply worker.
+/// a domain check or input function of a key type is the owner's code. In a subtransaction of its
+/// own: that code may raise what `_invalid_keys`' `WHEN OTHERS` does not catch (an ASSERT, a
+/// query_canceled), and that must make the key invalid, not stop the apply worker.
 fn invalid_keys(client: &SpiClient<'_>, t: &Target, keys: Vec<Option<String>>) -> Result<Option<String>, SidecarError> {
     let checked = in_subtransaction(|| {
         as_table_owner(t.owner, || {
