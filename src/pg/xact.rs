@@ -20,14 +20,7 @@ pub fn run_in_transaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Res
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         crate::pg::authority::pin_search_path_local();
     }
-    // the closure's captures are only used again if it returns normally
-    let f = std::panic::AssertUnwindSafe(f);
-    let result = PgTryBuilder::new(move || {
-        let f = f;
-        (f.0)()
-    })
-    .catch_others(|e| Err(caught(e)))
-    .execute();
+    let result = catching(f);
     // SAFETY: ends the transaction started above, whichever way `f` finished
     unsafe {
         if result.is_ok() {
@@ -54,13 +47,7 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Resu
         pg_sys::MemoryContextSwitchTo(saved.0);
         saved
     };
-    let f = std::panic::AssertUnwindSafe(f);
-    let result = PgTryBuilder::new(move || {
-        let f = f;
-        (f.0)()
-    })
-    .catch_others(|e| Err(caught(e)))
-    .execute();
+    let result = catching(f);
     // SAFETY: ends the subtransaction begun above
     unsafe {
         if result.is_ok() {
@@ -72,6 +59,18 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Resu
         pg_sys::CurrentResourceOwner = owner;
     }
     result
+}
+
+/// `f()`, with a Postgres ERROR (or a panic) it raises caught and returned as an error.
+fn catching<R>(f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R, SidecarError> {
+    // the closure's captures are only used again if it returns normally
+    let f = std::panic::AssertUnwindSafe(f);
+    PgTryBuilder::new(move || {
+        let f = f;
+        (f.0)()
+    })
+    .catch_others(|e| Err(caught(e)))
+    .execute()
 }
 
 fn caught(e: CaughtError) -> SidecarError {
