@@ -16,7 +16,8 @@
 --   bytes work; a reader's view no longer blocks the owner's drops;
 -- * writes the logical replication apply worker makes (and session_replication_role = replica)
 --   reach the sidecar: replica row triggers and a TRUNCATE trigger; status shows the lag;
--- * search_shards() merges the nearest rows of several embedding nodes (postgres_fdw).
+-- * search_shards() merges the nearest rows of several embedding nodes (postgres_fdw);
+-- * inference_service() shows the drain rounds a search stopped (preempted_rounds).
 
 -- objects whose signature or kind changed
 DROP FUNCTION embed_sidecar._create_embedding(regclass, text, text, smallint, text, smallint[], name, text, regconfig, boolean, int, int, text);
@@ -37,6 +38,11 @@ DROP FUNCTION embed_sidecar._search_target(regclass, text);
 -- watch() takes view_name, sync and adopt
 DROP FUNCTION embed_sidecar.watch(regclass, name, name, text, boolean, regconfig, text, text, boolean, int, int, text);
 
+-- the inference service also counts the drain rounds it put aside for a search
+DROP FUNCTION embed_sidecar.inference_service();
+CREATE FUNCTION embed_sidecar."inference_service"() RETURNS TABLE (
+    "workers" INT, "texts" bigint, "busy_seconds" double precision, "preempted_rounds" bigint)
+    STRICT VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'inference_service_wrapper';
 -- who is calling (src/pg/authority.rs)
 CREATE FUNCTION embed_sidecar."_enter"() RETURNS boolean
     STRICT VOLATILE PARALLEL RESTRICTED LANGUAGE c AS 'MODULE_PATHNAME', 'enter_wrapper';

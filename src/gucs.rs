@@ -39,6 +39,10 @@ static INFERENCE_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub const INFERENCE_WORKERS_MAX: usize = 16;
 /// ONNX Runtime threads of each inference worker (postmaster); 0: one per CPU.
 static INFERENCE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Whether a search that arrives while the inference service runs a drain round stops that round
+/// (it is embedded again after the search): off, the search waits for the round to end. Off only
+/// to compare (scripts/bench/mixed_load.py) or should ONNX Runtime misbehave on a stopped run.
+static SEARCHES_FIRST: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Texts in flight at once through the service (postmaster; sizes shared memory, 74 KiB each).
 /// One call uses at most half of them per round trip, so two sessions always make progress.
 /// A full ring makes clients wait: back-pressure instead of unbounded memory.
@@ -56,6 +60,11 @@ static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
 /// Most bulk-lane (backfill) messages in one drain pass: bounds how long a writer's change can wait
 /// behind a backfill (one such pass).
 static BULK_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64);
+/// Inference time one drain pass may spend on bulk-lane rows, in milliseconds: the worker sizes
+/// each source's bulk window by what its recent rows took, so a writer's change waits about this
+/// long behind a backfill of long documents, not 64 of them (README, "Mixed load"). 0: windows of
+/// `bulk_batch_size`.
+static BULK_PASS_MS: GucSetting<i32> = GucSetting::<i32>::new(250);
 /// A new sidecar whose backfill enqueues at least this many rows gets its HNSW index once, after
 /// the backfill (read by watch() and set_model() in SQL, so no accessor here): one build costs far
 /// less than inserting row by row into the graph (README, "Drain throughput and scale").
@@ -174,6 +183,16 @@ pub fn init() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"pg_embed_sidecar.bulk_pass_time",
+        c"Inference time one drain pass may spend on backfill (bulk lane) rows; 0 takes bulk_batch_size rows every pass.",
+        c"A writer's change waits for about one such pass while a backfill runs.",
+        &BULK_PASS_MS,
+        0,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
         c"pg_embed_sidecar.bulk_index_rows",
         c"A new sidecar with at least this many rows to backfill gets its HNSW index built once, after the backfill (0: always up front).",
         c"",
@@ -189,6 +208,14 @@ pub fn init() {
         c"",
         &INFERENCE,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_embed_sidecar.searches_first",
+        c"Whether a search arriving during a drain round of the inference service stops that round (embedded again after the search).",
+        c"",
+        &SEARCHES_FIRST,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
@@ -422,6 +449,9 @@ pub fn inference_workers() -> usize {
 pub fn inference_slots() -> usize {
     INFERENCE_SLOTS.get() as usize
 }
+pub fn searches_first() -> bool {
+    SEARCHES_FIRST.get()
+}
 pub fn inference_threads() -> usize {
     match INFERENCE_THREADS.get() {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -448,6 +478,9 @@ pub fn batch_size() -> i32 {
 }
 pub fn bulk_batch_size() -> i32 {
     BULK_BATCH_SIZE.get()
+}
+pub fn bulk_pass_time() -> std::time::Duration {
+    std::time::Duration::from_millis(BULK_PASS_MS.get() as u64)
 }
 pub fn idle_naptime_ms() -> u64 {
     IDLE_NAPTIME_MS.get() as u64

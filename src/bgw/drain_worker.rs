@@ -11,7 +11,7 @@ use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
 use super::index_builder;
-use crate::drain::{active_sources, build_index_now, record_error, record_note, Mode, Pass, Ready};
+use crate::drain::{active_sources, build_index_now, record_error, record_note, Mode, Pass, Ready, Sent};
 use crate::error::SidecarError;
 use crate::gucs;
 use crate::pg;
@@ -39,6 +39,9 @@ const SLOW_PASS_PENALTY: u32 = 10;
 const SLOW_PASS_REST_MAX: Duration = Duration::from_secs(60);
 /// Longest wait between two index builds of one source whose build keeps failing.
 const INDEX_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Bulk rows in a source's first pass, before its rows' cost is known: a window-long document
+/// takes ~50 ms on one core, so 64 of them would hold a writer's change for seconds.
+const FIRST_BULK_WINDOW: i32 = 8;
 
 /// Main function of a drain worker; the argument is its database's oid, `bgw_extra` the role's oid
 /// (empty: the bootstrap superuser).
@@ -95,8 +98,8 @@ pub extern "C-unwind" fn pg_embed_sidecar_worker_main(arg: pg_sys::Datum) {
         let requested = roster::get(db.to_u32()).requested;
         let result = drainer.round();
         if !matches!(result, Ok(Some(Round { full: true, .. }))) {
-            // no round follows at once: what was embedded is written before any nap
-            drainer.flush();
+            // no round follows at once: what was sent is waited for and written before any nap
+            drainer.settle();
         }
         if !matches!(result, Ok(Some(Round { worked: false, .. }))) {
             idle_since = Instant::now();
@@ -149,7 +152,9 @@ struct Drainer {
     /// Owners one of whose tables' code was slow, until that table's rest ends: a second slow
     /// table of theirs in that time sends all of their tables to rest.
     slow_owners: HashMap<pg_sys::Oid, Instant>,
-    /// The last pass begun, its vectors on their way, not written yet.
+    /// The last pass sent, its vectors on their way.
+    in_flight: Option<Sent>,
+    /// A pass whose vectors are back, not written yet (only between `finish` and `flush`).
     carried: Option<Ready>,
     /// The index builder this worker started last (src/bgw/index_builder.rs).
     builder: Option<DynamicBackgroundWorker>,
@@ -157,16 +162,20 @@ struct Drainer {
     /// started for each, and the wait after that one (doubling), so a build that keeps failing (a
     /// lock on its sidecar) never keeps another source's index from being built.
     index_tries: HashMap<i32, (Instant, Duration)>,
+    /// Per source, what a row took from sending to vectors in its recent passes (each pass
+    /// weighs half): sizes its bulk windows (`bulk_window`).
+    row_cost: HashMap<i32, Duration>,
 }
 
 impl Drainer {
     /// One round over all active sources. `None` when the extension is absent.
     ///
-    /// Passes are pipelined: a pass is begun (read, looked up, its texts handed to the inference
-    /// service) before the previous pass, whose vectors are back (`carried`), is written; so the
-    /// worker's SQL runs while the service embeds, instead of the service waiting for it. Without
-    /// the service the model runs in this process and nothing would overlap: each pass is written
-    /// first.
+    /// Passes are pipelined: the next pass is read and looked up while the service embeds the one
+    /// in flight; once that one's vectors are back the next is sent at once and the finished one
+    /// written while the service embeds again. So the worker's SQL, reads and writes alike, runs
+    /// while the service embeds, and the service waits for SQL only between rounds: small passes
+    /// (`bulk_pass_time`) cost no throughput. Without the service the model runs in this process
+    /// and nothing would overlap: each pass is written before the next is read.
     ///
     /// A source whose pass fails (model missing, table broken, queue dropped) is logged, its error
     /// is stored in `status.last_error`, and it is skipped for `ERROR_NAP`; the other sources go on
@@ -204,12 +213,12 @@ impl Drainer {
             if self.resting.contains_key(&id) {
                 continue;
             }
-            if !overlap || self.carried.as_ref().is_some_and(|r| r.source_id() == id && r.chunked()) {
-                self.flush();
+            if !overlap || self.in_flight.as_ref().is_some_and(|p| p.source_id() == id && p.chunked()) {
+                self.settle();
             }
             report_activity(&format!("pg_embed_sidecar: draining source {id}"));
             let before = pg::authority::owner_code_time();
-            let begun = Pass::begin(id, batch, Mode::Worker);
+            let begun = Pass::begin(id, batch, self.bulk_window(id), Mode::Worker);
             let spent = pg::authority::owner_code_time().saturating_sub(before);
             match begun {
                 Ok(begun) => {
@@ -223,8 +232,9 @@ impl Drainer {
                     if let Some(pass) = begun.pass {
                         full |= pass.more();
                         worked = true;
+                        self.finish();
+                        self.in_flight = Some(pass.send());
                         self.flush();
-                        self.carried = Some(pass.wait());
                     }
                 }
                 Err(e) => {
@@ -234,6 +244,31 @@ impl Drainer {
             }
         }
         Ok(Some(Round { full, worked }))
+    }
+
+    /// Bulk rows for source `id`'s next pass (`bulk_window`).
+    fn bulk_window(&self, id: i32) -> i32 {
+        bulk_window(self.row_cost.get(&id).copied(), gucs::bulk_pass_time(), gucs::bulk_batch_size())
+    }
+
+    /// Wait for the pass in flight, if any; its vectors become the carried pass, and what its
+    /// rows took sizes its source's next bulk windows.
+    fn finish(&mut self) {
+        let Some(sent) = self.in_flight.take() else { return };
+        self.flush();
+        let id = sent.source_id();
+        let ready = sent.wait();
+        if let Some(cost) = ready.row_cost() {
+            let recent = self.row_cost.get(&id).map_or(cost, |&was| (was + cost) / 2);
+            self.row_cost.insert(id, recent);
+        }
+        self.carried = Some(ready);
+    }
+
+    /// Wait for and write everything sent.
+    fn settle(&mut self) {
+        self.finish();
+        self.flush();
     }
 
     /// Write the carried pass, if any.
@@ -332,9 +367,47 @@ impl Drainer {
     }
 }
 
+/// Bulk rows of a source's next pass: as many as `budget` holds at what its recent rows took
+/// (`cost`), between 1 and `most`; `FIRST_BULK_WINDOW` before its cost is known; `most` with no
+/// budget. Sized by time, not rows: 64 short synopses take 0.1 s, 64 long descriptions 2 s, and a
+/// writer's change waits for a pass.
+fn bulk_window(cost: Option<Duration>, budget: Duration, most: i32) -> i32 {
+    if budget.is_zero() {
+        return most;
+    }
+    match cost {
+        Some(cost) if !cost.is_zero() => ((budget.as_secs_f64() / cost.as_secs_f64()) as i32).clamp(1, most),
+        _ => FIRST_BULK_WINDOW.min(most),
+    }
+}
+
 fn report_activity(what: &str) {
     if let Ok(text) = CString::new(what) {
         // SAFETY: plain call into the statistics collector with a NUL-terminated string
         unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{bulk_window, FIRST_BULK_WINDOW};
+
+    #[test]
+    fn bulk_windows_hold_the_pass_time_between_one_row_and_the_most() {
+        let ms = Duration::from_millis;
+        let budget = ms(250);
+        // long descriptions at 40 ms a row: 6 rows; short synopses at 2 ms: capped at 64
+        assert_eq!(bulk_window(Some(ms(40)), budget, 64), 6);
+        assert_eq!(bulk_window(Some(ms(2)), budget, 64), 64);
+        // a row slower than the whole budget still moves, one at a time
+        assert_eq!(bulk_window(Some(ms(900)), budget, 64), 1);
+        // before anything is known: a small first window, never above the most
+        assert_eq!(bulk_window(None, budget, 64), FIRST_BULK_WINDOW);
+        assert_eq!(bulk_window(None, budget, 3), 3);
+        assert_eq!(bulk_window(Some(Duration::ZERO), budget, 64), FIRST_BULK_WINDOW);
+        // no budget: the row count of 0.2.0
+        assert_eq!(bulk_window(Some(ms(40)), Duration::ZERO, 64), 64);
     }
 }

@@ -3,15 +3,15 @@
 //! held while the model runs) and `embed_sidecar.process()` (everything in the caller's
 //! transaction).
 //!
-//! Pass: read a window of messages (as the worker): the live lane first, then at most
-//! `bulk_batch_size` from the bulk lane, so a backfill never delays a writer's change by more than
-//! one small pass → look the distinct keys up (as the table's
-//! owner) → decide (`settle::plan`) → embed what changed, a failing batch bisected so good rows
+//! Pass: read a window of messages (as the worker): the live lane first, then a window of the bulk
+//! lane (as many rows as `bulk_pass_time` of inference holds, at most `bulk_batch_size`), so a
+//! backfill never delays a writer's change by more than one short pass → look the distinct keys
+//! up (as the table's owner) → decide (`settle::plan`) → embed what changed, a failing batch bisected so good rows
 //! proceed → write vectors and clear blanks (as the table's owner; a failing write is retried row
 //! by row) → settle every message (`settle::settle`) and apply that to the queue, the dead-letter
-//! table and the registry's counters (as the worker). The worker begins its next pass (read, look
-//! up, hand the texts to the inference service) before it writes the previous one, so its SQL runs
-//! while the service embeds (`Pass` → `Ready`, src/bgw/drain_worker.rs).
+//! table and the registry's counters (as the worker). The worker reads and looks up its next pass
+//! while the inference service embeds one, and writes that one while the service embeds the next,
+//! so its SQL runs while the service embeds (`Pass` → `Sent` → `Ready`, src/bgw/drain_worker.rs).
 
 pub mod chunking;
 pub mod settle;
@@ -22,6 +22,7 @@ pub use store::{active_sources, record_error, record_note};
 use store::{apply, build_index, load_source, lock_source, lookup, read_messages, write, Embedded, Source};
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 
@@ -82,8 +83,8 @@ fn in_tx<R>(mode: Mode, f: impl FnOnce() -> Result<R, SidecarError>) -> Result<R
 
 /// One pass over source `id`, handling at most `limit` messages, start to end.
 pub fn drain_pass(id: i32, limit: i32, mode: Mode) -> Result<PassStats, SidecarError> {
-    match Pass::begin(id, limit, mode)?.pass {
-        Some(pass) => pass.wait().write(mode),
+    match Pass::begin(id, limit, gucs::bulk_batch_size(), mode)?.pass {
+        Some(pass) => pass.send().wait().write(mode),
         None => Ok(PassStats::default()),
     }
 }
@@ -102,9 +103,8 @@ pub struct Begun {
     pub index_due: Option<bool>,
 }
 
-/// A pass whose messages are read and whose changed rows are on their way through the model.
-/// Through the inference service they are embedded by another process, so the worker can write
-/// its previous pass meanwhile (src/bgw/drain_worker.rs): SQL and inference overlap.
+/// A pass whose messages are read and whose changed rows are decided, ready to go to the model
+/// (`send`).
 pub struct Pass {
     id: i32,
     src: Source,
@@ -118,12 +118,39 @@ pub struct Pass {
     work: Work,
 }
 
-/// What a pass sent to the model, and the texts (kept to isolate a failing one).
+/// What a pass sends to the model (the texts are kept to isolate a failing one).
 enum Work {
     /// One text per changed row: (key, text, content hash).
-    Rows(Vec<(String, String, Vec<u8>)>, InFlight),
+    Rows(Vec<(String, String, Vec<u8>)>),
     /// A chunked source: the passages of each changed row that have no vector yet.
-    Passages(chunking::Split, InFlight),
+    Passages(chunking::Split),
+}
+
+impl Work {
+    fn texts(&self) -> Vec<&str> {
+        match self {
+            Work::Rows(rows) => rows.iter().map(|(_, text, _)| text.as_str()).collect(),
+            Work::Passages(split) => split.texts.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// Rows with something to embed.
+    fn rows(&self) -> usize {
+        match self {
+            Work::Rows(rows) => rows.len(),
+            Work::Passages(split) => split.rows.len(),
+        }
+    }
+}
+
+/// A pass whose texts are on their way through the model. Through the inference service they are
+/// embedded by another process, so the worker writes its previous pass and reads its next one
+/// meanwhile (src/bgw/drain_worker.rs): SQL and inference overlap.
+pub struct Sent {
+    pass: Pass,
+    started: InFlight,
+    /// When the texts went: what each row took sizes the next bulk windows.
+    at: Instant,
 }
 
 /// A pass whose vectors are back, ready to write.
@@ -135,13 +162,16 @@ pub struct Ready {
     clear: Vec<String>,
     failed: HashMap<String, String>,
     embedded: Embedded,
+    /// Time from sending to vectors, per row sent; `None` when no row went to the model.
+    row_cost: Option<Duration>,
 }
 
 impl Pass {
     /// Phase 1 (short transaction): make sure the model loads before touching the queue, so an
     /// outage (missing file) costs no attempts; notice a replaced model; read messages; look up;
-    /// decide (`settle::plan`); then hand the changed texts to the model. `None`: nothing to do.
-    pub fn begin(id: i32, limit: i32, mode: Mode) -> Result<Begun, SidecarError> {
+    /// decide (`settle::plan`). `None`: nothing to do.
+    /// At most `limit` messages, of which at most `bulk_window` from the bulk lane.
+    pub fn begin(id: i32, limit: i32, bulk_window: i32, mode: Mode) -> Result<Begun, SidecarError> {
         let mut index_due = None;
         let Some((src, live, bulk, looked, known, more, overdue)) = in_tx(mode, || {
             Spi::connect_mut(|client| {
@@ -180,8 +210,8 @@ impl Pass {
                 }
                 // the live lane first; the bulk lane only fills what room is left, in small windows
                 let (limit, bulk_window) = match src.chunking {
-                    None => (limit, gucs::bulk_batch_size()),
-                    Some(_) => (limit.min(CHUNKED_ROWS_PER_PASS), gucs::bulk_batch_size().min(CHUNKED_ROWS_PER_PASS)),
+                    None => (limit, bulk_window),
+                    Some(_) => (limit.min(CHUNKED_ROWS_PER_PASS), bulk_window.min(CHUNKED_ROWS_PER_PASS)),
                 };
                 let live = read_messages(client, &src.queue, limit)?;
                 let bulk_room = if src.bulk_paused { 0 } else { (limit - live.len() as i32).min(bulk_window) };
@@ -220,16 +250,12 @@ impl Pass {
         if live.is_empty() && bulk.is_empty() {
             return Ok(Begun { pass: None, index_due });
         }
-        // decide, then start embedding (no transaction in the worker)
+        // decide (no transaction in the worker)
         let plan = settle::plan(looked);
         let mut failed = plan.failed;
         failed.extend(overdue);
         let work = match src.chunking {
-            None => {
-                let texts: Vec<&str> = plan.embed.iter().map(|(_, text, _)| text.as_str()).collect();
-                let started = start_embed(&src.model, &texts);
-                Work::Rows(plan.embed, started)
-            }
+            None => Work::Rows(plan.embed),
             Some(budget) => {
                 // the tokenizer is other people's code run on writers' text: a panic there fails
                 // these rows, never the worker
@@ -242,9 +268,7 @@ impl Pass {
                     ..Default::default()
                 });
                 failed.extend(split.failed.iter().cloned());
-                let texts: Vec<&str> = split.texts.iter().map(String::as_str).collect();
-                let started = start_embed(&src.model, &texts);
-                Work::Passages(split, started)
+                Work::Passages(split)
             }
         };
         Ok(Begun { pass: Some(Pass { id, src, live, bulk, more, clear: plan.clear, failed, work }), index_due })
@@ -255,22 +279,37 @@ impl Pass {
         self.more
     }
 
+    /// Hand the changed texts to the model (the inference service starts on them at once).
+    pub fn send(self) -> Sent {
+        let started = start_embed(&self.src.model, &self.work.texts());
+        Sent { pass: self, started, at: Instant::now() }
+    }
+}
+
+impl Sent {
+    pub fn source_id(&self) -> i32 {
+        self.pass.id
+    }
+
+    /// A chunked source's next pass must not be read before this one is written: what it looks up
+    /// (the passages each row has vectors for) would miss this pass's.
+    pub fn chunked(&self) -> bool {
+        self.pass.src.chunking.is_some()
+    }
+
     /// Phase 2: wait for the vectors; a failing batch is bisected so the good rows proceed.
     pub fn wait(self) -> Ready {
-        let Pass { id, src, live, bulk, clear, mut failed, work, .. } = self;
+        let Sent { pass, started, at } = self;
+        let texts: Vec<&str> = pass.work.texts();
+        let results = isolate(&pass.src.model, &texts, started);
+        let rows = pass.work.rows();
+        let row_cost = (rows > 0).then(|| at.elapsed() / rows as u32);
+        let Pass { id, src, live, bulk, clear, mut failed, work, .. } = pass;
         let embedded = match work {
-            Work::Rows(rows, started) => {
-                let texts: Vec<&str> = rows.iter().map(|(_, text, _)| text.as_str()).collect();
-                let results = isolate(&src.model, &texts, started);
-                assemble_rows(src.dims, rows, results, &mut failed)
-            }
-            Work::Passages(split, started) => {
-                let texts: Vec<&str> = split.texts.iter().map(String::as_str).collect();
-                let results = isolate(&src.model, &texts, started);
-                assemble_passages(split.rows, results, &mut failed)
-            }
+            Work::Rows(rows) => assemble_rows(src.dims, rows, results, &mut failed),
+            Work::Passages(split) => assemble_passages(split.rows, results, &mut failed),
         };
-        Ready { id, src, live, bulk, clear, failed, embedded }
+        Ready { id, src, live, bulk, clear, failed, embedded, row_cost }
     }
 }
 
@@ -280,7 +319,7 @@ impl Ready {
     /// content hash, so a vector is only written for content that is still current: a stale
     /// vector never overwrites a newer one.
     pub fn write(self, mode: Mode) -> Result<PassStats, SidecarError> {
-        let Ready { id, src, live, bulk, clear, mut failed, embedded } = self;
+        let Ready { id, src, live, bulk, clear, mut failed, embedded, .. } = self;
         let messages = live.len() + bulk.len();
         let written = in_tx(mode, move || {
             Spi::connect_mut(|client| {
@@ -303,10 +342,9 @@ impl Ready {
         self.id
     }
 
-    /// A chunked source's next pass must not be read before this one is written: what it looks up
-    /// (the passages each row has vectors for) would miss this pass's.
-    pub fn chunked(&self) -> bool {
-        self.src.chunking.is_some()
+    /// Time from sending to vectors, per row sent (`None`: no row went to the model).
+    pub fn row_cost(&self) -> Option<Duration> {
+        self.row_cost
     }
 }
 

@@ -245,19 +245,30 @@ mod embed_sidecar {
     use super::Ring;
 
     /// The instance's inference service: workers running, texts embedded and seconds spent
-    /// embedding since the server started. Busy seconds that grow as fast as the clock mean the
-    /// service is the bottleneck; NULLs when the library is not preloaded.
+    /// embedding since the server started, and drain rounds put aside for a search. Busy seconds
+    /// that grow as fast as the clock mean the service is the bottleneck; NULLs when the library
+    /// is not preloaded.
     #[pg_extern(volatile, parallel_safe)]
     fn inference_service() -> TableIterator<
         'static,
-        (name!(workers, Option<i32>), name!(texts, Option<i64>), name!(busy_seconds, Option<f64>)),
+        (
+            name!(workers, Option<i32>),
+            name!(texts, Option<i64>),
+            name!(busy_seconds, Option<f64>),
+            name!(preempted_rounds, Option<i64>),
+        ),
     > {
         let row = match Ring::attached() {
             Some(ring) => {
-                let (texts, busy_us) = ring.served();
-                (Some(ring.workers_alive() as i32), Some(texts as i64), Some(busy_us as f64 / 1e6))
+                let (texts, busy_us, preempted) = ring.served();
+                (
+                    Some(ring.workers_alive() as i32),
+                    Some(texts as i64),
+                    Some(busy_us as f64 / 1e6),
+                    Some(preempted as i64),
+                )
             }
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
         TableIterator::once(row)
     }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use embed_core::{Embedder, ModelFiles};
+use embed_core::{Embedder, Interrupt, ModelFiles};
 
 use super::Side;
 use crate::error::SidecarError;
@@ -133,6 +133,22 @@ pub fn embed(
             Some(prefixed) => e.embed_checked(prefixed, check)?,
             None => e.embed_checked(texts, check)?,
         })
+    })
+}
+
+/// Like [`embed`] for texts that come prefixed (the inference workers), stopped within one graph
+/// node when another thread raises `interrupt`: `EmbedError::Interrupted`. The caller resets it.
+pub fn embed_interruptible(
+    model: &str,
+    texts: &[&str],
+    threads: Option<usize>,
+    interrupt: &Interrupt,
+) -> Result<Vec<Vec<f32>>, SidecarError> {
+    with_model(Some(model), threads, |e| {
+        let check = &mut || {
+            pgrx::check_for_interrupts!();
+        };
+        Ok(e.embed_interruptible(texts, check, interrupt)?)
     })
 }
 

@@ -74,6 +74,8 @@ pub struct Header {
     /// `inference_service()` shows how busy the service is (a drain at its ceiling keeps it busy).
     texts_served: AtomicU64,
     busy_us: AtomicU64,
+    /// Drain rounds put aside for a search that arrived while they ran (src/inference/worker.rs).
+    preempted: AtomicU64,
     /// Written once, before any other process maps the ring.
     slots: u32,
 }
@@ -102,12 +104,28 @@ pub struct Slot {
     owner_procno: AtomicI32,
     priority: AtomicU32,
     seq: AtomicU64,
+    /// Bytes of the text, for the worker to size its rounds before it owns the payload.
+    text_len: AtomicU32,
     payload: UnsafeCell<Payload>,
 }
 
 // SAFETY: the payload is reached only by the process that owns the slot's current state (module
 // comment); everything else in a slot is atomic.
 unsafe impl Sync for Slot {}
+
+/// A waiting slot as a worker sees it: the order is priority, then age.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Waiting {
+    pub priority: u32,
+    pub seq: u64,
+    pub text_len: u32,
+}
+
+impl Waiting {
+    pub fn interactive(&self) -> bool {
+        self.priority == Priority::Interactive as u32
+    }
+}
 
 /// A failure the worker carried back: SQLSTATE, message, hint.
 pub struct Failure {
@@ -162,6 +180,7 @@ impl Slot {
         self.owner_procno.store(procno, Ordering::Relaxed);
         self.priority.store(priority as u32, Ordering::Relaxed);
         self.seq.store(seq, Ordering::Relaxed);
+        self.text_len.store(text.len() as u32, Ordering::Relaxed);
         // only this client moves a FILLING slot (tidy leaves FILLING alone), so this holds
         let _ = self.state.compare_exchange(FILLING, SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
     }
@@ -208,10 +227,13 @@ impl Slot {
 
     // ---- worker side ----
 
-    /// `(priority, seq)` of a slot waiting for a worker.
-    pub fn waiting(&self) -> Option<(u32, u64)> {
-        (self.state.load(Ordering::Acquire) == SUBMITTED)
-            .then(|| (self.priority.load(Ordering::Relaxed), self.seq.load(Ordering::Relaxed)))
+    /// What a worker sorts and sizes rounds by, for a slot waiting for one.
+    pub fn waiting(&self) -> Option<Waiting> {
+        (self.state.load(Ordering::Acquire) == SUBMITTED).then(|| Waiting {
+            priority: self.priority.load(Ordering::Relaxed),
+            seq: self.seq.load(Ordering::Relaxed),
+            text_len: self.text_len.load(Ordering::Relaxed),
+        })
     }
 
     /// SUBMITTED → TAKEN by worker `me`; then `request` and `answer` are its to call.
@@ -271,9 +293,10 @@ impl Slot {
         }
     }
 
-    /// What a predecessor of worker `me` held goes back: taken slots to the queue (their clients
-    /// may be waiting), abandoned ones FREE.
-    pub fn reclaim_from_predecessor(&self, me: usize) {
+    /// What worker `me` held goes back: taken slots to the queue (their clients wait), abandoned
+    /// ones FREE. A worker puts back what its predecessor held when it starts, and a drain round it
+    /// put aside for a search.
+    pub fn put_back(&self, me: usize) {
         let _ = self.state.compare_exchange(taken_by(me), SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
         let _ = self.state.compare_exchange(abandoned_by(me), FREE, Ordering::AcqRel, Ordering::Relaxed);
     }
@@ -384,9 +407,22 @@ impl Ring {
         self.header.texts_served.fetch_add(texts as u64, Ordering::Release);
     }
 
-    /// `(texts embedded, microseconds busy)` since the server started.
-    pub fn served(&self) -> (u64, u64) {
-        (self.header.texts_served.load(Ordering::Acquire), self.header.busy_us.load(Ordering::Relaxed))
+    pub fn count_preempted(&self) {
+        self.header.preempted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(texts embedded, microseconds busy, drain rounds put aside)` since the server started.
+    pub fn served(&self) -> (u64, u64, u64) {
+        (
+            self.header.texts_served.load(Ordering::Acquire),
+            self.header.busy_us.load(Ordering::Relaxed),
+            self.header.preempted.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether a search (or any interactive request) waits for a worker.
+    pub fn interactive_waiting(&self) -> bool {
+        (0..self.len()).any(|i| self.slot(i).waiting().is_some_and(|w| w.interactive()))
     }
 }
 

@@ -1,41 +1,86 @@
 //! The inference workers (`pg_embed_sidecar.inference_workers`, default 1): background workers
 //! connected to no database, each holding one embedder per model in use (src/inference/local.rs)
 //! and serving the ring (src/inference/ring.rs). Each round takes what is waiting, interactive
-//! requests first (up to 64) and otherwise a few drain texts (16, or 4 while searches keep
-//! arriving), so a search waits behind at most one small drain batch; while drains wait they are
-//! owed a quarter of the busy time, and get rounds of their own until they have had it (`Share`).
-//! The embedder sorts by length and cuts by the token budget. Restarted by the postmaster after
-//! 1 s if it dies; clients resubmit what it held.
+//! requests first, and is cut by an estimate of its tokens, not by a count of texts: a round of
+//! window-long texts lasts as long as one inference batch, and a round of short texts holds
+//! many. A drain round runs under a watch: a search that arrives meanwhile stops it within one
+//! graph node (ONNX Runtime's terminate flag), is served, and the drain texts go back to the ring
+//! to be embedded again (`watched`); drain rounds shrink while searches keep meeting them, to fit
+//! between searches (`DrainRounds`). While drains wait they are owed a quarter of the busy time,
+//! and get rounds of their own, which no search stops, until they have had it (`Share`). The
+//! embedder sorts each round by length and cuts its batches by exact token counts. Restarted by
+//! the postmaster after 1 s if it dies; clients resubmit what it held.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use embed_core::{EmbedError, Interrupt};
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
 use super::local;
-use super::ring::{Failure, Priority, Ring, WORKERS_MAX};
+use super::ring::{Failure, Ring, Waiting, WORKERS_MAX};
 use crate::error::SidecarError;
 use crate::gucs;
 
-/// Most drain texts in one round: a search that arrives meanwhile waits for at most this many.
-/// Larger rounds embed no faster (`embed_ceiling --window`) and keep searches waiting longer
-/// (README, "One model per instance").
-const DRAIN_ROUND: usize = 16;
-/// While searches keep arriving (one served within `SEARCHES_RECENT`), rounds shrink to this, so a
-/// search waits for a quarter of the drain work, at some cost to the drain (README).
-const DRAIN_ROUND_BUSY: usize = 4;
-const SEARCHES_RECENT: Duration = Duration::from_secs(1);
+/// Rounds are sized before anyone tokenises: by bytes, at about 4 bytes a token (English prose;
+/// other scripts take more tokens a byte, which only makes their rounds smaller than planned) and
+/// at most a window a text. The embedder's batches are cut by exact counts.
+const BYTES_PER_TOKEN: u32 = 4;
+const WINDOW_TOKENS: u32 = 512;
+/// Estimated tokens of drain texts in one round, at most: one inference batch (the embedder's
+/// `max_batch_tokens`); larger rounds embed no faster (`embed_ceiling --window`). While searches
+/// keep arriving, rounds shrink (`DrainRounds`).
+const DRAIN_ROUND_TOKENS: u32 = 2048;
 /// While drains wait, they are owed this share of the busy time (1 in `DRAIN_SHARE_OF`): sessions
 /// calling `embed_texts` in a loop (any role may) must not starve every database's drain.
 const DRAIN_SHARE_OF: u32 = 4;
-/// Most interactive texts in one round, so a round (and a drain that waits for its end) lasts
-/// about one inference call, however many sessions have texts waiting.
+/// The share is kept over about this much busy time: a burst of sessions that ended must not owe
+/// the drains rounds (which no search stops) for long after, and a flood that goes on is held to
+/// its three quarters in every such stretch.
+const SHARE_HORIZON: Duration = Duration::from_secs(2);
+/// Interactive texts in one round, at most: by estimated tokens (four inference batches) and by
+/// count, so a round (and a drain that waits for its end) lasts a few inference calls however
+/// many sessions have texts waiting, while many sessions' short texts go in one sorted batch.
+const INTERACTIVE_ROUND_TOKENS: u32 = 4 * DRAIN_ROUND_TOKENS;
 const INTERACTIVE_ROUND: usize = 64;
+/// How often the watch of a drain round looks for a search: it costs a search at most this much
+/// on top of one graph node.
+const WATCH_EVERY: Duration = Duration::from_micros(500);
 
-/// Busy time of each kind of round since drains last had nothing waiting. Time, not rounds: a
-/// round of a hundred window-long interactive texts takes seconds, a drain round of short texts
-/// milliseconds, so a share counted in rounds left the drains a sliver when callers sent long texts.
+fn estimated_tokens(text_len: u32) -> u32 {
+    (text_len / BYTES_PER_TOKEN + 2).min(WINDOW_TOKENS)
+}
+
+/// The size of drain rounds, fitted to the gaps between searches: halved after a round that a
+/// search stopped (or, unwatched, that a search waited for), grown by an eighth of the most after
+/// one no search met. A stopped round is embedded again, so rounds that fit between searches
+/// waste nothing (hence the slow growth); and a round drains are owed, which no search stops, is
+/// then short too.
+struct DrainRounds {
+    tokens: u32,
+}
+
+impl DrainRounds {
+    fn new() -> Self {
+        DrainRounds { tokens: DRAIN_ROUND_TOKENS }
+    }
+
+    fn record(&mut self, met_a_search: bool) {
+        self.tokens = if met_a_search {
+            // (a round takes one text, however long, even below this)
+            (self.tokens / 2).max(1)
+        } else {
+            (self.tokens + DRAIN_ROUND_TOKENS / 8).min(DRAIN_ROUND_TOKENS)
+        };
+    }
+}
+
+/// Busy time of each kind of round since drains last had nothing waiting, the past weighing less
+/// and less (`SHARE_HORIZON`). Time, not rounds: a round of a hundred window-long interactive texts
+/// takes seconds, a drain round of short texts milliseconds, so a share counted in rounds left the
+/// drains a sliver when callers sent long texts.
 #[derive(Default)]
 struct Share {
     interactive: Duration,
@@ -56,6 +101,10 @@ impl Share {
             self.interactive += took;
         } else {
             self.drain += took;
+        }
+        while self.interactive + self.drain > SHARE_HORIZON {
+            self.interactive /= 2;
+            self.drain /= 2;
         }
     }
 }
@@ -88,12 +137,15 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(None, None);
     let Some(ring) = Ring::attached() else { return };
     for i in 0..ring.len() {
-        ring.slot(i).reclaim_from_predecessor(me);
+        ring.slot(i).put_back(me);
     }
     ring.register_worker(me);
     log!("pg_embed_sidecar: inference worker {me} started ({} threads)", gucs::inference_threads());
+    // without ONNX Runtime (a wrong library path) drain rounds simply run unwatched; every
+    // request then fails with the loader's error, which says what to fix
+    let interrupt = Interrupt::new(&gucs::embed_settings(None).library).ok();
     let mut nap = Duration::ZERO;
-    let mut last_search: Option<Instant> = None;
+    let mut drain_rounds = DrainRounds::new();
     let mut share = Share::default();
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
@@ -101,20 +153,20 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         tidy(ring);
-        let searching = last_search.is_some_and(|t| t.elapsed() < SEARCHES_RECENT);
         let drain_first = share.drains_owed();
-        // a round drains owe is a full one; otherwise small while searches keep arriving
-        let drain_round = if searching && !drain_first { DRAIN_ROUND_BUSY } else { DRAIN_ROUND };
-        let round = take(ring, me, drain_round, drain_first);
-        if round.interactive {
-            last_search = Some(Instant::now());
-        }
+        let round = take(ring, me, drain_rounds.tokens, drain_first);
         nap = if round.slots.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
         let started = Instant::now();
-        serve(ring, me, &round.slots);
-        // a drain that came during the round is owed its share of it too
+        // a round drains are owed is theirs whatever arrives; any other drain round is watched
+        let watch = interrupt.as_ref().filter(|_| !round.interactive && !drain_first && gucs::searches_first());
+        let put_aside = serve(ring, me, &round.slots, watch);
+        if !round.interactive && !round.slots.is_empty() {
+            drain_rounds.record(put_aside || ring.interactive_waiting());
+        }
+        // a drain that came during the round is owed its share of it too; a round put aside is
+        // the searches' time (drains got nothing from it), so drains soon get one that is theirs
         let drains_waiting = round.drains_waiting || drains_waiting(ring);
-        share.record(drains_waiting, round.interactive, started.elapsed());
+        share.record(drains_waiting, round.interactive || put_aside, started.elapsed());
     }
     ring.retire_worker(me);
     // exit code 1: the postmaster starts it again after its restart time (0 would retire it)
@@ -131,7 +183,7 @@ fn tidy(ring: Ring) {
 
 /// Whether any drain text waits for a worker.
 fn drains_waiting(ring: Ring) -> bool {
-    (0..ring.len()).any(|i| ring.slot(i).waiting().is_some_and(|(priority, _)| priority == Priority::Drain as u32))
+    (0..ring.len()).any(|i| ring.slot(i).waiting().is_some_and(|w| !w.interactive()))
 }
 
 /// The slots of one round, what they are, and whether drain texts were waiting.
@@ -141,30 +193,47 @@ struct Round {
     drains_waiting: bool,
 }
 
-/// Take this round's slots: the oldest interactive requests waiting (at most
-/// `INTERACTIVE_ROUND`), or else the oldest `drain_round` drain requests; with `drain_first`,
-/// drain requests first when any wait.
-fn take(ring: Ring, me: usize, drain_round: usize, drain_first: bool) -> Round {
-    let mut waiting: Vec<(u32, u64, usize)> =
-        (0..ring.len()).filter_map(|i| ring.slot(i).waiting().map(|(priority, seq)| (priority, seq, i))).collect();
+/// Take this round's slots: the oldest interactive requests waiting (up to
+/// `INTERACTIVE_ROUND_TOKENS` estimated tokens and `INTERACTIVE_ROUND` texts), or else the
+/// oldest drain requests up to `drain_tokens`; with `drain_first`, drain requests first when any
+/// wait. A round has at least one text, however long.
+fn take(ring: Ring, me: usize, drain_tokens: u32, drain_first: bool) -> Round {
+    let mut waiting: Vec<(Waiting, usize)> =
+        (0..ring.len()).filter_map(|i| ring.slot(i).waiting().map(|w| (w, i))).collect();
     waiting.sort_unstable();
-    let mut interactive = waiting.iter().take_while(|w| w.0 == Priority::Interactive as u32).count();
+    let mut interactive = waiting.iter().take_while(|w| w.0.interactive()).count();
     let drains_waiting = interactive < waiting.len();
     if drain_first && drains_waiting {
         waiting.drain(..interactive);
         interactive = 0;
     }
-    let limit = if interactive > 0 { interactive.min(INTERACTIVE_ROUND) } else { drain_round };
-    let slots = waiting.into_iter().take(limit).map(|w| w.2).filter(|&i| ring.slot(i).take(me)).collect();
+    let (candidates, budget) = if interactive > 0 {
+        (&waiting[..interactive.min(INTERACTIVE_ROUND)], INTERACTIVE_ROUND_TOKENS)
+    } else {
+        (&waiting[..], drain_tokens)
+    };
+    let mut slots = Vec::new();
+    let mut tokens = 0;
+    for &(w, i) in candidates {
+        let cost = estimated_tokens(w.text_len);
+        if !slots.is_empty() && tokens + cost > budget {
+            break;
+        }
+        if ring.slot(i).take(me) {
+            tokens += cost;
+            slots.push(i);
+        }
+    }
     Round { slots, interactive: interactive > 0, drains_waiting }
 }
 
 /// Embed the taken slots, one call per model, in this process (src/inference/local.rs); count
 /// them; then hand each result back. The counters come first: a client that has its vector must
-/// find it counted.
-fn serve(ring: Ring, me: usize, taken: &[usize]) {
+/// find it counted. With `watch`, a search that arrives meanwhile stops the call: the texts not
+/// yet embedded go back to the ring, and this says so (`true`).
+fn serve(ring: Ring, me: usize, taken: &[usize], watch: Option<&Interrupt>) -> bool {
     if taken.is_empty() {
-        return;
+        return false;
     }
     let busy = Instant::now();
     let mut by_model: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
@@ -175,11 +244,23 @@ fn serve(ring: Ring, me: usize, taken: &[usize]) {
     }
     let threads = Some(gucs::inference_threads());
     let mut results: Vec<(usize, Result<Vec<f32>, SidecarError>)> = Vec::with_capacity(taken.len());
+    let mut put_aside: Vec<usize> = Vec::new();
     for (model, requests) in by_model {
+        if !put_aside.is_empty() {
+            put_aside.extend(requests.iter().map(|r| r.0));
+            continue;
+        }
         let texts: Vec<&str> = requests.iter().map(|(_, t)| t.as_str()).collect();
         // (clients put the prefix on before submitting: the texts are embedded as they are)
-        match local::embed(Some(&model), None, &texts, threads) {
+        let embedded = match watch {
+            Some(interrupt) => {
+                watched(ring, interrupt, || local::embed_interruptible(&model, &texts, threads, interrupt))
+            }
+            None => local::embed(Some(&model), None, &texts, threads),
+        };
+        match embedded {
             Ok(vectors) => results.extend(requests.iter().map(|r| r.0).zip(vectors.into_iter().map(Ok))),
+            Err(SidecarError::Embed(EmbedError::Interrupted)) => put_aside.extend(requests.iter().map(|r| r.0)),
             // one text may be the cause: each alone, so the others still get their vector
             Err(_) if requests.len() > 1 => {
                 for (i, text) in &requests {
@@ -191,7 +272,13 @@ fn serve(ring: Ring, me: usize, taken: &[usize]) {
             Err(e) => results.push((requests[0].0, Err(e))),
         }
     }
-    ring.count_round(taken.len(), busy.elapsed().as_micros() as u64);
+    if !put_aside.is_empty() {
+        for &i in &put_aside {
+            ring.slot(i).put_back(me);
+        }
+        ring.count_preempted();
+    }
+    ring.count_round(results.len(), busy.elapsed().as_micros() as u64);
     for (i, result) in results {
         let result = result.as_deref().map_err(|e| Failure {
             code: e.sqlstate() as i32,
@@ -200,13 +287,79 @@ fn serve(ring: Ring, me: usize, taken: &[usize]) {
         });
         ring.slot(i).answer(me, result);
     }
+    !put_aside.is_empty()
+}
+
+/// Run `embed` while a thread of its own watches the ring and raises `interrupt` as soon as an
+/// interactive request waits. The thread only reads the ring's atomics and sets ONNX Runtime's
+/// flag: it calls nothing of Postgres. It starts with every signal blocked, so Postgres' signal
+/// handlers keep running on the main thread, whose flags and latch they serve. Without a thread
+/// (none could be started) the call runs unwatched.
+fn watched<R>(ring: Ring, interrupt: &Interrupt, embed: impl FnOnce() -> R) -> R {
+    interrupt.reset();
+    let done = AtomicBool::new(false);
+    /// Ends the watch however `embed` ends: an ERROR raised inside it (cancel, shutdown) unwinds
+    /// through `scope`, which first waits for the watching thread.
+    struct Ends<'a>(&'a AtomicBool);
+    impl Drop for Ends<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    std::thread::scope(|scope| {
+        let _ends = Ends(&done);
+        let watch = || {
+            while !done.load(Ordering::Acquire) {
+                if ring.interactive_waiting() {
+                    interrupt.raise();
+                    return;
+                }
+                std::thread::sleep(WATCH_EVERY);
+            }
+        };
+        let _ = with_signals_blocked(|| std::thread::Builder::new().name("watch".into()).spawn_scoped(scope, watch));
+        embed()
+    })
+}
+
+/// Run `f` (which starts a thread: it inherits the mask) with every signal blocked in this thread.
+fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain libc calls on sigset_t values owned here; the old mask is restored below
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let out = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use super::Share;
+    use super::{DrainRounds, Share, DRAIN_ROUND_TOKENS};
+
+    #[test]
+    fn drain_rounds_halve_when_a_search_meets_them_and_grow_back_when_none_does() {
+        let mut rounds = DrainRounds::new();
+        assert_eq!(rounds.tokens, DRAIN_ROUND_TOKENS);
+        rounds.record(true);
+        rounds.record(true);
+        assert_eq!(rounds.tokens, DRAIN_ROUND_TOKENS / 4);
+        for _ in 0..20 {
+            rounds.record(true);
+        }
+        assert!(rounds.tokens >= 1, "never nothing");
+        for _ in 0..8 {
+            rounds.record(false);
+        }
+        assert_eq!(rounds.tokens, DRAIN_ROUND_TOKENS, "eight quiet rounds back to the most");
+        rounds.record(false);
+        assert_eq!(rounds.tokens, DRAIN_ROUND_TOKENS);
+    }
 
     #[test]
     fn drains_get_a_quarter_of_the_busy_time_while_they_wait() {
@@ -227,5 +380,12 @@ mod tests {
         // drains alone never owe anything to themselves
         share.record(true, false, Duration::from_secs(1));
         assert!(!share.drains_owed());
+        // a long burst of sessions owes the drains only the horizon's worth
+        let mut share = Share::default();
+        share.record(true, true, Duration::from_secs(600));
+        assert!(share.interactive + share.drain <= super::SHARE_HORIZON);
+        assert!(share.drains_owed());
+        share.record(true, false, Duration::from_secs(1));
+        assert!(!share.drains_owed(), "1 s of drain work pays off a burst of any length");
     }
 }

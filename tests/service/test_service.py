@@ -51,11 +51,11 @@ def test_shared_equals_local_and_loads_no_model_in_the_session():
 def test_inference_service_counts_what_it_embeds_and_how_long_it_was_busy():
     texts = [f"counted text {i} {time.time()}" for i in range(40)]
     with connect() as c:
-        workers, texts0, busy0 = c.execute("SELECT * FROM embed_sidecar.inference_service()").fetchone()
+        workers, texts0, busy0 = c.execute("SELECT workers, texts, busy_seconds FROM embed_sidecar.inference_service()").fetchone()
         t0 = time.time()
         assert len(vectors(c, texts, "shared")) == 40
         wall = time.time() - t0
-        _, texts1, busy1 = c.execute("SELECT * FROM embed_sidecar.inference_service()").fetchone()
+        _, texts1, busy1 = c.execute("SELECT workers, texts, busy_seconds FROM embed_sidecar.inference_service()").fetchone()
         c.execute("SET pg_embed_sidecar.inference = 'local'")
     assert workers == 1
     # a drain elsewhere may add its own texts meanwhile, never fewer than ours

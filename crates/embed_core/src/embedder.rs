@@ -6,6 +6,8 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
 
+use crate::batching;
+use crate::interrupt::Interrupt;
 use crate::model_dir::{ModelFiles, Pooling};
 use crate::pooling::{l2_normalize, mean_pool};
 use crate::runtime::init_runtime;
@@ -26,11 +28,23 @@ pub struct LoadOptions {
     /// without the arena, peak memory and time both rise. Defaults: arena on, patterns off.
     pub cpu_arena: bool,
     pub memory_pattern: bool,
+    /// Whether ONNX Runtime's threads spin between the steps of a run instead of sleeping. Spinning
+    /// saves a wake-up per step, but a spinning thread holds its core: on a small machine it takes
+    /// the CPU the processes that feed the model (the drain worker's SQL, the sessions) need,
+    /// and between rounds it burns CPU for nothing (README, "Mixed load"). Default: off.
+    pub spinning: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { intra_threads: 1, max_batch: 64, max_batch_tokens: 2048, cpu_arena: true, memory_pattern: false }
+        Self {
+            intra_threads: 1,
+            max_batch: 64,
+            max_batch_tokens: 2048,
+            cpu_arena: true,
+            memory_pattern: false,
+            spinning: false,
+        }
     }
 }
 
@@ -70,6 +84,8 @@ impl Embedder {
             .with_intra_threads(opts.intra_threads.max(1))
             .map_err(|e| model_err(e.into()))?
             .with_inter_threads(1)
+            .map_err(|e| model_err(e.into()))?
+            .with_intra_op_spinning(opts.spinning)
             .map_err(|e| model_err(e.into()))?
             .with_memory_pattern(opts.memory_pattern)
             .map_err(|e| model_err(e.into()))?
@@ -158,24 +174,45 @@ impl Embedder {
         texts: &[S],
         between_batches: &mut dyn FnMut(),
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_with(texts, between_batches, None)
+    }
+
+    /// Like [`Embedder::embed_checked`], and `interrupt` raised from another thread stops the call
+    /// within one graph node: [`EmbedError::Interrupted`]. The caller resets it before the call.
+    pub fn embed_interruptible<S: AsRef<str>>(
+        &mut self,
+        texts: &[S],
+        between_batches: &mut dyn FnMut(),
+        interrupt: &Interrupt,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_with(texts, between_batches, Some(interrupt))
+    }
+
+    fn embed_with<S: AsRef<str>>(
+        &mut self,
+        texts: &[S],
+        between_batches: &mut dyn FnMut(),
+        interrupt: Option<&Interrupt>,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenize(t.as_ref())).collect::<Result<_, _>>()?;
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| ids[i].len());
 
+        let lengths: Vec<usize> = order.iter().map(|&i| ids[i].len()).collect();
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
         let mut start = 0;
-        while start < order.len() {
-            let mut end = start + 1;
-            // sorted ascending, so the last row added sets the padded length
-            while end < order.len()
-                && end - start < self.opts.max_batch
-                && (end - start + 1) * ids[order[end]].len() <= self.opts.max_batch_tokens
-            {
-                end += 1;
-            }
+        for end in batching::cut(&lengths, self.opts.max_batch, self.opts.max_batch_tokens) {
             between_batches();
+            if interrupt.is_some_and(Interrupt::raised) {
+                return Err(EmbedError::Interrupted);
+            }
             let batch: Vec<&[u32]> = order[start..end].iter().map(|&i| ids[i].as_slice()).collect();
-            for (&i, v) in order[start..end].iter().zip(self.infer(&batch)?) {
+            let vectors = self.infer(&batch, interrupt).map_err(|e| match interrupt {
+                // a run ONNX Runtime ended because we raised the flag, not a broken model
+                Some(i) if i.raised() => EmbedError::Interrupted,
+                _ => e,
+            })?;
+            for (&i, v) in order[start..end].iter().zip(vectors) {
                 out[i] = v;
             }
             start = end;
@@ -184,7 +221,7 @@ impl Embedder {
     }
 
     /// One session run over token sequences, padded to the longest.
-    fn infer(&mut self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    fn infer(&mut self, batch: &[&[u32]], interrupt: Option<&Interrupt>) -> Result<Vec<Vec<f32>>, EmbedError> {
         let rows = batch.len();
         let seq = batch.iter().map(|b| b.len()).max().unwrap_or(0).max(1);
         let mut input_ids = vec![0i64; rows * seq];
@@ -206,7 +243,11 @@ impl Embedder {
                 .push(("token_type_ids", Tensor::from_array((shape, vec![0i64; rows * seq])).map_err(err)?.into_dyn()));
         }
         let output = self.output.clone();
-        let outputs = self.session.run(inputs).map_err(err)?;
+        let outputs = match interrupt {
+            Some(i) => self.session.run_with_options(inputs, i.run_options()),
+            None => self.session.run(inputs),
+        }
+        .map_err(err)?;
         let (name, pooled) = match &output {
             Output::TokenStates(n) => (n, false),
             Output::Pooled(n) => (n, true),

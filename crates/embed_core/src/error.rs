@@ -26,4 +26,7 @@ pub enum EmbedError {
     Tokenize(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The call was stopped on purpose (`Interrupt::raise`): nothing is wrong with the texts.
+    #[error("inference interrupted")]
+    Interrupted,
 }

@@ -8,9 +8,11 @@
 // Everything unsafe (FFI, shared memory) lives in the extension crate; this one has none.
 #![forbid(unsafe_code)]
 
+mod batching;
 mod chunker;
 mod embedder;
 mod error;
+mod interrupt;
 mod model_dir;
 mod pooling;
 mod runtime;
@@ -19,6 +21,7 @@ mod window_cut;
 pub use chunker::{content_hash, Chunk, Chunker};
 pub use embedder::{Embedder, LoadOptions};
 pub use error::EmbedError;
+pub use interrupt::Interrupt;
 pub use model_dir::{ModelFiles, Pooling, MANIFEST};
 pub use pooling::{cosine, l2_normalize, mean_pool};
 pub use runtime::init_runtime;

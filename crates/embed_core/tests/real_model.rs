@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use embed_core::{cosine, EmbedError, Embedder, LoadOptions};
+use embed_core::{cosine, EmbedError, Embedder, Interrupt, LoadOptions};
 
 fn paths() -> (PathBuf, PathBuf) {
     let lib = std::env::var("EMBED_ORT_LIB")
@@ -180,4 +180,65 @@ fn room_leaves_space_for_special_tokens() {
     // "passage: " is two WordPiece tokens ("passage", ":"), and one more is kept in reserve
     assert_eq!(embed_core::Chunker::room(&dir.join("tokenizer.json"), 256, Some("passage: ")).unwrap(), 251);
     assert_eq!(embed_core::Chunker::room(&dir.join("tokenizer.json"), 256, Some("")).unwrap(), 254);
+}
+
+/// An interrupt raised before a call stops it before any run; reset, the same embedder gives the
+/// vectors of an uninterrupted call.
+#[test]
+fn interrupt_raised_before_a_call_stops_it_and_reset_clears_it() {
+    let (lib, _) = paths();
+    let mut e = load(LoadOptions::default());
+    let interrupt = Interrupt::new(&lib).unwrap();
+    let texts = ["first text", "a second, longer text about something else"];
+    interrupt.raise();
+    let mut runs = 0;
+    let stopped = e.embed_interruptible(&texts, &mut || runs += 1, &interrupt);
+    assert!(matches!(stopped, Err(EmbedError::Interrupted)), "{stopped:?}");
+    assert_eq!(runs, 1, "stopped at the first batch");
+    interrupt.reset();
+    let again = e.embed_interruptible(&texts, &mut || {}, &interrupt).unwrap();
+    let plain = e.embed(&texts).unwrap();
+    for (a, b) in again.iter().zip(&plain) {
+        assert!(cosine(a, b) > 0.99999);
+    }
+}
+
+/// Raised from another thread while a call of many window-long batches runs, the interrupt stops
+/// it before its last batch. The first batch's callback waits until the other thread has raised
+/// it, so the raise lands during the first run or before the second: no timing decides the
+/// outcome. Whether ONNX Runtime stopped inside the first run is printed (it does, when its
+/// terminate flag works): `batches started 1`.
+#[test]
+fn interrupt_raised_from_another_thread_stops_a_long_call() {
+    let (lib, _) = paths();
+    let mut e = load(LoadOptions { intra_threads: 2, max_batch_tokens: 2048, ..LoadOptions::default() });
+    let interrupt = Interrupt::new(&lib).unwrap();
+    let texts: Vec<String> = (0..32).map(|i| format!("sentence number {i} of a long document. ").repeat(80)).collect();
+    let (go, raise) = std::sync::mpsc::channel::<()>();
+    let (raised, confirmed) = std::sync::mpsc::channel::<()>();
+    let other = interrupt.clone();
+    let raiser = std::thread::spawn(move || {
+        raise.recv().unwrap();
+        // let the first run begin, then stop it
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        other.raise();
+        raised.send(()).unwrap();
+    });
+    let mut batches = 0;
+    let result = e.embed_interruptible(
+        &texts,
+        &mut || {
+            batches += 1;
+            match batches {
+                1 => go.send(()).unwrap(),
+                2 => confirmed.recv().unwrap(),
+                _ => {}
+            }
+        },
+        &interrupt,
+    );
+    raiser.join().unwrap();
+    assert!(matches!(result, Err(EmbedError::Interrupted)), "{result:?}");
+    assert!(batches <= 2, "32 window-long texts are 8 batches; {batches} started");
+    println!("batches started {batches}");
 }

@@ -2,7 +2,7 @@
 //! on texts from a file, outside PostgreSQL. Same code path as the extension, nothing else.
 //!
 //! embed_ceiling <ort-lib> <model-dir> <texts.jsonl> [--threads N] [--batch N] [--batch-tokens N]
-//!               [--window N] [--arena 0|1] [--mem-pattern 0|1]
+//!               [--window N] [--arena 0|1] [--mem-pattern 0|1] [--spin 0|1]
 //! Each line of the file is a JSON string. Prints one JSON object: rows, seconds, rows_per_s,
 //! peak_rss_kib.
 
@@ -34,6 +34,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--batch-tokens" => opts.max_batch_tokens = n,
             "--window" => window = n,
             "--arena" => opts.cpu_arena = n != 0,
+            "--spin" => opts.spinning = n != 0,
             "--mem-pattern" => opts.memory_pattern = n != 0,
             other => return Err(format!("unknown option {other}").into()),
         }
