@@ -249,6 +249,8 @@ mod embed_sidecar {
     /// that grow as fast as the clock mean the service is the bottleneck; NULLs when the library
     /// is not preloaded.
     #[pg_extern(volatile, parallel_safe)]
+    // (the column names live in the signature, where pgrx reads them: no type alias)
+    #[allow(clippy::type_complexity)]
     fn inference_service() -> TableIterator<
         'static,
         (
