@@ -366,14 +366,15 @@ mod tests {
         let mut share = Share::default();
         assert!(!share.drains_owed());
         // long interactive rounds while drains wait: owed once interactive time passes 3× theirs
-        share.record(true, true, Duration::from_secs(2));
-        assert!(share.drains_owed());
-        share.record(true, false, Duration::from_millis(500));
-        assert!(share.drains_owed(), "0.5 s of 2.5 s is less than a quarter");
-        share.record(true, false, Duration::from_millis(200));
-        assert!(!share.drains_owed(), "0.7 s of 2.7 s is more than a quarter");
+        // (all within the horizon)
         share.record(true, true, Duration::from_millis(200));
         assert!(share.drains_owed());
+        share.record(true, false, Duration::from_millis(50));
+        assert!(share.drains_owed(), "50 ms of 250 is less than a quarter");
+        share.record(true, false, Duration::from_millis(20));
+        assert!(!share.drains_owed(), "70 ms of 270 is more than a quarter");
+        share.record(true, true, Duration::from_millis(20));
+        assert!(share.drains_owed(), "70 ms of 290 is less again");
         // nothing of the drains waiting: the account starts again
         share.record(false, true, Duration::from_secs(5));
         assert!(!share.drains_owed());
