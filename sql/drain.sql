@@ -202,6 +202,58 @@ BEGIN
 END
 $$;
 
+-- The drain worker's locks on one source before it reads (writing = false) or writes it: the registry row,
+-- then the source table and the sidecar. Why not simply in that order, waiting for each: DDL on
+-- those tables (DROP TABLE, ALTER TABLE) locks the table first and the registry row after (its event
+-- triggers, sql/events.sql), while unwatch() and set_model() lock the row first and the tables after
+-- (_lock_source). A drain that waited for a table while holding the row would deadlock with the
+-- first kind, and the deadlock detector may well pick the owner's DROP TABLE as its victim. So the
+-- tables are taken without waiting; when one is held by someone else, the row is let go too (its
+-- subtransaction rolled back) and both are tried again a moment later, until lock_timeout has
+-- passed: the worker only ever waits holding nothing of this source. A reader skips the source this
+-- round instead of waiting, as it does for a row locked by someone else (a pause() under way).
+-- (process() runs in its caller's transaction and waits for its locks as any statement would:
+-- src/drain/store.rs, lock_pass.)
+-- true: locked; NULL: skipped (reading only); false: the source is no longer watched.
+CREATE FUNCTION embed_sidecar._lock_for_drain(source_id int, writing boolean) RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+    -- (NULL when lock_timeout is 0: wait as long as it takes, as any lock would)
+    deadline timestamptz := clock_timestamp() + nullif(current_setting('lock_timeout'), '0')::interval;
+BEGIN
+    LOOP
+        BEGIN
+            IF writing THEN
+                SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id FOR NO KEY UPDATE;
+            ELSE
+                SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id FOR SHARE SKIP LOCKED;
+            END IF;
+            IF NOT FOUND THEN
+                RETURN CASE WHEN EXISTS (SELECT FROM embed_sidecar.sources WHERE id = source_id) THEN NULL ELSE false END;
+            END IF;
+            IF writing THEN
+                EXECUTE format('LOCK TABLE %s IN ROW SHARE MODE NOWAIT', s.source);
+                EXECUTE format('LOCK TABLE %s IN ROW EXCLUSIVE MODE NOWAIT', s.sidecar);
+            ELSE
+                EXECUTE format('LOCK TABLE %s, %s IN ACCESS SHARE MODE NOWAIT', s.source, s.sidecar);
+            END IF;
+            RETURN true;
+        EXCEPTION WHEN lock_not_available THEN
+            IF NOT writing THEN
+                RETURN NULL;
+            ELSIF clock_timestamp() >= deadline THEN
+                RAISE lock_not_available USING
+                    MESSAGE = format('pg_embed_sidecar: could not lock source %s and its sidecar within lock_timeout', source_id),
+                    HINT = 'Another session holds a lock on the table or its sidecar; the pass is tried again later.';
+            END IF;
+        END;
+        PERFORM pg_sleep(0.02);
+    END LOOP;
+END
+$$;
+
 -- The keys among $1 whose rows the current transaction wrote (run as the table's owner): a sync
 -- step embeds only those (src/drain/sync.rs).
 CREATE FUNCTION embed_sidecar._written_here_sql(s embed_sidecar.sources) RETURNS text

@@ -6,7 +6,8 @@
 -- * the sidecar is as private as its table: SELECT for PUBLIC under row security that reads the
 --   source as the querying role (existing sidecars are converted below), written only by the drain;
 -- * search keys come from the sidecar's own key columns; keys a writer enqueues are checked;
--- * the drain serialises on the registry row, not an advisory lock any role could hold;
+-- * the drain serialises on the registry row, not an advisory lock any role could hold, and never
+--   waits for a table while it holds that row (_lock_for_drain);
 -- * search refuses a query whose model files changed since its vectors were made;
 -- * watched tables stay out of inheritance trees and partitioned tables;
 -- * fts_config is text (pg_upgrade refuses reg* columns); names that need quoting or are long in
@@ -95,7 +96,7 @@ CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
 --@copy _row_key_sql _enqueue_applied_row _enqueue_truncated _orphans_sql _subscribed _follow_subscription
 --@copy _do_on_subscription_ddl _on_subscription_ddl embed_sidecar_subscription _replication_lag _drop_trigger_if_there
 --@copy _shard_keys _shard_nearest_sql _shard_text_sql _fan_out search_shards hybrid_search_shards
---@copy _lookup _write _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
+--@copy _lookup _write _lock_for_drain _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _written_here_sql _on_ddl_end embed_text embed_query
 
 CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end

@@ -162,7 +162,7 @@ struct Drainer {
     /// started for each, and the wait after that one (doubling), so a build that keeps failing (a
     /// lock on its sidecar) never keeps another source's index from being built.
     index_tries: HashMap<i32, (Instant, Duration)>,
-    /// Per source, what a row took from sending to vectors in its recent passes (each pass
+    /// Per source, the inference time a row took in its recent passes (each pass
     /// weighs half): sizes its bulk windows (`bulk_window`).
     row_cost: HashMap<i32, Duration>,
 }

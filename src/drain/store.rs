@@ -41,36 +41,26 @@ pub(super) struct Source {
     pub(super) index_pending: bool,
 }
 
-/// The worker share-locks the row until the pass' first transaction ends: a `pause()` either
-/// waits for that transaction (whose reads then saw none of the rows written after the pause) or
-/// commits first and is seen here. Without the lock a worker that listed the source just before a
-/// pause could still take the messages of rows inserted just after it. A row locked by someone
-/// else (a `pause()` under way, a `process()` caller's open transaction) is skipped for this round
-/// (`None`) rather than waited for: the worker serves every source in turn.
-pub(super) fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Result<Option<Source>, SidecarError> {
-    let lock = if mode == Mode::Worker { "FOR SHARE OF s SKIP LOCKED" } else { "" };
-    let rows = client.update(
-        &format!(
-            "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
+/// The source's registry row and what a pass needs of it, read without a lock: the pass takes its
+/// locks first (`lock_pass`).
+pub(super) fn load_source(client: &mut SpiClient<'_>, id: i32) -> Result<Source, SidecarError> {
+    let rows = client.select(
+        "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
                 d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
                 s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused', d.trim_sql,
                 s.chunk_tokens, s.chunk_overlap, s.index_pending
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
-          WHERE s.id = $1 {lock}"
-        ),
+          WHERE s.id = $1",
         None,
         &[id.into()],
     )?;
     let Some(row) = rows.into_iter().next() else {
-        // still there: locked by someone else, skipped this round
-        let exists =
-            !client.select("SELECT 1 FROM embed_sidecar.sources WHERE id = $1", None, &[id.into()])?.is_empty();
-        return if exists { Ok(None) } else { Err(SidecarError::Unwatched(id)) };
+        return Err(SidecarError::Unwatched(id));
     };
     let column = |name: &str| format!("column {name} of source {id}");
     let text = |i: usize, name: &str| required::<String>(&row, i, &column(name));
-    Ok(Some(Source {
+    Ok(Source {
         queue: text(1, "queue_name")?,
         model: text(2, "model")?,
         model_id: text(3, "model_id")?,
@@ -90,7 +80,7 @@ pub(super) fn load_source(client: &mut SpiClient<'_>, id: i32, mode: Mode) -> Re
             _ => None,
         },
         index_pending: required(&row, 17, &column("index_pending"))?,
-    }))
+    })
 }
 
 pub(super) fn read_messages(client: &mut SpiClient<'_>, queue: &str, limit: i32) -> Result<Vec<Message>, SidecarError> {
@@ -284,13 +274,40 @@ pub fn record_note(id: i32, note: &str) -> Result<(), SidecarError> {
     })
 }
 
-/// Serialise writers of one source until the end of the transaction: its registry row's lock
-/// (sql/watch.sql, `_lock_source`), which only the extension's own functions can take.
-pub(super) fn lock_source(client: &mut SpiClient<'_>, id: i32) -> Result<(), SidecarError> {
-    let locked =
-        client.update("SELECT embed_sidecar._lock_source($1)", None, &[id.into()])?.first().get_one::<bool>()?;
+/// What a pass locks before it touches a source (`lock_pass`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lock {
+    /// The worker shares the registry row until the pass' first transaction ends (a `pause()`
+    /// waits for it, and a source whose row someone else holds is skipped) and reads the tables.
+    Read,
+    /// Serialise the writers of one source until the end of the transaction: the registry row
+    /// (only the extension's own functions can lock it) and the tables, for writing.
+    Write,
+}
+
+/// Take a pass' locks on source `id`; `false`: the worker's reader skips the source this round.
+///
+/// The worker never waits for a table while it holds the registry row (sql/drain.sql,
+/// `_lock_for_drain`, says why): one worker serves every table of the database, and a deadlock
+/// with an owner's DDL could pick the owner's statement as its victim. A `process()` caller's
+/// transaction waits for each lock as any statement of it would, the writer's locks first
+/// (`_lock_source`): a deadlock its own transaction is part of is found and reported by Postgres,
+/// where a retry loop would hide it.
+pub(super) fn lock_pass(client: &mut SpiClient<'_>, id: i32, mode: Mode, lock: Lock) -> Result<bool, SidecarError> {
+    let locked = match mode {
+        Mode::Caller => client.update("SELECT embed_sidecar._lock_source($1)", None, &[id.into()])?,
+        Mode::Worker => client.update(
+            "SELECT embed_sidecar._lock_for_drain($1, $2)",
+            None,
+            &[id.into(), (lock == Lock::Write).into()],
+        )?,
+    }
+    .first()
+    .get_one::<bool>()?;
     match locked {
-        Some(true) => Ok(()),
+        Some(true) => Ok(true),
+        // (only the worker's reader skips; `_lock_source` says NULL when the row is gone)
+        None if mode == Mode::Worker && lock == Lock::Read => Ok(false),
         _ => Err(SidecarError::Unwatched(id)),
     }
 }

@@ -39,7 +39,7 @@ use std::time::Duration;
 use pgrx::prelude::*;
 
 use super::store::{load_source, lookup, write};
-use super::{assemble_rows, settle, Mode};
+use super::{assemble_rows, settle};
 use crate::error::SidecarError;
 use crate::inference;
 use crate::pg::authority::{as_table_owner, current_role, extension_owner, run_as};
@@ -117,9 +117,7 @@ pub fn embed_now(source_id: i32, keys: Vec<Option<String>>) -> Result<i64, Sidec
         if !sync {
             return Ok(0);
         }
-        let Some(src) = run_as(owner, false, || load_source(client, source_id, Mode::Caller))? else {
-            return Ok(0);
-        };
+        let src = run_as(owner, false, || load_source(client, source_id))?;
         // a model whose files changed is the drain's to re-embed (with the new id): a vector made
         // now would carry the old id
         if inference::model_id_of(&src.model)? != src.model_id {

@@ -136,11 +136,18 @@ impl Pending {
     }
 
     /// Wait for every vector, submitting the rest of the texts as slots come back.
-    pub fn collect(mut self) -> Result<Vec<Vec<f32>>, SidecarError> {
+    pub fn collect(self) -> Result<Vec<Vec<f32>>, SidecarError> {
+        self.collect_timed().map(|(vectors, _)| vectors)
+    }
+
+    /// Like `collect`, with the inference time the workers spent on these texts (each text's
+    /// share of the call that embedded it), not counting the time they waited for a worker.
+    pub fn collect_timed(mut self) -> Result<(Vec<Vec<f32>>, Duration), SidecarError> {
         let mut out = Vec::with_capacity(self.texts.len());
+        let mut spent = Duration::ZERO;
         let mut held = self.first.take();
         while let Some(h) = held {
-            out.extend(answers(self.ring, &h.slots, self.limit)?);
+            out.extend(answers(self.ring, &h.slots, self.limit, &mut spent)?);
             // the slots go back before the next ones are claimed
             drop(h);
             held = if out.len() < self.texts.len() { Some(self.send(out.len())?) } else { None };
@@ -149,7 +156,7 @@ impl Pending {
         for (&i, v) in self.order.iter().zip(out) {
             in_order[i] = v;
         }
-        Ok(in_order)
+        Ok((in_order, spent))
     }
 }
 
@@ -195,10 +202,12 @@ fn wait_latch(timeout: Duration) {
 }
 
 /// Wait until every slot is answered (or `limit` has passed); resubmit what a dead worker held.
+/// The inference time of the answers is added to `spent`.
 fn answers(
     ring: Ring,
     slots: &[usize],
     limit: Option<(Duration, PgSqlErrorCode)>,
+    spent: &mut Duration,
 ) -> Result<Vec<Vec<f32>>, SidecarError> {
     let mut lonely_since: Option<Instant> = None;
     let started = Instant::now();
@@ -210,7 +219,10 @@ fn answers(
             }
             let s = ring.slot(i);
             match s.outcome() {
-                Some(Ok(v)) => out[k] = Some(v),
+                Some(Ok((v, cost))) => {
+                    out[k] = Some(v);
+                    *spent += cost;
+                }
                 Some(Err(f)) => return Err(SidecarError::Remote { code: f.code, message: f.message, hint: f.hint }),
                 // its worker died mid-batch: hand it to the next one (transparent retry)
                 None if s.requeue_if_worker_gone(&ring) => ring.wake_workers(),

@@ -94,7 +94,11 @@ pub fn with_model<R>(
                 } else if loaded.len() >= RESIDENT {
                     loaded.remove(0);
                 }
-                let embedder = Embedder::load(&settings.library, &settings.model_dir, settings.load_options())?;
+                // ONNX Runtime starts its threads here (the environment's on the first load, the
+                // session's pool): they must never take this process's signals
+                let embedder = super::with_signals_blocked(|| {
+                    Embedder::load(&settings.library, &settings.model_dir, settings.load_options())
+                })?;
                 let stamp = files_stamp(embedder.files());
                 if !complete(&stamp) {
                     // the files went away while they were being read: without a stamp the next

@@ -6,6 +6,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use embed_core::{Embedder, ModelFiles};
 
@@ -87,20 +88,27 @@ fn model_name(model: Option<&str>) -> Result<String, SidecarError> {
 }
 
 /// Texts on their way through the model: with the service they are embedded by another process
-/// while this one goes on until `wait()`; without it they were embedded by `start` itself.
+/// while this one goes on until `wait()`; without it they were embedded by `start` itself (in the
+/// time given).
 pub enum InFlight {
     Service(client::Pending),
-    Done(Result<Vec<Vec<f32>>, SidecarError>),
+    Done(Result<Vec<Vec<f32>>, SidecarError>, Duration),
 }
 
 impl InFlight {
     pub fn wait(self) -> Result<Vec<Vec<f32>>, SidecarError> {
-        let vectors = match self {
-            InFlight::Service(pending) => pending.collect()?,
-            InFlight::Done(result) => result?,
+        self.wait_timed().map(|(vectors, _)| vectors)
+    }
+
+    /// Like `wait`, with the inference time these texts took: the workers' time on them through
+    /// the service (not the time they queued behind other rounds), this process's own otherwise.
+    pub fn wait_timed(self) -> Result<(Vec<Vec<f32>>, Duration), SidecarError> {
+        let (vectors, spent) = match self {
+            InFlight::Service(pending) => pending.collect_timed()?,
+            InFlight::Done(result, spent) => (result?, spent),
         };
         TEXTS_EMBEDDED.with(|c| c.set(c.get() + vectors.len() as i64));
-        Ok(vectors)
+        Ok((vectors, spent))
     }
 }
 
@@ -145,10 +153,14 @@ fn start(model: Option<&str>, side: Side, texts: &[&str], priority: Priority) ->
             });
             match submitted {
                 Ok(pending) => InFlight::Service(pending),
-                Err(e) => InFlight::Done(Err(e)),
+                Err(e) => InFlight::Done(Err(e), Duration::ZERO),
             }
         }
-        None => InFlight::Done(local::embed(model, Some(side), texts, None)),
+        None => {
+            let began = Instant::now();
+            let result = local::embed(model, Some(side), texts, None);
+            InFlight::Done(result, began.elapsed())
+        }
     }
 }
 
@@ -215,6 +227,35 @@ pub fn ensure_loadable(model: &str, model_id: &str) -> Result<(), SidecarError> 
     client::submit(ring, model, &["loadable"], Priority::Drain)?.collect()?;
     LOADABLE.with(|ids| ids.borrow_mut().insert(model_id.to_string()));
     Ok(())
+}
+
+/// Run `f` with every signal blocked in this thread (its mask restored after). Threads started
+/// meanwhile inherit the mask and keep it. Every thread ONNX Runtime starts (its environment's,
+/// each session's pool) and the inference worker's watching thread are started this way: a signal
+/// sent to the process is then always taken by the main thread, the only one Postgres' handlers
+/// may run on. pgrx's handlers (the background workers' SIGHUP and SIGTERM) abort the whole
+/// process when they run on another thread ("postgres FFI may not be called from multiple
+/// threads"), and the postmaster then resets the instance; C handlers there would touch
+/// Postgres' state from a thread it does not know. (A signal that comes while the main thread
+/// blocks it waits until the mask is restored.)
+pub(crate) fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain libc calls on sigset_t values owned here; the old mask is restored below
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        // restored however `f` ends (an ERROR raised inside unwinds through here)
+        struct Restore(libc::sigset_t);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // SAFETY: restores the mask saved above
+                unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+            }
+        }
+        let _restore = Restore(old);
+        f()
+    }
 }
 
 /// `(model_id, dims)` of a named model.

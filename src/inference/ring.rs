@@ -18,6 +18,7 @@ use std::cell::UnsafeCell;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use pgrx::pg_sys;
 
@@ -87,6 +88,9 @@ struct Payload {
     model: [u8; MODEL_MAX],
     text_len: u32,
     dims: u32,
+    /// DONE: this text's share of the inference time of the call that embedded it, in
+    /// microseconds (what a drain sizes its bulk windows by: src/bgw/drain_worker.rs)
+    cost_us: u32,
     /// FAILED: the error's SQLSTATE (as pgrx numbers it), message and hint
     error_code: i32,
     message_len: u32,
@@ -174,6 +178,7 @@ impl Slot {
         p.model[..model.len()].copy_from_slice(model.as_bytes());
         p.model_len = model.len() as u32;
         p.dims = 0;
+        p.cost_us = 0;
         // SAFETY: this process's own pid
         let (pid, procno) = (unsafe { pg_sys::MyProcPid }, compat::my_proc_number());
         self.owner_pid.store(pid, Ordering::Relaxed);
@@ -185,9 +190,10 @@ impl Slot {
         let _ = self.state.compare_exchange(FILLING, SUBMITTED, Ordering::AcqRel, Ordering::Relaxed);
     }
 
-    /// The answer, once the slot is DONE or FAILED; None while it is still on its way, and for a
-    /// slot this process did not submit (whose answer is not its to read).
-    pub fn outcome(&self) -> Option<Result<Vec<f32>, Failure>> {
+    /// The answer, once the slot is DONE or FAILED: the vector and the inference time it took
+    /// (`answer`). None while it is still on its way, and for a slot this process did not submit
+    /// (whose answer is not its to read).
+    pub fn outcome(&self) -> Option<Result<(Vec<f32>, Duration), Failure>> {
         let state = self.state.load(Ordering::Acquire);
         // SAFETY: this process's own pid
         let mine = self.owner_pid.load(Ordering::Relaxed) == unsafe { pg_sys::MyProcPid };
@@ -198,7 +204,7 @@ impl Slot {
         // submit's release and seen after the answer's): the worker is done with it
         let p = unsafe { self.payload() };
         if state == DONE {
-            return Some(Ok(p.vector[..p.dims as usize].to_vec()));
+            return Some(Ok((p.vector[..p.dims as usize].to_vec(), Duration::from_micros(u64::from(p.cost_us)))));
         }
         let text = |b: &[u8], n: u32| String::from_utf8_lossy(&b[..n as usize]).into_owned();
         let hint = Some(text(&p.hint, p.hint_len)).filter(|h| !h.is_empty());
@@ -256,8 +262,9 @@ impl Slot {
     }
 
     /// Worker `me` answers a slot it took: the payload first, then TAKEN → DONE/FAILED and the
-    /// client's latch. A slot its client abandoned meanwhile is freed instead.
-    pub fn answer(&self, me: usize, result: Result<&[f32], Failure>) {
+    /// client's latch. A slot its client abandoned meanwhile is freed instead. `cost`: the text's
+    /// share of the inference time of the call that embedded it.
+    pub fn answer(&self, me: usize, result: Result<&[f32], Failure>, cost: Duration) {
         let state = self.state.load(Ordering::Acquire);
         if state != taken_by(me) && state != abandoned_by(me) {
             return;
@@ -268,6 +275,7 @@ impl Slot {
             Ok(v) if v.len() <= DIMS_MAX => {
                 p.vector[..v.len()].copy_from_slice(v);
                 p.dims = v.len() as u32;
+                p.cost_us = u32::try_from(cost.as_micros()).unwrap_or(u32::MAX);
                 DONE
             }
             Ok(v) => {

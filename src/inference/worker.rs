@@ -19,8 +19,8 @@ use embed_core::{EmbedError, Interrupt};
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
-use super::local;
 use super::ring::{Failure, Ring, Waiting, WORKERS_MAX};
+use super::{local, with_signals_blocked};
 use crate::error::SidecarError;
 use crate::gucs;
 
@@ -143,7 +143,8 @@ pub extern "C-unwind" fn pg_embed_sidecar_inference_main(arg: pg_sys::Datum) {
     log!("pg_embed_sidecar: inference worker {me} started ({} threads)", gucs::inference_threads());
     // without ONNX Runtime (a wrong library path) drain rounds simply run unwatched; every
     // request then fails with the loader's error, which says what to fix
-    let interrupt = Interrupt::new(&gucs::embed_settings(None).library).ok();
+    // (loading ONNX Runtime starts a thread of its own: see `with_signals_blocked`)
+    let interrupt = with_signals_blocked(|| Interrupt::new(&gucs::embed_settings(None).library).ok());
     let mut nap = Duration::ZERO;
     let mut drain_rounds = DrainRounds::new();
     let mut share = Share::default();
@@ -243,7 +244,9 @@ fn serve(ring: Ring, me: usize, taken: &[usize], watch: Option<&Interrupt>) -> b
         }
     }
     let threads = Some(gucs::inference_threads());
-    let mut results: Vec<(usize, Result<Vec<f32>, SidecarError>)> = Vec::with_capacity(taken.len());
+    // each result with its text's share of the time of the call that embedded it: what a drain
+    // sizes its bulk windows by (the time it waited behind other rounds is not its cost)
+    let mut results: Vec<(usize, Result<Vec<f32>, SidecarError>, Duration)> = Vec::with_capacity(taken.len());
     let mut put_aside: Vec<usize> = Vec::new();
     for (model, requests) in by_model {
         if !put_aside.is_empty() {
@@ -251,6 +254,7 @@ fn serve(ring: Ring, me: usize, taken: &[usize], watch: Option<&Interrupt>) -> b
             continue;
         }
         let texts: Vec<&str> = requests.iter().map(|(_, t)| t.as_str()).collect();
+        let call = Instant::now();
         // (clients put the prefix on before submitting: the texts are embedded as they are)
         let embedded = match watch {
             Some(interrupt) => {
@@ -258,18 +262,20 @@ fn serve(ring: Ring, me: usize, taken: &[usize], watch: Option<&Interrupt>) -> b
             }
             None => local::embed(Some(&model), None, &texts, threads),
         };
+        let each = call.elapsed() / texts.len().max(1) as u32;
         match embedded {
-            Ok(vectors) => results.extend(requests.iter().map(|r| r.0).zip(vectors.into_iter().map(Ok))),
+            Ok(vectors) => results.extend(requests.iter().map(|r| r.0).zip(vectors).map(|(i, v)| (i, Ok(v), each))),
             Err(SidecarError::Embed(EmbedError::Interrupted)) => put_aside.extend(requests.iter().map(|r| r.0)),
             // one text may be the cause: each alone, so the others still get their vector
             Err(_) if requests.len() > 1 => {
                 for (i, text) in &requests {
+                    let alone = Instant::now();
                     let one =
                         local::embed(Some(&model), None, &[text], threads).map(|mut v| v.pop().unwrap_or_default());
-                    results.push((*i, one));
+                    results.push((*i, one, alone.elapsed()));
                 }
             }
-            Err(e) => results.push((requests[0].0, Err(e))),
+            Err(e) => results.push((requests[0].0, Err(e), each)),
         }
     }
     if !put_aside.is_empty() {
@@ -279,13 +285,13 @@ fn serve(ring: Ring, me: usize, taken: &[usize], watch: Option<&Interrupt>) -> b
         ring.count_preempted();
     }
     ring.count_round(results.len(), busy.elapsed().as_micros() as u64);
-    for (i, result) in results {
+    for (i, result, cost) in results {
         let result = result.as_deref().map_err(|e| Failure {
             code: e.sqlstate() as i32,
             message: e.to_string(),
             hint: e.hint().map(str::to_string),
         });
-        ring.slot(i).answer(me, result);
+        ring.slot(i).answer(me, result, cost);
     }
     !put_aside.is_empty()
 }
@@ -320,20 +326,6 @@ fn watched<R>(ring: Ring, interrupt: &Interrupt, embed: impl FnOnce() -> R) -> R
         let _ = with_signals_blocked(|| std::thread::Builder::new().name("watch".into()).spawn_scoped(scope, watch));
         embed()
     })
-}
-
-/// Run `f` (which starts a thread: it inherits the mask) with every signal blocked in this thread.
-fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: plain libc calls on sigset_t values owned here; the old mask is restored below
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let out = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        out
-    }
 }
 
 #[cfg(test)]
