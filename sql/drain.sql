@@ -148,19 +148,31 @@ $$;
 -- subtransaction, so only the failing rows are reported (failed_keys/failed_errors). A chunked
 -- source (chunks not NULL) also drops each written row's passages past its new last one; its
 -- passages index into the whole vectors array, so a retried row gets all of it.
+-- A row another session holds locked is not the row's fault: it goes to busy_keys, to be tried
+-- again without counting an attempt (src/drain/settle.rs). With busy_sql (the worker: _busy_sql)
+-- such rows are found without waiting and left out, so the worker never waits for a writer's row
+-- while it holds the source's registry row and tables (an owner who locked rows and then altered
+-- the table would deadlock with it); without (process(), in its caller's transaction) the write
+-- waits for them as any statement would, and a row that still times out alone is busy.
 CREATE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text, keys jsonb[], hashes bytea[], vectors real[],
                                      dims int, model_id text, fts text, clear_keys jsonb[],
-                                     trim_sql text, chunks jsonb[],
-                                     OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
+                                     trim_sql text, chunks jsonb[], busy_sql text,
+                                     OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[],
+                                     OUT busy_keys jsonb[])
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     n int := coalesce(cardinality(keys), 0);
     w bigint;
+    rest_keys jsonb[] := '{}';
+    rest_hashes bytea[] := '{}';
+    rest_vectors real[] := '{}';
+    rest_chunks jsonb[] := '{}';
 BEGIN
     written := 0;
     failed_keys := '{}';
     failed_errors := '{}';
+    busy_keys := '{}';
     IF coalesce(cardinality(clear_keys), 0) > 0 THEN
         BEGIN
             EXECUTE clear_sql USING clear_keys;
@@ -168,6 +180,30 @@ BEGIN
             failed_keys := clear_keys;
             failed_errors := array_fill(SQLERRM, ARRAY[cardinality(clear_keys)]);
         END;
+    END IF;
+    IF n > 0 AND busy_sql IS NOT NULL THEN
+        -- locks the other rows FOR KEY SHARE (the upsert's own lock, taken first here)
+        EXECUTE busy_sql INTO busy_keys USING keys;
+        IF cardinality(busy_keys) > 0 THEN
+            FOR i IN 1 .. n LOOP
+                CONTINUE WHEN keys[i] = ANY (busy_keys);
+                rest_keys := rest_keys || keys[i];
+                rest_hashes := rest_hashes || hashes[i];
+                IF chunks IS NULL THEN
+                    rest_vectors := rest_vectors || vectors[(i - 1) * dims + 1 : i * dims];
+                ELSE
+                    rest_chunks := rest_chunks || chunks[i];
+                END IF;
+            END LOOP;
+            keys := rest_keys;
+            hashes := rest_hashes;
+            IF chunks IS NULL THEN
+                vectors := rest_vectors;
+            ELSE
+                chunks := rest_chunks;
+            END IF;
+            n := cardinality(keys);
+        END IF;
     END IF;
     IF n = 0 THEN
         RETURN;
@@ -194,13 +230,29 @@ BEGIN
                 EXECUTE trim_sql USING keys[i:i], hashes[i:i], vectors, dims, model_id, fts, chunks[i:i];
             END IF;
             written := written + w;
-        EXCEPTION WHEN OTHERS THEN
+        EXCEPTION WHEN lock_not_available THEN
+            busy_keys := busy_keys || keys[i];
+        WHEN OTHERS THEN
             failed_keys := failed_keys || keys[i];
             failed_errors := failed_errors || SQLERRM;
         END;
     END LOOP;
 END
 $$;
+
+-- The statement that finds, without waiting, which keys among $1 have a row another session holds
+-- locked (FOR UPDATE, a DELETE or a key update under way), and locks the others FOR KEY SHARE, in
+-- the key's own order (as the upsert would): _write leaves the busy ones out.
+CREATE FUNCTION embed_sidecar._busy_sql(s embed_sidecar.sources) RETURNS text
+    LANGUAGE sql STABLE
+    RETURN format('WITH locked AS MATERIALIZED (
+                     SELECT v._pes_key FROM unnest($1::jsonb[]) AS v(_pes_key) JOIN %1$s src ON %2$s
+                      ORDER BY %3$s FOR KEY SHARE OF src SKIP LOCKED)
+                   SELECT coalesce(array_agg(v._pes_key), ''{}'') FROM unnest($1::jsonb[]) AS v(_pes_key)
+                     JOIN %1$s src ON %2$s
+                    WHERE v._pes_key NOT IN (SELECT l._pes_key FROM locked l)',
+                  s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
+                  embed_sidecar._columns(s.source, s.key_attnums, 'src'));
 
 -- The drain worker's locks on one source before it reads (writing = false) or writes it: the registry row,
 -- then the source table and the sidecar. Why not simply in that order, waiting for each: DDL on

@@ -643,6 +643,7 @@ $$;
 -- CREATE OR REPLACE VIEW, or (replace) CREATE OR REPLACE VIEW, always security_invoker. A redefinition runs
 -- inside a promotion, a rollback_model() or the drain: should the owner have changed the view so
 -- that ours no longer replaces it (other columns), the switch goes on without it, with a warning.
+-- A lock it could not get is an error: the switch waits for the view, never goes on without it.
 CREATE OR REPLACE FUNCTION embed_sidecar._create_view(target text, replace boolean, query text) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -652,7 +653,11 @@ BEGIN
         RETURN;
     END IF;
     EXECUTE format('CREATE OR REPLACE VIEW %s WITH (security_invoker = true) AS %s', target, query);
-EXCEPTION WHEN OTHERS THEN
+EXCEPTION WHEN lock_not_available THEN
+    -- a reader holds the view: not a definition that no longer fits, and the switch must not go
+    -- on with the view showing the old sidecar (the drain tries the promotion again later)
+    RAISE;
+WHEN OTHERS THEN
     IF NOT replace THEN
         RAISE;
     END IF;
@@ -1061,6 +1066,28 @@ BEGIN
     PERFORM embed_sidecar._define_view(x) FROM embed_sidecar.sources x WHERE x.id = s.id;
     RAISE LOG 'pg_embed_sidecar: % of % now uses model %', quote_literal(s.embedding), s.source, s.model_id;
     RETURN true;
+END
+$$;
+
+-- The drain's promotion: _promote_if_ready, giving up at once on a lock another session holds (a
+-- reader's open view, the table for dropping a previous embedding's triggers) instead of waiting
+-- for it while the pass holds the registry row and its share of the tables (sql/drain.sql,
+-- _lock_for_drain, says why: an owner who read the view and then altered the table would deadlock
+-- with it). Tried again by the next pass that finds the lanes empty.
+CREATE OR REPLACE FUNCTION embed_sidecar._promote_if_free(source_id int) RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    patience text := current_setting('lock_timeout');
+    promoted boolean;
+BEGIN
+    PERFORM set_config('lock_timeout', '20ms', true);
+    promoted := embed_sidecar._promote_if_ready(source_id);
+    PERFORM set_config('lock_timeout', patience, true);
+    RETURN promoted;
+EXCEPTION WHEN lock_not_available THEN
+    -- (the block's subtransaction is rolled back: the promotion, its row locks, the setting)
+    RETURN false;
 END
 $$;
 
@@ -2131,19 +2158,31 @@ $$;
 -- subtransaction, so only the failing rows are reported (failed_keys/failed_errors). A chunked
 -- source (chunks not NULL) also drops each written row's passages past its new last one; its
 -- passages index into the whole vectors array, so a retried row gets all of it.
+-- A row another session holds locked is not the row's fault: it goes to busy_keys, to be tried
+-- again without counting an attempt (src/drain/settle.rs). With busy_sql (the worker: _busy_sql)
+-- such rows are found without waiting and left out, so the worker never waits for a writer's row
+-- while it holds the source's registry row and tables (an owner who locked rows and then altered
+-- the table would deadlock with it); without (process(), in its caller's transaction) the write
+-- waits for them as any statement would, and a row that still times out alone is busy.
 CREATE OR REPLACE FUNCTION embed_sidecar._write(upsert_sql text, clear_sql text, keys jsonb[], hashes bytea[], vectors real[],
                                      dims int, model_id text, fts text, clear_keys jsonb[],
-                                     trim_sql text, chunks jsonb[],
-                                     OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[])
+                                     trim_sql text, chunks jsonb[], busy_sql text,
+                                     OUT written bigint, OUT failed_keys jsonb[], OUT failed_errors text[],
+                                     OUT busy_keys jsonb[])
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     n int := coalesce(cardinality(keys), 0);
     w bigint;
+    rest_keys jsonb[] := '{}';
+    rest_hashes bytea[] := '{}';
+    rest_vectors real[] := '{}';
+    rest_chunks jsonb[] := '{}';
 BEGIN
     written := 0;
     failed_keys := '{}';
     failed_errors := '{}';
+    busy_keys := '{}';
     IF coalesce(cardinality(clear_keys), 0) > 0 THEN
         BEGIN
             EXECUTE clear_sql USING clear_keys;
@@ -2151,6 +2190,30 @@ BEGIN
             failed_keys := clear_keys;
             failed_errors := array_fill(SQLERRM, ARRAY[cardinality(clear_keys)]);
         END;
+    END IF;
+    IF n > 0 AND busy_sql IS NOT NULL THEN
+        -- locks the other rows FOR KEY SHARE (the upsert's own lock, taken first here)
+        EXECUTE busy_sql INTO busy_keys USING keys;
+        IF cardinality(busy_keys) > 0 THEN
+            FOR i IN 1 .. n LOOP
+                CONTINUE WHEN keys[i] = ANY (busy_keys);
+                rest_keys := rest_keys || keys[i];
+                rest_hashes := rest_hashes || hashes[i];
+                IF chunks IS NULL THEN
+                    rest_vectors := rest_vectors || vectors[(i - 1) * dims + 1 : i * dims];
+                ELSE
+                    rest_chunks := rest_chunks || chunks[i];
+                END IF;
+            END LOOP;
+            keys := rest_keys;
+            hashes := rest_hashes;
+            IF chunks IS NULL THEN
+                vectors := rest_vectors;
+            ELSE
+                chunks := rest_chunks;
+            END IF;
+            n := cardinality(keys);
+        END IF;
     END IF;
     IF n = 0 THEN
         RETURN;
@@ -2177,13 +2240,29 @@ BEGIN
                 EXECUTE trim_sql USING keys[i:i], hashes[i:i], vectors, dims, model_id, fts, chunks[i:i];
             END IF;
             written := written + w;
-        EXCEPTION WHEN OTHERS THEN
+        EXCEPTION WHEN lock_not_available THEN
+            busy_keys := busy_keys || keys[i];
+        WHEN OTHERS THEN
             failed_keys := failed_keys || keys[i];
             failed_errors := failed_errors || SQLERRM;
         END;
     END LOOP;
 END
 $$;
+
+-- The statement that finds, without waiting, which keys among $1 have a row another session holds
+-- locked (FOR UPDATE, a DELETE or a key update under way), and locks the others FOR KEY SHARE, in
+-- the key's own order (as the upsert would): _write leaves the busy ones out.
+CREATE OR REPLACE FUNCTION embed_sidecar._busy_sql(s embed_sidecar.sources) RETURNS text
+    LANGUAGE sql STABLE
+    RETURN format('WITH locked AS MATERIALIZED (
+                     SELECT v._pes_key FROM unnest($1::jsonb[]) AS v(_pes_key) JOIN %1$s src ON %2$s
+                      ORDER BY %3$s FOR KEY SHARE OF src SKIP LOCKED)
+                   SELECT coalesce(array_agg(v._pes_key), ''{}'') FROM unnest($1::jsonb[]) AS v(_pes_key)
+                     JOIN %1$s src ON %2$s
+                    WHERE v._pes_key NOT IN (SELECT l._pes_key FROM locked l)',
+                  s.source, embed_sidecar._key_from_json(s.source, s.key_attnums, 'src', '_pes_key'),
+                  embed_sidecar._columns(s.source, s.key_attnums, 'src'));
 
 -- The drain worker's locks on one source before it reads (writing = false) or writes it: the registry row,
 -- then the source table and the sidecar. Why not simply in that order, waiting for each: DDL on
@@ -2234,6 +2313,40 @@ BEGIN
         END;
         PERFORM pg_sleep(0.02);
     END LOOP;
+END
+$$;
+
+-- Build a deferred HNSW index once the bulk lane is empty (called by the drain; a shadow is
+-- promoted only after). One CREATE INDEX in the drain's transaction: searches see no index, then
+-- the whole one. maintenance_work_mem is raised for the build, so the graph fits in memory (64k
+-- vectors of 384 dimensions: ~120 MB), and put back after.
+CREATE OR REPLACE FUNCTION embed_sidecar._build_index_if_ready(source_id int) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s embed_sidecar.sources;
+    mem text := current_setting('maintenance_work_mem');
+BEGIN
+    SELECT * INTO s FROM embed_sidecar.sources WHERE id = source_id AND index_pending FOR UPDATE;
+    IF NOT FOUND OR (SELECT queue_length FROM pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name))) > 0 THEN
+        RETURN false;
+    END IF;
+    -- The sidecar without waiting, as the drain takes its tables (sql/drain.sql, _lock_for_drain,
+    -- says why): an owner holding it and then renaming a column would wait for this registry row
+    -- while the build waited for the owner. A busy sidecar is tried again later (the drain worker
+    -- doubles the wait between tries).
+    BEGIN
+        EXECUTE format('LOCK TABLE %s IN SHARE MODE NOWAIT', s.sidecar);
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    IF pg_size_bytes(mem) < pg_size_bytes('512MB') THEN
+        PERFORM set_config('maintenance_work_mem', '512MB', true);
+    END IF;
+    PERFORM embed_sidecar._create_hnsw(s);
+    PERFORM set_config('maintenance_work_mem', mem, true);
+    UPDATE embed_sidecar.sources SET index_pending = false WHERE id = s.id;
+    RETURN true;
 END
 $$;
 
@@ -2604,7 +2717,7 @@ GRANT EXECUTE ON FUNCTION embed_sidecar._shard_keys(regclass), embed_sidecar._sh
 -- execute the statements they are handed, with the rights of whoever calls them.
 GRANT EXECUTE ON FUNCTION embed_sidecar._content_hash(text), embed_sidecar._key_from_json(regclass, smallint[], text, text),
     embed_sidecar._lookup(text, jsonb[], text), embed_sidecar._written_here(bigint),
-    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, text, jsonb[], text, jsonb[]) TO PUBLIC;
+    embed_sidecar._write(text, text, jsonb[], bytea[], real[], int, text, text, jsonb[], text, jsonb[], text) TO PUBLIC;
 -- embedding is for everyone by default; revoke both to restrict it:
 --   REVOKE EXECUTE ON FUNCTION embed_text(text), embed_sidecar._embed(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION embed_sidecar._embed(text), embed_sidecar._embed_many(text[]), embed_sidecar._embed_with(text, text),

@@ -114,6 +114,28 @@ BEGIN
 END
 $$;
 
+-- The drain's promotion: _promote_if_ready, giving up at once on a lock another session holds (a
+-- reader's open view, the table for dropping a previous embedding's triggers) instead of waiting
+-- for it while the pass holds the registry row and its share of the tables (sql/drain.sql,
+-- _lock_for_drain, says why: an owner who read the view and then altered the table would deadlock
+-- with it). Tried again by the next pass that finds the lanes empty.
+CREATE FUNCTION embed_sidecar._promote_if_free(source_id int) RETURNS boolean
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    patience text := current_setting('lock_timeout');
+    promoted boolean;
+BEGIN
+    PERFORM set_config('lock_timeout', '20ms', true);
+    promoted := embed_sidecar._promote_if_ready(source_id);
+    PERFORM set_config('lock_timeout', patience, true);
+    RETURN promoted;
+EXCEPTION WHEN lock_not_available THEN
+    -- (the block's subtransaction is rolled back: the promotion, its row locks, the setting)
+    RETURN false;
+END
+$$;
+
 -- Undo the last switch: the previous embedding becomes current again and the current one previous
 -- (both were kept in step, so either way round is complete). Returns the sidecar now in use.
 CREATE FUNCTION embed_sidecar._do_rollback_model(source regclass, embedding text) RETURNS regclass

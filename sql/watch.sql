@@ -306,6 +306,15 @@ BEGIN
     IF NOT FOUND OR (SELECT queue_length FROM pgmq.metrics(embed_sidecar._bulk_queue(s.queue_name))) > 0 THEN
         RETURN false;
     END IF;
+    -- The sidecar without waiting, as the drain takes its tables (sql/drain.sql, _lock_for_drain,
+    -- says why): an owner holding it and then renaming a column would wait for this registry row
+    -- while the build waited for the owner. A busy sidecar is tried again later (the drain worker
+    -- doubles the wait between tries).
+    BEGIN
+        EXECUTE format('LOCK TABLE %s IN SHARE MODE NOWAIT', s.sidecar);
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
     IF pg_size_bytes(mem) < pg_size_bytes('512MB') THEN
         PERFORM set_config('maintenance_work_mem', '512MB', true);
     END IF;
@@ -356,6 +365,7 @@ $$;
 -- CREATE VIEW, or (replace) CREATE OR REPLACE VIEW, always security_invoker. A redefinition runs
 -- inside a promotion, a rollback_model() or the drain: should the owner have changed the view so
 -- that ours no longer replaces it (other columns), the switch goes on without it, with a warning.
+-- A lock it could not get is an error: the switch waits for the view, never goes on without it.
 CREATE FUNCTION embed_sidecar._create_view(target text, replace boolean, query text) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -365,7 +375,11 @@ BEGIN
         RETURN;
     END IF;
     EXECUTE format('CREATE OR REPLACE VIEW %s WITH (security_invoker = true) AS %s', target, query);
-EXCEPTION WHEN OTHERS THEN
+EXCEPTION WHEN lock_not_available THEN
+    -- a reader holds the view: not a definition that no longer fits, and the switch must not go
+    -- on with the view showing the old sidecar (the drain tries the promotion again later)
+    RAISE;
+WHEN OTHERS THEN
     IF NOT replace THEN
         RAISE;
     END IF;

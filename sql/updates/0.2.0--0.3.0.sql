@@ -89,14 +89,14 @@ CREATE FUNCTION embed_sidecar."_model_id"("model" TEXT) RETURNS TEXT
 --@copy _check_watched _enqueue_changes _check_owner _check_may _readable_source _create_triggers _clip _sync_readers _protect_sidecar
 --@copy _create_queue _drop_queues _create_queues _create_embedding _adopt_sql _create_hnsw _create_view _define_view _do_watch watch
 --@copy _do_unwatch unwatch _reconcile_columns _follow_owner _lock_source _forget _do_reembed
---@copy reembed _do_set_model set_model _promote_if_ready _do_rollback_model rollback_model _do_drop_previous
+--@copy reembed _do_set_model set_model _promote_if_ready _promote_if_free _do_rollback_model rollback_model _do_drop_previous
 --@copy drop_previous _do_retry_failed retry_failed _do_discard_failed discard_failed _do_pause
 --@copy pause _do_resume resume _do_process process _filter_rows _run_filtered _filtered_sidecar _nearest_sql _nearest _search search
 --@copy _widen_ef_search _search_rows search_rows _hybrid_search hybrid_search _drain_sql
 --@copy _row_key_sql _enqueue_applied_row _enqueue_truncated _orphans_sql _subscribed _follow_subscription
 --@copy _do_on_subscription_ddl _on_subscription_ddl embed_sidecar_subscription _replication_lag _drop_trigger_if_there
 --@copy _shard_keys _shard_nearest_sql _shard_text_sql _fan_out search_shards hybrid_search_shards
---@copy _lookup _write _lock_for_drain _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
+--@copy _lookup _write _busy_sql _lock_for_drain _build_index_if_ready _queue_backlog status verify _do_wait wait _backfill_sql _keys_check_sql
 --@copy _invalid_keys _written_here_sql _on_ddl_end embed_text embed_query
 
 CREATE EVENT TRIGGER embed_sidecar_ddl_end ON ddl_command_end

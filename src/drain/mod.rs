@@ -19,7 +19,9 @@ mod store;
 pub mod sync;
 
 pub use store::{active_sources, record_error, record_note};
-use store::{apply, build_index, load_source, lock_pass, lookup, read_messages, write, Embedded, Lock, Source};
+use store::{
+    apply, build_index, load_source, lock_pass, lookup, put_off, read_messages, write, Embedded, Lock, Source,
+};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -237,7 +239,7 @@ impl Pass {
                 }
                 if src.shadow && live.is_empty() && bulk.is_empty() {
                     // a complete shadow sidecar takes over (sql/switch.sql, set_model)
-                    client.update("SELECT embed_sidecar._promote_if_ready($1)", None, &[id.into()])?;
+                    client.update("SELECT embed_sidecar._promote_if_free($1)", None, &[id.into()])?;
                 }
                 Ok(Some((src, live, bulk, looked, known, more, overdue)))
             })
@@ -324,21 +326,39 @@ impl Ready {
     pub fn write(self, mode: Mode) -> Result<PassStats, SidecarError> {
         let Ready { id, src, live, bulk, clear, mut failed, embedded, .. } = self;
         let messages = live.len() + bulk.len();
+        // (kept for when the pass cannot get its locks: see below)
+        let lanes_ids = [
+            (src.queue.clone(), live.iter().map(|m| m.id).collect::<Vec<_>>()),
+            (src.bulk_queue.clone(), bulk.iter().map(|m| m.id).collect()),
+        ];
         let written = in_tx(mode, move || {
             Spi::connect_mut(|client| {
                 lock_pass(client, id, mode, Lock::Write)?;
-                let (written, write_failures) = write(client, &src, embedded, clear)?;
-                failed.extend(write_failures);
+                let written = write(client, &src, embedded, clear, mode == Mode::Caller)?;
+                failed.extend(written.failed);
+                let busy = written.busy.into_iter().collect();
                 let max_attempts = gucs::max_attempts();
                 let lanes = [
-                    (src.queue.as_str(), settle::settle(&live, &failed, max_attempts)),
-                    (src.bulk_queue.as_str(), settle::settle(&bulk, &failed, max_attempts)),
+                    (src.queue.as_str(), settle::settle(&live, &failed, &busy, max_attempts)),
+                    (src.bulk_queue.as_str(), settle::settle(&bulk, &failed, &busy, max_attempts)),
                 ];
-                apply(client, id, lanes, written)?;
-                Ok(written)
+                apply(client, id, lanes, written.rows)?;
+                Ok(written.rows)
             })
-        })?;
-        Ok(PassStats { messages, embedded: written as usize })
+        });
+        match written {
+            Ok(rows) => Ok(PassStats { messages, embedded: rows as usize }),
+            // Someone held the source or its sidecar past lock_timeout (a long CREATE INDEX, a
+            // migration): the messages come back soon and this read does not count, or a lock
+            // held for minutes would dead-letter rows that did nothing wrong.
+            Err(e @ SidecarError::Caught { code: PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, .. }) => {
+                in_tx(mode, || {
+                    Spi::connect_mut(|client| lanes_ids.iter().try_for_each(|(queue, ids)| put_off(client, queue, ids)))
+                })?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn source_id(&self) -> i32 {

@@ -3,7 +3,7 @@
 //! with back-off, or dead-letter. `drain.rs` does the I/O around these; the unit tests below pin
 //! the rules.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// One queue message as read.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +66,10 @@ pub struct Settlement {
     pub ack: Vec<i64>,
     /// Messages to retry later: (id, seconds until visible again).
     pub retry: Vec<(i64, i32)>,
+    /// Messages whose row another session held locked: visible again after `BUSY_RETRY_SECONDS`,
+    /// this read not counted as an attempt (a lock is not the row's fault: a row a batch job holds
+    /// for minutes must not be dead-lettered for it).
+    pub busy: Vec<i64>,
     /// Messages given up on: delete from the queue...
     pub dead_ids: Vec<i64>,
     /// ...and record one dead letter per key: (key, error, attempts).
@@ -73,6 +77,9 @@ pub struct Settlement {
     /// One of this pass's errors, for `status.last_error`.
     pub last_error: Option<String>,
 }
+
+/// Wait before a busy message (`Settlement::busy`) is read again.
+pub const BUSY_RETRY_SECONDS: i32 = 2;
 
 /// Back-off before a failed message is read again: 2^attempts seconds, at most a minute.
 pub fn backoff_seconds(attempts: i32) -> i32 {
@@ -104,12 +111,21 @@ pub fn overdue(messages: &[Message], max_attempts: i32) -> HashMap<String, Strin
 }
 
 /// Settle every message: a key without failure is acked (all its duplicate messages with it); a
-/// failed key is retried with back-off until a message of it has been read `max_attempts` times,
-/// then dead-lettered once.
-pub fn settle(messages: &[Message], failed: &HashMap<String, String>, max_attempts: i32) -> Settlement {
+/// busy key is put off without an attempt; a failed key is retried with back-off until a message
+/// of it has been read `max_attempts` times, then dead-lettered once.
+pub fn settle(
+    messages: &[Message],
+    failed: &HashMap<String, String>,
+    busy: &HashSet<String>,
+    max_attempts: i32,
+) -> Settlement {
     let mut s = Settlement::default();
     let mut dead: BTreeMap<&str, (&str, i32)> = BTreeMap::new();
     for m in messages {
+        if busy.contains(&m.key) {
+            s.busy.push(m.id);
+            continue;
+        }
         match failed.get(&m.key) {
             None => s.ack.push(m.id),
             Some(err) if m.read_ct >= max_attempts => {
@@ -162,7 +178,7 @@ mod tests {
 
     #[test]
     fn everything_acked_when_nothing_failed() {
-        let s = settle(&[msg(1, 1, "[1]"), msg(2, 1, "[1]"), msg(3, 5, "[2]")], &HashMap::new(), 3);
+        let s = settle(&[msg(1, 1, "[1]"), msg(2, 1, "[1]"), msg(3, 5, "[2]")], &HashMap::new(), &HashSet::new(), 3);
         assert_eq!(s.ack, [1, 2, 3]);
         assert!(s.retry.is_empty() && s.dead_ids.is_empty() && s.dead_letters.is_empty());
         assert_eq!(s.last_error, None);
@@ -171,21 +187,31 @@ mod tests {
     #[test]
     fn failures_retry_with_backoff_then_dead_letter_once_per_key() {
         let failed = HashMap::from([("[7]".to_string(), "boom".to_string())]);
-        let s = settle(&[msg(1, 1, "[7]"), msg(2, 1, "[8]")], &failed, 3);
+        let s = settle(&[msg(1, 1, "[7]"), msg(2, 1, "[8]")], &failed, &HashSet::new(), 3);
         assert_eq!((s.ack.clone(), s.retry.clone()), (vec![2], vec![(1, 2)]));
         assert_eq!(s.last_error.as_deref(), Some("boom"));
         // two messages of the same key at the limit: both deleted, one dead letter
-        let s = settle(&[msg(4, 3, "[7]"), msg(5, 4, "[7]")], &failed, 3);
+        let s = settle(&[msg(4, 3, "[7]"), msg(5, 4, "[7]")], &failed, &HashSet::new(), 3);
         assert_eq!(s.dead_ids, [4, 5]);
         assert_eq!(s.dead_letters, [("[7]".to_string(), "boom".to_string(), 4)]);
         assert!(s.ack.is_empty() && s.retry.is_empty());
     }
 
     #[test]
+    fn busy_keys_are_put_off_without_an_attempt_even_at_the_limit() {
+        let failed = HashMap::from([("[8]".to_string(), "boom".to_string())]);
+        let busy = HashSet::from(["[7]".to_string()]);
+        let s = settle(&[msg(1, 3, "[7]"), msg(2, 9, "[7]"), msg(3, 1, "[8]"), msg(4, 1, "[9]")], &failed, &busy, 3);
+        assert_eq!(s.busy, [1, 2]);
+        assert_eq!((s.ack, s.retry), (vec![4], vec![(3, 2)]));
+        assert!(s.dead_ids.is_empty() && s.dead_letters.is_empty());
+    }
+
+    #[test]
     fn overdue_messages_fail_and_are_dead_lettered_at_once() {
         let over = overdue(&[msg(1, 4, "[1]"), msg(2, 3, "[2]"), msg(3, 1, "[3]")], 3);
         assert_eq!(over.keys().collect::<Vec<_>>(), ["[1]"]);
-        let s = settle(&[msg(1, 4, "[1]"), msg(3, 1, "[3]")], &over, 3);
+        let s = settle(&[msg(1, 4, "[1]"), msg(3, 1, "[3]")], &over, &HashSet::new(), 3);
         assert_eq!((s.dead_ids, s.ack), (vec![1], vec![3]));
     }
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use super::settle::{Looked, Message, Settlement};
+use super::settle::{Looked, Message, Settlement, BUSY_RETRY_SECONDS};
 use super::Mode;
 use crate::error::SidecarError;
 use crate::gucs;
@@ -27,6 +27,9 @@ pub(super) struct Source {
     pub(super) lookup_sql: String,
     pub(super) upsert_sql: String,
     pub(super) clear_sql: String,
+    /// Finds, without waiting, the rows of a write that other sessions hold locked (the worker's
+    /// writes leave them out: sql/drain.sql, `_write`).
+    pub(super) busy_sql: String,
     /// Chunked sources: drops a row's passages past its new last one (sql/drain.sql).
     pub(super) trim_sql: Option<String>,
     /// Chunked sources: (tokens per passage, overlap).
@@ -48,7 +51,7 @@ pub(super) fn load_source(client: &mut SpiClient<'_>, id: i32) -> Result<Source,
         "SELECT s.queue_name, s.model, s.model_id, s.dims, s.fts_config::text, c.relowner,
                 d.lookup_sql, d.upsert_sql, d.clear_sql, embed_sidecar._bulk_queue(s.queue_name),
                 s.state = 'bulk_paused', s.role = 'shadow', s.state = 'paused', d.trim_sql,
-                s.chunk_tokens, s.chunk_overlap, s.index_pending
+                s.chunk_tokens, s.chunk_overlap, s.index_pending, embed_sidecar._busy_sql(s)
            FROM embed_sidecar.sources s JOIN pg_catalog.pg_class c ON c.oid = s.source,
                 LATERAL embed_sidecar._drain_sql(s) d
           WHERE s.id = $1",
@@ -80,6 +83,7 @@ pub(super) fn load_source(client: &mut SpiClient<'_>, id: i32) -> Result<Source,
             _ => None,
         },
         index_pending: required(&row, 17, &column("index_pending"))?,
+        busy_sql: text(18, "busy_sql")?,
     })
 }
 
@@ -147,23 +151,35 @@ pub(super) struct Embedded {
     pub(super) layouts: Vec<String>,
 }
 
-/// Write vectors and clear blanks as the table's owner. Returns rows written and the keys whose
-/// write failed, with the error.
+/// What a write did: rows written, the keys whose write failed (with the error), and the keys
+/// whose rows other sessions held locked (tried again later, no attempt counted).
+#[derive(Default)]
+pub(super) struct Written {
+    pub(super) rows: i64,
+    pub(super) failed: Vec<(String, String)>,
+    pub(super) busy: Vec<String>,
+}
+
+/// Write vectors and clear blanks as the table's owner. `wait_for_rows`: wait for rows other
+/// sessions hold locked, as any statement of the caller's transaction would (`process()`, sync);
+/// otherwise (the worker) they are left out at once and come back as busy.
 pub(super) fn write(
     client: &mut SpiClient<'_>,
     src: &Source,
     embedded: Embedded,
     clear: Vec<String>,
-) -> Result<(i64, Vec<(String, String)>), SidecarError> {
+    wait_for_rows: bool,
+) -> Result<Written, SidecarError> {
     if embedded.keys.is_empty() && clear.is_empty() {
-        return Ok((0, Vec::new()));
+        return Ok(Written::default());
     }
+    let busy_sql = (!wait_for_rows).then_some(src.busy_sql.as_str());
     as_table_owner(src.owner, || {
         let row = client
             .update(
-                "SELECT written, failed_keys::text[], failed_errors
+                "SELECT written, failed_keys::text[], failed_errors, busy_keys::text[]
                    FROM embed_sidecar._write($1, $2, $3::text[]::jsonb[], $4, $5, $6, $7, $8, $9::text[]::jsonb[],
-                                             $10, $11::text[]::jsonb[])",
+                                             $10, $11::text[]::jsonb[], $12)",
                 None,
                 &[
                     src.upsert_sql.as_str().into(),
@@ -177,13 +193,17 @@ pub(super) fn write(
                     clear.into(),
                     src.trim_sql.as_deref().into(),
                     src.chunking.map(|_| embedded.layouts).into(),
+                    busy_sql.into(),
                 ],
             )?
             .first();
-        let written = row.get::<i64>(1)?.unwrap_or(0);
         let keys = row.get::<Vec<String>>(2)?.unwrap_or_default();
         let errors = row.get::<Vec<String>>(3)?.unwrap_or_default();
-        Ok((written, keys.into_iter().zip(errors).collect()))
+        Ok(Written {
+            rows: row.get::<i64>(1)?.unwrap_or(0),
+            failed: keys.into_iter().zip(errors).collect(),
+            busy: row.get::<Vec<String>>(4)?.unwrap_or_default(),
+        })
     })
 }
 
@@ -206,6 +226,7 @@ pub(super) fn apply(
         dead += s.dead_ids.len() as i64;
         last_error = last_error.or(s.last_error);
         settle_queue(client, queue, s.ack, s.dead_ids, s.retry)?;
+        put_off(client, queue, &s.busy)?;
     }
     if !dead_letters.is_empty() {
         let (keys, rest): (Vec<String>, Vec<(String, i32)>) = dead_letters.into_iter().unzip();
@@ -228,6 +249,26 @@ pub(super) fn apply(
           WHERE id = $1",
         None,
         &[id.into(), acked.into(), written.into(), dead.into(), last_error.into()],
+    )?;
+    Ok(())
+}
+
+/// Messages whose pass could not write them because other sessions held their rows or tables:
+/// visible again after `BUSY_RETRY_SECONDS`, and this read not counted (pgmq counts reads, and the
+/// drain counts attempts by them: `settle::overdue`). The queue is one of ours (sql/queues.sql).
+pub(super) fn put_off(client: &mut SpiClient<'_>, queue: &str, ids: &[i64]) -> Result<(), SidecarError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let table = pgrx::spi::quote_identifier(format!("q_{queue}"));
+    client.update(
+        &format!(
+            "UPDATE pgmq.{table} SET read_ct = greatest(read_ct - 1, 0),
+                    vt = pg_catalog.clock_timestamp() + make_interval(secs => $2)
+              WHERE msg_id = ANY ($1)"
+        ),
+        None,
+        &[ids.to_vec().into(), BUSY_RETRY_SECONDS.into()],
     )?;
     Ok(())
 }

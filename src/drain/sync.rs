@@ -167,11 +167,15 @@ pub fn embed_now(source_id: i32, keys: Vec<Option<String>>) -> Result<i64, Sidec
         };
         let mut failed = HashMap::new();
         let embedded = assemble_rows(src.dims, rows, vectors.into_iter().map(Ok).collect(), &mut failed);
-        let (written, failures) = write(client, &src, embedded, plan.clear)?;
-        if let Some((key, error)) = failures.first() {
-            debug1!("pg_embed_sidecar: sync could not write {} rows of {table} (key {key}: {error})", failures.len());
+        // (a row that fails or is busy here is the drain's: its message is still queued)
+        let written = write(client, &src, embedded, plan.clear, true)?;
+        if let Some((key, error)) = written.failed.first() {
+            debug1!(
+                "pg_embed_sidecar: sync could not write {} rows of {table} (key {key}: {error})",
+                written.failed.len()
+            );
         }
-        Ok(written)
+        Ok(written.rows)
     })
 }
 
