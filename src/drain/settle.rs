@@ -66,8 +66,8 @@ pub struct Settlement {
     pub ack: Vec<i64>,
     /// Messages to retry later: (id, seconds until visible again).
     pub retry: Vec<(i64, i32)>,
-    /// Messages whose row another session held locked: visible again after `BUSY_RETRY_SECONDS`,
-    /// this read not counted as an attempt (a lock is not the row's fault: a row a batch job holds
+    /// Messages whose row another session held locked: visible again after a while
+    /// (`store::put_off`), this read not counted as an attempt (a lock is not the row's fault: a row a batch job holds
     /// for minutes must not be dead-lettered for it).
     pub busy: Vec<i64>,
     /// Messages given up on: delete from the queue...
@@ -77,9 +77,6 @@ pub struct Settlement {
     /// One of this pass's errors, for `status.last_error`.
     pub last_error: Option<String>,
 }
-
-/// Wait before a busy message (`Settlement::busy`) is read again.
-pub const BUSY_RETRY_SECONDS: i32 = 2;
 
 /// Back-off before a failed message is read again: 2^attempts seconds, at most a minute.
 pub fn backoff_seconds(attempts: i32) -> i32 {

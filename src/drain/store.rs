@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use super::settle::{Looked, Message, Settlement, BUSY_RETRY_SECONDS};
+use super::settle::{Looked, Message, Settlement};
 use super::Mode;
 use crate::error::SidecarError;
 use crate::gucs;
@@ -254,8 +254,10 @@ pub(super) fn apply(
 }
 
 /// Messages whose pass could not write them because other sessions held their rows or tables:
-/// visible again after `BUSY_RETRY_SECONDS`, and this read not counted (pgmq counts reads, and the
-/// drain counts attempts by them: `settle::overdue`). The queue is one of ours (sql/queues.sql).
+/// visible again after a quarter of the time they have waited since they were queued (2 s to a
+/// minute: a lock held for long is not tried, and the row embedded again, every 2 s), and this
+/// read not counted (pgmq counts reads, and the drain counts attempts by them: `settle::overdue`).
+/// The queue is one of ours (sql/queues.sql).
 pub(super) fn put_off(client: &mut SpiClient<'_>, queue: &str, ids: &[i64]) -> Result<(), SidecarError> {
     if ids.is_empty() {
         return Ok(());
@@ -263,12 +265,14 @@ pub(super) fn put_off(client: &mut SpiClient<'_>, queue: &str, ids: &[i64]) -> R
     let table = pgrx::spi::quote_identifier(format!("q_{queue}"));
     client.update(
         &format!(
-            "UPDATE pgmq.{table} SET read_ct = greatest(read_ct - 1, 0),
-                    vt = pg_catalog.clock_timestamp() + make_interval(secs => $2)
+            "UPDATE pgmq.{table}
+                SET read_ct = greatest(read_ct - 1, 0),
+                    vt = pg_catalog.clock_timestamp()
+                         + least(greatest((pg_catalog.clock_timestamp() - enqueued_at) / 4, interval '2 s'), interval '1 min')
               WHERE msg_id = ANY ($1)"
         ),
         None,
-        &[ids.to_vec().into(), BUSY_RETRY_SECONDS.into()],
+        &[ids.to_vec().into()],
     )?;
     Ok(())
 }
