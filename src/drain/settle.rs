@@ -67,8 +67,8 @@ pub struct Settlement {
     /// Messages to retry later: (id, seconds until visible again).
     pub retry: Vec<(i64, i32)>,
     /// Messages whose row another session held locked: visible again after a while
-    /// (`store::put_off`), this read not counted as an attempt (a lock is not the row's fault: a row a batch job holds
-    /// for minutes must not be dead-lettered for it).
+    /// (`store::put_off`), this read not counted as an attempt (a lock is not the row's fault: a
+    /// row a batch job holds for minutes must not be dead-lettered for it).
     pub busy: Vec<i64>,
     /// Messages given up on: delete from the queue...
     pub dead_ids: Vec<i64>,
